@@ -1,0 +1,310 @@
+"""MiniMind: a small decoder-only LLM (Llama-style), compatible with the released MiniMind2 weights.
+
+Architecture (see README "Architecture"): RMSNorm -> grouped-query attention with interleaved-pair
+RoPE -> RMSNorm -> SwiGLU FFN (or a small mixture of experts), tied input/output embeddings.
+State-dict keys equal the released checkpoints', so `lm_512.pth` loads with strict=True.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+
+class MiniMindConfig(PretrainedConfig):
+    model_type = "minimind"
+
+    def __init__(self, dim=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=6400, hidden_dim=None,
+                 multiple_of=64, norm_eps=1e-5, rope_theta=1e6, max_seq_len=8192, dropout=0.0,
+                 use_moe=False, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                 aux_loss_alpha=0.1, norm_topk_prob=True, gradient_checkpointing=False,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=0, **kwargs):
+        self.dim, self.n_layers, self.n_heads, self.n_kv_heads = dim, n_layers, n_heads, n_kv_heads
+        self.vocab_size, self.multiple_of, self.norm_eps, self.rope_theta = vocab_size, multiple_of, norm_eps, rope_theta
+        # SwiGLU keeps ~the parameter count of a 4*dim MLP by using 2/3 of it, rounded up to 64.
+        self.hidden_dim = hidden_dim or multiple_of * math.ceil(int(2 * 4 * dim / 3) / multiple_of)
+        self.max_seq_len, self.dropout = max_seq_len, dropout
+        self.use_moe, self.n_routed_experts, self.num_experts_per_tok = bool(use_moe), n_routed_experts, num_experts_per_tok
+        self.n_shared_experts, self.aux_loss_alpha, self.norm_topk_prob = n_shared_experts, aux_loss_alpha, norm_topk_prob
+        self.gradient_checkpointing = gradient_checkpointing
+        kwargs.setdefault("tie_word_embeddings", True)
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 (bf16 loses too much precision in the mean of squares), cast back after.
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+def rope_cos_sin(head_dim, max_len, theta):
+    """cos/sin tables [max_len, head_dim // 2], one angle per interleaved (2i, 2i+1) pair."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate interleaved pairs: (x0, x1) of each head is one complex number. x: [B, H, T, hd]."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each [B, H, T, hd/2]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+class KVCache:
+    """Preallocated per-layer key/value buffers [B, n_kv, capacity, hd] plus a write position.
+
+    Decoding writes one slice per step instead of concatenating (which copies the whole cache
+    every token). The buffers grow by doubling if a caller exceeds the capacity it asked for.
+    """
+
+    def __init__(self, n_layers, capacity=0):
+        self.k, self.v = [None] * n_layers, [None] * n_layers
+        self.capacity, self.pos = capacity, 0  # pos = tokens already stored (same for every layer)
+
+    def update(self, layer, k, v):
+        start, end = self.pos, self.pos + k.shape[2]
+        if self.k[layer] is None or end > self.k[layer].shape[2]:
+            cap = max(end, self.capacity, 2 * (self.k[layer].shape[2] if self.k[layer] is not None else 0))
+            new_k, new_v = (k.new_zeros(*k.shape[:2], cap, k.shape[3]) for _ in range(2))
+            if self.k[layer] is not None:
+                new_k[:, :, :start], new_v[:, :, :start] = self.k[layer][:, :, :start], self.v[layer][:, :, :start]
+            self.k[layer], self.v[layer] = new_k, new_v
+        self.k[layer][:, :, start:end], self.v[layer][:, :, start:end] = k, v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: MiniMindConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.dim // cfg.n_heads
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, cos, sin, attn_mask, cache: KVCache | None, layer_idx: int):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)  # [B, KV, S, hd], S = past + T
+        # GQA: each group of n_heads / n_kv_heads query heads shares one key/value head.
+        rep = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        # Without an explicit mask the only masking needed is causal, and only when several queries
+        # are new (a single decode step sees the whole cache).
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: MiniMindConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoEFeedForward(nn.Module):
+    """Routed experts (softmax gate, top-k) plus always-on shared experts, as in MiniMind2-MoE."""
+
+    def __init__(self, cfg: MiniMindConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.experts = nn.ModuleList(FeedForward(cfg) for _ in range(cfg.n_routed_experts))
+        self.gate = nn.Linear(cfg.dim, cfg.n_routed_experts, bias=False)
+        self.shared_experts = FeedForward(cfg) if cfg.n_shared_experts else None
+        self.aux_loss = torch.zeros(())
+
+    def forward(self, x):
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)  # [N, D]
+        probs = self.gate(flat).float().softmax(-1)  # [N, E]
+        topk_w, topk_idx = probs.topk(self.cfg.num_experts_per_tok, dim=-1)  # [N, k]
+        if self.cfg.norm_topk_prob:
+            topk_w = topk_w / (topk_w.sum(-1, keepdim=True) + 1e-20)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            rows, slot = (topk_idx == e).nonzero(as_tuple=True)
+            # Every expert runs (possibly on zero rows) so every parameter gets a gradient under DDP.
+            out.index_add_(0, rows, (expert(flat[rows]) * topk_w[rows, slot, None].to(flat.dtype)).to(out.dtype))
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        # Sequence-level balance loss: per sequence, fraction of routed slots per expert (scaled so
+        # uniform = 1) times the mean gate probability, summed over experts.
+        E, k = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
+        counts = F.one_hot(topk_idx.view(B, -1), E).float().sum(1)  # [B, E]
+        load = counts / (T * k / E)
+        self.aux_loss = (load * probs.view(B, T, E).mean(1)).sum(-1).mean() * self.cfg.aux_loss_alpha
+        return out.view(B, T, D)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: MiniMindConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = MoEFeedForward(cfg) if cfg.use_moe else FeedForward(cfg)
+
+    def forward(self, x, cos, sin, attn_mask, cache, layer_idx):
+        x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache, layer_idx)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class MiniMindForCausalLM(PreTrainedModel):
+    config_class = MiniMindConfig
+    base_model_prefix = "minimind"
+    _no_split_modules = ["Block"]
+    _tied_weights_keys = {"output.weight": "tok_embeddings.weight"}
+
+    def __init__(self, config: MiniMindConfig):
+        super().__init__(config)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output.weight = self.tok_embeddings.weight  # tied: one tensor, saved under both names
+        cos, sin = rope_cos_sin(config.dim // config.n_heads, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # not in checkpoints, like the release
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.post_init()
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+    def embed(self, input_ids, **kwargs):
+        """Token embeddings [B, T, D]; the VLM subclass overrides this to write image features in."""
+        return self.tok_embeddings(input_ids)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, past_key_values=None, use_cache=False,
+                logits_to_keep=0, **kwargs):
+        B, T = input_ids.shape
+        cache = past_key_values if past_key_values is not None else (KVCache(len(self.layers)) if use_cache else None)
+        start = cache.pos if cache is not None else 0
+        if start + T > self.rope_cos.shape[0]:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        if attention_mask is None and start > 0 and T > 1:  # a multi-token chunk after a cache needs a real mask
+            attention_mask = input_ids.new_ones(B, start + T)
+        attn_mask = padding_attention_mask(attention_mask, T, start) if attention_mask is not None else None
+        h = self.dropout(self.embed(input_ids, **kwargs))  # [B, T, D]
+        for i, layer in enumerate(self.layers):
+            if self.config.gradient_checkpointing and self.training:
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attn_mask, cache, i, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, attn_mask, cache, i)
+        if cache is not None:
+            cache.pos += T
+        h = self.norm(h)
+        # During generation only the last position's logits are needed: skip the [B, T, V] matmul.
+        logits = self.output(h[:, -logits_to_keep:] if logits_to_keep else h)  # [B, T, V]
+        loss = aux_loss = None
+        if self.config.use_moe:
+            aux_loss = sum(layer.feed_forward.aux_loss for layer in self.layers)
+        if labels is not None:
+            # Token t predicts token t+1: shift once here, labels stay aligned with input_ids.
+            targets = labels[:, 1:].flatten()
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=-100, reduction="sum")
+            # Mean over supervised tokens; a batch with none (all samples skipped) gives 0, not NaN.
+            loss = loss / (targets != -100).sum().clamp(min=1)
+            if aux_loss is not None:
+                loss = loss + aux_loss
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        out["aux_loss"] = aux_loss
+        return out
+
+    @torch.inference_mode()
+    def generate_stream(self, input_ids, attention_mask=None, max_new_tokens=256, temperature=0.0, top_p=1.0,
+                        top_k=0, repetition_penalty=1.0, eos_token_id=None, **model_kwargs):
+        """Yields the next token of every row, [B], once per step. Rows that produced EOS keep
+        yielding EOS (the caller stops reading them); the loop ends when every row is done.
+        Batched prompts must be left-padded with attention_mask marking the real tokens."""
+        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        B, T = input_ids.shape
+        cache = KVCache(len(self.layers), capacity=T + max_new_tokens)
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        seen = input_ids.clone()  # tokens the repetition penalty applies to
+        if attention_mask is not None:
+            attention_mask = attention_mask.clone()
+        step_ids = input_ids
+        for _ in range(max_new_tokens):
+            out = self(step_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                       logits_to_keep=1, **model_kwargs)
+            model_kwargs = {}  # images are consumed by the prefill only
+            logits = out.logits[:, -1].float()  # [B, V]
+            if repetition_penalty != 1.0:
+                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+            nxt = sample_next_token(logits, temperature, top_p, top_k)  # [B]
+            nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+            done |= nxt == eos
+            yield nxt
+            if done.all():
+                return
+            step_ids, seen = nxt[:, None], torch.cat([seen, nxt[:, None]], 1)
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], 1)
+
+    def generate(self, input_ids, **kwargs):
+        """Prompt + up to max_new_tokens new tokens, [B, T + n]; finished rows are EOS-padded."""
+        new = list(self.generate_stream(input_ids, **kwargs))
+        return torch.cat([input_ids, torch.stack(new, 1)], 1) if new else input_ids
+
+
+def padding_attention_mask(attention_mask, T, past):
+    """Boolean SDPA mask [B, 1, T, past+T]: causal, and never attending to padding keys.
+    A query always sees itself, so rows of left padding are not all-masked (which gives NaN)."""
+    S = past + T
+    keys = attention_mask[:, None, None, :S].bool()  # [B, 1, 1, S]
+    q_pos = torch.arange(past, S, device=attention_mask.device)[:, None]
+    k_pos = torch.arange(S, device=attention_mask.device)[None, :]
+    return ((k_pos <= q_pos) & keys) | (k_pos == q_pos)
+
+
+def apply_repetition_penalty(logits, seen, penalty):
+    """Make every token in `seen` [B, S] less likely. Dividing a negative logit would *raise* it,
+    so negative ones are multiplied instead (the CTRL paper's rule)."""
+    prev = logits.gather(1, seen)
+    return logits.scatter(1, seen, torch.where(prev > 0, prev / penalty, prev * penalty))
+
+
+def sample_next_token(logits, temperature=0.0, top_p=1.0, top_k=0):
+    """logits [B, V] -> token ids [B]. temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token once the mass before it already reaches top_p (the top token always stays).
+        drop = (cum - sorted_logits.softmax(-1)) >= top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+
+
+def count_llm_params(model):
+    """Parameters of the language model, tied weights counted once, vision tower excluded."""
+    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith("vision_encoder."))

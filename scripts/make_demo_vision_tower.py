@@ -1,0 +1,84 @@
+"""Build a randomly initialised, CLIP-shaped vision tower for the offline demo.
+
+The real CLIP ViT-B/16 cannot be downloaded in an offline sandbox. This script
+saves a stand-in with the same interface: ViT-B/16 geometry (224x224 input,
+16x16 patches, so 196 patch tokens + CLS) but a smaller width and depth. It is
+written with ``save_pretrained`` next to a standard ``CLIPImageProcessor``, so
+``CLIPVisionModel.from_pretrained(dir)`` and ``AutoImageProcessor.from_pretrained(dir)``
+load it just like a real CLIP checkpoint.
+
+The tower is never trained. A frozen random ViT is still a usable feature
+extractor for flat coloured shapes: the patch embedding is a random linear
+projection of each 16x16 pixel patch, and the residual stream carries it
+through the few randomly initialised layers, so the colour, shape and position
+of each object survive in the patch tokens. Keep it shallow (the default is 2
+layers). Every extra random layer mixes the tokens a bit more.
+
+``--full_clip`` saves a full ``CLIPModel`` (vision tower plus a tiny text tower)
+instead, so a loader can be tested against both kinds of directory.
+"""
+import argparse
+import os
+
+import torch
+from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig,
+                          CLIPVisionModel)
+
+# The standard OpenAI CLIP normalisation constants.
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def build_vision_tower(out_dir, hidden_size=256, num_layers=2, num_heads=4,
+                       intermediate_size=None, seed=0, full_clip=False, verbose=True):
+    """Save a random-init CLIP vision tower (or full CLIP model) and its processor to out_dir.
+
+    Returns the number of parameters of the vision tower.
+    """
+    vision_cfg = dict(hidden_size=hidden_size, intermediate_size=intermediate_size or 4 * hidden_size,
+                      num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                      image_size=224, patch_size=16, num_channels=3, projection_dim=hidden_size)
+    torch.manual_seed(seed)  # same seed -> same weights
+    model = CLIPVisionModel(CLIPVisionConfig(**vision_cfg))
+    n_params = sum(p.numel() for p in model.parameters())
+    if full_clip:
+        text_cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                        vocab_size=1000, max_position_embeddings=77, projection_dim=hidden_size,
+                        bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        full = CLIPModel(CLIPConfig(text_config=text_cfg, vision_config=vision_cfg, projection_dim=hidden_size))
+        # Same vision weights as the vision-only tower of this seed, so both layouts give identical features.
+        # (transformers 5 flattened CLIPVisionModel; older versions wrap it in .vision_model.)
+        full.vision_model.load_state_dict(getattr(model, "vision_model", model).state_dict())
+        model = full
+    model.eval()
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    # The same preprocessing as real CLIP: resize the short side to 224, centre-crop 224x224, normalise.
+    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                                   do_resize=True, do_center_crop=True, do_normalize=True,
+                                   image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3)  # 3 = bicubic
+    processor.save_pretrained(out_dir)
+    if verbose:
+        kind = "full CLIPModel" if full_clip else "CLIPVisionModel"
+        print(f"saved random-init {kind} (hidden {hidden_size}, {num_layers} layers, {num_heads} heads) "
+              f"to {out_dir}; vision tower parameters: {n_params:,} ({n_params / 1e6:.2f}M)")
+    return n_params
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Save a random-init CLIP ViT-B/16-geometry vision tower for the demo.")
+    ap.add_argument("--out_dir", default="model/vision_model/demo-clip-vit-b16", help="where to save model + processor")
+    ap.add_argument("--hidden_size", type=int, default=256, help="token width (real ViT-B/16: 768)")
+    ap.add_argument("--num_layers", type=int, default=2, help="transformer layers (real ViT-B/16: 12)")
+    ap.add_argument("--num_heads", type=int, default=4, help="attention heads (must divide hidden_size)")
+    ap.add_argument("--intermediate_size", type=int, default=None, help="MLP width (default: 4 * hidden_size)")
+    ap.add_argument("--seed", type=int, default=0, help="torch seed for the random weights")
+    ap.add_argument("--full_clip", action="store_true",
+                    help="save a full CLIPModel (vision + tiny text tower) instead of a vision-only model")
+    a = ap.parse_args()
+    build_vision_tower(a.out_dir, a.hidden_size, a.num_layers, a.num_heads, a.intermediate_size,
+                       a.seed, a.full_clip)
+
+
+if __name__ == "__main__":
+    main()

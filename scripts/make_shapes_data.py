@@ -1,0 +1,243 @@
+"""Generate the offline "shapes world" demo dataset in the released MiniMind-V format.
+
+Each 224x224 PNG shows 1-3 flat shapes on a light background. An object is
+(shape, colour, cell, size), with each object in its own cell of a 3x3 grid.
+The output is ``pretrain.jsonl`` (one caption per image), ``sft.jsonl`` (short
+Q&A, sometimes 2-3 turns) and ``test.jsonl`` (single-turn, held-out images),
+plus ``images/``. Every line looks like
+``{"conversations": [{"role": "user", "content": "<image>\\n..."},
+{"role": "assistant", "content": "red"}], "image": "train_000001.png", "type": "color"}``.
+
+Design choices:
+* The answers must not be guessable from the question text alone, because the
+  demo compares accuracy with and without the image. Colour, shape, cell and
+  size are drawn independently and uniformly, so the answer to "What color is
+  the circle?" is uniform over the colours. A question is only asked when its
+  subject is unique in the image. Exists questions are yes/no with a fair coin,
+  and the "no" questions often share a colour or shape with something that is
+  in the picture, so the model has to bind colour to shape.
+* Question types are assigned from a shuffled, balanced schedule.
+* The test split uses its own seed, and its layouts never repeat a training
+  layout. A layout is the sorted (shape, colour, cell, size) tuple, i.e.
+  ignoring jitter and background.
+* Everything is deterministic: all randomness comes from ``random.Random``
+  instances derived from the seeds, and each image is drawn from its own seed.
+"""
+import argparse
+import glob
+import json
+import os
+import random
+import time
+from collections import Counter
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMG = 224
+SCALE = 2  # draw at 2x and downsample: cheap anti-aliasing
+COLORS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230),
+          "yellow": (240, 205, 20), "purple": (140, 50, 180), "black": (20, 20, 20)}
+SHAPES = ("circle", "square", "triangle", "star")
+SIZES = {"small": 26, "medium": 40, "large": 56}  # bounding-box side in px; a cell is ~74.7 px
+CELLS = ("top left", "top", "top right", "left", "center", "right",
+         "bottom left", "bottom", "bottom right")
+CELL_PHRASE = {"top": "at the top", "bottom": "at the bottom", "left": "on the left",
+               "right": "on the right", "center": "in the center"}  # corners: "at the <cell>"
+BACKGROUNDS = [(248, 248, 248), (232, 232, 232), (242, 238, 226), (226, 236, 244),
+               (232, 242, 230), (244, 232, 236)]  # light tints, all far from every shape colour
+TYPES = ("color", "shape", "position", "count", "exists")
+ANSWERS = {"color": set(COLORS), "shape": set(SHAPES), "position": set(CELLS),
+           "count": {"1", "2", "3"}, "exists": {"yes", "no"}}
+TEMPLATES = {
+    "color": ["What color is the {shape}?", "What is the color of the {shape}?"],
+    "shape": ["What shape is the {color} object?", "Which shape is {color}?"],
+    "position": ["Where is the {color} {shape}?", "In which part of the image is the {color} {shape}?"],
+    "count": ["How many shapes are there?", "How many objects are in the image?"],
+    "exists": ["Is there a {color} {shape}?", "Does the image contain a {color} {shape}?"],
+}
+CAPTION_PROMPTS = ["Describe the image.", "What is in this picture?", "Describe this picture in detail.",
+                   "What do you see in the image?", "List the shapes in the image."]
+assert min(sum((a - b) ** 2 for a, b in zip(bg, c)) ** 0.5
+           for bg in BACKGROUNDS for c in COLORS.values()) > 150
+
+
+def layout_signature(objs):
+    """Canonical, order-independent identity of a layout: sorted (shape, colour, cell, size)."""
+    return tuple(sorted(tuple(o) for o in objs))
+
+
+def random_layout(rng, n):
+    cells = rng.sample(CELLS, n)
+    return [(rng.choice(SHAPES), rng.choice(list(COLORS)), c, rng.choice(list(SIZES))) for c in cells]
+
+
+def make_question(rng, objs, qtype):
+    """Return (question, answer) for this layout, or None if the type is not askable here."""
+    tpl = rng.choice(TEMPLATES[qtype])
+    if qtype == "count":
+        return tpl, str(len(objs))
+    if qtype == "exists":
+        if rng.random() < 0.5:
+            s, c, _, _ = rng.choice(objs)
+            return tpl.format(color=c, shape=s), "yes"
+        present = {(o[0], o[1]) for o in objs}
+        absent = [(s, c) for s in SHAPES for c in COLORS if (s, c) not in present]
+        # Half of the "no" questions are near misses (right colour or right shape).
+        near = [p for p in absent if any(p[0] == o[0] or p[1] == o[1] for o in objs)]
+        s, c = rng.choice(near if near and rng.random() < 0.5 else absent)
+        return tpl.format(color=c, shape=s), "no"
+    # Remaining types name one object, which must be unique under the attribute used to name it.
+    key = {"color": lambda o: o[0], "shape": lambda o: o[1], "position": lambda o: (o[0], o[1])}[qtype]
+    counts = Counter(key(o) for o in objs)
+    candidates = [o for o in objs if counts[key(o)] == 1]
+    if not candidates:
+        return None
+    s, c, cell, _ = rng.choice(candidates)
+    answer = {"color": c, "shape": s, "position": cell}[qtype]
+    return tpl.format(color=c, shape=s), answer
+
+
+def caption(objs):
+    # Reading order (row-major) gives the captions a consistent structure.
+    objs = sorted(objs, key=lambda o: CELLS.index(o[2]))
+    parts = [f"a {z} {c} {s} {CELL_PHRASE.get(cell, 'at the ' + cell)}" for s, c, cell, z in objs]
+    body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    head = "There is 1 shape" if len(objs) == 1 else f"There are {len(objs)} shapes"
+    return f"{head}: {body}."
+
+
+def shape_points(kind, cx, cy, r):
+    if kind == "triangle":
+        return [(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)]
+    # 5-pointed star: alternate outer and inner radius, first point straight up.
+    return [(cx + rad * np.sin(k * np.pi / 5), cy - rad * np.cos(k * np.pi / 5))
+            for k, rad in ((k, r if k % 2 == 0 else r * 0.45) for k in range(10))]
+
+
+def render(objs, seed):
+    rng = random.Random(seed)
+    style = rng.random()
+    bg = np.array(rng.choice(BACKGROUNDS), dtype=np.float32)
+    if style < 0.4:      # solid
+        canvas = np.broadcast_to(bg, (IMG, IMG, 3))
+    elif style < 0.75:   # gentle linear gradient towards another light tint
+        other = np.array(rng.choice(BACKGROUNDS), dtype=np.float32)
+        t = np.linspace(0, 1, IMG, dtype=np.float32)
+        t = t[:, None, None] if rng.random() < 0.5 else t[None, :, None]
+        canvas = np.broadcast_to(bg + (other - bg) * t, (IMG, IMG, 3))
+    else:                # soft low-frequency blotches; per-pixel noise would bloat the PNGs
+        nrng = np.random.default_rng(rng.getrandbits(32))
+        low = nrng.uniform(-8, 8, size=(7, 7)).astype(np.float32)
+        up = np.asarray(Image.fromarray(low).resize((IMG, IMG), Image.BICUBIC))
+        canvas = bg + up[..., None]
+    # The background is built at 1x (cheap) and only the shapes are drawn at 2x.
+    img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+    img = img.resize((IMG * SCALE, IMG * SCALE), Image.NEAREST)
+    draw = ImageDraw.Draw(img)
+    cell = IMG / 3
+    for kind, colour, where, sz in objs:
+        row, col = divmod(CELLS.index(where), 3)
+        # Small jitter so positions are not pixel-identical, but the shape stays inside its cell.
+        cx = ((col + 0.5) * cell + rng.uniform(-6, 6)) * SCALE
+        cy = ((row + 0.5) * cell + rng.uniform(-6, 6)) * SCALE
+        r = SIZES[sz] / 2 * SCALE
+        fill = COLORS[colour]
+        if kind == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif kind == "square":
+            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        else:
+            draw.polygon(shape_points(kind, cx, cy, r), fill=fill)
+    return img.reduce(SCALE)  # box-filter downsample = anti-aliased edges
+
+
+def sample(name, turns, qtype=None):
+    conv = []
+    for k, (q, a) in enumerate(turns):
+        conv += [{"role": "user", "content": ("<image>\n" if k == 0 else "") + q},
+                 {"role": "assistant", "content": a}]
+    rec = {"conversations": conv, "image": name}
+    if qtype:
+        rec["type"] = qtype
+    return rec
+
+
+def plan_split(rng, n, split, forbidden=frozenset()):
+    """Decide layouts and questions for one split (cheap; rendering happens later)."""
+    schedule = [TYPES[i % len(TYPES)] for i in range(n)]
+    rng.shuffle(schedule)
+    plans = []
+    for i, qtype in enumerate(schedule):
+        n_obj = rng.randint(1, 3)
+        for attempt in range(10000):
+            if attempt == 200:  # all layouts of this size already used in train: allow another size
+                n_obj = rng.randint(1, 3)
+            objs = random_layout(rng, n_obj)
+            qa = make_question(rng, objs, qtype)
+            if qa and layout_signature(objs) not in forbidden:
+                break
+        else:
+            raise RuntimeError("could not find a test layout unseen in train; lower --n_train")
+        turns, types = [qa], [qtype]
+        if split == "train":  # about half of the SFT samples get 1-2 follow-ups of other types
+            n_turns = 1 + rng.choice([0, 0, 1, 2])
+            for t in rng.sample([t for t in TYPES if t != qtype], len(TYPES) - 1):
+                qa2 = make_question(rng, objs, t)
+                if qa2 and len(turns) < n_turns:
+                    turns.append(qa2)
+                    types.append(t)
+        name = f"{split}_{i + 1:06d}.png"
+        plans.append(dict(name=name, objs=objs, turns=turns, types=types, type=qtype, seed=rng.getrandbits(64)))
+    return plans
+
+
+def generate(out_dir="dataset/demo", seed=0, n_train=3000, n_test=300, test_seed=None, verbose=True):
+    t0 = time.time()
+    test_seed = seed + 1000 if test_seed is None else test_seed
+    img_dir = os.path.join(out_dir, "images")
+    os.makedirs(img_dir, exist_ok=True)
+    for old in glob.glob(os.path.join(img_dir, "train_*.png")) + glob.glob(os.path.join(img_dir, "test_*.png")):
+        os.remove(old)  # stale images from an earlier, larger run would silently linger
+    train = plan_split(random.Random(seed), n_train, "train")
+    train_sigs = {layout_signature(p["objs"]) for p in train}
+    test = plan_split(random.Random(test_seed), n_test, "test", forbidden=train_sigs)
+    for k, p in enumerate(train + test):
+        render(p["objs"], p["seed"]).save(os.path.join(img_dir, p["name"]))
+        if verbose and (k + 1) % 500 == 0:
+            print(f"  rendered {k + 1}/{len(train) + len(test)} images", flush=True)
+    cap_rng = random.Random(seed + 1)
+    files = {
+        "pretrain.jsonl": [sample(p["name"], [(cap_rng.choice(CAPTION_PROMPTS), caption(p["objs"]))]) for p in train],
+        "sft.jsonl": [sample(p["name"], p["turns"], p["type"]) for p in train],
+        "test.jsonl": [sample(p["name"], p["turns"], p["type"]) for p in test],
+    }
+    for fname, recs in files.items():
+        with open(os.path.join(out_dir, fname), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
+    summary = {
+        "out_dir": out_dir, "train_images": len(train), "test_images": len(test),
+        "sft_samples_by_type": dict(Counter(p["type"] for p in train)),
+        "sft_questions_by_type": dict(Counter(t for p in train for t in p["types"])),
+        "sft_multi_turn": sum(len(p["turns"]) > 1 for p in train),
+        "test_by_type": dict(Counter(p["type"] for p in test)),
+        "seconds": round(time.time() - t0, 1),
+    }
+    if verbose:
+        print(json.dumps(summary, indent=2))
+    return summary
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Generate the shapes-world demo dataset (MiniMind-V jsonl + images).")
+    ap.add_argument("--out_dir", default="dataset/demo", help="output directory (gets images/ and *.jsonl)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the training split")
+    ap.add_argument("--n_train", type=int, default=3000, help="number of training images (1 caption + 1 SFT sample each)")
+    ap.add_argument("--n_test", type=int, default=300, help="number of held-out test images/questions")
+    ap.add_argument("--test_seed", type=int, default=None, help="seed of the test split (default: seed + 1000)")
+    a = ap.parse_args()
+    generate(a.out_dir, a.seed, a.n_train, a.n_test, a.test_seed)
+
+
+if __name__ == "__main__":
+    main()

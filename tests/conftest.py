@@ -1,0 +1,76 @@
+"""Shared fixtures: everything is built locally (tiny CLIP tower, toy images, tiny LLM configs)."""
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
+
+from make_demo_vision_tower import build_vision_tower  # noqa: E402
+
+TINY_LLM = dict(dim=64, n_layers=2)  # the scripts' --dim 64 --n_layers 2 (8 heads, 2 kv heads)
+
+
+@pytest.fixture(scope="session")
+def tower_dir(tmp_path_factory):
+    """A tiny randomly initialised CLIP vision model with ViT-B/16 geometry (196 patches)."""
+    path = str(tmp_path_factory.mktemp("tower"))
+    build_vision_tower(path, hidden_size=32, num_layers=1, num_heads=2, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(os.path.join(ROOT, "model"))
+
+
+@pytest.fixture(scope="session")
+def processor(tower_dir):
+    from transformers import AutoImageProcessor
+    return AutoImageProcessor.from_pretrained(tower_dir)
+
+
+@pytest.fixture
+def tiny_vlm(tower_dir):
+    from model.model_vlm import MiniMindVLM, VLMConfig
+    torch.manual_seed(0)
+    return MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM)).eval()
+
+
+def write_image(path, color, size=(64, 48)):
+    Image.new("RGB", size, color).save(path)
+
+
+def make_toy_data(root, n=12, text_len=1):
+    """A jsonl of n single-image conversations (two of them two-turn) plus their images."""
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    colors = ["red", "green", "blue", "yellow"]
+    lines = []
+    for i in range(n):
+        color = colors[i % len(colors)]
+        write_image(images / f"{i}.png", color)
+        conv = [{"role": "user", "content": "<image>\nWhat color is it?" + " please" * text_len},
+                {"role": "assistant", "content": color}]
+        if i % 6 == 0:
+            conv += [{"role": "user", "content": "And the shape?"}, {"role": "assistant", "content": "square"}]
+        lines.append(json.dumps({"conversations": conv, "image": f"{i}.png"}))
+    path = root / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path), str(images)
+
+
+@pytest.fixture
+def toy_data(tmp_path):
+    return make_toy_data(tmp_path)

@@ -1,0 +1,154 @@
+"""The data pipeline: loss mask, padding, truncation, bad input and batch order."""
+import json
+
+import pytest
+import torch
+
+from dataset.lm_dataset import ChatEncoder, VLMDataset, collate_batch
+from dataset.sampler import ResumableBatchSampler
+
+from conftest import write_image
+
+IMG = 3
+
+
+def make_dataset(path, images, tokenizer, processor, **kw):
+    return VLMDataset(path, images, tokenizer, processor, IMG, 196, **kw)
+
+
+def write_jsonl(tmp_path, samples):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join((s if isinstance(s, str) else json.dumps(s)) + "\n" for s in samples))
+    return str(path)
+
+
+def conv(*turns, image=None):
+    roles = ["user", "assistant"] * len(turns)
+    out = {"conversations": [{"role": r, "content": c} for r, c in zip(roles, turns)]}
+    if image:
+        out["image"] = image
+    return out
+
+
+def test_exactly_the_assistant_tokens_and_their_end_token_are_supervised(tokenizer):
+    enc = ChatEncoder(tokenizer, IMG, 196)
+    msgs = conv("<image>\nWhat color?", "red", "And the shape?", "a big circle")["conversations"]
+    ids, labels = enc.encode(msgs)
+    supervised = [t for t in labels if t != -100]
+    expected = (tokenizer.encode("red", add_special_tokens=False) + [2]
+                + tokenizer.encode("a big circle", add_special_tokens=False) + [2])
+    print("supervised ids:", supervised, "=", repr(tokenizer.decode(supervised)))
+    assert supervised == expected
+    assert tokenizer.decode(supervised) == "red<|im_end|>a big circle<|im_end|>"
+    # supervised positions hold those very tokens (labels are aligned with input_ids, shifted in the loss)
+    assert all(l == -100 or l == t for t, l in zip(ids, labels))
+    assert ids.count(IMG) == 196 and len(ids) == len(labels)
+    # the prompt, including the header "<|im_start|>assistant\n", is not supervised
+    first = labels.index(supervised[0])
+    assert tokenizer.decode(ids[:first]).endswith("<|im_start|>assistant\n")
+
+
+def test_prompt_encoding_ends_with_the_generation_header(tokenizer):
+    enc = ChatEncoder(tokenizer, IMG, 196)
+    ids = enc.encode_prompt([{"role": "user", "content": "<image>hi"}])
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n") and ids.count(IMG) == 196
+
+
+def test_batches_are_padded_to_their_own_longest_sample(tmp_path, tokenizer, processor):
+    write_image(tmp_path / "a.png", "red")
+    path = write_jsonl(tmp_path, [conv("<image>short", "ok", image="a.png"),
+                                  conv("a much longer question without any image at all", "fine")])
+    ds = make_dataset(path, str(tmp_path), tokenizer, processor, max_seq_len=640)
+    a, b = ds[0], ds[1]
+    batch = collate_batch([a, b])
+    assert batch["input_ids"].shape == (2, max(len(a["input_ids"]), len(b["input_ids"]))) and batch["input_ids"].shape[1] < 640
+    short = 1 if len(b["input_ids"]) < len(a["input_ids"]) else 0
+    n = min(len(a["input_ids"]), len(b["input_ids"]))
+    assert (batch["input_ids"][short, n:] == 0).all() and (batch["labels"][short, n:] == -100).all()
+    assert batch["attention_mask"].sum() == len(a["input_ids"]) + len(b["input_ids"])
+    assert batch["pixel_values"].shape == (1, 3, 224, 224)
+
+
+def test_images_follow_tag_order_across_a_batch(tmp_path, tokenizer, processor):
+    for name, color in [("r.png", "red"), ("g.png", "green"), ("b.png", "blue")]:
+        write_image(tmp_path / name, color)
+    path = write_jsonl(tmp_path, [conv("<image> vs <image>", "x", image="r.png, g.png"), conv("<image>", "y", image="b.png")])
+    ds = make_dataset(path, str(tmp_path), tokenizer, processor)
+    px = collate_batch([ds[0], ds[1]])["pixel_values"]
+    means = px.mean((2, 3))  # [3 images, RGB]
+    assert means.argmax(1).tolist() == [0, 1, 2]  # red, green, blue in placeholder order
+
+
+def test_truncation_keeps_image_runs_whole_or_skips(tmp_path, tokenizer, processor):
+    write_image(tmp_path / "a.png", "red")
+    long_answer = "word " * 100
+    path = write_jsonl(tmp_path, [conv("<image>q", long_answer, image="a.png"), conv("q " * 50 + "<image>", "a", image="a.png")])
+    ds = make_dataset(path, str(tmp_path), tokenizer, processor, max_seq_len=230)
+    first = ds[0]  # the image fits, the answer is cut: kept and truncated
+    assert len(first["input_ids"]) == 230 and (first["input_ids"] == IMG).sum() == 196
+    second = ds[1]  # the cut would fall inside (or before) the image run: skipped with a reason
+    assert "skip" in second and "max_seq_len" in second["skip"]
+    batch = collate_batch([first, second])
+    assert batch["n_samples"] == 1 and len(batch["skipped"]) == 1
+
+
+def test_an_all_skipped_batch_still_yields_a_step(tmp_path):
+    batch = collate_batch([{"skip": "too long"}])
+    assert batch["input_ids"].shape == (1, 1) and (batch["labels"] == -100).all() and batch["n_samples"] == 0
+
+
+BAD_LINES = {
+    "malformed json": ('{"conversations": [', "not valid JSON"),
+    "empty conversation": ({"conversations": []}, "empty"),
+    "tag count": (conv("<image><image>", "a", image="a.png"), "2 <image> tags but 1 images"),
+    "missing image": (conv("<image>", "a", image="nope.png"), "not found"),
+    "no answer": ({"conversations": [{"role": "user", "content": "hi"}]}, "no non-empty assistant"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LINES))
+def test_bad_lines_name_file_and_line_or_are_skipped_and_counted(tmp_path, tokenizer, processor, case):
+    write_image(tmp_path / "a.png", "red")
+    line, message = BAD_LINES[case]
+    path = write_jsonl(tmp_path, [conv("<image>ok", "fine", image="a.png"), line, conv("no image", "fine")])
+    with pytest.raises(ValueError, match=f"d.jsonl:2: .*{message}.*--skip_bad_samples"):
+        make_dataset(path, str(tmp_path), tokenizer, processor)
+    ds = make_dataset(path, str(tmp_path), tokenizer, processor, skip_bad_samples=True)
+    assert len(ds) == 2 and len(ds.bad) == 1 and ds.bad[0].startswith(path + ":2:")
+    assert [lineno for lineno, _, _ in ds.samples] == [1, 3]  # nothing shifted
+
+
+def test_an_unreadable_image_names_the_line_or_is_skipped(tmp_path, tokenizer, processor):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    path = write_jsonl(tmp_path, [conv("<image>", "a", image="broken.png")])
+    with pytest.raises(ValueError, match="d.jsonl:1: cannot read image"):
+        make_dataset(path, str(tmp_path), tokenizer, processor)[0]
+    item = make_dataset(path, str(tmp_path), tokenizer, processor, skip_bad_samples=True)[0]
+    assert "cannot read image" in item["skip"]
+
+
+def test_sampler_visits_every_sample_once_and_reshuffles_each_epoch():
+    lengths = [(i * 37) % 101 for i in range(103)]
+    sampler = ResumableBatchSampler(lengths, batch_size=4, seed=1, megabatch_mult=4)
+    orders = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        orders.append([i for b in sampler for i in b])
+        assert sorted(orders[-1]) == list(range(103))
+    assert orders[0] != orders[1]
+    sampler.set_epoch(0)
+    spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in sampler]
+    assert sum(spread) / len(spread) < 25  # grouped by length: batches hold similar lengths
+
+
+def test_sampler_ranks_partition_the_epoch_and_resume_continues_at_the_same_sample():
+    lengths = list(range(50))
+    ranks = [ResumableBatchSampler(lengths, 3, seed=5, rank=r, world_size=2) for r in range(2)]
+    single = ResumableBatchSampler(lengths, 6, seed=5)
+    for s in ranks + [single]:
+        s.set_epoch(3)
+    two = [i for pair in zip(*ranks) for b in pair for i in b]
+    one = [i for b in single for i in b]
+    assert two == one and sorted(one) == list(range(50))
+    single.set_epoch(3, skip_samples=12)  # resumed after 2 global batches, on 1 process
+    assert [i for b in single for i in b] == one[12:]

@@ -1,0 +1,132 @@
+"""The MiniMind LLM: published sizes, checkpoint keys, KV cache and generation."""
+import pytest
+import torch
+
+from model.model_minimind import KVCache, MiniMindConfig, MiniMindForCausalLM, apply_repetition_penalty, count_llm_params, sample_next_token
+
+from conftest import TINY_LLM
+
+
+def tiny_llm(**kw):
+    torch.manual_seed(0)
+    return MiniMindForCausalLM(MiniMindConfig(**{**TINY_LLM, "vocab_size": 300, **kw})).eval()
+
+
+@pytest.mark.parametrize("dim,n_layers,expected", [(512, 8, 25_829_888), (768, 16, 104_030_976)])
+def test_published_sizes_have_the_published_parameter_counts(dim, n_layers, expected):
+    model = MiniMindForCausalLM(MiniMindConfig(dim=dim, n_layers=n_layers))
+    assert count_llm_params(model) == expected
+
+
+def test_state_dict_keys_and_shapes_equal_the_released_format():
+    sd = MiniMindForCausalLM(MiniMindConfig(dim=512, n_layers=8)).state_dict()
+    layer0 = {"attention.wq.weight": (512, 512), "attention.wk.weight": (128, 512),
+              "attention.wv.weight": (128, 512), "attention.wo.weight": (512, 512),
+              "attention_norm.weight": (512,), "ffn_norm.weight": (512,),
+              "feed_forward.w1.weight": (1408, 512), "feed_forward.w2.weight": (512, 1408),
+              "feed_forward.w3.weight": (1408, 512)}
+    expected = {"tok_embeddings.weight": (6400, 512), "norm.weight": (512,), "output.weight": (6400, 512)}
+    for i in range(8):
+        expected.update({f"layers.{i}.{k}": v for k, v in layer0.items()})
+    assert {k: tuple(v.shape) for k, v in sd.items()} == expected
+    assert sd["output.weight"].data_ptr() == sd["tok_embeddings.weight"].data_ptr()  # tied
+
+
+def test_moe_keys_and_aux_loss():
+    model = tiny_llm(use_moe=True).train()
+    keys = {k for k in model.state_dict() if k.startswith("layers.0.feed_forward.")}
+    assert "layers.0.feed_forward.gate.weight" in keys and "layers.0.feed_forward.experts.3.w2.weight" in keys
+    assert "layers.0.feed_forward.shared_experts.w1.weight" in keys
+    assert tuple(model.state_dict()["layers.0.feed_forward.gate.weight"].shape) == (4, 64)
+    ids = torch.randint(0, 300, (2, 16))
+    out = model(ids, labels=ids)
+    assert out.aux_loss > 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    # every expert got a gradient (so DDP never sees an unused parameter)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_rope_uses_interleaved_pairs():
+    from model.model_minimind import apply_rope, rope_cos_sin
+    cos, sin = rope_cos_sin(4, 8, 1e6)
+    x = torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 1, 1, 4).expand(1, 1, 8, 4)
+    out = apply_rope(x, cos, sin)
+    # dims (0, 1) form one complex number: rotating (1, 0) by angle t gives (cos t, sin t)
+    assert torch.allclose(out[0, 0, :, 0], cos[:, 0]) and torch.allclose(out[0, 0, :, 1], sin[:, 0])
+    assert torch.all(out[0, 0, :, 2:] == 0)
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    model = tiny_llm()
+    ids = torch.randint(3, 300, (2, 10))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = KVCache(2)
+        step_logits = [model(ids[:, :6], past_key_values=cache, use_cache=True).logits]
+        for t in range(6, 10):
+            step_logits.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+    assert torch.allclose(torch.cat(step_logits, 1), full, atol=1e-5)
+
+
+def test_preallocated_cache_grows_when_capacity_is_exceeded():
+    model = tiny_llm()
+    ids = torch.randint(3, 300, (1, 12))
+    cache = KVCache(2, capacity=4)
+    with torch.no_grad():
+        a = model(ids[:, :3], past_key_values=cache, use_cache=True).logits
+        b = model(ids[:, 3:], past_key_values=cache, use_cache=True).logits  # 9-token chunk after a cache
+        full = model(ids).logits
+    assert cache.pos == 12
+    assert torch.allclose(torch.cat([a, b], 1), full, atol=1e-5)
+
+
+def test_greedy_generate_matches_argmax_of_full_forward_and_counts_new_tokens():
+    model = tiny_llm()
+    prompt = torch.randint(3, 300, (1, 7))
+    out = model.generate(prompt, max_new_tokens=8, eos_token_id=-1)
+    assert out.shape == (1, 15)
+    with torch.no_grad():
+        logits = model(out).logits
+    assert torch.equal(logits[0, 6:-1].argmax(-1), out[0, 7:])
+
+
+def test_left_padded_batch_generates_the_same_as_each_row_alone():
+    model = tiny_llm()
+    a, b = torch.randint(3, 300, (1, 9)), torch.randint(3, 300, (1, 5))
+    batch = torch.zeros(2, 9, dtype=torch.long)
+    batch[0], batch[1, 4:] = a[0], b[0]
+    mask = (torch.arange(9) >= torch.tensor([[0], [4]])).long()
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=6, eos_token_id=-1)
+    assert torch.equal(out[0, 9:], model.generate(a, max_new_tokens=6, eos_token_id=-1)[0, 9:])
+    assert torch.equal(out[1, 9:], model.generate(b, max_new_tokens=6, eos_token_id=-1)[0, 5:])
+
+
+def test_generation_stops_each_row_at_eos():
+    model = tiny_llm()
+    prompt = torch.randint(3, 300, (2, 5))
+    free = model.generate(prompt, max_new_tokens=6, eos_token_id=-1)
+    eos = int(free[0, 6])  # make row 0's second new token the EOS
+    out = list(model.generate_stream(prompt, max_new_tokens=6, eos_token_id=eos))
+    assert int(out[1][0]) == eos
+    assert all(int(t[0]) == eos for t in out[1:])  # row 0 stays finished
+    assert len(out) <= 6
+
+
+def test_repetition_penalty_lowers_seen_tokens_even_with_negative_logits():
+    logits = torch.tensor([[2.0, -2.0, 1.0, -3.0]])
+    out = apply_repetition_penalty(logits, torch.tensor([[0, 1]]), 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0, -3.0]]  # -2 becomes -4, not -1
+
+
+def test_sampling_respects_top_k_and_top_p():
+    logits = torch.tensor([[5.0, 4.0, 0.0, -1.0, -2.0]]).repeat(200, 1)
+    torch.manual_seed(0)
+    assert set(sample_next_token(logits, 1.0, top_k=2).tolist()) <= {0, 1}
+    assert set(sample_next_token(logits, 1.0, top_p=0.5).tolist()) == {0}
+    assert set(sample_next_token(logits, 0.0).tolist()) == {0}
+
+
+def test_streaming_yields_one_token_per_step():
+    model = tiny_llm()
+    steps = list(model.generate_stream(torch.randint(3, 300, (1, 4)), max_new_tokens=5, eos_token_id=-1))
+    assert len(steps) == 5 and all(s.shape == (1,) for s in steps)

@@ -1,0 +1,182 @@
+"""Tests for the shapes-world demo dataset generator and the demo vision tower."""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import importlib.util
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+shapes = _load("make_shapes_data")
+tower = _load("make_demo_vision_tower")
+
+N_TRAIN, N_TEST = 150, 50
+FILES = ("pretrain.jsonl", "sft.jsonl", "test.jsonl")
+
+
+def _read(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    shapes.generate(str(out), seed=0, n_train=N_TRAIN, n_test=N_TEST, verbose=False)
+    return out
+
+
+def test_deterministic_and_seed_sensitive(data_dir, tmp_path):
+    again = tmp_path / "again"
+    shapes.generate(str(again), seed=0, n_train=N_TRAIN, n_test=N_TEST, verbose=False)
+    for f in FILES:
+        assert (data_dir / f).read_text() == (again / f).read_text(), f
+    names = sorted(os.listdir(data_dir / "images"))
+    assert names == sorted(os.listdir(again / "images"))
+    assert len(names) == N_TRAIN + N_TEST
+    for n in names:
+        assert (data_dir / "images" / n).read_bytes() == (again / "images" / n).read_bytes(), n
+
+    other = tmp_path / "other"
+    shapes.generate(str(other), seed=1, n_train=N_TRAIN, n_test=N_TEST, verbose=False)
+    assert (other / "sft.jsonl").read_text() != (data_dir / "sft.jsonl").read_text()
+    assert (other / "images" / "train_000001.png").read_bytes() != (data_dir / "images" / "train_000001.png").read_bytes()
+
+
+def test_no_train_test_overlap():
+    # Use the planning step directly so the layouts are known without parsing captions.
+    import random
+    train = shapes.plan_split(random.Random(0), 2000, "train")
+    sigs = {shapes.layout_signature(p["objs"]) for p in train}
+    test = shapes.plan_split(random.Random(1000), 300, "test", forbidden=sigs)
+    assert not any(shapes.layout_signature(p["objs"]) in sigs for p in test)
+    assert not {p["name"] for p in train} & {p["name"] for p in test}
+    # Without the constraint, some single-object test layouts would collide with 2000 train images.
+    unconstrained = shapes.plan_split(random.Random(1000), 300, "test")
+    assert any(shapes.layout_signature(p["objs"]) in sigs for p in unconstrained)
+
+
+def test_layout_signature_is_order_independent():
+    a = [("circle", "red", "top", "small"), ("star", "blue", "left", "large")]
+    assert shapes.layout_signature(a) == shapes.layout_signature(a[::-1])
+    assert shapes.layout_signature(a) != shapes.layout_signature([a[0]])
+
+
+def test_released_format(data_dir):
+    train_names, test_names = set(), set()
+    for f in FILES:
+        recs = _read(data_dir / f)
+        assert len(recs) == (N_TEST if f == "test.jsonl" else N_TRAIN)
+        for r in recs:
+            conv = r["conversations"]
+            assert isinstance(conv, list) and len(conv) >= 2 and len(conv) % 2 == 0
+            for k, turn in enumerate(conv):
+                assert set(turn) == {"role", "content"}
+                assert turn["role"] == ("user" if k % 2 == 0 else "assistant")
+                assert isinstance(turn["content"], str) and turn["content"].strip()
+            assert conv[0]["content"].startswith("<image>\n")
+            images = r["image"].split(",")
+            assert sum(t["content"].count("<image>") for t in conv) == len(images)
+            for name in images:
+                path = data_dir / "images" / name.strip()
+                assert path.exists(), path
+                with Image.open(path) as im:
+                    assert im.size == (224, 224) and im.mode == "RGB"
+            if f == "test.jsonl":
+                assert len(conv) == 2 and r["type"] in shapes.TYPES
+                test_names.add(r["image"])
+            else:
+                train_names.add(r["image"])
+            if f == "sft.jsonl":
+                assert r["type"] in shapes.TYPES
+    assert not train_names & test_names
+    assert all(n.startswith("train_") for n in train_names) and all(n.startswith("test_") for n in test_names)
+    assert any(len(r["conversations"]) > 2 for r in _read(data_dir / "sft.jsonl"))
+
+
+def test_types_and_answers(data_dir):
+    for f in ("sft.jsonl", "test.jsonl"):
+        recs = _read(data_dir / f)
+        counts = Counter(r["type"] for r in recs)
+        assert set(counts) == set(shapes.TYPES)
+        assert max(counts.values()) - min(counts.values()) <= 1  # balanced schedule
+        for r in recs:
+            # the first answer belongs to the recorded type; follow-ups must be valid for some type
+            assert r["conversations"][1]["content"] in shapes.ANSWERS[r["type"]]
+            for turn in r["conversations"][3::2]:
+                assert any(turn["content"] in a for a in shapes.ANSWERS.values())
+    # pretrain captions mention every object; check the object count is stated
+    for r in _read(data_dir / "pretrain.jsonl"):
+        assert r["conversations"][1]["content"].startswith("There ")
+    # exists answers are roughly balanced (over a larger plan for a stable ratio)
+    import random
+    plans = shapes.plan_split(random.Random(3), 1000, "train")
+    answers = Counter(a for p in plans for t, (_, a) in zip(p["types"], p["turns"]) if t == "exists")
+    assert 0.4 < answers["yes"] / (answers["yes"] + answers["no"]) < 0.6
+
+
+def test_questions_only_about_unique_subjects():
+    import random
+    rng = random.Random(0)
+    objs = [("circle", "red", "top", "small"), ("circle", "blue", "left", "large")]
+    # both objects are circles -> "What color is the circle?" is ambiguous and must not be asked
+    assert shapes.make_question(rng, objs, "color") is None
+    q, a = shapes.make_question(rng, objs, "shape")
+    assert a == "circle"
+    same = [("circle", "red", "top", "small"), ("circle", "red", "left", "large")]
+    assert shapes.make_question(rng, same, "position") is None
+    for _ in range(50):
+        q, a = shapes.make_question(rng, objs, "exists")
+        named = tuple(q.rstrip("?").split()[-2:])  # (colour, shape)
+        assert (a == "yes") == ((named[1], named[0]) in {(o[0], o[1]) for o in objs})
+
+
+def _pixels(d):
+    from transformers import AutoImageProcessor
+    proc = AutoImageProcessor.from_pretrained(d)
+    img = Image.new("RGB", (224, 224), (240, 240, 240))
+    x = proc(images=img, return_tensors="pt")["pixel_values"]
+    assert x.shape == (1, 3, 224, 224)
+    return x
+
+
+def test_demo_vision_tower(tmp_path):
+    from transformers import CLIPVisionModel
+    d = tmp_path / "tower"
+    n = tower.build_vision_tower(str(d), hidden_size=32, num_layers=1, num_heads=2, verbose=False)
+    assert n > 0
+    model = CLIPVisionModel.from_pretrained(str(d)).eval()
+    with torch.no_grad():
+        h = model(pixel_values=_pixels(str(d))).last_hidden_state
+    assert h.shape == (1, 197, 32)
+
+    # deterministic given the seed
+    d2 = tmp_path / "tower2"
+    tower.build_vision_tower(str(d2), hidden_size=32, num_layers=1, num_heads=2, verbose=False)
+    m2 = CLIPVisionModel.from_pretrained(str(d2))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), m2.state_dict().values()))
+
+    # full CLIP directory: loads as a vision model with the same vision weights
+    full = tmp_path / "full"
+    tower.build_vision_tower(str(full), hidden_size=32, num_layers=1, num_heads=2, full_clip=True, verbose=False)
+    assert json.loads((full / "config.json").read_text())["model_type"] == "clip"
+    mf = CLIPVisionModel.from_pretrained(str(full)).eval()
+    with torch.no_grad():
+        hf = mf(pixel_values=_pixels(str(full))).last_hidden_state
+    assert hf.shape == (1, 197, 32)
+    assert torch.allclose(h, hf)

@@ -1,0 +1,93 @@
+"""The real training scripts, end to end on toy data: checkpoints, resume, logs, errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model.model_vlm import MiniMindVLM, VLMConfig, load_weights
+
+from conftest import ROOT, TINY_LLM
+
+
+def run_script(script, *args, check=True):
+    cmd = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def common(toy_data, tower_dir, out_dir, **extra):
+    data, images = toy_data
+    args = {"data_path": data, "images_path": images, "out_dir": out_dir, "vision_model_path": tower_dir,
+            "dim": 64, "n_layers": 2, "batch_size": 2, "epochs": 2, "log_interval": 1, "num_workers": 0,
+            "learning_rate": 1e-3, **extra}
+    return [x for k, v in args.items() for x in (f"--{k}", v)]
+
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_two_step_pretrain_then_sft_write_loadable_checkpoints(toy_data, tower_dir, tmp_path):
+    out = tmp_path / "out"
+    run_script("train_pretrain_vlm.py", *common(toy_data, tower_dir, out, from_weight="none", epochs=1,
+                                                 batch_size=6, freeze_llm=0))
+    run_script("train_sft_vlm.py", *common(toy_data, tower_dir, out, epochs=1, batch_size=6))
+    for name in ("pretrain_vlm_64", "sft_vlm_64"):
+        model = MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM))
+        load_weights(model, str(out / f"{name}.pth"))
+        log = read_log(out / f"{name}_log.jsonl")
+        assert [r["step"] for r in log] == [1, 2]
+        assert {"epoch", "loss", "lr", "samples_per_s", "tokens_per_s", "eta_s"} <= set(log[0])
+    sd = torch.load(out / "sft_vlm_64.pth")
+    assert not any(k.startswith("vision_encoder") for k in sd) and all(v.dtype == torch.float32 for v in sd.values())
+
+
+def test_pretrain_trains_only_the_projection_and_last_layer_by_default(toy_data, tower_dir, tmp_path):
+    out = tmp_path / "out"
+    run_script("train_pretrain_vlm.py", *common(toy_data, tower_dir, out, from_weight="none", epochs=1))
+    torch.manual_seed(42)  # the scripts' default seed: the same random init
+    init = MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM)).state_dict()
+    trained = torch.load(out / "pretrain_vlm_64.pth")
+    changed = {k for k, v in trained.items() if not torch.equal(v, init[k])}
+    assert "vision_proj.vision_proj.0.weight" in changed
+    assert changed - {"vision_proj.vision_proj.0.weight"} and all(k.startswith("layers.1.") for k in changed - {"vision_proj.vision_proj.0.weight"})
+
+
+def test_resumed_run_reproduces_the_uninterrupted_losses_and_weights(toy_data, tower_dir, tmp_path):
+    args = dict(from_weight="none", freeze_llm=0, seed=7)
+    run_script("train_pretrain_vlm.py", *common(toy_data, tower_dir, tmp_path / "a", **args))
+    run_script("train_pretrain_vlm.py", *common(toy_data, tower_dir, tmp_path / "b", stop_after_steps=4, **args))
+    assert len(read_log(tmp_path / "b" / "pretrain_vlm_64_log.jsonl")) == 4  # stopped mid-epoch 1 (6 steps/epoch)
+    resumed = run_script("train_pretrain_vlm.py", *common(toy_data, tower_dir, tmp_path / "b", from_resume=1, **args))
+    assert "resumed from" in resumed.stdout
+    full = read_log(tmp_path / "a" / "pretrain_vlm_64_log.jsonl")
+    split = read_log(tmp_path / "b" / "pretrain_vlm_64_log.jsonl")
+    assert [r["step"] for r in split] == [r["step"] for r in full] == list(range(1, 13))
+    for a, b in zip(full, split):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5) and b["lr"] == pytest.approx(a["lr"])
+    wa, wb = torch.load(tmp_path / "a" / "pretrain_vlm_64.pth"), torch.load(tmp_path / "b" / "pretrain_vlm_64.pth")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_missing_start_weights_explain_how_to_get_them(toy_data, tower_dir, tmp_path):
+    proc = run_script("train_pretrain_vlm.py", *common(toy_data, tower_dir, tmp_path), check=False)
+    assert proc.returncode != 0 and "lm_64.pth not found" in proc.stderr and "--from_weight none" in proc.stderr
+    proc = run_script("train_sft_vlm.py", *common(toy_data, tower_dir, tmp_path), check=False)
+    assert proc.returncode != 0 and "Run train_pretrain_vlm.py first" in proc.stderr
+
+
+def test_skipped_samples_are_counted_and_reported(tower_dir, tmp_path):
+    from conftest import make_toy_data
+    data, images = make_toy_data(tmp_path, n=6, text_len=150)  # ~150 extra tokens per sample
+    with open(data, "a") as f:
+        f.write("{broken\n")
+    proc = run_script("train_sft_vlm.py", *common((data, images), tower_dir, tmp_path / "out", from_weight="none",
+                                                   max_seq_len=300, epochs=1, skip_bad_samples=1))
+    assert "skipped 1 bad lines" in proc.stdout and ":7: not valid JSON" in proc.stdout
+    assert "epoch 1: skipped 6 samples" in proc.stdout and "do not fit --max_seq_len 300" in proc.stdout
