@@ -106,8 +106,9 @@ class VLMDataset(Dataset):
     skip_bad_samples, is dropped and counted) before training starts, naming file and line."""
 
     def __init__(self, jsonl_path, images_path, tokenizer, image_processor, image_token_id,
-                 image_token_count=196, max_seq_len=640, skip_bad_samples=False):
+                 image_token_count=196, max_seq_len=640, skip_bad_samples=False, feature_cache=None):
         self.path, self.images_path, self.max_seq_len = jsonl_path, images_path, max_seq_len
+        self.feature_cache = feature_cache  # a FeatureCache: return stored features instead of pixels
         self.processor, self.skip_bad_samples = image_processor, skip_bad_samples
         self.encoder = ChatEncoder(tokenizer, image_token_id, image_token_count)
         self.samples, self.bad = [], []  # samples: (line number, messages, image paths)
@@ -160,14 +161,25 @@ class VLMDataset(Dataset):
             if self.encoder.image_token_id in ids[cut:] or all(l == -100 for l in labels[1:cut]):
                 return {"skip": f"{self.path}:{lineno}: {len(ids)} tokens do not fit --max_seq_len {cut}"}
             ids, labels = ids[:cut], labels[:cut]
+        cached = [self.cached_features(p) for p in paths]
+        to_load = [p for p, f in zip(paths, cached) if f is None]
         try:
-            pixel_values = self.load_images(paths, lineno) if paths else torch.zeros(0, 3, 224, 224)
+            pixel_values = self.load_images(to_load, lineno) if to_load else torch.zeros(0, 3, 224, 224)
         except ValueError as e:
             if not self.skip_bad_samples:
                 raise
             return {"skip": str(e)}
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixel_values,
-                "image_paths": paths}
+                "image_paths": paths, "cached": cached}
+
+    def cached_features(self, path):
+        if self.feature_cache is None:
+            return None
+        features = self.feature_cache.lookup(path)
+        if features is None:  # maybe the main process encoded it since this worker last looked
+            self.feature_cache.refresh()
+            features = self.feature_cache.lookup(path)
+        return features
 
 
 def collate_batch(items, pad_id=0):
@@ -178,7 +190,7 @@ def collate_batch(items, pad_id=0):
     items = [it for it in items if "skip" not in it]
     if not items:
         items = [{"input_ids": torch.tensor([pad_id]), "labels": torch.tensor([-100]),
-                  "pixel_values": torch.zeros(0, 3, 224, 224), "image_paths": []}]
+                  "pixel_values": torch.zeros(0, 3, 224, 224), "image_paths": [], "cached": []}]
     T = max(len(it["input_ids"]) for it in items)
     input_ids = torch.full((len(items), T), pad_id, dtype=torch.long)  # [B, T]
     labels = torch.full((len(items), T), -100, dtype=torch.long)
@@ -187,6 +199,7 @@ def collate_batch(items, pad_id=0):
         n = len(it["input_ids"])
         input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = it["input_ids"], it["labels"], 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "pixel_values": torch.cat([it["pixel_values"] for it in items]),  # [N, 3, 224, 224]
-            "image_paths": [p for it in items for p in it["image_paths"]],
+            "pixel_values": torch.cat([it["pixel_values"] for it in items]),  # [M, 3, 224, 224], M <= N uncached
+            "image_paths": [p for it in items for p in it["image_paths"]],  # N, all images in placeholder order
+            "cached": [f for it in items for f in it["cached"]],  # N cached features or None
             "n_samples": sum(1 for it in items if (it["labels"] != -100).any()), "skipped": skipped}

@@ -100,13 +100,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # [B, KV, S, hd], S = past + T
-        # GQA: each group of n_heads / n_kv_heads query heads shares one key/value head.
-        rep = self.n_heads // self.n_kv_heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         # Without an explicit mask the only masking needed is causal, and only when several queries
-        # are new (a single decode step sees the whole cache).
+        # are new (a single decode step sees the whole cache). enable_gqa: each group of
+        # n_heads / n_kv_heads query heads shares one key/value head, without copying k and v.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
-                                             dropout_p=self.dropout if self.training else 0.0)
+                                             dropout_p=self.dropout if self.training else 0.0, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -91,3 +91,12 @@ def test_skipped_samples_are_counted_and_reported(tower_dir, tmp_path):
                                                    max_seq_len=300, epochs=1, skip_bad_samples=1))
     assert "skipped 1 bad lines" in proc.stdout and ":7: not valid JSON" in proc.stdout
     assert "epoch 1: skipped 6 samples" in proc.stdout and "do not fit --max_seq_len 300" in proc.stdout
+
+
+def test_feature_cache_gives_the_same_run_cold_and_warm(toy_data, tower_dir, tmp_path):
+    args = dict(from_weight="none", epochs=1, cache_features=tmp_path / "cache", num_workers=2)
+    cold = run_script("train_pretrain_vlm.py", *common(toy_data, tower_dir, tmp_path / "a", **args))
+    warm = run_script("train_pretrain_vlm.py", *common(toy_data, tower_dir, tmp_path / "b", **args))
+    assert ": 0 images cached" in cold.stdout and ": 12 images cached" in warm.stdout
+    losses = [[r["loss"] for r in read_log(tmp_path / d / "pretrain_vlm_64_log.jsonl")] for d in "ab"]
+    assert losses[0] == losses[1]

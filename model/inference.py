@@ -1,0 +1,197 @@
+"""Loading a trained model for inference and talking to it: shared by eval_vlm.py, the web demo
+and the API server, so they take the same flags and build prompts the same way as training."""
+import os
+import sys
+
+import torch
+
+from dataset.lm_dataset import IMAGE_TAG, ChatEncoder, resolve_image_token_id
+from .model_vlm import MiniMindVLM, VLMConfig, infer_config_from_state_dict, load_weights
+
+
+def add_model_args(parser):
+    a = parser.add_argument
+    a("--weight", default="sft_vlm", help="a .pth path, or a name: out_dir/{weight}_{dim}[_moe].pth; "
+                                          "with --load 1, a transformers-format directory")
+    a("--load", type=int, default=0, choices=[0, 1], help="0: our .pth; 1: transformers-format directory")
+    a("--out_dir", default="out", help="where named weights are looked up")
+    a("--dim", type=int, default=512, help="checked against (and taken from) the checkpoint")
+    a("--n_layers", type=int, default=8, help="checked against (and taken from) the checkpoint")
+    a("--use_moe", type=int, default=0, choices=[0, 1])
+    a("--vision_model_path", default="model/vision_model/clip-vit-base-patch16")
+    a("--tokenizer_path", default="model")
+    a("--image_token_id", type=int, default=-1,
+      help="placeholder id; -1 = <|image_pad|>, or '@' (34) with the released tokenizer")
+    a("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    a("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+      help="auto: bfloat16 where the hardware has it (CUDA, or a CPU with AVX512-BF16/AMX), else float32")
+    return parser
+
+
+def resolve_dtype(name, device):
+    if name != "auto":
+        return getattr(torch, name)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    fast_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if fast_bf16 else torch.float32
+
+
+def resolve_weight_path(args):
+    w = args.weight
+    if w.endswith(".pth") or os.sep in w:
+        return w
+    return os.path.join(args.out_dir, f"{w}_{args.dim}{'_moe' if args.use_moe else ''}.pth")
+
+
+def load_model(args):
+    """-> (model in eval mode on args.device, tokenizer, image processor)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+    if args.load == 1:
+        model, tokenizer = load_hf_dir(args)  # a directory written by scripts/convert_model.py
+        vision_path = model.config.vision_model_path  # the tower it attached
+    else:
+        path = resolve_weight_path(args)
+        if not os.path.isfile(path):
+            sys.exit(f"error: weights {path} not found. Train them (see README) or pass --weight PATH.pth")
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        found = infer_config_from_state_dict(sd)
+        for key in ("dim", "n_layers", "use_moe"):
+            if int(getattr(args, key)) != int(found[key]):
+                print(f"note: {path} has {key}={int(found[key])} (flag said {getattr(args, key)}); using the checkpoint's")
+        config = VLMConfig(dim=found["dim"], n_layers=found["n_layers"], use_moe=found["use_moe"],
+                           vocab_size=found["vocab_size"], proj_bias=found.get("proj_bias", False),
+                           vision_model_path=args.vision_model_path,
+                           image_token_id=resolve_image_token_id(tokenizer, args.image_token_id))
+        model = MiniMindVLM(config)
+        load_weights(model, sd)
+        vision_path = args.vision_model_path
+    processor = AutoImageProcessor.from_pretrained(vision_path)
+    model = model.to(args.device, resolve_dtype(args.dtype, args.device)).eval()
+    return model, tokenizer, processor
+
+
+class VLMChat:
+    """Messages with <image> tags + PIL images -> answers, streamed or batched."""
+
+    def __init__(self, model, tokenizer, processor):
+        self.model, self.tokenizer, self.processor = model, tokenizer, processor
+        self.encoder = ChatEncoder(tokenizer, model.config.image_token_id, model.config.image_token_count)
+        self.device = next(model.parameters()).device
+
+    def pixels(self, images):
+        if not images:
+            return None
+        px = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+        return px.to(self.device)
+
+    def check(self, messages, images):
+        n_tags = sum(m["content"].count(IMAGE_TAG) for m in messages)
+        if n_tags != len(images):
+            raise ValueError(f"{n_tags} {IMAGE_TAG} tags in the conversation but {len(images)} images")
+
+    def stream(self, messages, images=(), max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
+               repetition_penalty=1.0):
+        """Yields the answer text piece by piece (complete UTF-8 characters only)."""
+        self.check(messages, images)
+        ids = torch.tensor([self.encoder.encode_prompt(messages)], device=self.device)
+        new, shown = [], ""
+        for tok in self.model.generate_stream(ids, pixel_values=self.pixels(images), max_new_tokens=max_new_tokens,
+                                              temperature=temperature, top_p=top_p, top_k=top_k,
+                                              repetition_penalty=repetition_penalty,
+                                              eos_token_id=self.tokenizer.eos_token_id):
+            if int(tok[0]) == self.tokenizer.eos_token_id:
+                break
+            new.append(int(tok[0]))
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            if not text.endswith("\ufffd") and len(text) > len(shown):  # wait for a whole character
+                yield text[len(shown):]
+                shown = text
+
+    def answer(self, messages, images=(), **kw):
+        return "".join(self.stream(messages, images, **kw))
+
+    def answer_batch(self, conversations, max_new_tokens=64, **kw):
+        """Greedy-by-default answers for many (messages, images) pairs in one left-padded batch."""
+        prompts = []
+        for messages, images in conversations:
+            self.check(messages, images)
+            prompts.append(self.encoder.encode_prompt(messages))
+        T = max(map(len, prompts))
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (T - len(p)) + p for p in prompts], device=self.device)  # [B, T]
+        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        all_images = [im for _, images in conversations for im in images]
+        out = self.model.generate(ids, attention_mask=mask, pixel_values=self.pixels(all_images),
+                                  max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id, **kw)
+        answers = []
+        for row in out[:, T:].tolist():
+            row = row[:row.index(self.tokenizer.eos_token_id)] if self.tokenizer.eos_token_id in row else row
+            answers.append(self.tokenizer.decode(row, skip_special_tokens=True))
+        return answers
+
+
+def _is_tower_dir(path):
+    return bool(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def load_hf_dir(args):
+    """--load 1: a transformers-format directory (scripts/convert_model.py) -> (model, tokenizer).
+
+    Vision tower: --vision_model_path when it was set to an existing tower, else the path the
+    directory records (as given, relative to it, or its `vision_model` folder), else the flag's default."""
+    import inspect
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = args.weight
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        sys.exit(f"error: {path} is not a transformers-format model directory (no config.json). Make one with "
+                 f"`python scripts/convert_model.py --weight X.pth --out_dir {path}`")
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        recorded = json.load(f).get("vision_model_path") or ""
+    default = inspect.signature(VLMConfig.__init__).parameters["vision_model_path"].default
+    candidates = [] if not recorded else [recorded] if os.path.isabs(recorded) else [recorded, os.path.join(path, recorded)]
+    candidates.append(os.path.join(path, "vision_model"))  # the places the directory's own code looks
+    kwargs = {}
+    flag = args.vision_model_path
+    if _is_tower_dir(flag) and (flag != default or not any(map(_is_tower_dir, candidates))):
+        kwargs["vision_model_path"] = flag
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32, **kwargs)
+    if getattr(args, "image_token_id", -1) >= 0:
+        model.config.image_token_id = args.image_token_id
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    return model, tokenizer
+
+
+MAX_IMAGE_SIDE = 1024  # uploads are shrunk to this longest side first (CLIP then resizes to 224 anyway)
+
+
+def open_image(source, max_side=MAX_IMAGE_SIDE, name=None):
+    """A path, bytes or binary file object -> RGB PIL image, longest side at most max_side (EXIF
+    rotation applied). Anything that is not a decodable image -- another kind of file, a truncated
+    or corrupt image, a decompression bomb -- raises ValueError with a readable reason."""
+    import io
+    import warnings
+
+    from PIL import Image, ImageOps
+    label = name or (os.path.basename(source) if isinstance(source, str) else "the image")
+    fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(fp) as im:
+                im.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale straight away
+                im = ImageOps.exif_transpose(im).convert("RGB")  # decodes the whole image: errors show here
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise ValueError(f"{label} has too many pixels (at most {Image.MAX_IMAGE_PIXELS:,})") from None
+    except FileNotFoundError:
+        raise ValueError(f"{label} not found") from None
+    except Exception as e:  # PIL raises many kinds (UnidentifiedImageError, OSError, SyntaxError, ...)
+        if isinstance(e, Image.UnidentifiedImageError):
+            raise ValueError(f"{label} is not an image (use a JPEG, PNG, WebP, GIF or BMP picture)") from None
+        raise ValueError(f"{label} is a corrupt or truncated image ({e})") from None
+    if max(im.size) > max_side:
+        im.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    return im
