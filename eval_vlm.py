@@ -1,0 +1,256 @@
+"""Talk to, or score, a trained MiniMind-V model. Three modes:
+
+  folder (default)  ask --prompt about every image in --image_dir (or just --image), streaming answers
+  --chat            a multi-turn terminal conversation about one image (/image PATH, /clear, /quit)
+  --bench FILE      greedy exact-match accuracy on an SFT-format jsonl; the last stdout line is
+                    `accuracy=0.913 n=300`. --blind swaps every image for a blank one: the no-vision baseline.
+
+Scoring is importable (normalize, score, run_benchmark) so other scripts and the tests share it.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+import unicodedata
+from collections import defaultdict
+
+from PIL import Image
+
+from dataset.lm_dataset import IMAGE_TAG, parse_line
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+BLANK = (128, 128, 128)  # mid-grey is ~CLIP's mean pixel: after normalisation the image is almost all zeros
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def normalize(text):
+    """Lowercase, punctuation (any script: '。' '，' as well as '.' ',') -> space, whitespace collapsed.
+    NFKC first, so full-width 'ＲＥＤ' or '３' match 'red' and '3'. Punctuation becomes a space, not
+    nothing, so 'top-left' equals 'top left' and '红色。' equals '红色'."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text)
+    return " ".join(text.split())
+
+
+def score(predictions, references, types=None):
+    """Exact match after normalize -> {"accuracy", "n", "correct", "per_type": {type: {...}}}."""
+    types = types or ["all"] * len(references)
+    assert len(predictions) == len(references) == len(types)
+    hits = defaultdict(lambda: [0, 0])  # type -> [correct, n]
+    for p, r, t in zip(predictions, references, types):
+        hits[t][0] += normalize(p) == normalize(r)
+        hits[t][1] += 1
+    correct, n = sum(h[0] for h in hits.values()), len(references)
+    per_type = {t: {"accuracy": c / k, "n": k, "correct": c} for t, (c, k) in sorted(hits.items())}
+    return {"accuracy": correct / n if n else 0.0, "n": n, "correct": correct, "per_type": per_type}
+
+
+def format_summary(summary):
+    """A small per-type table; the last line is always exactly `accuracy=0.913 n=300`."""
+    lines = [f"{'type':<12}{'n':>6}  accuracy"]
+    lines += [f"{t:<12}{s['n']:>6}  {s['accuracy']:.3f}" for t, s in summary["per_type"].items()]
+    lines.append(f"accuracy={summary['accuracy']:.3f} n={summary['n']}")
+    return "\n".join(lines)
+
+
+def read_questions(path, images_path, limit=0):
+    """One question per non-empty assistant turn: the model gets the *reference* history before the
+    turn, so a multi-turn sample is scored turn by turn, never on its own earlier mistakes."""
+    if not os.path.isfile(path):
+        raise ValueError(f"benchmark file {path} not found")
+    questions, n_samples = [], 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if limit and n_samples >= limit:
+                break
+            where = f"{path}:{lineno}"
+            try:
+                conv, names = parse_line(line)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            paths = [os.path.join(images_path, name) for name in names]
+            for p in paths:
+                if not os.path.isfile(p):
+                    raise ValueError(f"{where}: image {p} not found (check --images_path)")
+            qtype = str(json.loads(line).get("type") or "all")
+            n_samples += 1
+            for j, turn in enumerate(conv):
+                if turn["role"] != "assistant" or not turn["content"].strip() or j == 0:
+                    continue
+                history = conv[:j]
+                n_tags = sum(m["content"].count(IMAGE_TAG) for m in history)  # images shown so far
+                users = [m["content"] for m in history if m["role"] == "user"]
+                questions.append({"line": lineno, "turn": j, "history": history, "image_paths": paths[:n_tags],
+                                  "images": names[:n_tags],
+                                  "question": users[-1].replace(IMAGE_TAG, "").strip() if users else "",
+                                  "reference": turn["content"], "type": qtype, "where": where})
+    return questions
+
+
+def load_images(paths, blind=False, where=""):
+    try:
+        images = [Image.open(p).convert("RGB") for p in paths]
+    except OSError as e:
+        raise ValueError(f"{where}: cannot read image: {e}") from None
+    return [Image.new("RGB", im.size, BLANK) for im in images] if blind else images
+
+
+def run_benchmark(chat, path, images_path, blind=False, limit=0, batch_size=32, max_new_tokens=16, progress=True):
+    """-> (summary, rows). Greedy, batched through VLMChat.answer_batch; images are read per batch."""
+    questions = read_questions(path, images_path, limit)
+    # Batch similar-length prompts together (less left padding); results go back in file order.
+    order = sorted(range(len(questions)), key=lambda i: (len(questions[i]["image_paths"]),
+                                                         sum(len(m["content"]) for m in questions[i]["history"])))
+    predictions = [None] * len(questions)
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        convs = [(questions[i]["history"], load_images(questions[i]["image_paths"], blind, questions[i]["where"]))
+                 for i in idx]
+        for i, answer in zip(idx, chat.answer_batch(convs, max_new_tokens=max_new_tokens)):
+            predictions[i] = answer.strip()
+        if progress and len(questions) > batch_size:
+            print(f"scored {min(b + batch_size, len(questions))}/{len(questions)}", file=sys.stderr, flush=True)
+    summary = score(predictions, [q["reference"] for q in questions], [q["type"] for q in questions])
+    summary.update(bench=path, blind=bool(blind), limit=limit)
+    rows = [{"line": q["line"], "turn": q["turn"], "type": q["type"], "image": ", ".join(q["images"]),
+             "question": q["question"], "reference": q["reference"], "prediction": p,
+             "correct": normalize(p) == normalize(q["reference"])} for q, p in zip(questions, predictions)]
+    return summary, rows
+
+
+# ----------------------------------------------------------------------------- talking
+
+def stream_answer(chat, tokenizer, messages, images, args):
+    """Prints the answer (piece by piece with --stream 1), then speed stats on stderr; returns it."""
+    t0, t_first, pieces = time.time(), None, []
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    if args.stream:
+        for piece in chat.stream(messages, images, **kw):
+            t_first = t_first or time.time()
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+    else:
+        pieces.append(chat.answer(messages, images, **kw))
+        print(pieces[0], end="")
+    t_end = time.time()
+    print(flush=True)
+    answer = "".join(pieces)
+    n = len(tokenizer.encode(answer, add_special_tokens=False))  # pieces are whole characters, not tokens
+    stats = f"[{n} tokens, "
+    stats += (f"first token {t_first - t0:.2f}s, {(n - 1) / max(t_end - t_first, 1e-9):.0f} tok/s]" if t_first and n > 1
+              else f"{t_end - t0:.2f}s]")
+    print(stats, file=sys.stderr, flush=True)
+    return answer
+
+
+def with_tag(prompt):
+    return prompt if IMAGE_TAG in prompt else f"{IMAGE_TAG}\n{prompt}"
+
+
+def folder_mode(chat, tokenizer, args):
+    if args.image:
+        files = [args.image]
+    elif os.path.isdir(args.image_dir):
+        files = sorted(os.path.join(args.image_dir, f) for f in os.listdir(args.image_dir)
+                       if f.lower().endswith(IMAGE_EXTS))
+    else:
+        files = []
+    if not files:
+        sys.exit(f"error: no images ({', '.join(IMAGE_EXTS)}) in {args.image_dir}: pass --image_dir DIR or "
+                 f"--image FILE, or use --chat / --bench")
+    messages = [{"role": "user", "content": with_tag(args.prompt)}]
+    for path in files:
+        print(f"[{os.path.basename(path)}] {args.prompt}", flush=True)
+        stream_answer(chat, tokenizer, messages, load_images([path], where=path), args)
+        print()
+
+
+def chat_mode(chat, tokenizer, args):
+    image, messages = None, []
+    if args.image:
+        try:
+            image = load_images([args.image], where=args.image)[0]
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+    print(f"chat about {args.image or 'no image (text only)'}. Commands: /image PATH, /clear, /quit", flush=True)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/clear" or line.startswith("/image"):
+            if line.startswith("/image"):
+                path = line[len("/image"):].strip()
+                try:
+                    image = load_images([path], where=path)[0]
+                except ValueError as e:
+                    print(f"error: {e}", flush=True)
+                    continue
+                print(f"(image: {path})")
+            messages = []  # a new image starts a new conversation: old answers were about the old one
+            print("(history cleared)", flush=True)
+            continue
+        text = line.replace(IMAGE_TAG, "")  # the only tag is ours, on the first turn, matching the image
+        messages.append({"role": "user", "content": with_tag(text) if image is not None and not messages else text})
+        try:
+            answer = stream_answer(chat, tokenizer, messages, [image] if image is not None else [], args)
+        except (ValueError, RuntimeError) as e:  # e.g. the history outgrew max_seq_len
+            messages.pop()
+            print(f"error: {e} (try /clear)", flush=True)
+            continue
+        messages.append({"role": "assistant", "content": answer})
+
+
+def main(argv=None):
+    from model.inference import VLMChat, add_model_args, load_model
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(ap)
+    a = ap.add_argument
+    a("--max_new_tokens", type=int, default=None, help="default: 128, or 16 with --bench (short answers)")
+    a("--temperature", type=float, default=0.0, help="0 = greedy (folder/chat; --bench is always greedy)")
+    a("--top_p", type=float, default=0.85)
+    a("--stream", type=int, default=1, choices=[0, 1], help="print answers token by token")
+    a("--image_dir", default="images/eval", help="folder mode: every png/jpg/jpeg/webp/bmp, sorted by name")
+    a("--image", default=None, help="one image: folder mode answers just it; --chat starts with it")
+    a("--prompt", default="Describe the image.", help="folder mode question; <image>\\n is prepended if absent")
+    a("--chat", action="store_true", help="interactive multi-turn chat")
+    a("--bench", default=None, help="SFT-format jsonl to score (exact match, optional per-sample \"type\")")
+    a("--images_path", default=None, help="--bench image folder (default: images/ next to the jsonl)")
+    a("--blind", action="store_true", help="--bench with every image replaced by a blank one")
+    a("--limit", type=int, default=0, help="--bench: first N samples only (0 = all)")
+    a("--batch_size", type=int, default=32, help="--bench questions per generation batch")
+    a("--out", default=None, help="--bench: write summary + per-question rows to this JSON file")
+    args = ap.parse_args(argv)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 16 if args.bench else 128
+
+    model, tokenizer, processor = load_model(args)
+    chat = VLMChat(model, tokenizer, processor)
+    if args.bench:
+        images_path = args.images_path or os.path.join(os.path.dirname(args.bench), "images")
+        try:
+            summary, rows = run_benchmark(chat, args.bench, images_path, args.blind, args.limit,
+                                          args.batch_size, args.max_new_tokens)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w", encoding="utf-8") as f:
+                json.dump({"summary": summary, "rows": rows}, f, ensure_ascii=False, indent=1)
+        print(format_summary(summary), flush=True)
+    elif args.chat:
+        chat_mode(chat, tokenizer, args)
+    else:
+        folder_mode(chat, tokenizer, args)
+
+
+if __name__ == "__main__":
+    main()
