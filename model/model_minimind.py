@@ -215,19 +215,25 @@ class MiniMindForCausalLM(PreTrainedModel):
         if cache is not None:
             cache.pos += T
         h = self.norm(h)
-        # During generation only the last position's logits are needed: skip the [B, T, V] matmul.
-        logits = self.output(h[:, -logits_to_keep:] if logits_to_keep else h)  # [B, T, V]
         loss = aux_loss = None
         if self.config.use_moe:
             aux_loss = sum(layer.feed_forward.aux_loss for layer in self.layers)
         if labels is not None:
             # Token t predicts token t+1: shift once here, labels stay aligned with input_ids.
-            targets = labels[:, 1:].flatten()
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=-100, reduction="sum")
+            # Only supervised positions go through the [D, vocab] head: in a captioning batch ~85% of
+            # positions are image placeholders or prompt, and the head is the model's largest matmul.
+            # So with labels, `logits` holds just those positions, [n_supervised, V].
+            targets = labels[:, 1:]
+            keep = targets != -100  # [B, T-1]
+            logits = self.output(h[:, :-1][keep])  # [n, V]
+            loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
             # Mean over supervised tokens; a batch with none (all samples skipped) gives 0, not NaN.
-            loss = loss / (targets != -100).sum().clamp(min=1)
+            loss = loss / keep.sum().clamp(min=1)
             if aux_loss is not None:
                 loss = loss + aux_loss
+        else:
+            # During generation only the last position's logits are needed: skip the [B, T, V] matmul.
+            logits = self.output(h[:, -logits_to_keep:] if logits_to_keep else h)  # [B, T, V]
         out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
         out["aux_loss"] = aux_loss
         return out

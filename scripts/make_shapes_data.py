@@ -163,7 +163,7 @@ def sample(name, turns, qtype=None):
     return rec
 
 
-def plan_split(rng, n, split, forbidden=frozenset()):
+def plan_split(rng, n, split, forbidden=frozenset(), sft_turns=5):
     """Decide layouts and questions for one split (cheap; rendering happens later)."""
     schedule = [TYPES[i % len(TYPES)] for i in range(n)]
     rng.shuffle(schedule)
@@ -180,8 +180,8 @@ def plan_split(rng, n, split, forbidden=frozenset()):
         else:
             raise RuntimeError("could not find a test layout unseen in train; lower --n_train")
         turns, types = [qa], [qtype]
-        if split == "train":  # about half of the SFT samples get 1-2 follow-ups of other types
-            n_turns = 1 + rng.choice([0, 0, 1, 2])
+        if split == "train":  # follow-ups of other types: 196 image tokens are paid once for several answers
+            n_turns = sft_turns
             for t in rng.sample([t for t in TYPES if t != qtype], len(TYPES) - 1):
                 qa2 = make_question(rng, objs, t)
                 if qa2 and len(turns) < n_turns:
@@ -192,14 +192,14 @@ def plan_split(rng, n, split, forbidden=frozenset()):
     return plans
 
 
-def generate(out_dir="dataset/demo", seed=0, n_train=3000, n_test=300, test_seed=None, verbose=True):
+def generate(out_dir="dataset/demo", seed=0, n_train=3000, n_test=300, test_seed=None, verbose=True, sft_turns=5):
     t0 = time.time()
     test_seed = seed + 1000 if test_seed is None else test_seed
     img_dir = os.path.join(out_dir, "images")
     os.makedirs(img_dir, exist_ok=True)
     for old in glob.glob(os.path.join(img_dir, "train_*.png")) + glob.glob(os.path.join(img_dir, "test_*.png")):
         os.remove(old)  # stale images from an earlier, larger run would silently linger
-    train = plan_split(random.Random(seed), n_train, "train")
+    train = plan_split(random.Random(seed), n_train, "train", sft_turns=sft_turns)
     train_sigs = {layout_signature(p["objs"]) for p in train}
     test = plan_split(random.Random(test_seed), n_test, "test", forbidden=train_sigs)
     for k, p in enumerate(train + test):
@@ -235,8 +235,10 @@ def main():
     ap.add_argument("--n_train", type=int, default=3000, help="number of training images (1 caption + 1 SFT sample each)")
     ap.add_argument("--n_test", type=int, default=300, help="number of held-out test images/questions")
     ap.add_argument("--test_seed", type=int, default=None, help="seed of the test split (default: seed + 1000)")
+    ap.add_argument("--sft_turns", type=int, default=5,
+                    help="questions per SFT training image (at most one per type; test samples have one)")
     a = ap.parse_args()
-    generate(a.out_dir, a.seed, a.n_train, a.n_test, a.test_seed)
+    generate(a.out_dir, a.seed, a.n_train, a.n_test, a.test_seed, sft_turns=a.sft_turns)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,253 @@
+"""Speed report: training and inference throughput, MFU and peak memory on the current device.
+
+Everything is synthetic (random weights, generated images and captions), so it runs offline
+anywhere. All figures come from one invocation, so their ratios are trustworthy even where the
+absolute numbers vary between machines. Each training scenario runs the real trainer in a
+child process, so each one's peak memory is its own.
+
+    python scripts/bench.py                       # CPU, bf16, dim 512 / 8 layers, ViT-B/16-sized tower
+    python scripts/bench.py --device cuda:0       # the same on a GPU
+    python scripts/bench.py --quick               # a tiny smoke run
+
+Scenarios:
+  pretrain / sft, cache off     the vision tower encodes every image (first epoch of a plain run)
+  pretrain, cache cold          first epoch with --cache_features: encode once and store
+  pretrain / sft, cache warm    a later epoch or run: features come from the disk cache
+  LLM step, dynamic / padded    forward+backward+AdamW on token batches of the typical length,
+                                then of --max_seq_len (what padding every sample to the maximum costs)
+  decode, batch 1 / 8           prefill latency (time to first token) and decode tokens/s
+"""
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+# The issue's reference figures for the original implementation on a 2-core AMX machine.
+REFERENCE = {"pretrain_samples_per_s": 2.0, "decode_tokens_per_s": 131.0}
+
+
+def peak_memory_mb(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KB
+
+
+def matmul_peak_tflops(device, dtype, n=2048, reps=10):
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(reps):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e12
+
+
+def make_data(root, n_images, sft):
+    """Synthetic photos-ish images (noise + blocks) with short captions or Q&A, released format."""
+    from PIL import Image
+    import numpy as np
+    rng = random.Random(0)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    words = "a red blue green small large circle square cat dog tree on the left right top of image".split()
+    lines = []
+    for i in range(n_images):
+        arr = np.random.default_rng(i).integers(0, 255, (256, 320, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(os.path.join(root, "images", f"{i}.jpg"), quality=90)
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(8, 20)))
+        conv = [{"role": "user", "content": "<image>\nDescribe the image." if not sft else "<image>\nWhat is it?"},
+                {"role": "assistant", "content": text}]
+        if sft:
+            conv += [{"role": "user", "content": "And the colour?"}, {"role": "assistant", "content": rng.choice(words)}]
+        lines.append(json.dumps({"conversations": conv, "image": f"{i}.jpg"}))
+    path = os.path.join(root, "sft.jsonl" if sft else "pretrain.jsonl")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def train_scenario(a, tower, data_root, stage, cache, out_dir):
+    """Run the real trainer for one epoch in a child process -> samples/s, tokens/s, peak MB."""
+    sft = stage == "sft"
+    data = os.path.join(data_root, f"{stage}.jsonl")
+    args = ["--data_path", data, "--images_path", os.path.join(data_root, "images"), "--out_dir", out_dir,
+            "--vision_model_path", tower, "--dim", a.dim, "--n_layers", a.n_layers, "--epochs", 1,
+            "--batch_size", a.batch_size, "--log_interval", 1, "--save_interval", 10**9,
+            "--num_workers", a.num_workers, "--device", a.device, "--dtype", a.dtype, "--from_weight", "none",
+            "--freeze_llm", 0 if sft else 1, "--max_seq_len", a.max_seq_len, "--learning_rate", 1e-4]
+    if cache:
+        args += ["--cache_features", os.path.join(data_root, "cache")]
+    script = os.path.join(ROOT, "train_sft_vlm.py" if sft else "train_pretrain_vlm.py")
+    code = (f"import sys, runpy, json; sys.argv = {[script] + [str(x) for x in args]!r}; "
+            f"sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'scripts')!r})\n"
+            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "finally:\n    from bench import peak_memory_mb\n"
+            f"    print('PEAK_MB', peak_memory_mb({a.device!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{stage} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    name = "sft_vlm" if sft else "pretrain_vlm"
+    with open(os.path.join(out_dir, f"{name}_{a.dim}_log.jsonl")) as f:
+        log = [json.loads(line) for line in f]
+    os.remove(os.path.join(out_dir, f"{name}_{a.dim}_log.jsonl"))
+    # Steady state: from the first logged step to the last (start-up and the first step excluded).
+    dt = log[-1]["time"] - log[0]["time"]
+    steps = len(log) - 1
+    tok_rate = sum(r["tokens_per_s"] for r in log[1:]) / max(steps, 1)
+    peak = float(proc.stdout.rsplit("PEAK_MB", 1)[1].split()[0])  # the trainer's main process
+    return {"samples_per_s": steps * a.batch_size / dt, "tokens_per_s": tok_rate, "peak_mb": peak}
+
+
+def llm_step_scenario(a, T, peak_tflops):
+    """Forward+backward+AdamW of the LLM on [batch, T] tokens, all positions supervised."""
+    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(MiniMindConfig(dim=a.dim, n_layers=a.n_layers)).to(a.device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids = torch.randint(0, 6400, (a.llm_batch, T), device=a.device)
+    dtype = getattr(torch, a.dtype)
+
+    def step():
+        with torch.autocast(a.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    n, t = 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - t < a.seconds:
+        step()
+        n += 1
+    if a.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / n
+    d, L = a.dim, a.n_layers
+    n_matmul = sum(p.numel() for p in model.parameters()) - model.tok_embeddings.weight.numel()  # + head (tied)
+    n_matmul += model.output.weight.numel()
+    # 6 FLOPs per matmul weight per token (fwd + 2x bwd), plus causal attention: 6 * L * T * d per token.
+    flops = a.llm_batch * T * (6 * n_matmul + 6 * L * T * d)
+    return {"samples_per_s": a.llm_batch / dt, "tokens_per_s": a.llm_batch * T / dt,
+            "tflops": flops / dt / 1e12, "mfu": flops / dt / 1e12 / peak_tflops}
+
+
+def decode_scenario(a, tower, batch):
+    """Prefill (image + prompt) latency to the first token, then decode speed, with the KV cache."""
+    from model.model_vlm import MiniMindVLM, VLMConfig
+    torch.manual_seed(0)
+    dtype = torch.float32 if a.dtype == "float32" else getattr(torch, a.dtype)
+    model = MiniMindVLM(VLMConfig(dim=a.dim, n_layers=a.n_layers, vision_model_path=tower)).to(a.device, dtype).eval()
+    ids = torch.randint(10, 6000, (batch, 20), device=a.device)
+    ids = torch.cat([ids[:, :4], torch.full((batch, 196), 3, device=a.device), ids[:, 4:]], 1)  # image + prompt
+    pixels = torch.randn(batch, 3, 224, 224, device=a.device)
+    n_new = a.decode_tokens
+    for _ in range(2):  # warm-up
+        list(model.generate_stream(ids, pixel_values=pixels, max_new_tokens=4, eos_token_id=-1))
+    t0 = time.perf_counter()
+    times = []
+    for _ in model.generate_stream(ids, pixel_values=pixels, max_new_tokens=n_new, eos_token_id=-1,
+                                   temperature=0.0):
+        times.append(time.perf_counter())
+    ttft = times[0] - t0
+    decode = (len(times) - 1) * batch / (times[-1] - times[0])
+    return {"ttft_s": ttft, "decode_tokens_per_s": decode, "decode_tokens_per_s_per_row": decode / batch}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    a("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    a("--dim", type=int, default=512)
+    a("--n_layers", type=int, default=8)
+    a("--batch_size", type=int, default=8, help="training scenarios' batch")
+    a("--llm_batch", type=int, default=16, help="LLM-step scenarios' batch")
+    a("--n_images", type=int, default=256, help="synthetic images per training epoch")
+    a("--num_workers", type=int, default=2)
+    a("--max_seq_len", type=int, default=640, help="the padded length of the 'padded' scenario")
+    a("--typical_len", type=int, default=256, help="the dynamic-padding length of a typical batch")
+    a("--tower", default="base", choices=["base", "tiny"], help="base: ViT-B/16-sized (768 wide, 12 layers)")
+    a("--decode_tokens", type=int, default=64)
+    a("--seconds", type=float, default=10.0, help="minimum timing window of the LLM-step scenarios")
+    a("--quick", action="store_true", help="tiny sizes: checks the script, not the machine")
+    a("--only", default="", help="comma-separated subset: train,llm,decode")
+    a("--out", default="out/bench.json")
+    args = p.parse_args()
+    if args.quick:
+        args.dim, args.n_layers, args.n_images, args.tower, args.seconds = 64, 2, 16, "tiny", 0.5
+        args.llm_batch, args.max_seq_len, args.typical_len, args.decode_tokens = 2, 128, 64, 8
+    only = set(args.only.split(",")) if args.only else {"train", "llm", "decode"}
+    from make_demo_vision_tower import build_vision_tower
+
+    work = tempfile.mkdtemp(prefix="minimind_bench_")
+    tower = os.path.join(work, "tower")
+    if args.tower == "base":
+        build_vision_tower(tower, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, verbose=False)
+    else:
+        build_vision_tower(tower, hidden_size=32, num_layers=1, num_heads=2, verbose=False)
+    dtype = getattr(torch, args.dtype)
+    peak = matmul_peak_tflops(args.device, dtype)
+    results = {"device": args.device, "dtype": args.dtype, "dim": args.dim, "n_layers": args.n_layers,
+               "matmul_peak_tflops": peak, "threads": torch.get_num_threads(), "train": {}, "llm_step": {},
+               "decode": {}}
+    print(f"{args.device} {args.dtype}: matmul peak {peak:.2f} TFLOPS, {torch.get_num_threads()} threads", flush=True)
+
+    if "train" in only:
+        data_root = os.path.join(work, "data")
+        make_data(data_root, args.n_images, sft=False)
+        make_data(data_root, args.n_images, sft=True)  # the same images, so SFT's warm cache is warm
+        for stage, cache, label in [("pretrain", False, "pretrain, cache off"), ("pretrain", True, "pretrain, cache cold"),
+                                    ("pretrain", True, "pretrain, cache warm"), ("sft", False, "sft, cache off"),
+                                    ("sft", True, "sft, cache warm")]:
+            r = train_scenario(args, tower, data_root, stage, cache, os.path.join(work, "out"))
+            results["train"][label] = r
+            print(f"  {label:<24} {r['samples_per_s']:7.1f} samples/s {r['tokens_per_s']:8.0f} tok/s "
+                  f"peak {r['peak_mb']:6.0f} MB", flush=True)
+    if "llm" in only:
+        for label, T in [("dynamic", args.typical_len), ("padded", args.max_seq_len)]:
+            r = llm_step_scenario(args, T, peak)
+            results["llm_step"][f"{label} (T={T})"] = r
+            print(f"  LLM step, {label} T={T:<5} {r['samples_per_s']:7.1f} samples/s {r['tokens_per_s']:8.0f} tok/s "
+                  f"{r['tflops']:.3f} TFLOPS  MFU {r['mfu']:.1%}", flush=True)
+    if "decode" in only:
+        for batch in (1, 8):
+            r = decode_scenario(args, tower, batch)
+            results["decode"][f"batch {batch}"] = r
+            print(f"  decode, batch {batch:<3} time to first token {r['ttft_s']:.3f} s, "
+                  f"{r['decode_tokens_per_s']:7.1f} tok/s ({r['decode_tokens_per_s_per_row']:.1f} per row)", flush=True)
+    results["peak_rss_mb_bench_process"] = peak_memory_mb(args.device)
+
+    # Ratios against the reference figures of the original implementation (same machine kind).
+    ratios = {}
+    if "pretrain, cache off" in results["train"]:
+        ratios["pretrain_first_epoch_vs_original"] = results["train"]["pretrain, cache cold"]["samples_per_s"] / REFERENCE["pretrain_samples_per_s"]
+        ratios["pretrain_cached_vs_original"] = results["train"]["pretrain, cache warm"]["samples_per_s"] / REFERENCE["pretrain_samples_per_s"]
+    if results["decode"]:
+        ratios["decode_vs_original"] = results["decode"]["batch 1"]["decode_tokens_per_s"] / REFERENCE["decode_tokens_per_s"]
+    results["vs_original_reference"] = ratios
+    for k, v in ratios.items():
+        print(f"  {k}: {v:.1f}x")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

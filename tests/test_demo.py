@@ -1,0 +1,37 @@
+"""The offline demo end to end at toy size, and the benchmark script's report shape.
+(Accuracy is the demo's job to show, not a test's: a few steps learn nothing.)"""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_tiny_demo_runs_every_stage_and_writes_the_results_file(tmp_path):
+    cmd = [sys.executable, "scripts/demo.py", "--data_dir", tmp_path / "data", "--out_dir", tmp_path / "out",
+           "--n_train", 24, "--n_test", 10, "--dim", 64, "--n_layers", 2, "--pretrain_epochs", 1,
+           "--sft_epochs", 1, "--batch_size", 8, "--num_workers", 0, "--log_interval", 1, "--samples", 3]
+    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for n in range(1, 7):
+        assert f"=== [{n}/6]" in proc.stdout  # progress through every stage
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {"accuracy", "blind_accuracy", "n", "per_type", "train_seconds", "total_seconds"} <= set(results)
+    assert results["n"] == 10 and set(results["per_type"]) <= {"color", "shape", "position", "count", "exists"}
+    assert 0 < results["train_seconds"] <= results["total_seconds"]
+    assert len(results["samples"]) == 3 and "held-out answers:" in proc.stdout
+
+
+def test_bench_reports_mfu_memory_and_decode_figures(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "scripts/bench.py", "--quick", "--only", "llm,decode", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["matmul_peak_tflops"] > 0 and report["peak_rss_mb_bench_process"] > 0
+    steps = report["llm_step"]
+    assert len(steps) == 2 and all(0 < r["mfu"] < 1 and r["tokens_per_s"] > 0 for r in steps.values())
+    assert set(report["decode"]) == {"batch 1", "batch 8"}
+    assert all(r["ttft_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in report["decode"].values())
+    assert "MFU" in proc.stdout and "time to first token" in proc.stdout
