@@ -43,6 +43,13 @@ class ChatEncoder:
         with_prompt = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
         self.assistant_header = with_prompt[len(without):]  # e.g. "<|im_start|>assistant\n"
         self.end_of_turn = tokenizer.eos_token  # "<|im_end|>" (ours) or "</s>" (released)
+        if not self.assistant_header and self.end_of_turn:
+            # The released MiniMind2 template opens an assistant turn after every user turn by itself
+            # and ignores add_generation_prompt: read the header off a rendered answer instead.
+            marker = "\x00ANSWER\x00"
+            full = tokenizer.apply_chat_template(probe + [{"role": "assistant", "content": marker}], tokenize=False)
+            before = full[:full.find(marker)]
+            self.assistant_header = before[before.rfind(self.end_of_turn) + len(self.end_of_turn):].lstrip("\n")
         if not self.assistant_header or not self.end_of_turn:
             raise ValueError("tokenizer needs a chat template with a generation prompt and an eos_token")
 

@@ -152,7 +152,7 @@ def load_hf_dir(args):
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         recorded = json.load(f).get("vision_model_path") or ""
     default = inspect.signature(VLMConfig.__init__).parameters["vision_model_path"].default
-    candidates = [] if not recorded else [recorded] if os.path.isabs(recorded) else [recorded, os.path.join(path, recorded)]
+    candidates = [recorded] if os.path.isabs(recorded) else [recorded, os.path.join(path, recorded)] if recorded else []
     candidates.append(os.path.join(path, "vision_model"))  # the places the directory's own code looks
     kwargs = {}
     flag = args.vision_model_path

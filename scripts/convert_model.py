@@ -1,0 +1,332 @@
+"""Convert MiniMind-V weights between our .pth format and a transformers-format directory.
+
+Export (.pth -> directory):
+    python scripts/convert_model.py --weight out/sft_vlm_512.pth --out_dir out/MiniMind2-V-hf
+writes a self-contained directory that loads offline with
+    AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
+    config.json             VLMConfig with auto_map, vision_model_path recorded (the CLIP tower itself
+                            is not copied unless --copy_vision_tower)
+    model.safetensors       LLM + projection; the tied output head is stored once (as tok_embeddings.weight)
+    tokenizer files         from --tokenizer_path (chat template included)
+    preprocessor_config.json  the CLIP image processor (from --vision_model_path, else standard CLIP settings)
+    model_minimind.py, model_vlm.py, modeling_minimind_v.py   the modelling code (remote code)
+
+Import (directory -> .pth in the released key format):
+    python scripts/convert_model.py --reverse --weight out/MiniMind2-V-hf --out out/sft_vlm_512.pth
+    (or: --from_hf DIR --out X.pth)
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from model.inference import add_model_args  # noqa: E402
+from model.model_vlm import (MiniMindVLM, VLMConfig, atomic_save, infer_config_from_state_dict,  # noqa: E402
+                             load_weights)
+
+CODE_FILES = ("model_minimind.py", "model_vlm.py")
+MODELING_FILE = "modeling_minimind_v.py"
+AUTO_MAP = {"AutoConfig": "model_vlm.VLMConfig",
+            "AutoModelForCausalLM": "modeling_minimind_v.MiniMindVLMForCausalLM"}
+# Standard OpenAI CLIP ViT-B/16 preprocessing, written when the vision directory is not at hand.
+CLIP_PROCESSOR = dict(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, do_resize=True,
+                      do_center_crop=True, do_normalize=True, resample=3,
+                      image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
+
+# The transformers entry point written next to the copied modelling files. It only adds what
+# from_pretrained needs (no tower during loading, RoPE tables rebuilt, tower attached after) and
+# a chat() helper; everything else is the repository's own model code.
+MODELING_CODE = '''"""transformers entry point of a MiniMind-V directory (written by scripts/convert_model.py).
+
+    model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
+    print(model.chat(PIL.Image.open("cat.jpg"), "What is in the picture?"))
+
+The frozen CLIP vision tower is not stored here: it is loaded after the weights, from
+`vision_model_path` (from_pretrained keyword, else config.json's value, tried as given and relative
+to this directory, else a `vision_model` folder inside it).
+"""
+import os
+
+import torch
+
+from .model_minimind import rope_cos_sin
+from .model_vlm import VISION_HELP, MiniMindVLM, VLMConfig, load_vision_tower
+
+IMAGE_TAG = "<image>"
+
+
+class MiniMindVLMForCausalLM(MiniMindVLM):
+    config_class = VLMConfig
+    _keys_to_ignore_on_load_unexpected = [r"^vision_encoder\\."]
+
+    def __init__(self, config, vision_tower=None, load_tower=False):
+        # No tower while transformers builds and fills the model (it would be re-initialised).
+        super().__init__(config, vision_tower=vision_tower, load_tower=load_tower)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, attach_tower=True, **kwargs):
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        # The RoPE tables are non-persistent buffers: transformers leaves them uninitialised.
+        cos, sin = rope_cos_sin(model.config.dim // model.config.n_heads, model.config.max_seq_len,
+                                model.config.rope_theta)
+        with torch.no_grad():
+            model.rope_cos.copy_(cos.to(model.rope_cos.dtype))
+            model.rope_sin.copy_(sin.to(model.rope_sin.dtype))
+        if attach_tower:
+            model.attach_vision_tower(model.find_vision_tower(str(pretrained_model_name_or_path)))
+        return model.eval()
+
+    def find_vision_tower(self, model_dir):
+        recorded = self.config.vision_model_path
+        candidates = [os.path.join(model_dir, recorded)] if recorded and not os.path.isabs(recorded) else []
+        candidates += [recorded, os.path.join(model_dir, "vision_model")]
+        for path in candidates:
+            if path and os.path.isfile(os.path.join(path, "config.json")):
+                return path
+        raise FileNotFoundError(
+            f"No CLIP vision model for this MiniMind-V: looked in {candidates}. Pass "
+            f"from_pretrained(..., vision_model_path=DIR) or put CLIP ViT-B/16 at '{recorded}'. {VISION_HELP}")
+
+    def attach_vision_tower(self, path):
+        tower = load_vision_tower(path)
+        if tower.config.hidden_size != self.config.vision_hidden_size:
+            raise ValueError(f"vision tower at {path} has width {tower.config.hidden_size}, but this model's "
+                             f"projection expects {self.config.vision_hidden_size}")
+        param = next(self.parameters())
+        self.vision_encoder = tower.to(param.device, param.dtype)
+        self.config.vision_model_path = path
+        return self
+
+    def _chat_tools(self, tokenizer, processor):
+        from transformers import AutoImageProcessor, AutoTokenizer
+        here = self.name_or_path
+        if tokenizer is None:
+            tokenizer = (getattr(self, "_chat_tokenizer", None)
+                         or AutoTokenizer.from_pretrained(here, trust_remote_code=True))
+            self._chat_tokenizer = tokenizer
+        if processor is None:
+            processor = getattr(self, "_chat_processor", None)
+            if processor is None:
+                has_own = os.path.isfile(os.path.join(here, "preprocessor_config.json"))
+                processor = AutoImageProcessor.from_pretrained(here if has_own else self.config.vision_model_path)
+            self._chat_processor = processor
+        return tokenizer, processor
+
+    def encode_chat(self, messages, tokenizer):
+        """Chat-template text with every <image> tag expanded to image_token_count placeholder ids."""
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = []
+        for i, piece in enumerate(text.split(IMAGE_TAG)):
+            if i:
+                ids += [self.config.image_token_id] * self.config.image_token_count
+            ids += tokenizer.encode(piece, add_special_tokens=False)
+        return ids
+
+    @torch.inference_mode()
+    def chat(self, image=None, messages=None, tokenizer=None, processor=None, max_new_tokens=256,
+             temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0):
+        """One answer. image: None, a PIL image or path, or a list of them. messages: a question, or
+        [{"role", "content"}, ...] where each <image> tag takes the next image (with no tags, the
+        images go in front of the last user message). Tokenizer and processor default to this
+        directory's own."""
+        from PIL import Image
+        images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+        images = [(Image.open(im) if isinstance(im, (str, os.PathLike)) else im).convert("RGB") for im in images]
+        if messages is None:
+            messages = "Describe the image."
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        messages = [dict(m) for m in messages]
+        n_tags = sum(m["content"].count(IMAGE_TAG) for m in messages)
+        if images and not n_tags:
+            last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+            messages[last_user]["content"] = (IMAGE_TAG + "\\n") * len(images) + messages[last_user]["content"]
+        elif n_tags != len(images):
+            raise ValueError(f"{n_tags} {IMAGE_TAG} tags in the messages but {len(images)} images")
+        tokenizer, processor = self._chat_tools(tokenizer, processor)
+        device = next(self.parameters()).device
+        ids = torch.tensor([self.encode_chat(messages, tokenizer)], device=device)
+        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device) if images else None
+        out = self.generate(ids, pixel_values=pixel_values, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                            eos_token_id=tokenizer.eos_token_id)
+        new = out[0, ids.shape[1]:].tolist()
+        if tokenizer.eos_token_id in new:
+            new = new[:new.index(tokenizer.eos_token_id)]
+        return tokenizer.decode(new, skip_special_tokens=True)
+'''
+
+MODEL_CARD = """# MiniMind-V ({dim}, {n_layers} layers{moe})
+
+Converted from `{source}` by `scripts/convert_model.py`. Load offline:
+
+```python
+from PIL import Image
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)  # vision tower: {vision}
+print(model.chat(Image.open("photo.jpg"), "What is in the picture?"))
+```
+
+The CLIP vision tower is not included; it is loaded from `vision_model_path` in config.json
+(override: `from_pretrained(..., vision_model_path=DIR)`).
+"""
+
+
+def copy_model_code(out_dir):
+    """Copy our modelling files, imports made relative, and check they need nothing else of the repo."""
+    for name in CODE_FILES:
+        with open(os.path.join(ROOT, "model", name), encoding="utf-8") as f:
+            code = f.read()
+        code = re.sub(r"^from model\.(\w+) import", r"from .\1 import", code, flags=re.M)
+        for m in re.finditer(r"^(?:from|import) (\.?[\w.]+)", code, flags=re.M):
+            module = m.group(1)
+            if module.startswith(".") and module[1:] + ".py" not in CODE_FILES:
+                raise RuntimeError(f"model/{name} imports {module}, which the exported directory does not have")
+            if module.split(".")[0] in ("dataset", "trainer", "scripts", "model"):
+                raise RuntimeError(f"model/{name} imports the repository package '{module}': remote code cannot")
+        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+            f.write(code)
+    with open(os.path.join(out_dir, MODELING_FILE), "w", encoding="utf-8") as f:
+        f.write(MODELING_CODE)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def save_tokenizer(tokenizer_path, tokenizer, out_dir):
+    """Copy the tokenizer files as they are (readable by transformers 4 and 5 alike); save_pretrained
+    only for a tokenizer that is not a local directory."""
+    if not os.path.isdir(tokenizer_path):
+        tokenizer.save_pretrained(out_dir)
+        return
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(tokenizer_path, name)):
+            shutil.copyfile(os.path.join(tokenizer_path, name), os.path.join(out_dir, name))
+
+
+def save_processor(vision_path, out_dir):
+    from transformers import AutoImageProcessor, CLIPImageProcessor
+    if vision_path and os.path.isfile(os.path.join(vision_path, "preprocessor_config.json")):
+        processor = AutoImageProcessor.from_pretrained(vision_path)
+    else:
+        print(f"note: no image processor at '{vision_path}'; writing the standard CLIP ViT-B/16 one")
+        processor = CLIPImageProcessor(**CLIP_PROCESSOR)
+    processor.save_pretrained(out_dir)
+
+
+def export_hf(weight, out_dir, tokenizer_path, vision_model_path, image_token_id=-1, copy_tower=False):
+    """Our .pth -> a transformers-format directory. Returns the directory. copy_tower: put the CLIP
+    tower inside it (as vision_model/) so the directory needs nothing else."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from dataset.lm_dataset import resolve_image_token_id
+    if not os.path.isfile(weight):
+        sys.exit(f"error: weights {weight} not found")
+    sd = torch.load(weight, map_location="cpu", weights_only=True)
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    if "vision_proj.vision_proj.0.weight" not in sd:
+        sys.exit(f"error: {weight} has no vision projection (an LLM-only checkpoint): export a VLM checkpoint")
+    found = infer_config_from_state_dict(sd)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    config = VLMConfig(dim=found["dim"], n_layers=found["n_layers"], use_moe=found["use_moe"],
+                       vocab_size=found["vocab_size"], proj_bias=found["proj_bias"],
+                       vision_hidden_size=sd["vision_proj.vision_proj.0.weight"].shape[1],
+                       vision_model_path=vision_model_path,
+                       image_token_id=resolve_image_token_id(tokenizer, image_token_id),
+                       eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    # Strict key check against the architecture (errors list missing/unexpected keys).
+    model = MiniMindVLM(config, load_tower=False)
+    load_weights(model, sd)
+    if "output.weight" in sd and not torch.equal(sd["output.weight"], sd["tok_embeddings.weight"]):
+        sys.exit("error: output.weight differs from tok_embeddings.weight, but MiniMind ties them")
+    tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()
+               if k != "output.weight" and not k.startswith("vision_encoder.")}
+
+    os.makedirs(out_dir, exist_ok=True)
+    if copy_tower:
+        if not os.path.isfile(os.path.join(vision_model_path or "", "config.json")):
+            sys.exit(f"error: --copy_vision_tower: no vision tower at '{vision_model_path}'")
+        shutil.copytree(vision_model_path, os.path.join(out_dir, "vision_model"), dirs_exist_ok=True)
+        config.vision_model_path = "vision_model"  # found relative to the directory
+    config.auto_map = dict(AUTO_MAP)
+    config.architectures = ["MiniMindVLMForCausalLM"]
+    config.save_pretrained(out_dir)
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    save_tokenizer(tokenizer_path, tokenizer, out_dir)
+    save_processor(vision_model_path, out_dir)
+    copy_model_code(out_dir)
+    with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as f:
+        f.write(MODEL_CARD.format(dim=config.dim, n_layers=config.n_layers, moe=", MoE" if config.use_moe else "",
+                                  source=os.path.basename(weight), name=out_dir, vision=config.vision_model_path))
+    if not copy_tower and not os.path.isfile(os.path.join(vision_model_path or "", "config.json")):
+        print(f"warning: no vision tower at '{vision_model_path}' now; loading the directory will need one there "
+              f"(or from_pretrained(..., vision_model_path=DIR))")
+    return out_dir
+
+
+def import_hf(hf_dir, out_path):
+    """A transformers-format directory -> .pth in the released key format (tied head under both names)."""
+    from safetensors.torch import load_file
+    cfg_path, st_path = os.path.join(hf_dir, "config.json"), os.path.join(hf_dir, "model.safetensors")
+    if not (os.path.isfile(cfg_path) and os.path.isfile(st_path)):
+        sys.exit(f"error: {hf_dir} is not a converted MiniMind-V directory (needs config.json and model.safetensors)")
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    for key in ("auto_map", "architectures", "model_type", "transformers_version", "dtype", "torch_dtype"):
+        cfg.pop(key, None)
+    tensors = load_file(st_path)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("vision_encoder.")}
+    tensors.setdefault("output.weight", tensors["tok_embeddings.weight"])
+    model = MiniMindVLM(VLMConfig(**cfg), load_tower=False)
+    load_weights(model, tensors)  # strict: errors list any missing/unexpected key
+    # Released layout: model key order, fp32, output.weight the same tensor as tok_embeddings.weight.
+    sd = {k: tensors[k].float() for k in model.state_dict() if not k.startswith("vision_encoder.")}
+    sd["output.weight"] = sd["tok_embeddings.weight"]
+    atomic_save(sd, out_path)
+    return out_path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(ap)
+    for action in ap._actions:
+        if action.dest == "out_dir":
+            action.default, action.help = None, "export: the transformers-format directory to write"
+        if action.dest == "weight":
+            action.help = "export: the .pth to convert (a bare name is looked up in out/); --reverse: the directory"
+    ap.add_argument("--reverse", action="store_true", help="directory (--weight or --from_hf) -> .pth (--out)")
+    ap.add_argument("--from_hf", default=None, help="same as --reverse --weight DIR")
+    ap.add_argument("--out", default=None, help="--reverse: the .pth to write")
+    ap.add_argument("--copy_vision_tower", action="store_true",
+                    help="export: copy the CLIP tower into DIR/vision_model (a directory that needs nothing else)")
+    a = ap.parse_args(argv)
+    if a.reverse or a.from_hf:
+        src = a.from_hf or a.weight
+        if not a.out:
+            ap.error("--reverse/--from_hf needs --out X.pth")
+        import_hf(src, a.out)
+        print(f"wrote {a.out} from {src}")
+        return
+    if not a.out_dir:
+        ap.error("export needs --out_dir DIR (or use --reverse/--from_hf DIR --out X.pth)")
+    weight = a.weight
+    if not (weight.endswith(".pth") or os.sep in weight):
+        weight = os.path.join("out", f"{weight}_{a.dim}{'_moe' if a.use_moe else ''}.pth")
+    export_hf(weight, a.out_dir, a.tokenizer_path, a.vision_model_path, a.image_token_id, a.copy_vision_tower)
+    print(f"wrote {a.out_dir}: load it with AutoModelForCausalLM.from_pretrained('{a.out_dir}', "
+          f"trust_remote_code=True), or eval_vlm.py / web_demo_vlm.py --load 1 --weight {a.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""scripts/convert_model.py: .pth <-> transformers-format directory, loaded with AutoModelForCausalLM
+(trust_remote_code) offline, with identical logits, and back to the same state dict."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from model.model_vlm import MiniMindVLM, VLMConfig, llm_state_dict
+
+from conftest import ROOT, TINY_LLM
+
+from convert_model import export_hf, main as convert_main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    from skimage import data
+    path = str(tmp_path_factory.mktemp("photo") / "astronaut.png")
+    Image.fromarray(data.astronaut()).save(path)
+    return path
+
+
+def make_checkpoint(tower_dir, path, proj_bias=False, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = MiniMindVLM(VLMConfig(vision_model_path=tower_dir, proj_bias=proj_bias, **{**TINY_LLM, **kw})).eval()
+    if proj_bias:
+        torch.nn.init.normal_(model.vision_proj.vision_proj[0].bias, std=0.5)
+    torch.save(llm_state_dict(model), path)
+    return model
+
+
+def inputs(tokenizer, processor, photo):
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "<image>\nWhat is in the picture?"}],
+                                         tokenize=False, add_generation_prompt=True)
+    before, after = text.split("<image>")
+    ids = tokenizer.encode(before, add_special_tokens=False) + [3] * 196
+    ids += tokenizer.encode(after, add_special_tokens=False)
+    pixels = processor(images=[Image.open(photo).convert("RGB")], return_tensors="pt")["pixel_values"]
+    return torch.tensor([ids]), pixels
+
+
+def load_hf(out):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+
+
+@pytest.mark.parametrize("proj_bias", [False, True], ids=["ours", "released-style-bias"])
+def test_round_trip_gives_identical_logits(tower_dir, tokenizer, processor, photo, tmp_path, proj_bias):
+    pth = str(tmp_path / "w.pth")
+    original = make_checkpoint(tower_dir, pth, proj_bias=proj_bias)
+    out = export_hf(pth, str(tmp_path / f"hf-{proj_bias}"), os.path.join(ROOT, "model"), tower_dir)
+
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(out, trust_remote_code=True)
+    assert config.auto_map == {"AutoConfig": "model_vlm.VLMConfig",
+                               "AutoModelForCausalLM": "modeling_minimind_v.MiniMindVLMForCausalLM"}
+    assert config.vision_model_path == tower_dir and config.proj_bias == proj_bias and config.image_token_id == 3
+    from safetensors import safe_open
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "output.weight" not in keys and not any(k.startswith("vision_encoder.") for k in keys)
+    assert ("vision_proj.vision_proj.0.bias" in keys) == proj_bias
+
+    model = load_hf(out)
+    assert model.output.weight is model.tok_embeddings.weight  # tied again on load
+    # transformers did not re-initialise the CLIP tower (it is attached after loading)
+    for a, b in zip(model.vision_encoder.state_dict().values(), original.vision_encoder.state_dict().values()):
+        assert torch.equal(a, b)
+    ids, pixels = inputs(tokenizer, processor, photo)
+    with torch.no_grad():
+        expected, got = original(ids, pixel_values=pixels).logits, model(ids, pixel_values=pixels).logits
+    assert got.dtype == torch.float32 and (expected - got).abs().max() < 1e-5
+    # generate() with pixel_values, and the chat() helper with the directory's own tokenizer/processor
+    assert torch.equal(model.generate(ids, pixel_values=pixels, max_new_tokens=5),
+                       original.generate(ids, pixel_values=pixels, max_new_tokens=5))
+    answer = model.chat(Image.open(photo), "What is in the picture?", max_new_tokens=5)
+    assert isinstance(answer, str)
+
+
+def test_reverse_conversion_gives_the_original_state_dict(tower_dir, tmp_path):
+    pth = str(tmp_path / "w.pth")
+    make_checkpoint(tower_dir, pth, proj_bias=True, seed=3)
+    out = str(tmp_path / "hf")
+    convert_main(["--weight", pth, "--out_dir", out, "--vision_model_path", tower_dir])
+    back = str(tmp_path / "back.pth")
+    convert_main(["--reverse", "--weight", out, "--out", back])
+    convert_main(["--from_hf", out, "--out", str(tmp_path / "back2.pth")])
+    sd, sd2 = torch.load(pth, weights_only=True), torch.load(back, weights_only=True)
+    assert list(sd) == list(sd2) and all(torch.equal(sd[k], sd2[k]) and sd2[k].dtype == torch.float32 for k in sd)
+    assert sd2["output.weight"].data_ptr() == sd2["tok_embeddings.weight"].data_ptr()  # tied, like the release
+    assert list(torch.load(str(tmp_path / "back2.pth"), weights_only=True)) == list(sd)
+
+
+def test_moe_checkpoint_converts(tower_dir, tmp_path):
+    pth = str(tmp_path / "moe.pth")
+    original = make_checkpoint(tower_dir, pth, use_moe=True)
+    model = load_hf(export_hf(pth, str(tmp_path / "hf-moe"), os.path.join(ROOT, "model"), tower_dir))
+    ids = torch.randint(10, 6000, (1, 20))
+    with torch.no_grad():
+        assert (original(ids).logits - model(ids).logits).abs().max() < 1e-5
+
+
+def test_missing_vision_tower_is_a_clear_error_and_can_be_overridden(tower_dir, tmp_path, monkeypatch):
+    pth = str(tmp_path / "w.pth")
+    make_checkpoint(tower_dir, pth)
+    out = export_hf(pth, str(tmp_path / "hf-notower"), os.path.join(ROOT, "model"), str(tmp_path / "no-clip"))
+    with pytest.raises(FileNotFoundError, match="vision_model_path"):
+        load_hf(out)
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, vision_model_path=tower_dir)
+    assert model.vision_encoder is not None and model.config.vision_model_path == tower_dir
+    # --copy_vision_tower: the tower travels inside the directory, found from any working directory
+    out = str(tmp_path / "hf-with-tower")
+    convert_main(["--weight", pth, "--out_dir", out, "--vision_model_path", tower_dir, "--copy_vision_tower"])
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["vision_model_path"] == "vision_model"
+    monkeypatch.chdir(tmp_path)
+    assert load_hf(out).config.vision_model_path == os.path.join(out, "vision_model")
+
+
+def test_llm_only_checkpoint_is_refused(tower_dir, tmp_path):
+    pth = str(tmp_path / "llm.pth")
+    model = make_checkpoint(tower_dir, pth)
+    torch.save({k: v for k, v in llm_state_dict(model).items() if not k.startswith("vision_proj.")}, pth)
+    with pytest.raises(SystemExit, match="LLM-only"):
+        export_hf(pth, str(tmp_path / "hf"), os.path.join(ROOT, "model"), tower_dir)
+
+
+def test_directory_is_self_contained(tower_dir, photo, tmp_path):
+    """Loaded from another working directory, with nothing of the repository importable."""
+    pth = str(tmp_path / "w.pth")
+    make_checkpoint(tower_dir, pth)
+    out = export_hf(pth, str(tmp_path / "hf-alone"), os.path.join(ROOT, "model"), tower_dir)
+    for name in ("model_minimind.py", "model_vlm.py", "modeling_minimind_v.py"):
+        code = open(os.path.join(out, name)).read()
+        assert "from dataset" not in code and "from model." not in code and "import model" not in code
+    script = ("import sys; from transformers import AutoModelForCausalLM; from PIL import Image\n"
+              f"m = AutoModelForCausalLM.from_pretrained({out!r}, trust_remote_code=True)\n"
+              "assert 'model.model_vlm' not in sys.modules and 'dataset' not in sys.modules\n"
+              f"print(repr(m.chat(Image.open({photo!r}), 'What is it?', max_new_tokens=3)))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", script], cwd=str(tmp_path), env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_eval_path_load_1_gives_the_same_answers_as_the_pth(tower_dir, photo, tmp_path):
+    """model/inference.py load_model with --load 1 (what eval_vlm.py and the web demo use)."""
+    import argparse
+
+    from model.inference import VLMChat, add_model_args, load_model
+    pth = str(tmp_path / "w.pth")
+    make_checkpoint(tower_dir, pth, seed=5)
+    out = export_hf(pth, str(tmp_path / "hf-eval"), os.path.join(ROOT, "model"), tower_dir)
+    answers = []
+    for load, weight in ((0, pth), (1, out)):
+        args = add_model_args(argparse.ArgumentParser()).parse_args(
+            ["--load", str(load), "--weight", weight, "--vision_model_path", tower_dir, "--device", "cpu",
+             "--dtype", "float32"])
+        chat = VLMChat(*load_model(args))
+        conversations = [([{"role": "user", "content": "<image>\nWhat is it?"}], [Image.open(photo)]),
+                         ([{"role": "user", "content": "Hello"}], [])]
+        answers.append(chat.answer_batch(conversations, max_new_tokens=6))
+    assert answers[0] == answers[1]
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["vision_model_path"] == tower_dir

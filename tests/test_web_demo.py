@@ -1,0 +1,212 @@
+"""web_demo_vlm.py: a live Gradio server on 127.0.0.1 with a tiny random model, driven through
+gradio_client (streaming, history, sessions, model switching, bad input) and a real browser."""
+import os
+import shutil
+import socket
+
+import pytest
+import torch
+from PIL import Image
+
+from model.model_vlm import MiniMindVLM, VLMConfig, llm_state_dict
+
+from conftest import ROOT, TINY_LLM
+
+QUESTION = "What is in the picture?"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from skimage import data
+    root = tmp_path_factory.mktemp("web_files")
+    paths = {"photo": str(root / "astronaut.png"), "huge": str(root / "huge.jpg"),
+             "corrupt": str(root / "corrupt.png"), "text": str(root / "notes.txt")}
+    Image.fromarray(data.astronaut()).save(paths["photo"])
+    Image.fromarray(data.astronaut()).resize((3000, 2400)).save(paths["huge"], quality=70)
+    with open(paths["photo"], "rb") as f:
+        head = f.read(2000)  # a valid PNG header, then nothing: truncated
+    with open(paths["corrupt"], "wb") as f:
+        f.write(head)
+    with open(paths["text"], "w") as f:
+        f.write("not a picture\n")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def server(tower_dir, tmp_path_factory):
+    """The demo in this process (so the test can watch what reaches the model), two models offered:
+    a .pth in --out_dir and a transformers-format directory."""
+    import web_demo_vlm
+    from convert_model import export_hf
+    root = tmp_path_factory.mktemp("web")
+    out_dir = root / "out"
+    out_dir.mkdir()
+    torch.manual_seed(0)
+    model = MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM))
+    pth = str(out_dir / "sft_vlm_64.pth")
+    torch.save(llm_state_dict(model), pth)
+    (out_dir / "broken_64.pth").write_bytes(b"not a checkpoint")
+    hf_dir = export_hf(pth, str(root / "tiny-hf"), os.path.join(ROOT, "model"), tower_dir)
+    port = free_port()
+    args = web_demo_vlm.parse_args(["--weight", "sft_vlm", "--dim", "64", "--out_dir", str(out_dir),
+                                    "--vision_model_path", tower_dir, "--device", "cpu", "--dtype", "float32",
+                                    "--hf_dirs", hf_dir, "--port", str(port), "--max_images", "3",
+                                    "--max_new_tokens", "40"])
+    hub = web_demo_vlm.ModelHub(args)
+    calls = []  # (model label, messages, image sizes) of every generation
+
+    real_get = hub.get
+
+    def spying_get(label):
+        chat = real_get(label)
+        if not getattr(chat, "spied", False):
+            stream = chat.stream
+
+            def spy(messages, images=(), **kw):
+                calls.append((label, [dict(m) for m in messages], [im.size for im in images]))
+                yield from stream(messages, images, **kw)
+            chat.stream, chat.spied = spy, True
+        return chat
+    hub.get = spying_get
+    hub.get(hub.default)
+    demo = web_demo_vlm.build_demo(args, hub)
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield {"url": f"http://127.0.0.1:{port}/", "calls": calls, "hub": hub, "pth_label": hub.default,
+           "hf_label": "tiny-hf [transformers]"}
+    demo.close()
+
+
+def client(server):
+    from gradio_client import Client
+    return Client(server["url"], verbose=False)
+
+
+def send(c, text, paths=(), temperature=1.0, max_new_tokens=12):
+    """Submit one message; returns every chatbot value the stream delivered."""
+    from gradio_client import handle_file
+    job = c.submit({"text": text, "files": [handle_file(p) for p in paths]}, temperature, 0.95, max_new_tokens,
+                   api_name="/chat")
+    updates = [out[0] for out in job]
+    job.result()
+    return updates
+
+
+def text_of(message):
+    return "".join(part.get("text", "") for part in message["content"] if isinstance(part, dict))
+
+
+def test_answer_streams_and_history_keeps_images_in_place(server, files):
+    c, calls = client(server), server["calls"]
+    updates = send(c, QUESTION, [files["photo"]])
+    final = updates[-1]
+    assert [m["role"] for m in final] == ["user", "user", "assistant"]
+    assert final[0]["content"][0]["type"] == "file" and text_of(final[1]) == QUESTION
+    answers = [text_of(u[-1]) for u in updates if u and u[-1]["role"] == "assistant"]
+    growing = [a for i, a in enumerate(answers) if a and (i == 0 or a != answers[i - 1])]
+    assert len(growing) >= 3 and answers[-1]  # several streamed parts, a non-empty answer
+    label, messages, sizes = calls[-1]
+    assert label == server["pth_label"] == "sft_vlm_64.pth" and sizes == [(512, 512)]
+    assert messages == [{"role": "user", "content": f"<image>\n{QUESTION}"}]
+    first_answer = text_of(final[2])
+
+    send(c, "And the colours?")  # history goes back to the model, the image stays in turn 1
+    _, messages, sizes = calls[-1]
+    assert sizes == [(512, 512)] and [m["role"] for m in messages] == ["user", "assistant", "user"]
+    assert messages[0]["content"] == f"<image>\n{QUESTION}" and messages[1]["content"] == first_answer
+    assert messages[2]["content"] == "And the colours?"
+
+    send(c, "Compare with this one.", [files["huge"]])  # a huge picture is shrunk before processing
+    _, messages, sizes = calls[-1]
+    assert sizes == [(512, 512), (1024, 819)]
+    assert messages[-1]["content"] == "<image>\nCompare with this one." and len(messages) == 5
+
+    other = client(server)  # another tab: its own conversation
+    send(other, "Hello")
+    assert calls[-1][1] == [{"role": "user", "content": "Hello"}] and calls[-1][2] == []
+
+
+def test_bad_input_gets_a_message_and_the_session_stays_usable(server, files):
+    c, calls = client(server), server["calls"]
+    n = len(calls)
+    chat = send(c, QUESTION, [files["corrupt"]])[-1]
+    assert "corrupt.png is a corrupt or truncated image" in text_of(chat[-1])
+    chat = send(c, QUESTION, [files["text"]])[-1]
+    assert "notes.txt is not an image" in text_of(chat[-1])
+    chat = send(c, QUESTION, [files["photo"]] * 4)[-1]
+    assert "Too many images" in text_of(chat[-1]) and "limit is 3" in text_of(chat[-1])
+    chat = send(c, "   ")[-1]
+    assert "Type a question" in text_of(chat[-1])
+    assert len(calls) == n  # none of that reached the model
+    chat = send(c, QUESTION, [files["photo"]])[-1]
+    assert chat[-1]["role"] == "assistant" and not text_of(chat[-1]).startswith("⚠️")
+    assert calls[-1][1] == [{"role": "user", "content": f"<image>\n{QUESTION}"}]  # failed turns left no trace
+
+
+def test_switching_to_a_transformers_directory_and_clear(server, files):
+    c, calls = client(server), server["calls"]
+    status = c.predict(server["hf_label"], api_name="/select_model")
+    assert "tiny-hf" in str(status) and "dim 64" in str(status)
+    send(c, QUESTION, [files["photo"]])
+    assert calls[-1][0] == server["hf_label"] and calls[-1][2] == [(512, 512)]
+    assert server["hf_label"] in server["hub"].cache and server["pth_label"] in server["hub"].cache  # cached
+    status = c.predict("broken_64.pth", api_name="/select_model")
+    assert "could not load" in str(status) and "still using" in str(status)
+    c.predict(api_name="/clear")
+    send(c, "Hello again")
+    assert calls[-1][0] == server["hf_label"] and calls[-1][1] == [{"role": "user", "content": "Hello again"}]
+
+
+def test_stop_keeps_the_partial_answer(server):
+    import time
+    c, calls = client(server), server["calls"]
+    job = c.submit({"text": "Tell me a long story.", "files": []}, 1.0, 0.95, 2048, api_name="/chat")
+    deadline = time.time() + 20
+    while len(job.outputs()) < 3 and not job.done() and time.time() < deadline:
+        time.sleep(0.05)
+    job.cancel()  # what the Stop button does
+    while not job.done() and time.time() < deadline:
+        time.sleep(0.05)
+    send(c, "Go on.")
+    messages = calls[-1][1]
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"] and messages[1]["content"]
+
+
+BROWSER = "/usr/bin/chromium"
+
+
+def test_in_a_real_browser(server, files, tmp_path):
+    if not os.path.exists(BROWSER):
+        pytest.skip(f"{BROWSER} not installed (apt-get install -y chromium)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=BROWSER, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 1000})
+            page.goto(server["url"])
+            page.wait_for_selector("#input textarea", timeout=20000)
+            page.set_input_files("#input input[type=file]", files["photo"])
+            page.fill("#input textarea", QUESTION)
+            page.wait_for_timeout(500)  # let the upload finish
+            page.keyboard.press("Enter")
+            page.wait_for_function(
+                "() => { const b = document.querySelectorAll('#chat [data-testid=\"bot\"]');"
+                " return b.length && b[b.length - 1].innerText.trim().length > 5; }", timeout=30000)
+            page.wait_for_timeout(1500)  # let the answer finish streaming
+            assert QUESTION in page.inner_text("#chat")
+            assert page.locator("#chat [data-testid='user'] img").count() >= 1  # the photo is shown
+            shot = str(tmp_path / "web_demo.png")
+            page.screenshot(path=shot, full_page=True)
+            assert os.path.getsize(shot) > 10000
+            if os.environ.get("MINIMIND_SAVE_SCREENSHOT") == "1":  # refresh the README picture
+                shutil.copyfile(shot, os.path.join(ROOT, "images", "web_demo.png"))
+        finally:
+            browser.close()

@@ -1,0 +1,263 @@
+"""Web demo: chat with MiniMind-V about your pictures (Gradio).
+
+    python web_demo_vlm.py --weight sft_vlm --dim 512            # then open http://127.0.0.1:8888
+    python web_demo_vlm.py --hf_dirs out/MiniMind2-V-hf          # also offer a transformers-format directory
+
+Attach one or more images and ask; answers stream token by token. The conversation (text and
+images, each image kept in the turn it was given in) goes back to the model on every turn. The
+model selector lists the .pth files in --out_dir and the --hf_dirs directories; a model is loaded
+the first time it is chosen and kept (the last --cache_models of them). Each browser tab has its
+own conversation; requests wait in a queue.
+"""
+import argparse
+import copy
+import glob
+import os
+import sys
+import threading
+from collections import OrderedDict
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+ROOT = os.path.dirname(os.path.abspath(__file__))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import gradio as gr  # noqa: E402
+
+from dataset.lm_dataset import IMAGE_TAG  # noqa: E402
+from model.inference import VLMChat, add_model_args, load_model, open_image, resolve_weight_path  # noqa: E402
+
+HINT = "Type a question, and attach pictures with the 📎 button (or drop them on the box)."
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="MiniMind-V web demo (Gradio)")
+    add_model_args(ap)
+    ap.add_argument("--hf_dirs", nargs="*", default=[], help="transformers-format model directories to offer")
+    ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve the local network")
+    ap.add_argument("--port", type=int, default=8888)
+    ap.add_argument("--max_images", type=int, default=4, help="images per conversation (196 tokens each)")
+    ap.add_argument("--max_seq_len", type=int, default=0,
+                    help="prompt + answer token limit; 0 = the model's max_seq_len")
+    ap.add_argument("--max_file_mb", type=float, default=25, help="largest upload accepted")
+    ap.add_argument("--max_new_tokens", type=int, default=512, help="default of the slider")
+    ap.add_argument("--temperature", type=float, default=0.85, help="default of the slider")
+    ap.add_argument("--top_p", type=float, default=0.85, help="default of the slider")
+    ap.add_argument("--concurrency", type=int, default=1, help="generations running at once (others queue)")
+    ap.add_argument("--cache_models", type=int, default=3, help="loaded models kept in memory")
+    return ap.parse_args(argv)
+
+
+class ModelHub:
+    """The models one can pick (label -> (load, path)) and a small cache of loaded ones."""
+
+    def __init__(self, args):
+        self.args, self.lock, self.cache = args, threading.Lock(), OrderedDict()
+        self.default = None
+        self.choices = self.discover()
+
+    def discover(self):
+        """label -> (load, path). Labels are file / directory names (the full path on a clash)."""
+        args, found = self.args, []
+        if args.load == 1:
+            found.append((1, args.weight))
+        elif os.path.isfile(resolve_weight_path(args)):
+            found.append((0, resolve_weight_path(args)))
+        found += [(0, p) for p in sorted(glob.glob(os.path.join(args.out_dir, "*.pth")))]
+        found += [(1, d) for d in args.hf_dirs]
+        choices, seen = OrderedDict(), set()
+        for load, path in found:
+            path = os.path.normpath(path)
+            if (load, path) in seen:
+                continue
+            seen.add((load, path))
+            label = os.path.basename(path) + (" [transformers]" if load == 1 else "")
+            if label in choices:
+                label = path + (" [transformers]" if load == 1 else "")
+            choices[label] = (load, path)
+        self.default = next(iter(choices), None)
+        return choices
+
+    def refresh(self):
+        """Re-scan --out_dir (new checkpoints appear on the next page load); loaded models stay."""
+        with self.lock:
+            self.choices = self.discover() | {k: v for k, v in self.choices.items() if k in self.cache}
+            return list(self.choices)
+
+    def get(self, label):
+        """-> VLMChat for a label, loading it on first use. Raises RuntimeError with a reason."""
+        with self.lock:
+            if label in self.cache:
+                self.cache.move_to_end(label)
+                return self.cache[label]
+            if label not in self.choices:
+                raise RuntimeError(f"unknown model {label!r}")
+            a = copy.copy(self.args)
+            a.load, a.weight = self.choices[label]
+            try:
+                chat = VLMChat(*load_model(a))
+            except (Exception, SystemExit) as e:  # load_model exits with a message on missing files
+                raise RuntimeError(f"could not load {label}: {e}") from None
+            self.cache[label] = chat
+            while len(self.cache) > max(1, self.args.cache_models):
+                self.cache.popitem(last=False)
+            return chat
+
+
+def describe(label, chat):
+    c = chat.model.config
+    n = sum(p.numel() for name, p in chat.model.named_parameters() if not name.startswith("vision_encoder."))
+    tower = os.path.basename(os.path.normpath(c.vision_model_path))
+    return (f"**{label}**: dim {c.dim}, {c.n_layers} layers{' (MoE)' if c.use_moe else ''}, "
+            f"{n / 1e6:.1f}M LLM parameters; vision tower {tower}")
+
+
+def new_session(model_label):
+    # messages: what the model sees (with <image> tags); images: PIL images in tag order;
+    # display: what the chat window shows (also notices that never reach the model)
+    return {"model": model_label, "messages": [], "images": [], "display": []}
+
+
+def file_path(f):
+    return f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else getattr(f, "path", None))
+
+
+def build_demo(args, hub):
+    limit_tokens = args.max_seq_len
+
+    def notice(state, text):
+        state["display"].append({"role": "assistant", "content": f"⚠️ {text}"})
+        return state["display"], None, state
+
+    def respond(message, state, temperature, top_p, max_new_tokens):
+        message = message or {}
+        text = (message.get("text") or "").strip()
+        files = [p for p in map(file_path, message.get("files") or []) if p]
+        if not text and not files:
+            yield notice(state, HINT)
+            return
+        display = state["display"]
+        for p in files:
+            display.append({"role": "user", "content": {"path": p}})
+        if text:
+            display.append({"role": "user", "content": text})
+        images, problems = [], []
+        for p in files:
+            try:
+                images.append(open_image(p, name=os.path.basename(p)))
+            except ValueError as e:
+                problems.append(str(e))
+        if problems:
+            yield notice(state, " ".join(problems) + " Nothing was sent to the model; try again.")
+            return
+        if len(state["images"]) + len(images) > args.max_images:
+            yield notice(state, f"Too many images: this conversation would have {len(state['images']) + len(images)}, "
+                                f"the limit is {args.max_images} (each takes 196 tokens of the model's context). "
+                                "Press Clear to start a new conversation.")
+            return
+        try:
+            chat = hub.get(state["model"])
+        except RuntimeError as e:
+            yield notice(state, str(e))
+            return
+        # The user's own "<image>" text must not be taken for an image slot.
+        content = "\n".join([IMAGE_TAG] * len(images) + ([text.replace(IMAGE_TAG, "[image]")] if text else []))
+        messages = state["messages"] + [{"role": "user", "content": content}]
+        all_images = state["images"] + images
+        max_new_tokens = max(1, min(int(max_new_tokens), 4096))
+        n_prompt = len(chat.encoder.encode_prompt(messages))
+        limit = limit_tokens or chat.model.config.max_seq_len
+        if n_prompt + max_new_tokens > limit:
+            yield notice(state, f"The conversation is too long for the model: {n_prompt} prompt tokens + "
+                                f"{max_new_tokens} new ones > {limit}. Press Clear, or lower max new tokens.")
+            return
+        # Commit the turn before streaming, so a Stop keeps the partial answer in the history.
+        answer = {"role": "assistant", "content": ""}
+        state["messages"], state["images"] = messages + [answer], all_images
+        display.append({"role": "assistant", "content": ""})
+        yield display, None, state
+        try:
+            for piece in chat.stream(messages, all_images, max_new_tokens=max_new_tokens,
+                                     temperature=float(temperature), top_p=float(top_p)):
+                answer["content"] += piece
+                display[-1]["content"] = answer["content"]
+                yield display, gr.skip(), state
+        except Exception as e:  # keep the session usable: drop the failed turn
+            state["messages"], state["images"] = messages[:-1], all_images[:len(all_images) - len(images)]
+            display[-1]["content"] = f"⚠️ generation failed: {e}"
+            yield display, gr.skip(), state
+            return
+        if not answer["content"]:
+            display[-1]["content"] = "_(the model ended its answer without text)_"
+            yield display, gr.skip(), state
+
+    def clear(state):
+        fresh = new_session(state["model"])
+        return [], None, fresh
+
+    def select_model(label, state):
+        try:
+            chat = hub.get(label)
+        except RuntimeError as e:
+            return f"⚠️ {e} (still using {state['model']})", state, gr.update(value=state["model"])
+        state["model"] = label
+        return describe(label, chat), state, gr.skip()
+
+    def on_load(state):
+        labels = hub.refresh()
+        status = describe(state["model"], hub.cache[state["model"]]) if state["model"] in hub.cache else ""
+        return gr.update(choices=labels, value=state["model"]), status
+
+    with gr.Blocks(title="MiniMind-V") as demo:
+        gr.Markdown("# MiniMind-V\nA tiny vision-language model: attach pictures, ask about them, keep chatting.")
+        state = gr.State(new_session(hub.default))
+        with gr.Row():
+            model_box = gr.Dropdown(choices=list(hub.choices), value=hub.default, label="Model", scale=3,
+                                    allow_custom_value=False)
+            status = gr.Markdown(describe(hub.default, hub.cache[hub.default]) if hub.default in hub.cache
+                                 else "No model found: pass --weight or --hf_dirs." if hub.default is None else "")
+        chatbot = gr.Chatbot(label="Chat", height=480, elem_id="chat", buttons=["copy", "copy_all"])
+        textbox = gr.MultimodalTextbox(file_count="multiple", placeholder="Ask about your pictures...",
+                                       show_label=False, elem_id="input", sources=["upload"])
+        with gr.Row():
+            stop_btn = gr.Button("Stop", variant="secondary", elem_id="stop")
+            clear_btn = gr.Button("Clear", variant="secondary", elem_id="clear")
+        with gr.Accordion("Sampling", open=False):
+            temperature = gr.Slider(0.0, 1.5, value=args.temperature, step=0.05, label="Temperature (0 = greedy)")
+            top_p = gr.Slider(0.05, 1.0, value=args.top_p, step=0.05, label="Top-p")
+            max_new = gr.Slider(1, 2048, value=args.max_new_tokens, step=16, label="Max new tokens")
+        gr.Markdown(f"Up to {args.max_images} images per conversation; larger pictures are shrunk first. "
+                    "Stop interrupts the answer (what was written stays); Clear starts over.")
+
+        chat_event = textbox.submit(respond, [textbox, state, temperature, top_p, max_new],
+                                    [chatbot, textbox, state], api_name="chat",
+                                    concurrency_limit=args.concurrency, concurrency_id="generate")
+        stop_btn.click(None, None, None, cancels=[chat_event], api_name=False)
+        clear_btn.click(clear, [state], [chatbot, textbox, state], cancels=[chat_event], api_name="clear")
+        chatbot.clear(clear, [state], [chatbot, textbox, state], cancels=[chat_event], api_name=False)
+        model_box.change(select_model, [model_box, state], [status, state, model_box], api_name="select_model",
+                         concurrency_limit=1, concurrency_id="load")
+        demo.load(on_load, [state], [model_box, status], api_name=False)
+    return demo
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    hub = ModelHub(args)
+    if hub.default is None:
+        print(f"warning: no model found ({resolve_weight_path(args)} missing, no .pth in {args.out_dir}, no --hf_dirs)")
+    else:
+        try:
+            hub.get(hub.default)  # fail early in the log, and make the first answer fast
+        except RuntimeError as e:
+            print(f"warning: {e}")
+    demo = build_demo(args, hub)
+    demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
+    demo.launch(server_name=args.host, server_port=args.port, show_error=True,
+                max_file_size=f"{args.max_file_mb}mb", inbrowser=False)
+
+
+if __name__ == "__main__":
+    main()
