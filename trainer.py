@@ -1,17 +1,19 @@
 """Training loop shared by train_pretrain_vlm.py and train_sft_vlm.py.
 
 The two stages differ only in data, defaults and what is trainable, so both scripts call
-`build_parser(...)` with their defaults and then `train(args)`. One process, torchrun (DDP) and
-CPU or CUDA all go through the same code; checkpoints and resume files are written atomically.
+`build_parser(...)` with their defaults and then `train(args)`. One process, torchrun (DDP), the
+deepspeed launcher (--deepspeed, see train_engines.py) and CPU or CUDA all go through the same loop;
+checkpoints and resume files are written atomically, and SIGINT/SIGTERM save a resume checkpoint.
 """
 import argparse
-import contextlib
 import functools
+import glob
 import json
 import math
 import os
 import random
 import signal
+import socket
 import sys
 import time
 
@@ -24,7 +26,8 @@ from dataset.feature_cache import encode_with_cache, open_cache_for
 from dataset.lm_dataset import VLMDataset, collate_batch, resolve_image_token_id
 from dataset.sampler import ResumableBatchSampler
 from model.model_minimind import count_llm_params
-from model.model_vlm import MiniMindVLM, VLMConfig, atomic_save, llm_state_dict, load_weights
+from model.model_vlm import MiniMindVLM, VLMConfig, atomic_save, load_weights
+from train_engines import DeepSpeedEngine, TorchEngine
 
 FREEZE_HELP = "0: projection + whole LLM; 1: projection + last LLM layer; 2: projection only"
 
@@ -74,6 +77,9 @@ def build_parser(description, **defaults):
     a("--stop_after_steps", type=int, default=0,
       help="stop after this many optimizer steps with a resume file (0 = run to the end); the LR "
            "schedule is unchanged, so a run can be split into time slots")
+    a("--deepspeed", metavar="CONFIG", help="train through DeepSpeed with this JSON config, e.g. "
+      "ds_config/zero2.json; its \"auto\" values come from our flags")
+    a("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher (LOCAL_RANK works too)")
     p.set_defaults(**defaults)
     return p
 
@@ -84,17 +90,30 @@ def weight_path(args, name):
     return os.path.join(args.out_dir, f"{name}_{args.dim}{'_moe' if args.use_moe else ''}.pth")
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def setup_distributed(args):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process."""
+    """torchrun and the deepspeed launcher set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT
+    (the latter also passes --local_rank). Without them this is one process, with no process group,
+    except under --deepspeed, which needs one: then it is a group of one on a free local port."""
+    if args.local_rank >= 0:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    if args.deepspeed and "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
+    if world == 1 and not args.deepspeed:
         return 0, 1
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if args.device.startswith("cuda"):
-        args.device = f"cuda:{local_rank}"
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(args.device)
     dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    return dist.get_rank(), world
+    return dist.get_rank(), dist.get_world_size()
 
 
 def ignore_sigint(_worker_id):
@@ -126,7 +145,23 @@ def rng_state():
     return state
 
 
-def set_rng_state(state):
+def all_rng_states(world):
+    """Every rank's RNG state, in rank order (collective when world > 1)."""
+    if world == 1:
+        return [rng_state()]
+    states = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def set_rng_state(states, rank, world, seed):
+    """Restore this rank's RNG streams; after a world-size change, fresh per-rank streams instead."""
+    if len(states) != world:
+        torch.manual_seed(seed + rank)
+        random.seed(seed + rank)
+        np.random.seed(seed + rank)
+        return
+    state = states[rank]
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -134,12 +169,54 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class Logger:
-    """Console line + JSONL record every log_interval steps, and wandb when asked (rank 0 only)."""
+def optimizer_steps(loader, n_batches, accumulation_steps):
+    """The epoch's micro-batches, grouped per optimizer step. The last group of an epoch may be
+    shorter: it still closes a step, so no gradient leaks into the next epoch."""
+    group = []
+    for i, batch in enumerate(loader):
+        group.append(batch)
+        if len(group) == accumulation_steps or i == n_batches - 1:
+            yield group
+            group = []
 
-    def __init__(self, args, path, wandb_id, enabled):
+
+def supervised_tokens(batch):
+    return int((batch["labels"][:, 1:] != -100).sum())  # the model's targets: labels shifted by one
+
+
+def token_weighted(out, n_tokens, step_tokens, world, accumulation_steps):
+    """The loss to backpropagate for one micro-batch: its share of the mean over *all* supervised
+    tokens of the optimizer step (all micro-batches, all ranks). The model's loss is a mean over the
+    micro-batch's own tokens, and DDP/DeepSpeed average gradients over ranks, so plain per-rank
+    means would weigh a token on a rank (or micro-batch) with few tokens more than one on a full
+    one. Scaling by n_tokens * world / step_tokens makes the summed, rank-averaged gradient that of
+    the global token mean: the same as one process with the whole batch, up to float rounding.
+    The MoE balance loss is a per-micro-batch mean and is simply averaged."""
+    aux = out.get("aux_loss")
+    ce = out.loss - aux if aux is not None else out.loss
+    loss = ce * (n_tokens * world / max(step_tokens, 1))
+    return loss + aux / accumulation_steps if aux is not None else loss
+
+
+class Logger:
+    """Console line + JSONL record every log_interval steps, and wandb when asked (rank 0 only).
+    wandb gets the full config, and its run id lives in the resume file so a resumed run continues
+    the same wandb run."""
+
+    def __init__(self, args, path, wandb_id, enabled, resumed_step=None):
         self.path, self.enabled, self.wandb = path, enabled, None
-        if enabled and args.use_wandb:
+        if not enabled:
+            return
+        if resumed_step is not None and os.path.isfile(path):
+            # Steps logged after the checkpoint we resume from (before a kill) are redone: drop
+            # those trailing lines so every step appears once.
+            with open(path) as f:
+                lines = [line for line in f if line.strip()]
+            while lines and json.loads(lines[-1])["step"] > resumed_step:
+                lines.pop()
+            with open(path, "w") as f:
+                f.writelines(lines)
+        if args.use_wandb:
             import wandb
             self.wandb = wandb.init(project=args.wandb_project, name=os.path.basename(path)[:-len("_log.jsonl")],
                                     config=vars(args), id=wandb_id, resume="allow")
@@ -156,16 +233,17 @@ class Logger:
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
 
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
 
 def train(args):
     rank, world = setup_distributed(args)
     is_main = rank == 0
-    torch.manual_seed(args.seed)
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
     device_type = "cuda" if args.device.startswith("cuda") else "cpu"
-    dtype = getattr(torch, args.dtype)
-    autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP/DeepSpeed broadcast rank 0's anyway)
 
     from transformers import AutoImageProcessor, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
@@ -188,6 +266,11 @@ def train(args):
     if args.use_compile:
         for layer in model.layers:
             layer.compile(dynamic=True)  # per block: the image-splicing code stays eager
+    # Per-rank random streams from here on (dropout, DataLoader workers); the data order is not
+    # random state but a function of (seed, epoch), see ResumableBatchSampler.
+    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
 
     processor = AutoImageProcessor.from_pretrained(args.vision_model_path)
     cache = None
@@ -200,6 +283,10 @@ def train(args):
                          config.image_token_count, args.max_seq_len, bool(args.skip_bad_samples), cache)
     if is_main and dataset.bad:
         print(f"skipped {len(dataset.bad)} bad lines of {args.data_path}, e.g. {dataset.bad[0]}")
+    # Our sampler plays DistributedSampler's role (each rank its own slice of every global batch,
+    # set_epoch reshuffles) but is kept instead of it: the order is one global permutation per
+    # (seed, epoch) cut into global batches of batch_size * world, so a resume skips `samples_seen`
+    # *global* samples and continues at the right sample even with a different number of processes.
     sampler = ResumableBatchSampler(dataset.lengths, args.batch_size, args.seed, shuffle=True,
                                     group_by_length=bool(args.group_by_length), rank=rank, world_size=world)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
@@ -207,46 +294,55 @@ def train(args):
                         worker_init_fn=ignore_sigint,  # Ctrl-C is handled once, by the main process
                         pin_memory=device_type == "cuda", persistent_workers=args.num_workers > 0)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, fused=True)  # one kernel, CPU and CUDA
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-
     name = f"{args.save_weight}_{args.dim}{'_moe' if args.use_moe else ''}"
     save_path, resume_path = weight_path(args, args.save_weight), os.path.join(args.out_dir, f"{name}_resume.pth")
-    state = {"epoch": 0, "samples_seen": 0, "step": 0, "wandb_id": None}
-    if args.from_resume:
-        if not os.path.isfile(resume_path):
-            sys.exit(f"error: --from_resume 1 but {resume_path} does not exist (drop the flag to start fresh)")
-        ckpt = torch.load(resume_path, map_location="cpu", weights_only=False)
-        load_weights(model, ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        state = ckpt["state"]
-        if is_main:
-            print(f"resumed from {resume_path}: epoch {state['epoch'] + 1}, step {state['step']}, "
-                  f"{state['samples_seen']} samples into the epoch")
-    if is_main and not state["wandb_id"] and args.use_wandb:
-        import wandb
-        state["wandb_id"] = wandb.util.generate_id()
-    logger = Logger(args, os.path.join(args.out_dir, f"{name}_log.jsonl"), state["wandb_id"], is_main)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_llm, n_train = count_llm_params(model), sum(p.numel() for p in params)  # before ZeRO partitions them
+    if args.deepspeed:
+        engine = DeepSpeedEngine(model, params, args, os.path.join(args.out_dir, f"{name}_ds_resume"))
+        model = engine.model
+    else:
+        engine = TorchEngine(model, params, args, device_type, resume_path)
     if is_main:
         os.makedirs(args.out_dir, exist_ok=True)
-        n_train = sum(p.numel() for p in params)
-        print(f"{name}: LLM {count_llm_params(model) / 1e6:.2f}M params, trainable {n_train / 1e6:.2f}M, "
-              f"{len(dataset)} samples, world {world}, device {args.device}, {args.dtype}")
+        for tmp in glob.glob(f"{save_path}.tmp*") + glob.glob(f"{resume_path}.tmp*"):
+            os.remove(tmp)  # a write that was killed half-way; the file it was replacing is intact
+            print(f"removed {tmp}, an incomplete checkpoint write")
+
+    state = {"epoch": 0, "samples_seen": 0, "step": 0, "wandb_id": None}
+    if args.from_resume:
+        if not engine.resume_exists():
+            sys.exit(f"error: --from_resume 1 but {engine.resume_path} does not exist (drop the flag to start fresh)")
+        ckpt = engine.load_resume()
+        rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # one per rank that saved it
+        set_rng_state(rngs, rank, world, args.seed + ckpt["state"]["step"])
+        state = ckpt["state"]
+        if is_main:
+            print(f"resumed from {engine.resume_path}: epoch {state['epoch'] + 1}, step {state['step']}, "
+                  f"{state['samples_seen']} samples into the epoch"
+                  + (f" (saved by {len(rngs)} processes, now {world})" if len(rngs) != world else ""))
+    logger = Logger(args, os.path.join(args.out_dir, f"{name}_log.jsonl"), state["wandb_id"], is_main,
+                    state["step"] if args.from_resume else None)
+    if logger.wandb is not None:
+        state["wandb_id"] = logger.wandb.id  # saved with every resume checkpoint
+    if is_main:
+        print(f"{name}: LLM {n_llm / 1e6:.2f}M params, trainable {n_train / 1e6:.2f}M, {len(dataset)} samples, "
+              f"world {world}, device {args.device}, {args.dtype}" + (f", {args.deepspeed}" if args.deepspeed else ""))
 
     def save(final=False):
+        weights = engine.weights()  # collective under DeepSpeed (gathers ZeRO partitions)
         if is_main:
-            atomic_save(llm_state_dict(model), save_path)
-            atomic_save({"model": llm_state_dict(model), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "rng": rng_state(), "state": dict(state),
-                         "args": vars(args)}, resume_path)
-            print(f"saved {save_path}" + ("" if final else f" and {resume_path}"), flush=True)
+            bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
+            if bad:  # cannot happen while non-finite steps are skipped; never overwrite good weights with it
+                sys.exit(f"error: non-finite values in {bad[:3]}: not saving {save_path}")
+            atomic_save(weights, save_path)
+        engine.save_resume({"rng": all_rng_states(world), "state": dict(state), "args": vars(args)}, is_main)
+        if is_main:
+            print(f"saved {save_path}" + ("" if final else f" and {engine.resume_path}"), flush=True)
 
-    stop = {"signal": None}
-    signal.signal(signal.SIGINT, lambda sig, frame: stop.update(signal=sig))  # finish the step, then save
+    stop = {"signal": 0}
+    for sig in (signal.SIGINT, signal.SIGTERM):  # finish the step, then save a resume checkpoint
+        signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
 
     n = len(dataset)
     total_samples = args.epochs * n
@@ -257,75 +353,88 @@ def train(args):
     model.train()
     for epoch in range(state["epoch"], args.epochs):
         sampler.set_epoch(epoch, state["samples_seen"])
-        micro, step_loss, n_batches = 0, 0.0, len(sampler)
-        for i, batch in enumerate(loader):
-            skipped += batch["skipped"]
-            # The epoch's last micro-batch always closes a step, so no gradient leaks into the next epoch.
-            last_micro = micro == args.accumulation_steps - 1 or i == n_batches - 1
-            sync = contextlib.nullcontext() if (world == 1 or last_micro) else train_model.no_sync()
-            pixels = batch["pixel_values"].to(args.device, non_blocking=True)
-            with sync, autocast:
-                images = ({"image_features": encode_with_cache(model, cache, pixels, batch["image_paths"], batch["cached"])}
-                          if cache is not None else {"pixel_values": pixels})
-                out = train_model(batch["input_ids"].to(args.device), labels=batch["labels"].to(args.device), **images)
-                loss = out.loss / args.accumulation_steps
-            with sync:
-                scaler.scale(loss).backward()
-            step_loss += loss.item()
-            window["samples"] += batch["n_samples"] * world
-            window["tokens"] += int(batch["attention_mask"].sum()) * world
-            state["samples_seen"] = min(state["samples_seen"] + sampler.global_batch, n)
-            micro += 1
-            if not last_micro:
-                continue
-            micro = 0
-            progress = (epoch * n + state["samples_seen"]) / total_samples
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(progress, args.learning_rate, args.warmup_ratio)
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-            bad = torch.tensor(float(not (math.isfinite(step_loss) and math.isfinite(norm))))
+        for micro_batches in optimizer_steps(loader, len(sampler), args.accumulation_steps):
+            # Every supervised token of the step, on every rank, weighs the same (see token_weighted).
+            step_tokens = torch.tensor(sum(supervised_tokens(b) for b in micro_batches), device=args.device)
             if world > 1:
-                dist.all_reduce(bad)  # every rank must agree to skip, or they desynchronise
-            if bad.item() and dtype != torch.float16:  # fp16 overflow is the GradScaler's job
-                bad_steps += 1
-                optimizer.zero_grad(set_to_none=True)
+                dist.all_reduce(step_tokens)
+            step = {"loss": 0.0, "samples": 0, "tokens": 0}  # this rank's share of the step
+            for j, batch in enumerate(micro_batches):
+                skipped += batch["skipped"]
+                pixels = batch["pixel_values"].to(args.device, non_blocking=True)
+                with engine.micro_step(last_micro=j == len(micro_batches) - 1):
+                    images = ({"image_features": encode_with_cache(model, cache, pixels, batch["image_paths"],
+                                                                   batch["cached"])}
+                              if cache is not None else {"pixel_values": pixels})
+                    out = engine.forward(input_ids=batch["input_ids"].to(args.device),
+                                         labels=batch["labels"].to(args.device), **images)
+                    loss = token_weighted(out, supervised_tokens(batch), step_tokens.item(), world,
+                                          args.accumulation_steps)
+                    engine.backward(loss)
+                step["loss"] += loss.item() / world
+                step["samples"] += batch["n_samples"]
+                step["tokens"] += int(batch["attention_mask"].sum())
+                state["samples_seen"] = min(state["samples_seen"] + sampler.global_batch, n)
+            # One all-reduce: the logged loss is the step's global token mean, throughput counts
+            # every rank, and a signal on any rank stops all of them at this same step.
+            totals = torch.tensor([step["loss"], step["samples"], step["tokens"], stop["signal"]],
+                                  dtype=torch.float64, device=args.device)
+            if world > 1:
+                dist.all_reduce(totals)
+            step_loss, stopping = totals[0].item(), totals[3].item() > 0
+            window["samples"] += totals[1].item()
+            window["tokens"] += totals[2].item()
+            progress = (epoch * n + state["samples_seen"]) / total_samples
+            lr = lr_at(progress, args.learning_rate, args.warmup_ratio)
+            if not engine.step(lr, math.isfinite(step_loss)):
+                bad_steps += 1  # every rank sees the same loss and gradients, so all skip together
                 if is_main:
-                    print(f"warning: non-finite loss/gradient at step {state['step'] + 1}, step skipped")
+                    print(f"warning: non-finite loss/gradient at step {state['step'] + 1}, step skipped", flush=True)
                 if bad_steps >= 3:
-                    raise RuntimeError("3 consecutive non-finite steps: stopping without saving NaN weights. "
-                                       "Lower --learning_rate, or use --dtype bfloat16 instead of float16.")
-                step_loss = 0.0
-                continue
-            bad_steps = 0
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            steps_this_run += 1
-            window["loss"] += step_loss
-            window["count"] += 1
-            step_loss = 0.0
-            if state["step"] % args.log_interval == 0 or state["step"] == total_steps:
-                now = time.time()
-                done = epoch * n + state["samples_seen"]
-                rate = (done - samples_at_t0) / max(now - t0, 1e-9)
-                logger.log({"epoch": epoch + 1, "step": state["step"], "total_steps": total_steps,
-                            "loss": window["loss"] / window["count"], "lr": optimizer.param_groups[0]["lr"],
-                            "samples_per_s": window["samples"] / (now - window["t"]),
-                            "tokens_per_s": window["tokens"] / (now - window["t"]),
-                            "eta_s": (total_samples - done) / max(rate, 1e-9), "time": now})
-                window = {"loss": 0.0, "count": 0, "samples": 0, "tokens": 0, "t": now}
-            if state["step"] % args.save_interval == 0:
+                    logger.close()
+                    sys.exit(1 if not is_main else
+                             "error: 3 consecutive non-finite steps: stopping without saving NaN weights (the "
+                             "last checkpoint is intact). Lower --learning_rate"
+                             + (", or use --dtype bfloat16 instead of float16." if args.dtype == "float16" else "."))
+            else:
+                bad_steps = 0
+                state["step"] += 1
+                steps_this_run += 1
+                window["loss"] += step_loss
+                window["count"] += 1
+                if state["step"] % args.log_interval == 0 or state["step"] == total_steps:
+                    now = time.time()
+                    done = epoch * n + state["samples_seen"]
+                    rate = (done - samples_at_t0) / max(now - t0, 1e-9)
+                    logger.log({"epoch": epoch + 1, "step": state["step"], "total_steps": total_steps,
+                                "loss": window["loss"] / window["count"], "lr": lr,
+                                "samples_per_s": window["samples"] / (now - window["t"]),
+                                "tokens_per_s": window["tokens"] / (now - window["t"]),
+                                "eta_s": (total_samples - done) / max(rate, 1e-9), "time": now})
+                    window = {"loss": 0.0, "count": 0, "samples": 0, "tokens": 0, "t": now}
+                if state["step"] % args.save_interval == 0:
+                    save()
+            if stopping or (args.stop_after_steps and steps_this_run >= args.stop_after_steps):
                 save()
-            if stop["signal"] or (args.stop_after_steps and steps_this_run >= args.stop_after_steps):
-                save()
+                logger.close()
+                if world > 1:
+                    dist.barrier()  # nobody exits (and makes torchrun stop the others) before rank 0 has saved
+                    dist.destroy_process_group()
                 if is_main:
-                    print("stopped early; continue with --from_resume 1")
+                    print(("interrupted" if stopping else "stopped early") + "; continue with --from_resume 1",
+                          flush=True)
+                if stopping:
+                    sys.exit(130)  # like an uncaught Ctrl-C, so `pretrain && sft` does not go on
                 return
-        if is_main and skipped:
-            print(f"epoch {epoch + 1}: skipped {len(skipped)} samples, e.g. {skipped[0]}")
+        n_skipped = torch.tensor(len(skipped), device=args.device)
+        if world > 1:
+            dist.all_reduce(n_skipped)
+        if is_main and n_skipped:
+            print(f"epoch {epoch + 1}: skipped {n_skipped.item()} samples"
+                  + (f", e.g. {skipped[0]}" if skipped else ""))
         state["epoch"], state["samples_seen"], skipped = epoch + 1, 0, []
     save(final=True)
+    logger.close()
     if world > 1:
+        dist.barrier()
         dist.destroy_process_group()

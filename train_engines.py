@@ -1,0 +1,209 @@
+"""The two ways trainer.py runs forward/backward/step and writes checkpoints.
+
+TorchEngine: one process or DDP, torch AdamW, autocast, GradScaler for float16; resume is one file.
+DeepSpeedEngine: `--deepspeed ds_config/zeroN.json`; the same torch AdamW handed to
+deepspeed.initialize, which partitions it (ZeRO 1/2/3), accumulates, clips and keeps fp32 master
+weights; resume is DeepSpeed's own checkpoint directory with our state in its client_state.
+
+Both write the same `.pth` weights (every key but the vision tower's, fp32, released key names), so
+eval and export do not care how a model was trained. deepspeed is imported only by DeepSpeedEngine.
+"""
+import contextlib
+import glob
+import json
+import math
+import os
+import shutil
+import sys
+
+import torch
+import torch.distributed as dist
+
+from model.model_vlm import atomic_save, llm_state_dict, load_weights
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+class TorchEngine:
+    def __init__(self, model, params, args, device_type, resume_path):
+        self.model, self.params, self.args, self.resume_path = model, params, args, resume_path
+        dtype = getattr(torch, args.dtype)
+        self.autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        self.optimizer = torch.optim.AdamW(params, lr=args.learning_rate, fused=True)  # one kernel, CPU and CUDA
+        self.scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+        self.ddp = None
+        if world_size() > 1:
+            # No find_unused_parameters: the model gives every trainable parameter a gradient on every
+            # rank (a batch without images still touches the projection, every MoE expert runs, an
+            # all-skipped batch is a dummy row), so DDP's buckets always fill and no rank waits forever.
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[torch.device(args.device).index] if device_type == "cuda" else None,
+                gradient_as_bucket_view=True)
+
+    def micro_step(self, last_micro):
+        """Context for one micro-step's forward + backward: gradients are all-reduced only on the
+        last micro-step of an optimizer step (no_sync before it)."""
+        return self.ddp.no_sync() if self.ddp is not None and not last_micro else contextlib.nullcontext()
+
+    def forward(self, **inputs):
+        with self.autocast:
+            return (self.ddp or self.model)(**inputs)
+
+    def backward(self, loss):
+        self.scaler.scale(loss).backward()  # the loss is already this micro-batch's share of the step
+
+    def step(self, lr, loss_ok):
+        """Clip and step; False (nothing applied, gradients dropped) when the loss or gradient is not finite."""
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.scaler.unscale_(self.optimizer)
+        clip = self.args.grad_clip if self.args.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        if self.scaler.is_enabled():  # float16: the GradScaler skips overflowing steps and lowers its scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            ok = loss_ok
+        else:
+            ok = loss_ok and math.isfinite(norm)
+            if ok:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return ok
+
+    def weights(self):
+        return llm_state_dict(self.model)
+
+    def resume_exists(self):
+        return os.path.isfile(self.resume_path)
+
+    def save_resume(self, extra, is_main):
+        if is_main:
+            atomic_save({"model": llm_state_dict(self.model), "optimizer": self.optimizer.state_dict(),
+                         "scaler": self.scaler.state_dict(), **extra}, self.resume_path)
+
+    def load_resume(self):
+        ckpt = torch.load(self.resume_path, map_location="cpu", weights_only=False)
+        load_weights(self.model, ckpt["model"])  # every rank loads it: same weights, whatever the world size
+        self.optimizer.load_state_dict(ckpt["optimizer"])  # full (unsharded) AdamW state: any world size
+        self.scaler.load_state_dict(ckpt["scaler"])
+        return ckpt
+
+
+def deepspeed_config(path, args, world):
+    """The JSON config with our flags filled in where it says "auto" (or says nothing): batch sizes,
+    accumulation, clipping, and bf16/fp16 from --dtype. A concrete value that contradicts a flag is
+    an error, since the data loader follows the flags."""
+    with open(path) as f:
+        cfg = json.load(f)
+    filled = {"train_micro_batch_size_per_gpu": args.batch_size,
+              "gradient_accumulation_steps": args.accumulation_steps,
+              "train_batch_size": args.batch_size * args.accumulation_steps * world,
+              "gradient_clipping": float(args.grad_clip)}
+    for key, value in filled.items():
+        if cfg.get(key, "auto") == "auto":
+            cfg[key] = value
+        elif cfg[key] != value:
+            sys.exit(f"error: {path}: {key} is {cfg[key]}, but the flags give {value}; set it to \"auto\"")
+    explicit = any(cfg.get(k, {}).get("enabled") is True for k in ("bf16", "fp16"))
+    for key, name in (("bf16", "bfloat16"), ("fp16", "float16")):
+        block = cfg.setdefault(key, {})
+        if block.get("enabled", "auto") == "auto":
+            block["enabled"] = not explicit and args.dtype == name
+    cfg.setdefault("steps_per_print", 2 ** 31 - 1)  # we log ourselves
+    return cfg
+
+
+class DeepSpeedEngine:
+    def __init__(self, model, params, args, resume_path):
+        import deepspeed
+        self.ds, self.args, self.resume_path = deepspeed, args, resume_path  # a directory
+        cfg = deepspeed_config(args.deepspeed, args, world_size())
+        self.fp16 = cfg["fp16"]["enabled"]
+        self.stage = cfg.get("zero_optimization", {}).get("stage", 0)
+        # The frozen vision tower is kept out of the engine: ZeRO-3 would partition it and gather it on
+        # every forward, and bf16 would round it. It stays an ordinary module in the compute dtype,
+        # still reachable as model.vision_encoder (an attribute now, not a submodule).
+        tower = model._modules.pop("vision_encoder", None)
+        if tower is not None:
+            compute = torch.bfloat16 if cfg["bf16"]["enabled"] else torch.float16 if self.fp16 else torch.float32
+            object.__setattr__(model, "vision_encoder", tower.to(args.device, compute))
+        # Frozen LLM weights stay exactly as loaded in the .pth: DeepSpeed holds them only in 16 bits.
+        self.frozen = {n: p.detach().float().cpu().clone()
+                       for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        if self.stage == 3:
+            # A batch without images touches the projection outside its own forward (see embed()).
+            for p in model.vision_proj.parameters():
+                deepspeed.zero.register_external_parameter(model, p)
+        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, fused=True)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params,
+                                                                 optimizer=optimizer, config=cfg)
+        self.model = self.engine.module
+
+    def micro_step(self, last_micro):
+        # Our loop decides where an optimizer step ends (also at an epoch's end), not a micro-step count.
+        self.engine.set_gradient_accumulation_boundary(last_micro)
+        return contextlib.nullcontext()
+
+    def forward(self, **inputs):
+        return self.engine(**inputs)
+
+    def backward(self, loss):
+        self.engine.backward(loss, scale_wrt_gas=False)  # the loss is already this micro-batch's share
+
+    def step(self, lr, loss_ok):
+        for g in self.optimizer.param_groups:  # the ZeRO optimizer's groups are the inner AdamW's
+            g["lr"] = lr
+        self.engine.step()  # clips; skips (and says so) when a gradient is not finite
+        return loss_ok and (self.fp16 or self.engine.was_step_applied())  # fp16: overflow is its loss scaler's
+
+    def weights(self):
+        """Full fp32 weights under the released key names, on every rank (collective: call on all).
+        Trainable ones from the optimizer's fp32 master copy, gathered from the ZeRO partitions."""
+        from deepspeed.utils import safe_get_full_fp32_param
+        out, done = {}, {}
+        for name, t in self.model.state_dict(keep_vars=True).items():
+            if name.startswith("vision_encoder."):
+                continue
+            if name in self.frozen:
+                value = self.frozen[name]
+            elif isinstance(t, torch.nn.Parameter):
+                if id(t) not in done:  # tied weights (output = tok_embeddings) are gathered once
+                    full = safe_get_full_fp32_param(t)
+                    if full is None:  # no fp32 master (plain fp32 without ZeRO): the parameter itself
+                        with self.ds.zero.GatheredParameters([t]):
+                            full = t.detach().clone()
+                    done[id(t)] = full.float().cpu()
+                value = done[id(t)]
+            else:
+                value = t.detach().float().cpu()
+            out[name] = value
+        return out
+
+    def resume_exists(self):
+        return os.path.isfile(os.path.join(self.resume_path, "latest"))
+
+    def save_resume(self, extra, is_main):
+        """DeepSpeed's checkpoint (every rank writes its shard). Its `latest` file is written last,
+        so a run killed mid-save resumes from the previous complete tag, which is only then pruned."""
+        tag = f"step{extra['state']['step']}"
+        self.engine.save_checkpoint(self.resume_path, tag=tag, client_state={"minimind": extra})
+        if world_size() > 1:
+            dist.barrier()
+        if is_main:
+            for old in glob.glob(os.path.join(self.resume_path, "step*")):
+                if os.path.basename(old) != tag:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    def load_resume(self):
+        with open(os.path.join(self.resume_path, "latest")) as f:
+            tag = f.read().strip()
+        shards = len(glob.glob(os.path.join(self.resume_path, tag, "*optim_states.pt")))  # one per ZeRO rank
+        if shards and shards != world_size():
+            sys.exit(f"error: {self.resume_path} was saved by {shards} processes; resume it with {shards} (ZeRO "
+                     f"partitions the optimizer state), or start a new run from the .pth with --from_weight")
+        path, client = self.engine.load_checkpoint(self.resume_path)
+        if path is None:
+            sys.exit(f"error: could not load the DeepSpeed checkpoint in {self.resume_path}")
+        return client["minimind"]
