@@ -207,7 +207,10 @@ class Logger:
         self.path, self.enabled, self.wandb = path, enabled, None
         if not enabled:
             return
-        if resumed_step is not None and os.path.isfile(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if resumed_step is None:
+            open(path, "w").close()  # a fresh run overwrites the weights, so its log starts over too
+        elif os.path.isfile(path):
             # Steps logged after the checkpoint we resume from (before a kill) are redone: drop
             # those trailing lines so every step appears once.
             with open(path) as f:

@@ -13,7 +13,6 @@ standing end-to-end check that image features reach the language model: a model 
 well blind as with the images is broken, however low its loss.
 """
 import argparse
-import glob
 import json
 import os
 import subprocess
@@ -79,10 +78,6 @@ def main():
     step(2, "build the demo vision tower (random CLIP, ViT-B/16 geometry: 224 px, patch 16, 196 tokens)")
     run(["scripts/make_demo_vision_tower.py", "--out_dir", args.tower_dir])
 
-    # Earlier demo runs would otherwise be appended to the logs (the feature cache is kept: it is
-    # keyed by image content and tower, so stale entries are never used).
-    for old in glob.glob(os.path.join(args.out_dir, "*_log.jsonl")):
-        os.remove(old)
     t_train = time.time()
     step(3, f"pretrain: captions, LLM {args.dim}x{args.n_layers} trained from scratch with the projection")
     run(["train_pretrain_vlm.py", *train_args(args, "pretrain")])

@@ -30,7 +30,7 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def build_vision_tower(out_dir, hidden_size=256, num_layers=2, num_heads=4,
-                       intermediate_size=None, seed=0, full_clip=False, verbose=True):
+                       intermediate_size=None, seed=0, full_clip=False, verbose=True, position_std=1.0):
     """Save a random-init CLIP vision tower (or full CLIP model) and its processor to out_dir.
 
     Returns the number of parameters of the vision tower.
@@ -40,6 +40,12 @@ def build_vision_tower(out_dir, hidden_size=256, num_layers=2, num_heads=4,
                       image_size=224, patch_size=16, num_channels=3, projection_dim=hidden_size)
     torch.manual_seed(seed)  # same seed -> same weights
     model = CLIPVisionModel(CLIPVisionConfig(**vision_cfg))
+    # The default init (std 0.02) makes the position embeddings ~40x smaller than a patch's content
+    # embedding (~0.9 here), so identical background patches would look the same wherever they are.
+    # A trained ViT's position embeddings are of the same order as the content; match that, so
+    # the patch tokens say where they are and "top left" is learnable.
+    with torch.no_grad():
+        getattr(model, "vision_model", model).embeddings.position_embedding.weight.normal_(0.0, position_std)
     n_params = sum(p.numel() for p in model.parameters())
     if full_clip:
         text_cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -73,11 +79,13 @@ def main():
     ap.add_argument("--num_heads", type=int, default=4, help="attention heads (must divide hidden_size)")
     ap.add_argument("--intermediate_size", type=int, default=None, help="MLP width (default: 4 * hidden_size)")
     ap.add_argument("--seed", type=int, default=0, help="torch seed for the random weights")
+    ap.add_argument("--position_std", type=float, default=1.0,
+                    help="std of the random position embeddings (the library default 0.02 hides position)")
     ap.add_argument("--full_clip", action="store_true",
                     help="save a full CLIPModel (vision + tiny text tower) instead of a vision-only model")
     a = ap.parse_args()
     build_vision_tower(a.out_dir, a.hidden_size, a.num_layers, a.num_heads, a.intermediate_size,
-                       a.seed, a.full_clip)
+                       a.seed, a.full_clip, position_std=a.position_std)
 
 
 if __name__ == "__main__":

@@ -74,3 +74,18 @@ def make_toy_data(root, n=12, text_len=1):
 @pytest.fixture
 def toy_data(tmp_path):
     return make_toy_data(tmp_path)
+
+
+def script_flags(data, tower_dir, out_dir, **overrides):
+    """Command-line flags for the train scripts on toy data with the tiny LLM; keywords override."""
+    data_path, images = data
+    args = {"data_path": data_path, "images_path": images, "out_dir": out_dir, "vision_model_path": tower_dir,
+            "dim": 64, "n_layers": 2, "batch_size": 2, "epochs": 2, "log_interval": 1, "num_workers": 0,
+            "learning_rate": 1e-3, **overrides}
+    return [str(x) for k, v in args.items() for x in (f"--{k}", v)]
+
+
+def read_log(path):
+    """The records of a training run's JSONL log."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from dataset.lm_dataset import ChatEncoder, VLMDataset, collate_batch
 from dataset.sampler import ResumableBatchSampler

@@ -1,7 +1,6 @@
 """The offline demo end to end at toy size, and the benchmark script's report shape.
 (Accuracy is the demo's job to show, not a test's: a few steps learn nothing.)"""
 import json
-import os
 import subprocess
 import sys
 

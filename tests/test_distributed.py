@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY_LLM, make_toy_data, write_image
+from conftest import ROOT, TINY_LLM, make_toy_data, read_log, script_flags, write_image
 
 TIMEOUT = 240
 LOSS_TOL = 1e-4  # measured: ~1.5e-6 (float32); without token weighting the 2-process losses were off by up to 0.07
@@ -58,16 +58,8 @@ def launch(script, args, nproc=1, launcher=None, env=None, check=True):
 
 
 def flags(data, tower_dir, out_dir, **extra):
-    data_path, images = data
-    args = {"data_path": data_path, "images_path": images, "out_dir": out_dir, "vision_model_path": tower_dir,
-            "dim": 64, "n_layers": 2, "batch_size": 4, "epochs": 2, "log_interval": 1, "num_workers": 0,
-            "learning_rate": 3e-3, "from_weight": "none", "freeze_llm": 0, "dtype": "float32", "seed": 7, **extra}
-    return [x for k, v in args.items() for x in (f"--{k}", v)]
-
-
-def read_log(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
+    return script_flags(data, tower_dir, out_dir, batch_size=4, learning_rate=3e-3, from_weight="none",
+                        freeze_llm=0, dtype="float32", seed=7, **extra)
 
 
 def load_for_eval(path, tower_dir):

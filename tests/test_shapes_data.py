@@ -180,3 +180,22 @@ def test_demo_vision_tower(tmp_path):
         hf = mf(pixel_values=_pixels(str(full))).last_hidden_state
     assert hf.shape == (1, 197, 32)
     assert torch.allclose(h, hf)
+
+
+def test_demo_tower_patch_tokens_say_where_they_are(tmp_path):
+    """With the library's 0.02 init the position signal drowns in the patch content; the demo
+    tower's position embeddings are as strong as the content, so a flat image's patch tokens
+    differ by position about as much as tokens of different content do."""
+    import torch
+    from transformers import CLIPVisionModel
+    from make_demo_vision_tower import build_vision_tower
+    stds = {}
+    for std in (0.02, 1.0):
+        build_vision_tower(str(tmp_path / str(std)), hidden_size=64, num_layers=1, num_heads=2, position_std=std,
+                           verbose=False)
+        tower = CLIPVisionModel.from_pretrained(str(tmp_path / str(std)))
+        with torch.no_grad():
+            blank = torch.full((1, 3, 224, 224), 1.5)  # a flat light background, after CLIP normalisation
+            tokens = tower(pixel_values=blank).last_hidden_state[0, 1:]
+        stds[std] = tokens.std(0).mean().item()  # how much tokens vary across the 196 positions
+    assert stds[1.0] > 10 * stds[0.02]

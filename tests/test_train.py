@@ -1,5 +1,4 @@
 """The real training scripts, end to end on toy data: checkpoints, resume, logs, errors."""
-import json
 import os
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import torch
 
 from model.model_vlm import MiniMindVLM, VLMConfig, load_weights
 
-from conftest import ROOT, TINY_LLM
+from conftest import ROOT, TINY_LLM, read_log, script_flags as common
 
 
 def run_script(script, *args, check=True):
@@ -18,19 +17,6 @@ def run_script(script, *args, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
-
-
-def common(toy_data, tower_dir, out_dir, **extra):
-    data, images = toy_data
-    args = {"data_path": data, "images_path": images, "out_dir": out_dir, "vision_model_path": tower_dir,
-            "dim": 64, "n_layers": 2, "batch_size": 2, "epochs": 2, "log_interval": 1, "num_workers": 0,
-            "learning_rate": 1e-3, **extra}
-    return [x for k, v in args.items() for x in (f"--{k}", v)]
-
-
-def read_log(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_two_step_pretrain_then_sft_write_loadable_checkpoints(toy_data, tower_dir, tmp_path):
