@@ -151,7 +151,8 @@ def decode_scenario(a, tower, batch):
     """Prefill (image + prompt) latency to the first token, then decode speed, with the KV cache."""
     from model.model_vlm import MiniMindVLM, VLMConfig
     torch.manual_seed(0)
-    dtype = torch.float32 if a.dtype == "float32" else getattr(torch, a.dtype)
+    from model.inference import resolve_dtype
+    dtype = resolve_dtype(a.decode_dtype, a.device)  # what eval_vlm.py / the web demo would use
     model = MiniMindVLM(VLMConfig(dim=a.dim, n_layers=a.n_layers, vision_model_path=tower)).to(a.device, dtype).eval()
     ids = torch.randint(10, 6000, (batch, 20), device=a.device)
     ids = torch.cat([ids[:, :4], torch.full((batch, 196), 3, device=a.device), ids[:, 4:]], 1)  # image + prompt
@@ -184,6 +185,8 @@ def main():
     a("--typical_len", type=int, default=256, help="the dynamic-padding length of a typical batch")
     a("--tower", default="base", choices=["base", "tiny"], help="base: ViT-B/16-sized (768 wide, 12 layers)")
     a("--decode_tokens", type=int, default=64)
+    a("--decode_dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+      help="inference dtype (auto: as eval_vlm.py, float32 on CPU, bfloat16 on CUDA)")
     a("--seconds", type=float, default=10.0, help="minimum timing window of the LLM-step scenarios")
     a("--quick", action="store_true", help="tiny sizes: checks the script, not the machine")
     a("--only", default="", help="comma-separated subset: train,llm,decode")
@@ -226,10 +229,12 @@ def main():
             print(f"  LLM step, {label} T={T:<5} {r['samples_per_s']:7.1f} samples/s {r['tokens_per_s']:8.0f} tok/s "
                   f"{r['tflops']:.3f} TFLOPS  MFU {r['mfu']:.1%}", flush=True)
     if "decode" in only:
+        from model.inference import resolve_dtype
+        dtype_name = str(resolve_dtype(args.decode_dtype, args.device)).removeprefix("torch.")
         for batch in (1, 8):
             r = decode_scenario(args, tower, batch)
             results["decode"][f"batch {batch}"] = r
-            print(f"  decode, batch {batch:<3} time to first token {r['ttft_s']:.3f} s, "
+            print(f"  decode, batch {batch:<3} ({dtype_name}) time to first token {r['ttft_s']:.3f} s, "
                   f"{r['decode_tokens_per_s']:7.1f} tok/s ({r['decode_tokens_per_s_per_row']:.1f} per row)", flush=True)
     results["peak_rss_mb_bench_process"] = peak_memory_mb(args.device)
 
