@@ -58,8 +58,8 @@ def launch(script, args, nproc=1, launcher=None, env=None, check=True):
 
 
 def flags(data, tower_dir, out_dir, **extra):
-    return script_flags(data, tower_dir, out_dir, batch_size=4, learning_rate=3e-3, from_weight="none",
-                        freeze_llm=0, dtype="float32", seed=7, **extra)
+    defaults = dict(batch_size=4, learning_rate=3e-3, from_weight="none", freeze_llm=0, dtype="float32", seed=7)
+    return script_flags(data, tower_dir, out_dir, **{**defaults, **extra})
 
 
 def load_for_eval(path, tower_dir):
