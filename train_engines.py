@@ -140,6 +140,7 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params,
                                                                  optimizer=optimizer, config=cfg)
         self.model = self.engine.module
+        self.autocast = contextlib.nullcontext()  # the tower above already runs in the compute dtype
 
     def micro_step(self, last_micro):
         # Our loop decides where an optimizer step ends (also at an epoch's end), not a micro-step count.

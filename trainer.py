@@ -366,9 +366,12 @@ def train(args):
                 skipped += batch["skipped"]
                 pixels = batch["pixel_values"].to(args.device, non_blocking=True)
                 with engine.micro_step(last_micro=j == len(micro_batches) - 1):
-                    images = ({"image_features": encode_with_cache(model, cache, pixels, batch["image_paths"],
-                                                                   batch["cached"])}
-                              if cache is not None else {"pixel_values": pixels})
+                    if cache is not None:
+                        with engine.autocast:  # the tower in the training dtype, as inside the model's forward
+                            images = {"image_features": encode_with_cache(model, cache, pixels, batch["image_paths"],
+                                                                          batch["cached"])}
+                    else:
+                        images = {"pixel_values": pixels}
                     out = engine.forward(input_ids=batch["input_ids"].to(args.device),
                                          labels=batch["labels"].to(args.device), **images)
                     loss = token_weighted(out, supervised_tokens(batch), step_tokens.item(), world,

@@ -22,6 +22,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -251,6 +252,7 @@ def main():
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
+    shutil.rmtree(work, ignore_errors=True)  # synthetic images, feature cache, checkpoints
     print(f"wrote {args.out}")
 
 
