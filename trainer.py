@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from dataset.feature_cache import encode_with_cache, open_cache_for
 from dataset.lm_dataset import VLMDataset, collate_batch, resolve_image_token_id
 from dataset.sampler import ResumableBatchSampler
+from model.inference import weight_path
 from model.model_minimind import count_llm_params
 from model.model_vlm import MiniMindVLM, VLMConfig, atomic_save, load_weights
 from train_engines import DeepSpeedEngine, TorchEngine
@@ -82,12 +83,6 @@ def build_parser(description, **defaults):
     a("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher (LOCAL_RANK works too)")
     p.set_defaults(**defaults)
     return p
-
-
-def weight_path(args, name):
-    if name.endswith(".pth") or os.sep in name:
-        return name
-    return os.path.join(args.out_dir, f"{name}_{args.dim}{'_moe' if args.use_moe else ''}.pth")
 
 
 def free_port():

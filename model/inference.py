@@ -38,11 +38,15 @@ def resolve_dtype(name, device):
     return torch.float32
 
 
+def weight_path(args, name):
+    """A .pth path as given, or a name: out_dir/{name}_{dim}[_moe].pth (the trainers' naming)."""
+    if name.endswith(".pth") or os.sep in name:
+        return name
+    return os.path.join(args.out_dir, f"{name}_{args.dim}{'_moe' if args.use_moe else ''}.pth")
+
+
 def resolve_weight_path(args):
-    w = args.weight
-    if w.endswith(".pth") or os.sep in w:
-        return w
-    return os.path.join(args.out_dir, f"{w}_{args.dim}{'_moe' if args.use_moe else ''}.pth")
+    return weight_path(args, args.weight)
 
 
 def load_model(args):

@@ -140,8 +140,9 @@ def llm_step_scenario(a, T, peak_tflops):
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t) / n
     d, L = a.dim, a.n_layers
-    n_matmul = sum(p.numel() for p in model.parameters()) - model.tok_embeddings.weight.numel()  # + head (tied)
-    n_matmul += model.output.weight.numel()
+    # The embedding lookup is no matmul, but its tied tensor is the head's, so each parameter (tied
+    # counted once) is one matmul weight.
+    n_matmul = sum(p.numel() for p in model.parameters())
     # 6 FLOPs per matmul weight per token (fwd + 2x bwd), plus causal attention: 6 * L * T * d per token.
     flops = a.llm_batch * T * (6 * n_matmul + 6 * L * T * d)
     return {"samples_per_s": a.llm_batch / dt, "tokens_per_s": a.llm_batch * T / dt,
