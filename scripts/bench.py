@@ -13,9 +13,12 @@ Scenarios:
   pretrain / sft, cache off     the vision tower encodes every image (first epoch of a plain run)
   pretrain, cache cold          first epoch with --cache_features: encode once and store
   pretrain / sft, cache warm    a later epoch or run: features come from the disk cache
+  pretrain, cache warm, compiled    the same under --use_compile 1 (compiling is in the first steps)
   LLM step, dynamic / padded    forward+backward+AdamW on token batches of the typical length,
-                                then of --max_seq_len (what padding every sample to the maximum costs)
-  decode, batch 1 / 8           prefill latency (time to first token) and decode tokens/s
+                                then of --max_seq_len (what padding every sample to the maximum costs),
+                                then the typical length under torch.compile
+  decode, batch 1 / 8           prefill latency (time to first token) and decode tokens/s, in the
+                                inference dtype and, on CPU, with int8 weights (--quantize int8)
 """
 import argparse
 import json
@@ -82,7 +85,7 @@ def make_data(root, n_images, sft):
     return path
 
 
-def train_scenario(a, tower, data_root, stage, cache, out_dir):
+def train_scenario(a, tower, data_root, stage, cache, out_dir, compiled=False):
     """Run the real trainer for one epoch in a child process -> samples/s, tokens/s, peak MB."""
     sft = stage == "sft"
     data = os.path.join(data_root, f"{stage}.jsonl")
@@ -93,6 +96,8 @@ def train_scenario(a, tower, data_root, stage, cache, out_dir):
             "--freeze_llm", 0 if sft else 1, "--max_seq_len", a.max_seq_len, "--learning_rate", 1e-4]
     if cache:
         args += ["--cache_features", os.path.join(data_root, "cache")]
+    if compiled:
+        args += ["--use_compile", 1]
     script = os.path.join(ROOT, "train_sft_vlm.py" if sft else "train_pretrain_vlm.py")
     code = (f"import sys, runpy, json; sys.argv = {[script] + [str(x) for x in args]!r}; "
             f"sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'scripts')!r})\n"
@@ -114,11 +119,14 @@ def train_scenario(a, tower, data_root, stage, cache, out_dir):
     return {"samples_per_s": steps * a.batch_size / dt, "tokens_per_s": tok_rate, "peak_mb": peak}
 
 
-def llm_step_scenario(a, T, peak_tflops):
+def llm_step_scenario(a, T, peak_tflops, compiled=False):
     """Forward+backward+AdamW of the LLM on [batch, T] tokens, all positions supervised."""
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
     torch.manual_seed(0)
     model = MiniMindForCausalLM(MiniMindConfig(dim=a.dim, n_layers=a.n_layers)).to(a.device).train()
+    if compiled:
+        for layer in model.layers:
+            layer.compile(dynamic=True)  # as the trainer's --use_compile 1
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, 6400, (a.llm_batch, T), device=a.device)
     dtype = getattr(torch, a.dtype)
@@ -130,7 +138,7 @@ def llm_step_scenario(a, T, peak_tflops):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(2):
+    for _ in range(3 if compiled else 2):  # compiling happens in the first steps
         step()
     n, t = 0, time.perf_counter()
     while n < 3 or time.perf_counter() - t < a.seconds:
@@ -149,13 +157,15 @@ def llm_step_scenario(a, T, peak_tflops):
             "tflops": flops / dt / 1e12, "mfu": flops / dt / 1e12 / peak_tflops}
 
 
-def decode_scenario(a, tower, batch):
+def decode_scenario(a, tower, batch, int8=False):
     """Prefill (image + prompt) latency to the first token, then decode speed, with the KV cache."""
     from model.model_vlm import MiniMindVLM, VLMConfig
     torch.manual_seed(0)
-    from model.inference import resolve_dtype
-    dtype = resolve_dtype(a.decode_dtype, a.device)  # what eval_vlm.py / the web demo would use
+    from model.inference import quantize_int8, resolve_dtype
+    dtype = torch.float32 if int8 else resolve_dtype(a.decode_dtype, a.device)  # as eval_vlm.py would use
     model = MiniMindVLM(VLMConfig(dim=a.dim, n_layers=a.n_layers, vision_model_path=tower)).to(a.device, dtype).eval()
+    if int8:
+        model = quantize_int8(model)  # eval_vlm.py --quantize int8
     ids = torch.randint(10, 6000, (batch, 20), device=a.device)
     ids = torch.cat([ids[:, :4], torch.full((batch, 196), 3, device=a.device), ids[:, 4:]], 1)  # image + prompt
     pixels = torch.randn(batch, 3, 224, 224, device=a.device)
@@ -186,6 +196,8 @@ def main():
     a("--max_seq_len", type=int, default=640, help="the padded length of the 'padded' scenario")
     a("--typical_len", type=int, default=256, help="the dynamic-padding length of a typical batch")
     a("--tower", default="base", choices=["base", "tiny"], help="base: ViT-B/16-sized (768 wide, 12 layers)")
+    a("--compile", type=int, default=1, choices=[0, 1],
+      help="also time warm-cache pretrain and the LLM step under torch.compile (--use_compile 1)")
     a("--decode_tokens", type=int, default=64)
     a("--decode_dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
       help="inference dtype (auto: as eval_vlm.py, float32 on CPU, bfloat16 on CUDA)")
@@ -195,7 +207,7 @@ def main():
     a("--out", default="out/bench.json")
     args = p.parse_args()
     if args.quick:
-        args.dim, args.n_layers, args.n_images, args.tower, args.seconds = 64, 2, 16, "tiny", 0.5
+        args.dim, args.n_layers, args.n_images, args.tower, args.seconds, args.compile = 64, 2, 16, "tiny", 0.5, 0
         args.llm_batch, args.max_seq_len, args.typical_len, args.decode_tokens = 2, 128, 64, 8
     only = set(args.only.split(",")) if args.only else {"train", "llm", "decode"}
     from make_demo_vision_tower import build_vision_tower
@@ -217,36 +229,51 @@ def main():
         data_root = os.path.join(work, "data")
         make_data(data_root, args.n_images, sft=False)
         make_data(data_root, args.n_images, sft=True)  # the same images, so SFT's warm cache is warm
-        for stage, cache, label in [("pretrain", False, "pretrain, cache off"), ("pretrain", True, "pretrain, cache cold"),
-                                    ("pretrain", True, "pretrain, cache warm"), ("sft", False, "sft, cache off"),
-                                    ("sft", True, "sft, cache warm")]:
-            r = train_scenario(args, tower, data_root, stage, cache, os.path.join(work, "out"))
+        runs = [("pretrain", False, "pretrain, cache off"), ("pretrain", True, "pretrain, cache cold"),
+                ("pretrain", True, "pretrain, cache warm"), ("sft", False, "sft, cache off"),
+                ("sft", True, "sft, cache warm")]
+        if args.compile:
+            runs.append(("pretrain", True, "pretrain, cache warm, compiled"))
+        for stage, cache, label in runs:
+            r = train_scenario(args, tower, data_root, stage, cache, os.path.join(work, "out"), "compiled" in label)
             results["train"][label] = r
-            print(f"  {label:<24} {r['samples_per_s']:7.1f} samples/s {r['tokens_per_s']:8.0f} tok/s "
+            print(f"  {label:<32} {r['samples_per_s']:7.1f} samples/s {r['tokens_per_s']:8.0f} tok/s "
                   f"peak {r['peak_mb']:6.0f} MB", flush=True)
     if "llm" in only:
-        for label, T in [("dynamic", args.typical_len), ("padded", args.max_seq_len)]:
-            r = llm_step_scenario(args, T, peak)
+        runs = [("dynamic", args.typical_len, False), ("padded", args.max_seq_len, False)]
+        if args.compile:
+            runs.append(("dynamic, compiled", args.typical_len, True))
+        for label, T, compiled in runs:
+            r = llm_step_scenario(args, T, peak, compiled)
             results["llm_step"][f"{label} (T={T})"] = r
             print(f"  LLM step, {label} T={T:<5} {r['samples_per_s']:7.1f} samples/s {r['tokens_per_s']:8.0f} tok/s "
                   f"{r['tflops']:.3f} TFLOPS  MFU {r['mfu']:.1%}", flush=True)
     if "decode" in only:
         from model.inference import resolve_dtype
         dtype_name = str(resolve_dtype(args.decode_dtype, args.device)).removeprefix("torch.")
-        for batch in (1, 8):
-            r = decode_scenario(args, tower, batch)
-            results["decode"][f"batch {batch}"] = r
-            print(f"  decode, batch {batch:<3} ({dtype_name}) time to first token {r['ttft_s']:.3f} s, "
-                  f"{r['decode_tokens_per_s']:7.1f} tok/s ({r['decode_tokens_per_s_per_row']:.1f} per row)", flush=True)
+        int8 = [False, True] if args.device == "cpu" else [False]  # --quantize int8 is CPU-only
+        for batch, quantized in [(b, q) for q in int8 for b in (1, 8)]:
+            label = f"batch {batch}" + (", int8" if quantized else "")
+            r = decode_scenario(args, tower, batch, quantized)
+            results["decode"][label] = r
+            print(f"  decode, {label:<13} ({'int8 weights' if quantized else dtype_name}) time to first token "
+                  f"{r['ttft_s']:.3f} s, {r['decode_tokens_per_s']:7.1f} tok/s "
+                  f"({r['decode_tokens_per_s_per_row']:.1f} per row)", flush=True)
     results["peak_rss_mb_bench_process"] = peak_memory_mb(args.device)
 
     # Ratios against the reference figures of the original implementation (same machine kind).
     ratios = {}
     if "pretrain, cache off" in results["train"]:
         ratios["pretrain_first_epoch_vs_original"] = results["train"]["pretrain, cache cold"]["samples_per_s"] / REFERENCE["pretrain_samples_per_s"]
-        ratios["pretrain_cached_vs_original"] = results["train"]["pretrain, cache warm"]["samples_per_s"] / REFERENCE["pretrain_samples_per_s"]
+        for label in ("pretrain, cache warm", "pretrain, cache warm, compiled"):
+            if label in results["train"]:
+                key = "pretrain_cached_vs_original" + ("_compiled" if "compiled" in label else "")
+                ratios[key] = results["train"][label]["samples_per_s"] / REFERENCE["pretrain_samples_per_s"]
     if results["decode"]:
-        ratios["decode_vs_original"] = results["decode"]["batch 1"]["decode_tokens_per_s"] / REFERENCE["decode_tokens_per_s"]
+        for label in ("batch 1", "batch 1, int8"):
+            if label in results["decode"]:
+                key = "decode_vs_original" + ("_int8" if "int8" in label else "")
+                ratios[key] = results["decode"][label]["decode_tokens_per_s"] / REFERENCE["decode_tokens_per_s"]
     results["vs_original_reference"] = ratios
     for k, v in ratios.items():
         print(f"  {k}: {v:.1f}x")

@@ -163,6 +163,32 @@ def sample(name, turns, qtype=None):
     return rec
 
 
+def subject(qtype, question):
+    """What a question asks about, whatever its template: ("color", ("star",)) for both colour templates."""
+    return qtype, tuple(w for w in question.rstrip("?").split() if w in COLORS or w in SHAPES)
+
+
+def follow_ups(rng, objs, qtype, first, n_turns):
+    """Up to n_turns distinct questions about one layout: `first`, then other types in turn, each
+    type again (about another object) once all have been asked, but none more than `cap` times,
+    so yes/no questions (always askable) do not crowd out the rest. -> (turns, types)"""
+    turns, types, asked = [first], [qtype], {subject(qtype, first[0])}
+    cap = -(-n_turns // len(TYPES)) + 1
+    order = rng.sample([t for t in TYPES if t != qtype], len(TYPES) - 1) + [qtype]
+    for k in range(8 * n_turns):  # a few tries per turn: a type may have nothing new to ask
+        if len(turns) >= n_turns:
+            break
+        t = order[k % len(order)]
+        if types.count(t) >= cap:
+            continue
+        qa = make_question(rng, objs, t)
+        if qa and subject(t, qa[0]) not in asked:
+            asked.add(subject(t, qa[0]))
+            turns.append(qa)
+            types.append(t)
+    return turns, types
+
+
 def plan_split(rng, n, split, forbidden=frozenset(), sft_turns=5):
     """Decide layouts and questions for one split (cheap; rendering happens later)."""
     schedule = [TYPES[i % len(TYPES)] for i in range(n)]
@@ -180,13 +206,8 @@ def plan_split(rng, n, split, forbidden=frozenset(), sft_turns=5):
         else:
             raise RuntimeError("could not find a test layout unseen in train; lower --n_train")
         turns, types = [qa], [qtype]
-        if split == "train":  # follow-ups of other types: 196 image tokens are paid once for several answers
-            n_turns = sft_turns
-            for t in rng.sample([t for t in TYPES if t != qtype], len(TYPES) - 1):
-                qa2 = make_question(rng, objs, t)
-                if qa2 and len(turns) < n_turns:
-                    turns.append(qa2)
-                    types.append(t)
+        if split == "train":  # follow-ups: 196 image tokens are paid once for several answers
+            turns, types = follow_ups(rng, objs, qtype, qa, sft_turns)
         name = f"{split}_{i + 1:06d}.png"
         plans.append(dict(name=name, objs=objs, turns=turns, types=types, type=qtype, seed=rng.getrandbits(64)))
     return plans
@@ -236,7 +257,8 @@ def main():
     ap.add_argument("--n_test", type=int, default=300, help="number of held-out test images/questions")
     ap.add_argument("--test_seed", type=int, default=None, help="seed of the test split (default: seed + 1000)")
     ap.add_argument("--sft_turns", type=int, default=5,
-                    help="questions per SFT training image (at most one per type; test samples have one)")
+                    help="questions per SFT training image, all about different things (fewer where the "
+                         "image offers fewer; test samples have one)")
     a = ap.parse_args()
     generate(a.out_dir, a.seed, a.n_train, a.n_test, a.test_seed, sft_turns=a.sft_turns)
 

@@ -146,6 +146,17 @@ def test_questions_only_about_unique_subjects():
         assert (a == "yes") == ((named[1], named[0]) in {(o[0], o[1]) for o in objs})
 
 
+def test_more_sft_turns_ask_more_questions_never_the_same_thing_twice():
+    import random
+    for plan in shapes.plan_split(random.Random(5), 300, "train", sft_turns=10):
+        subjects = [shapes.subject(t, q) for t, (q, _) in zip(plan["types"], plan["turns"])]
+        assert len(subjects) == len(set(subjects))  # "What color is the star?" is asked once, in any wording
+        assert len(plan["turns"]) >= 4 and plan["types"].count("count") == 1
+    # three objects usually offer enough to ask about for all ten turns
+    three = [p for p in shapes.plan_split(random.Random(5), 300, "train", sft_turns=10) if len(p["objs"]) == 3]
+    assert sum(len(p["turns"]) == 10 for p in three) > 0.6 * len(three)
+
+
 def _pixels(d):
     from transformers import AutoImageProcessor
     proc = AutoImageProcessor.from_pretrained(d)

@@ -128,3 +128,22 @@ def test_tower_dtype_follows_the_model(tiny_vlm):
     tiny_vlm.to(torch.bfloat16)
     assert tiny_vlm.encode_images(torch.randn(1, 3, 224, 224)).dtype == torch.bfloat16
     assert os.path.isdir(tiny_vlm.config.vision_model_path)
+
+
+def test_int8_quantization_covers_the_llm_only_and_stays_close_to_full_precision(tiny_vlm):
+    import copy
+    from torch import nn
+    from model.inference import quantize_int8
+    ids = batch_with_images([1], T=260)
+    pixels = torch.randn(1, 3, 224, 224)
+    quantized = quantize_int8(copy.deepcopy(tiny_vlm))
+    int8_linear = torch.ao.nn.quantized.dynamic.Linear
+    assert isinstance(quantized.layers[0].feed_forward.w1, int8_linear) and isinstance(quantized.output, int8_linear)
+    assert type(quantized.vision_proj.vision_proj[0]) is nn.Linear  # runs once per image: full precision
+    with torch.no_grad():
+        full = tiny_vlm(ids, pixel_values=pixels).logits[0]  # [T, V]
+        int8 = quantized(ids, pixel_values=pixels).logits[0]
+    assert ((int8 - full).norm() / full.norm()).item() < 0.05
+    assert (int8.argmax(-1) == full.argmax(-1)).float().mean().item() > 0.9
+    with pytest.raises(ValueError, match="float32"):
+        quantize_int8(copy.deepcopy(tiny_vlm).to(torch.bfloat16))
