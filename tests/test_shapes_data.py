@@ -210,3 +210,18 @@ def test_demo_tower_patch_tokens_say_where_they_are(tmp_path):
             tokens = tower(pixel_values=blank).last_hidden_state[0, 1:]
         stds[std] = tokens.std(0).mean().item()  # how much tokens vary across the 196 positions
     assert stds[1.0] > 10 * stds[0.02]
+
+
+def test_tower_probe_reads_the_one_object_captions_and_scores_a_linear_probe(data_dir):
+    probe = _load("probe_tower")
+    items = probe.one_object_images(str(data_dir), limit=1000)
+    captions = [r["conversations"][1]["content"] for r in _read(data_dir / "pretrain.jsonl")]
+    assert len(items) == sum(c.startswith("There is 1 shape") for c in captions) > 20
+    for path, colour, shape, cell in items:
+        assert os.path.isfile(path) and colour in shapes.COLORS and shape in shapes.SHAPES and cell in shapes.CELLS
+    # the probe itself: separable classes score ~1, labels unrelated to the features score ~chance
+    torch.manual_seed(0)
+    labels = [i % 3 for i in range(300)]
+    separable = torch.randn(300, 16) + 4 * torch.nn.functional.one_hot(torch.tensor(labels), 16)
+    assert probe.probe_accuracy(separable, labels) > 0.95
+    assert probe.probe_accuracy(torch.randn(300, 16), labels) < 0.6
