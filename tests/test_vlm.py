@@ -130,7 +130,7 @@ def test_tower_dtype_follows_the_model(tiny_vlm):
     assert os.path.isdir(tiny_vlm.config.vision_model_path)
 
 
-def test_int8_quantization_covers_the_llm_only_and_stays_close_to_full_precision(tiny_vlm):
+def test_int8_quantization_fuses_and_covers_the_llm_only_and_stays_close_to_full_precision(tiny_vlm):
     import copy
     from torch import nn
     from model.inference import quantize_int8
@@ -138,7 +138,9 @@ def test_int8_quantization_covers_the_llm_only_and_stays_close_to_full_precision
     pixels = torch.randn(1, 3, 224, 224)
     quantized = quantize_int8(copy.deepcopy(tiny_vlm))
     int8_linear = torch.ao.nn.quantized.dynamic.Linear
-    assert isinstance(quantized.layers[0].feed_forward.w1, int8_linear) and isinstance(quantized.output, int8_linear)
+    ffn, attention = quantized.layers[0].feed_forward, quantized.layers[0].attention
+    assert isinstance(ffn.fused_w13, int8_linear) and isinstance(attention.fused_qkv, int8_linear)
+    assert isinstance(ffn.w2, int8_linear) and isinstance(quantized.output, int8_linear)
     assert type(quantized.vision_proj.vision_proj[0]) is nn.Linear  # runs once per image: full precision
     with torch.no_grad():
         full = tiny_vlm(ids, pixel_values=pixels).logits[0]  # [T, V]
