@@ -77,7 +77,7 @@ def load_model(args):
         vision_path = args.vision_model_path
     processor = AutoImageProcessor.from_pretrained(vision_path)
     model = model.to(args.device, resolve_dtype(args.dtype, args.device)).eval()
-    if getattr(args, "quantize", "none") == "int8":
+    if args.quantize == "int8":
         model = quantize_int8(model)
     return model, tokenizer, processor
 
@@ -92,7 +92,8 @@ def quantize_int8(model):
     import warnings
     from torch import nn
     from .model_minimind import Attention, FeedForward
-    if next(model.parameters()).device.type != "cpu" or next(model.parameters()).dtype != torch.float32:
+    weight = next(model.parameters())
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
         raise ValueError("--quantize int8 runs on CPU from float32 weights: use --device cpu --dtype float32")
 
     def fuse(*linears):
@@ -111,8 +112,7 @@ def quantize_int8(model):
              if isinstance(m, nn.Linear) and not n.startswith(("vision_encoder", "vision_proj"))}
     with warnings.catch_warnings():  # torch marks these APIs for a future move to torchao; 2.13 is pinned
         warnings.simplefilter("ignore")
-        from torch.ao.quantization import quantize_dynamic
-        from torch.ao.quantization import per_channel_dynamic_qconfig
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
         return quantize_dynamic(model, {n: per_channel_dynamic_qconfig for n in names}, dtype=torch.qint8)
 
 

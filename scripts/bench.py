@@ -232,13 +232,13 @@ def main():
         data_root = os.path.join(work, "data")
         make_data(data_root, args.n_images, sft=False)
         make_data(data_root, args.n_images, sft=True)  # the same images, so SFT's warm cache is warm
-        runs = [("pretrain", False, "pretrain, cache off"), ("pretrain", True, "pretrain, cache cold"),
-                ("pretrain", True, "pretrain, cache warm"), ("sft", False, "sft, cache off"),
-                ("sft", True, "sft, cache warm")]
+        runs = [("pretrain", False, False, "pretrain, cache off"), ("pretrain", True, False, "pretrain, cache cold"),
+                ("pretrain", True, False, "pretrain, cache warm"), ("sft", False, False, "sft, cache off"),
+                ("sft", True, False, "sft, cache warm")]
         if args.compile:
-            runs.append(("pretrain", True, "pretrain, cache warm, compiled"))
-        for stage, cache, label in runs:
-            r = train_scenario(args, tower, data_root, stage, cache, os.path.join(work, "out"), "compiled" in label)
+            runs.append(("pretrain", True, True, "pretrain, cache warm, compiled"))
+        for stage, cache, compiled, label in runs:
+            r = train_scenario(args, tower, data_root, stage, cache, os.path.join(work, "out"), compiled)
             results["train"][label] = r
             print(f"  {label:<32} {r['samples_per_s']:7.1f} samples/s {r['tokens_per_s']:8.0f} tok/s "
                   f"peak {r['peak_mb']:6.0f} MB", flush=True)

@@ -182,8 +182,8 @@ def follow_ups(rng, objs, qtype, first, n_turns):
         if types.count(t) >= cap:
             continue
         qa = make_question(rng, objs, t)
-        if qa and subject(t, qa[0]) not in asked:
-            asked.add(subject(t, qa[0]))
+        if qa and (about := subject(t, qa[0])) not in asked:
+            asked.add(about)
             turns.append(qa)
             types.append(t)
     return turns, types

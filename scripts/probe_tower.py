@@ -29,11 +29,18 @@ ONE_OBJECT = re.compile(r"There is 1 shape: a \w+ (\w+) (\w+) (.+)\.$")
 
 def one_object_images(data_dir, limit):
     """[(image path, colour, shape, cell)] from the captions of images with a single object."""
-    found = []
-    with open(os.path.join(data_dir, "pretrain.jsonl"), encoding="utf-8") as f:
-        for line in f:
-            rec = json.loads(line)
-            m = ONE_OBJECT.match(rec["conversations"][1]["content"])
+    found, path = [], os.path.join(data_dir, "pretrain.jsonl")
+    if not os.path.isfile(path):
+        sys.exit(f"error: {path} not found: generate the demo data first "
+                 f"(python scripts/make_shapes_data.py --out_dir {data_dir}) or pass --data_dir")
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            try:
+                rec = json.loads(line)
+                caption = rec["conversations"][1]["content"]
+            except (ValueError, KeyError, IndexError, TypeError) as e:
+                sys.exit(f"error: {path}:{line_no}: not a shapes-world caption sample ({e!r}); regenerate the data")
+            m = ONE_OBJECT.match(caption)
             if m and m.group(1) in COLORS and m.group(2) in SHAPES and m.group(3) in PHRASE_TO_CELL:
                 found.append((os.path.join(data_dir, "images", rec["image"]), m.group(1), m.group(2),
                               PHRASE_TO_CELL[m.group(3)]))
@@ -47,6 +54,7 @@ def probe_accuracy(x, labels, train_frac=0.8, steps=300, weight_decay=1e-2):
     n = int(len(x) * train_frac)
     mean, std = x[:n].mean(0), x[:n].std(0) + 1e-6  # statistics of the training part only
     x = (x - mean) / std
+    torch.manual_seed(0)  # the same figures on every run
     clf = torch.nn.Linear(x.shape[1], len(classes))
     opt = torch.optim.AdamW(clf.parameters(), lr=1e-2, weight_decay=weight_decay)
     for _ in range(steps):  # full batch: a few hundred images
@@ -67,8 +75,8 @@ def main():
     from transformers import AutoImageProcessor
     from PIL import Image
     from model.model_vlm import load_vision_tower
+    items = one_object_images(a.data_dir, a.n)  # before loading the tower: a data problem shows at once
     tower, processor = load_vision_tower(a.vision_model_path), AutoImageProcessor.from_pretrained(a.vision_model_path)
-    items = one_object_images(a.data_dir, a.n)
     if len(items) < 50:
         sys.exit(f"error: only {len(items)} one-object images in {a.data_dir}/pretrain.jsonl; generate the demo data first")
     means, centres = [], []
