@@ -1,5 +1,6 @@
 """The data pipeline: loss mask, padding, truncation, bad input and batch order."""
 import json
+import random
 
 import pytest
 
@@ -138,6 +139,17 @@ def test_sampler_visits_every_sample_once_and_reshuffles_each_epoch():
     sampler.set_epoch(0)
     spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in sampler]
     assert sum(spread) / len(spread) < 25  # grouped by length: batches hold similar lengths
+
+
+def test_length_grouped_batches_come_in_random_order_not_long_to_short():
+    # Sorted megabatches left in order would sweep from the longest batch to the shortest every
+    # megabatch_mult steps: a periodic drift in what the model sees. Batches must be shuffled.
+    lengths = [random.Random(i).randint(10, 500) for i in range(400)]
+    sampler = ResumableBatchSampler(lengths, batch_size=4, seed=0, megabatch_mult=25)
+    sampler.set_epoch(0)
+    means = [sum(lengths[i] for i in b) / len(b) for b in sampler]
+    descending = sum(a > b for a, b in zip(means, means[1:])) / (len(means) - 1)
+    assert 0.3 < descending < 0.7  # sorted order would give ~0.96
 
 
 def test_sampler_ranks_partition_the_epoch_and_resume_continues_at_the_same_sample():
