@@ -69,10 +69,14 @@ def build_parser(description, **defaults):
     a("--skip_bad_samples", type=int, default=0, choices=[0, 1],
       help="skip (and count) malformed samples instead of stopping with an error")
     a("--group_by_length", type=int, default=1, choices=[0, 1], help="batch samples of similar length")
+    a("--pad_to_max_len", type=int, default=0, choices=[0, 1],
+      help="pad every batch to --max_seq_len instead of its longest sample: fixed shapes, more work "
+           "(what the original implementation did; scripts/bench.py times it as the baseline)")
     a("--cache_features", nargs="?", const="auto", default=None, metavar="DIR",
       help="encode each image once and reuse its frozen features from a disk cache "
            "(DIR defaults to out_dir/feature_cache); ~300 KB per image at ViT-B/16 width")
-    a("--use_compile", type=int, default=0, choices=[0, 1], help="torch.compile the transformer blocks")
+    a("--use_compile", type=int, default=0, choices=[0, 1],
+      help="torch.compile the transformer blocks and the vision tower")
     a("--gradient_checkpointing", type=int, default=0, choices=[0, 1],
       help="recompute activations in backward: less memory (e.g. dim 768 on a small GPU), ~30%% slower")
     a("--stop_after_steps", type=int, default=0,
@@ -260,10 +264,16 @@ def train(args):
         load_weights(model, path)
     set_trainable(model, args.freeze_llm)
     model.to(args.device)
+    if model.vision_encoder is not None:
+        # The frozen tower's weights go to the training dtype once: under autocast alone every
+        # forward would re-cast its 86M fp32 weights (ViT-B/16, bf16, CPU: 20 -> 24 images/s).
+        model.vision_encoder.to(getattr(torch, args.dtype))
 
     if args.use_compile:
         for layer in model.layers:
             layer.compile(dynamic=True)  # per block: the image-splicing code stays eager
+        if model.vision_encoder is not None:
+            model.vision_encoder.compile(dynamic=True)  # the batch's count of uncached images varies
     # Per-rank random streams from here on (dropout, DataLoader workers); the data order is not
     # random state but a function of (seed, epoch), see ResumableBatchSampler.
     torch.manual_seed(args.seed + rank)
@@ -288,7 +298,8 @@ def train(args):
     sampler = ResumableBatchSampler(dataset.lengths, args.batch_size, args.seed, shuffle=True,
                                     group_by_length=bool(args.group_by_length), rank=rank, world_size=world)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
-                        collate_fn=functools.partial(collate_batch, pad_id=tokenizer.pad_token_id or 0),
+                        collate_fn=functools.partial(collate_batch, pad_id=tokenizer.pad_token_id or 0,
+                                                     pad_to=args.max_seq_len if args.pad_to_max_len else 0),
                         worker_init_fn=ignore_sigint,  # Ctrl-C is handled once, by the main process
                         pin_memory=device_type == "cuda", persistent_workers=args.num_workers > 0)
 

@@ -189,16 +189,16 @@ class VLMDataset(Dataset):
         return features
 
 
-def collate_batch(items, pad_id=0):
-    """Pads to the longest sample of *this* batch (right padding), stacks every image of the batch
-    in placeholder order. Skipped samples are dropped and counted; an all-skipped batch becomes one
+def collate_batch(items, pad_id=0, pad_to=0):
+    """Pads to the longest sample of *this* batch (right padding), or to `pad_to` if that is longer
+    (fixed shapes), and stacks every image of the batch in placeholder order. Skipped samples are dropped and counted; an all-skipped batch becomes one
     unsupervised pad token so every rank still runs a step (no DDP hang)."""
     skipped = [it["skip"] for it in items if "skip" in it]
     items = [it for it in items if "skip" not in it]
     if not items:
         items = [{"input_ids": torch.tensor([pad_id]), "labels": torch.tensor([-100]),
                   "pixel_values": torch.zeros(0, 3, 224, 224), "image_paths": [], "cached": []}]
-    T = max(len(it["input_ids"]) for it in items)
+    T = max(pad_to, *(len(it["input_ids"]) for it in items))
     input_ids = torch.full((len(items), T), pad_id, dtype=torch.long)  # [B, T]
     labels = torch.full((len(items), T), -100, dtype=torch.long)
     attention_mask = torch.zeros((len(items), T), dtype=torch.long)

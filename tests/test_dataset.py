@@ -67,6 +67,9 @@ def test_batches_are_padded_to_their_own_longest_sample(tmp_path, tokenizer, pro
     assert (batch["input_ids"][short, n:] == 0).all() and (batch["labels"][short, n:] == -100).all()
     assert batch["attention_mask"].sum() == len(a["input_ids"]) + len(b["input_ids"])
     assert batch["pixel_values"].shape == (1, 3, 224, 224)
+    fixed = collate_batch([a, b], pad_to=640)  # --pad_to_max_len 1: same rows, padded to the maximum
+    assert fixed["input_ids"].shape == (2, 640) and fixed["attention_mask"].sum() == batch["attention_mask"].sum()
+    assert (fixed["labels"][:, :batch["labels"].shape[1]] == batch["labels"]).all()
 
 
 def test_images_follow_tag_order_across_a_batch(tmp_path, tokenizer, processor):

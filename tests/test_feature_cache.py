@@ -67,9 +67,13 @@ def test_two_writers_and_a_torn_index_line_never_corrupt_the_cache(tmp_path):
 
 def test_compiled_and_eager_losses_agree(tiny_vlm):
     torch.manual_seed(0)
-    ids = torch.randint(10, 6000, (2, 24))
-    eager = tiny_vlm(ids, labels=ids).loss
-    for layer in tiny_vlm.layers:
+    text = torch.randint(10, 6000, (2, 24))
+    image = torch.full((2, 196), tiny_vlm.config.image_token_id)
+    ids = torch.cat([text[:, :4], image, text[:, 4:]], 1)  # one image per row, as in training
+    pixels = torch.randn(2, 3, 224, 224)
+    eager = tiny_vlm(ids, labels=ids, pixel_values=pixels).loss
+    for layer in tiny_vlm.layers:  # what --use_compile 1 compiles
         layer.compile(dynamic=True)
-    compiled = tiny_vlm(ids, labels=ids).loss
+    tiny_vlm.vision_encoder.compile(dynamic=True)
+    compiled = tiny_vlm(ids, labels=ids, pixel_values=pixels).loss
     assert torch.allclose(eager, compiled, rtol=1e-4)
