@@ -76,7 +76,7 @@ def build_parser(description, **defaults):
       help="encode each image once and reuse its frozen features from a disk cache "
            "(DIR defaults to out_dir/feature_cache); ~300 KB per image at ViT-B/16 width")
     a("--use_compile", type=int, default=0, choices=[0, 1],
-      help="torch.compile the transformer blocks and the vision tower")
+      help="torch.compile the transformer blocks, the output head with its loss, and the vision tower")
     a("--gradient_checkpointing", type=int, default=0, choices=[0, 1],
       help="recompute activations in backward: less memory (e.g. dim 768 on a small GPU), ~30%% slower")
     a("--stop_after_steps", type=int, default=0,
@@ -270,10 +270,7 @@ def train(args):
         model.vision_encoder.to(getattr(torch, args.dtype))
 
     if args.use_compile:
-        for layer in model.layers:
-            layer.compile(dynamic=True)  # per block: the image-splicing code stays eager
-        if model.vision_encoder is not None:
-            model.vision_encoder.compile(dynamic=True)  # the batch's count of uncached images varies
+        model.compile_for_training()  # the blocks, the head with its loss, the tower
     # Per-rank random streams from here on (dropout, DataLoader workers); the data order is not
     # random state but a function of (seed, epoch), see ResumableBatchSampler.
     torch.manual_seed(args.seed + rank)

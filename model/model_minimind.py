@@ -204,6 +204,19 @@ class MiniMindForCausalLM(PreTrainedModel):
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
 
+    def supervised_loss(self, h, targets):
+        """[n, D] hidden states of supervised positions, [n] targets -> (logits [n, V], summed CE)."""
+        logits = self.output(h)
+        return logits, F.cross_entropy(logits.float(), targets, reduction="sum")
+
+    def compile_for_training(self):
+        """What --use_compile 1 compiles: each block, and the head with its loss (one fused pass
+        over the [n, V] logits instead of several). The embedding and the image splicing, with
+        their data-dependent shapes, stay eager."""
+        for layer in self.layers:
+            layer.compile(dynamic=True)
+        self.supervised_loss = torch.compile(self.supervised_loss, dynamic=True)
+
     def embed(self, input_ids, **kwargs):
         """Token embeddings [B, T, D]; the VLM subclass overrides this to write image features in."""
         return self.tok_embeddings(input_ids)
@@ -238,8 +251,7 @@ class MiniMindForCausalLM(PreTrainedModel):
             # So with labels, `logits` holds just those positions, [n_supervised, V].
             targets = labels[:, 1:]
             keep = targets != -100  # [B, T-1]
-            logits = self.output(h[:, :-1][keep])  # [n, V]
-            loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+            logits, loss = self.supervised_loss(h[:, :-1][keep], targets[keep])  # [n, V], summed loss
             # Mean over supervised tokens; a batch with none (all samples skipped) gives 0, not NaN.
             loss = loss / keep.sum().clamp(min=1)
             if aux_loss is not None:

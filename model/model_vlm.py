@@ -71,6 +71,11 @@ class MiniMindVLM(MiniMindForCausalLM):
             self.vision_encoder.eval()  # frozen: no dropout, whatever mode the LLM is in
         return self
 
+    def compile_for_training(self):
+        super().compile_for_training()
+        if self.vision_encoder is not None:
+            self.vision_encoder.compile(dynamic=True)  # the batch's count of uncached images varies
+
     @torch.no_grad()
     def encode_images(self, pixel_values):
         """[N, 3, 224, 224] -> patch features [N, 196, C], in the tower's dtype (it follows the model)."""

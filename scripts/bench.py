@@ -137,8 +137,7 @@ def llm_step_scenario(a, T, compiled=False):
     torch.manual_seed(0)
     model = MiniMindForCausalLM(MiniMindConfig(dim=a.dim, n_layers=a.n_layers)).to(a.device).train()
     if compiled:
-        for layer in model.layers:
-            layer.compile(dynamic=True)  # as the trainer's --use_compile 1
+        model.compile_for_training()  # as the trainer's --use_compile 1
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, 6400, (a.llm_batch, T), device=a.device)
     dtype = getattr(torch, a.dtype)

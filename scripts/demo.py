@@ -57,7 +57,7 @@ def main():
     a("--dim", type=int, default=256)
     a("--n_layers", type=int, default=4)
     a("--pretrain_epochs", type=int, default=2)
-    a("--sft_epochs", type=int, default=3)
+    a("--sft_epochs", type=int, default=4)
     a("--pretrain_lr", type=float, default=2e-3)
     a("--sft_lr", type=float, default=1e-3)
     a("--batch_size", type=int, default=16)

@@ -72,8 +72,6 @@ def test_compiled_and_eager_losses_agree(tiny_vlm):
     ids = torch.cat([text[:, :4], image, text[:, 4:]], 1)  # one image per row, as in training
     pixels = torch.randn(2, 3, 224, 224)
     eager = tiny_vlm(ids, labels=ids, pixel_values=pixels).loss
-    for layer in tiny_vlm.layers:  # what --use_compile 1 compiles
-        layer.compile(dynamic=True)
-    tiny_vlm.vision_encoder.compile(dynamic=True)
+    tiny_vlm.compile_for_training()  # what --use_compile 1 does
     compiled = tiny_vlm(ids, labels=ids, pixel_values=pixels).loss
     assert torch.allclose(eager, compiled, rtol=1e-4)
