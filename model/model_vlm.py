@@ -52,6 +52,13 @@ def load_vision_tower(path):
     return tower.eval()
 
 
+@torch.no_grad()
+def tower_features(tower, pixel_values):
+    """The frozen tower's last-layer patch tokens, CLS dropped: [N, 3, 224, 224] -> [N, 196, C]."""
+    tower_dtype = next(tower.parameters()).dtype
+    return tower(pixel_values=pixel_values.to(tower_dtype)).last_hidden_state[:, 1:]
+
+
 class MiniMindVLM(MiniMindForCausalLM):
     config_class = VLMConfig
 
@@ -76,14 +83,11 @@ class MiniMindVLM(MiniMindForCausalLM):
         if self.vision_encoder is not None:
             self.vision_encoder.compile(dynamic=True)  # the batch's count of uncached images varies
 
-    @torch.no_grad()
     def encode_images(self, pixel_values):
         """[N, 3, 224, 224] -> patch features [N, 196, C], in the tower's dtype (it follows the model)."""
         if self.vision_encoder is None:
             raise RuntimeError(f"This model has no vision tower. {VISION_HELP}")
-        tower_dtype = next(self.vision_encoder.parameters()).dtype
-        hidden = self.vision_encoder(pixel_values=pixel_values.to(tower_dtype)).last_hidden_state
-        return hidden[:, 1:]  # drop CLS
+        return tower_features(self.vision_encoder, pixel_values)
 
     def embed(self, input_ids, pixel_values=None, image_features=None, **_):
         """Token embeddings with image features written over the placeholder tokens. [B, T, D]

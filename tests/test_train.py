@@ -86,3 +86,20 @@ def test_feature_cache_gives_the_same_run_cold_and_warm(toy_data, tower_dir, tmp
     assert ": 0 images cached" in cold.stdout and ": 12 images cached" in warm.stdout
     losses = [[r["loss"] for r in read_log(tmp_path / d / "pretrain_vlm_64_log.jsonl")] for d in "ab"]
     assert losses[0] == losses[1]
+
+
+def test_cache_features_script_prebuilds_what_training_reads(toy_data, tower_dir, tmp_path):
+    cache = tmp_path / "cache"
+    data_path, images = toy_data
+    build = [sys.executable, os.path.join(ROOT, "scripts", "cache_features.py"), "--data_path", data_path,
+             "--images_path", images, "--cache_dir", str(cache), "--vision_model_path", tower_dir, "--num_workers", "0"]
+    first = subprocess.run(build, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "0 already cached" in first.stdout and "12 to encode" in first.stdout and "MB on disk" in first.stdout
+    again = subprocess.run(build, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "12 already cached" in again.stdout and "0 to encode" in again.stdout
+    files = sorted(p.name for p in cache.rglob("*"))
+    train = run_script("train_pretrain_vlm.py", *common(toy_data, tower_dir, tmp_path / "out", from_weight="none",
+                                                        epochs=1, cache_features=cache))
+    assert ": 12 images cached" in train.stdout  # same tower identity, dtype and keys as the trainer's
+    assert sorted(p.name for p in cache.rglob("*")) == files  # training had nothing left to encode
