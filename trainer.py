@@ -293,7 +293,8 @@ def train(args):
     # (seed, epoch) cut into global batches of batch_size * world, so a resume skips `samples_seen`
     # *global* samples and continues at the right sample even with a different number of processes.
     sampler = ResumableBatchSampler(dataset.lengths, args.batch_size, args.seed, shuffle=True,
-                                    group_by_length=bool(args.group_by_length), rank=rank, world_size=world)
+                                    group_by_length=bool(args.group_by_length), rank=rank, world_size=world,
+                                    accumulation_steps=args.accumulation_steps)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
                         collate_fn=functools.partial(collate_batch, pad_id=tokenizer.pad_token_id or 0,
                                                      pad_to=args.max_seq_len if args.pad_to_max_len else 0),

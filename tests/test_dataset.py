@@ -153,6 +153,10 @@ def test_length_grouped_batches_come_in_random_order_not_long_to_short():
     means = [sum(lengths[i] for i in b) / len(b) for b in sampler]
     descending = sum(a > b for a, b in zip(means, means[1:])) / (len(means) - 1)
     assert 0.3 < descending < 0.7  # sorted order would give ~0.96
+    # Accumulation does not change the order: batch 2 x 2 steps sees what batch 4 sees.
+    accumulated = ResumableBatchSampler(lengths, batch_size=2, seed=0, megabatch_mult=25, accumulation_steps=2)
+    accumulated.set_epoch(0)
+    assert [i for b in accumulated for i in b] == [i for b in sampler for i in b]
 
 
 def test_sampler_ranks_partition_the_epoch_and_resume_continues_at_the_same_sample():
