@@ -191,8 +191,9 @@ class VLMDataset(Dataset):
 
 def collate_batch(items, pad_id=0, pad_to=0):
     """Pads to the longest sample of *this* batch (right padding), or to `pad_to` if that is longer
-    (fixed shapes), and stacks every image of the batch in placeholder order. Skipped samples are dropped and counted; an all-skipped batch becomes one
-    unsupervised pad token so every rank still runs a step (no DDP hang)."""
+    (fixed shapes), and stacks every image of the batch in placeholder order. Skipped samples are
+    dropped and counted; an all-skipped batch becomes one unsupervised pad token so every rank
+    still runs a step (no DDP hang)."""
     skipped = [it["skip"] for it in items if "skip" in it]
     items = [it for it in items if "skip" not in it]
     if not items:

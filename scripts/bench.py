@@ -243,7 +243,8 @@ def main():
         data_root = os.path.join(work, "data")
         make_data(data_root, args.n_images, sft=False)
         make_data(data_root, args.n_images, sft=True)  # the same images, so SFT's warm cache is warm
-        runs = [("pretrain", False, False, "pretrain, original-style"), ("pretrain", False, False, "pretrain, cache off"), ("pretrain", True, False, "pretrain, cache cold"),
+        runs = [("pretrain", False, False, "pretrain, original-style"),
+                ("pretrain", False, False, "pretrain, cache off"), ("pretrain", True, False, "pretrain, cache cold"),
                 ("pretrain", True, False, "pretrain, cache warm"), ("sft", False, False, "sft, cache off"),
                 ("sft", True, False, "sft, cache warm")]
         if args.compile:
