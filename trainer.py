@@ -281,7 +281,7 @@ def train(args):
     cache = None
     if args.cache_features:
         cache_dir = os.path.join(args.out_dir, "feature_cache") if args.cache_features == "auto" else args.cache_features
-        cache = open_cache_for(model, processor, cache_dir)
+        cache = open_cache_for(model.vision_encoder, processor, cache_dir)
         if is_main:
             print(f"feature cache {cache.dir}: {len(cache)} images cached")
     dataset = VLMDataset(args.data_path, args.images_path, tokenizer, processor, config.image_token_id,

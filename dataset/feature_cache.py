@@ -99,11 +99,11 @@ class FeatureCache:
         return sum(os.path.getsize(os.path.join(self.dir, f)) for f in os.listdir(self.dir))
 
 
-def open_cache_for(model, processor, cache_dir):
-    """The cache that belongs to this model's vision tower."""
-    tower = model.vision_encoder
-    return FeatureCache(cache_dir, tower_identity(tower, processor), model.config.image_token_count,
-                        tower.config.hidden_size)
+def open_cache_for(tower, processor, cache_dir):
+    """The cache that belongs to this vision tower (in the dtype it runs in): its rows are the
+    tower's patch tokens, [(image_size / patch_size)^2, hidden_size]."""
+    n_tokens = (tower.config.image_size // tower.config.patch_size) ** 2
+    return FeatureCache(cache_dir, tower_identity(tower, processor), n_tokens, tower.config.hidden_size)
 
 
 def encode_with_cache(model, cache, pixel_values, image_paths, cached):

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from dataset.feature_cache import FeatureCache, tower_identity  # noqa: E402
+from dataset.feature_cache import open_cache_for  # noqa: E402
 from dataset.lm_dataset import parse_line  # noqa: E402
 from model.model_vlm import load_vision_tower, tower_features  # noqa: E402
 
@@ -92,7 +92,7 @@ def main():
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
     processor = AutoImageProcessor.from_pretrained(args.vision_model_path)
-    cache = FeatureCache(args.cache_dir, tower_identity(tower, processor), 196, tower.config.hidden_size)
+    cache = open_cache_for(tower, processor, args.cache_dir)  # the trainer's call: same identity and row shape
     mine = list(where)[rank::world]
     todo = [path for path in mine if cache.lookup(path) is None]
     print(f"{len(where)} images in {args.data_path}" + (f", {len(mine)} of them on rank {rank}" if world > 1 else "")

@@ -74,7 +74,7 @@ def main():
     a = p.parse_args()
     from transformers import AutoImageProcessor
     from PIL import Image
-    from model.model_vlm import load_vision_tower
+    from model.model_vlm import load_vision_tower, tower_features
     items = one_object_images(a.data_dir, a.n)  # before loading the tower: a data problem shows at once
     tower, processor = load_vision_tower(a.vision_model_path), AutoImageProcessor.from_pretrained(a.vision_model_path)
     if len(items) < 50:
@@ -85,8 +85,7 @@ def main():
         batch = items[b:b + 64]
         pixels = processor(images=[Image.open(path).convert("RGB") for path, *_ in batch],
                            return_tensors="pt")["pixel_values"]
-        with torch.no_grad():
-            tokens = tower(pixel_values=pixels).last_hidden_state[:, 1:]  # [B, 196, C]
+        tokens = tower_features(tower, pixels)  # [B, 196, C]
         means.append(tokens.mean(1))
         for i, (_, _, _, cell) in enumerate(batch):
             row, col = divmod(CELLS.index(cell), 3)

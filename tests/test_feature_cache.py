@@ -18,11 +18,11 @@ def pixels_of(processor, path):
 def test_cached_features_equal_freshly_computed_ones(tiny_vlm, processor, tmp_path):
     write_image(tmp_path / "a.png", "red")
     path = str(tmp_path / "a.png")
-    cache = open_cache_for(tiny_vlm, processor, str(tmp_path / "cache"))
+    cache = open_cache_for(tiny_vlm.vision_encoder, processor, str(tmp_path / "cache"))
     px = pixels_of(processor, path)
     fresh = tiny_vlm.encode_images(px)[0]
     cold = encode_with_cache(tiny_vlm, cache, px, [path], [None])  # encodes and stores
-    reopened = open_cache_for(tiny_vlm, processor, str(tmp_path / "cache"))  # a later run
+    reopened = open_cache_for(tiny_vlm.vision_encoder, processor, str(tmp_path / "cache"))  # a later run
     stored = reopened.lookup(path)
     assert stored is not None and len(reopened) == 1
     assert torch.equal(stored, fresh.half()) and torch.equal(cold[0], stored)
@@ -33,7 +33,7 @@ def test_cached_features_equal_freshly_computed_ones(tiny_vlm, processor, tmp_pa
 def test_a_changed_image_misses_the_cache(tiny_vlm, processor, tmp_path):
     path = str(tmp_path / "a.png")
     write_image(path, "red")
-    cache = open_cache_for(tiny_vlm, processor, str(tmp_path / "cache"))
+    cache = open_cache_for(tiny_vlm.vision_encoder, processor, str(tmp_path / "cache"))
     encode_with_cache(tiny_vlm, cache, pixels_of(processor, path), [path], [None])
     assert cache.lookup(path) is not None
     time.sleep(0.01)
