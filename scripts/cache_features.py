@@ -101,15 +101,19 @@ def main():
                         pin_memory=args.device.startswith("cuda"))
     autocast = torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
     done, t0 = 0, time.time()
-    for batch in loader:
-        with autocast:
-            features = tower_features(tower, batch.to(args.device)).to(torch.float16)  # [N, 196, C]
-        for features_of_one in features:
-            cache.add(todo[done], features_of_one)
-            done += 1
-        rate = done / max(time.time() - t0, 1e-9)
-        print(f"\rencoded {done}/{len(todo)} images, {rate:.1f}/s, eta {(len(todo) - done) / rate:.0f}s",
-              end="", flush=True)
+    try:
+        for batch in loader:
+            with autocast:
+                features = tower_features(tower, batch.to(args.device)).to(torch.float16)  # [N, 196, C]
+            for features_of_one in features:
+                cache.add(todo[done], features_of_one)
+                done += 1
+            rate = done / max(time.time() - t0, 1e-9)
+            print(f"\rencoded {done}/{len(todo)} images, {rate:.1f}/s, eta {(len(todo) - done) / rate:.0f}s",
+                  end="", flush=True)
+    except ValueError as e:  # an unreadable image; from a worker, the message's last line is ours
+        sys.exit(f"\nerror: {str(e).strip().splitlines()[-1].removeprefix('ValueError: ')}\n"
+                 f"The {done} images encoded before it stay in the cache: fix or remove it and rerun.")
     if todo:
         print()
     size = cache.disk_bytes()

@@ -103,3 +103,15 @@ def test_cache_features_script_prebuilds_what_training_reads(toy_data, tower_dir
                                                         epochs=1, cache_features=cache))
     assert ": 12 images cached" in train.stdout  # same tower identity, dtype and keys as the trainer's
     assert sorted(p.name for p in cache.rglob("*")) == files  # training had nothing left to encode
+
+
+def test_cache_features_script_names_the_line_of_an_unreadable_image(tower_dir, tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    line = '{"conversations": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "a"}], ' \
+           '"image": "bad.png"}\n'
+    (tmp_path / "d.jsonl").write_text(line)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "cache_features.py"), "--data_path",
+                           str(tmp_path / "d.jsonl"), "--images_path", str(tmp_path), "--cache_dir",
+                           str(tmp_path / "cache"), "--vision_model_path", tower_dir, "--num_workers", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "d.jsonl:1: cannot read image" in proc.stderr and "Traceback" not in proc.stderr
