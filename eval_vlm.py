@@ -2,7 +2,7 @@
 
   folder (default)  ask --prompt about every image in --image_dir (or just --image), streaming answers
   --chat            a multi-turn terminal conversation about one image (/image PATH, /clear, /quit)
-  --bench FILE      greedy exact-match accuracy on an SFT-format jsonl; the last stdout line is
+  --bench FILE      greedy exact-match accuracy on SFT-format data (jsonl + images, or parquet); the last line is
                     `accuracy=0.913 n=300`. --blind swaps every image for a blank one: the no-vision baseline.
 
 Scoring is importable (normalize, score, run_benchmark) so other scripts and the tests share it.
@@ -17,7 +17,8 @@ from collections import defaultdict
 
 from PIL import Image
 
-from dataset.lm_dataset import IMAGE_TAG, parse_line
+from dataset.images import ImageError, open_image
+from dataset.samples import IMAGE_TAG, open_source
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 BLANK = (128, 128, 128)  # mid-grey is ~CLIP's mean pixel: after normalisation the image is almost all zeros
@@ -55,60 +56,55 @@ def format_summary(summary):
     return "\n".join(lines)
 
 
-def read_questions(path, images_path, limit=0):
+def read_questions(path, images_path=None, limit=0):
     """One question per non-empty assistant turn: the model gets the *reference* history before the
-    turn, so a multi-turn sample is scored turn by turn, never on its own earlier mistakes."""
-    if not os.path.isfile(path):
-        raise ValueError(f"benchmark file {path} not found")
-    questions, n_samples = [], 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    turn, so a multi-turn sample is scored turn by turn, never on its own earlier mistakes.
+    The data is jsonl + images or parquet, read by the training data reader (dataset/samples.py)."""
+    try:
+        source = open_source(path, images_path)
+    except FileNotFoundError as e:
+        raise ValueError(str(e).replace("data file", "benchmark file").replace("--data_path", "--bench")) from None
+    if source.n_bad:
+        raise ValueError(source.bad[0])
+    questions = []
+    for i in range(min(len(source), limit) if limit else len(source)):
+        sample = source.get(i)  # raises SampleError (a ValueError) naming file and row
+        names = [os.path.basename(s) if isinstance(s, str) else f"embedded image {k + 1}"
+                 for k, s in enumerate(sample.images)]
+        for j, turn in enumerate(sample.messages):
+            if turn["role"] != "assistant" or not turn["content"].strip() or j == 0:
                 continue
-            if limit and n_samples >= limit:
-                break
-            where = f"{path}:{lineno}"
-            try:
-                conv, names = parse_line(line)
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
-            paths = [os.path.join(images_path, name) for name in names]
-            for p in paths:
-                if not os.path.isfile(p):
-                    raise ValueError(f"{where}: image {p} not found (check --images_path)")
-            qtype = str(json.loads(line).get("type") or "all")
-            n_samples += 1
-            for j, turn in enumerate(conv):
-                if turn["role"] != "assistant" or not turn["content"].strip() or j == 0:
-                    continue
-                history = conv[:j]
-                n_tags = sum(m["content"].count(IMAGE_TAG) for m in history)  # images shown so far
-                users = [m["content"] for m in history if m["role"] == "user"]
-                questions.append({"line": lineno, "turn": j, "history": history, "image_paths": paths[:n_tags],
-                                  "images": names[:n_tags],
-                                  "question": users[-1].replace(IMAGE_TAG, "").strip() if users else "",
-                                  "reference": turn["content"], "type": qtype, "where": where})
+            history = sample.messages[:j]
+            n_tags = sum(m["content"].count(IMAGE_TAG) for m in history)  # images shown so far
+            users = [m["content"] for m in history if m["role"] == "user"]
+            questions.append({"where": sample.where, "turn": j, "history": history, "sources": sample.images[:n_tags],
+                              "images": names[:n_tags],
+                              "question": users[-1].replace(IMAGE_TAG, "").strip() if users else "",
+                              "reference": turn["content"], "type": sample.type})
     return questions
 
 
-def load_images(paths, blind=False, where=""):
+def load_images(sources, blind=False, where=""):
+    """Image files or bytes -> RGB images through the one opener training uses; --blind swaps each
+    for a blank one of the same size."""
     try:
-        images = [Image.open(p).convert("RGB") for p in paths]
-    except OSError as e:
-        raise ValueError(f"{where}: cannot read image: {e}") from None
+        images = [open_image(s) for s in sources]
+    except ImageError as e:
+        raise ValueError(f"{where}: cannot read image: {e}" if where else str(e)) from None
     return [Image.new("RGB", im.size, BLANK) for im in images] if blind else images
 
 
-def run_benchmark(chat, path, images_path, blind=False, limit=0, batch_size=32, max_new_tokens=16, progress=True):
+def run_benchmark(chat, path, images_path=None, blind=False, limit=0, batch_size=32, max_new_tokens=16,
+                  progress=True):
     """-> (summary, rows). Greedy, batched through VLMChat.answer_batch; images are read per batch."""
     questions = read_questions(path, images_path, limit)
     # Batch similar-length prompts together (less left padding); results go back in file order.
-    order = sorted(range(len(questions)), key=lambda i: (len(questions[i]["image_paths"]),
+    order = sorted(range(len(questions)), key=lambda i: (len(questions[i]["sources"]),
                                                          sum(len(m["content"]) for m in questions[i]["history"])))
     predictions = [None] * len(questions)
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
-        convs = [(questions[i]["history"], load_images(questions[i]["image_paths"], blind, questions[i]["where"]))
+        convs = [(questions[i]["history"], load_images(questions[i]["sources"], blind, questions[i]["where"]))
                  for i in idx]
         for i, answer in zip(idx, chat.answer_batch(convs, max_new_tokens=max_new_tokens)):
             predictions[i] = answer.strip()
@@ -116,7 +112,7 @@ def run_benchmark(chat, path, images_path, blind=False, limit=0, batch_size=32, 
             print(f"scored {min(b + batch_size, len(questions))}/{len(questions)}", file=sys.stderr, flush=True)
     summary = score(predictions, [q["reference"] for q in questions], [q["type"] for q in questions])
     summary.update(bench=path, blind=bool(blind), limit=limit)
-    rows = [{"line": q["line"], "turn": q["turn"], "type": q["type"], "image": ", ".join(q["images"]),
+    rows = [{"where": q["where"], "turn": q["turn"], "type": q["type"], "image": ", ".join(q["images"]),
              "question": q["question"], "reference": q["reference"], "prediction": p,
              "correct": normalize(p) == normalize(q["reference"])} for q, p in zip(questions, predictions)]
     return summary, rows
@@ -222,8 +218,9 @@ def main(argv=None):
     a("--image", default=None, help="one image: folder mode answers just it; --chat starts with it")
     a("--prompt", default="Describe the image.", help="folder mode question; <image>\\n is prepended if absent")
     a("--chat", action="store_true", help="interactive multi-turn chat")
-    a("--bench", default=None, help="SFT-format jsonl to score (exact match, optional per-sample \"type\")")
-    a("--images_path", default=None, help="--bench image folder (default: images/ next to the jsonl)")
+    a("--bench", default=None, help="SFT-format data to score: a jsonl or parquet (exact match; an optional "
+                                    "per-sample \"type\" field or column gives per-type scores)")
+    a("--images_path", default=None, help="--bench with a jsonl: its image folder (default: images/ next to it)")
     a("--blind", action="store_true", help="--bench with every image replaced by a blank one")
     a("--limit", type=int, default=0, help="--bench: first N samples only (0 = all)")
     a("--batch_size", type=int, default=32, help="--bench questions per generation batch")
@@ -235,7 +232,7 @@ def main(argv=None):
     model, tokenizer, processor = load_model(args)
     chat = VLMChat(model, tokenizer, processor)
     if args.bench:
-        images_path = args.images_path or os.path.join(os.path.dirname(args.bench), "images")
+        images_path = args.images_path or os.path.join(os.path.dirname(args.bench), "images")  # ignored for parquet
         try:
             summary, rows = run_benchmark(chat, args.bench, images_path, args.blind, args.limit,
                                           args.batch_size, args.max_new_tokens)

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from dataset.feature_cache import encode_with_cache, open_cache_for
 from dataset.lm_dataset import VLMDataset, collate_batch, resolve_image_token_id
+from dataset.samples import open_source
 from dataset.sampler import ResumableBatchSampler
 from model.inference import weight_path
 from model.model_minimind import count_llm_params
@@ -36,8 +37,11 @@ FREEZE_HELP = "0: projection + whole LLM; 1: projection + last LLM layer; 2: pro
 def build_parser(description, **defaults):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--data_path", help="jsonl file of conversations")
-    a("--images_path", help="folder the jsonl's image names are relative to")
+    a("--data_path", help="training data: a .jsonl file (with --images_path), or parquet in the released "
+                          "schema: a .parquet file, a folder of them or a glob (images inside)")
+    a("--images_path", help="jsonl only: the folder its image names are relative to")
+    a("--allow_outside_images", type=int, default=0, choices=[0, 1],
+      help="let jsonl image names leave --images_path ('../x.png', absolute paths); off, such a name is a bad sample")
     a("--out_dir", default="out", help="where weights, resume files and logs go")
     a("--epochs", type=int)
     a("--batch_size", type=int, help="samples per process per micro-step")
@@ -113,6 +117,14 @@ def setup_distributed(args):
         torch.cuda.set_device(args.device)
     dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def open_data(data_path, images_path, allow_outside_images):
+    """The sample reader, printing progress while a parquet file is made randomly accessible (once)."""
+    def progress(path, done, total):
+        print(f"\rpreparing {path} for random access (once): {done}/{total} rows", end="\n" if done == total else "",
+              flush=True)
+    return open_source(data_path, images_path, allow_outside_images, progress=progress)
 
 
 def ignore_sigint(_worker_id):
@@ -285,9 +297,13 @@ def train(args):
         if is_main:
             print(f"feature cache {cache.dir}: {len(cache)} images cached")
     dataset = VLMDataset(args.data_path, args.images_path, tokenizer, processor, config.image_token_id,
-                         config.image_token_count, args.max_seq_len, bool(args.skip_bad_samples), cache)
-    if is_main and dataset.bad:
-        print(f"skipped {len(dataset.bad)} bad lines of {args.data_path}, e.g. {dataset.bad[0]}")
+                         config.image_token_count, args.max_seq_len, bool(args.skip_bad_samples), cache,
+                         source=open_data(args.data_path, args.images_path, bool(args.allow_outside_images)))
+    if is_main:
+        source = dataset.source
+        print(f"{args.data_path}: {len(source)} samples" + (f", {source.n_text_only} of them text-only"
+                                                              if source.n_text_only else "")
+              + (f"; skipped {source.n_bad} bad ones, e.g. {source.bad[0]}" if source.n_bad else ""), flush=True)
     # Our sampler plays DistributedSampler's role (each rank its own slice of every global batch,
     # set_epoch reshuffles) but is kept instead of it: the order is one global permutation per
     # (seed, epoch) cut into global batches of batch_size * world, so a resume skips `samples_seen`
@@ -372,7 +388,7 @@ def train(args):
                 with engine.micro_step(last_micro=j == len(micro_batches) - 1):
                     if cache is not None:
                         with engine.autocast:  # the tower in the training dtype, as inside the model's forward
-                            images = {"image_features": encode_with_cache(model, cache, pixels, batch["image_paths"],
+                            images = {"image_features": encode_with_cache(model, cache, pixels, batch["image_keys"],
                                                                           batch["cached"])}
                     else:
                         images = {"pixel_values": pixels}

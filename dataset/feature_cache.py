@@ -8,8 +8,9 @@ that are memory-mapped for reading:
     {cache_dir}/{tower_id}/{shard}.idx     one JSON line per row: {"key": ..., "row": n}
 
 `tower_id` hashes the tower's config, weights and image-processor settings, so a different tower
-never reads stale features. A key is the image's absolute path + size + mtime, so an edited
-image misses and is re-encoded. Every writer (process) appends to its own shard, so two DDP ranks
+never reads stale features. An image file's key is its absolute path + size + mtime, so an edited
+image misses and is re-encoded; an image embedded in parquet has no path, so its key is a hash
+of its bytes (the same picture in the pretrain and the SFT file is encoded once). Every writer (process) appends to its own shard, so two DDP ranks
 or two runs never write the same file; a row counts only once its index line is complete, so a
 kill mid-write loses at most that row.
 """
@@ -33,9 +34,12 @@ def tower_identity(tower, processor):
     return h.hexdigest()
 
 
-def image_key(path):
-    st = os.stat(path)
-    return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+def image_key(source):
+    """The cache key of an image source: a file path, or the encoded bytes themselves."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "blake2b:" + hashlib.blake2b(source, digest_size=16).hexdigest()
+    st = os.stat(source)
+    return f"{os.path.abspath(source)}|{st.st_size}|{st.st_mtime_ns}"
 
 
 class FeatureCache:
@@ -67,9 +71,8 @@ class FeatureCache:
     def __len__(self):
         return len(self.index)
 
-    def lookup(self, path):
-        """Cached features [196, C] (float16) for an image file, or None."""
-        key = image_key(path)
+    def lookup(self, key):
+        """Cached features [n_tokens, C] (float16) for an image_key, or None."""
         if key not in self.index:
             return None
         shard, row = self.index[key]
@@ -79,8 +82,8 @@ class FeatureCache:
                                          shape=(n_rows, *self.row_shape))
         return torch.from_numpy(np.array(self.maps[shard][row]))
 
-    def add(self, path, features):
-        """Append one image's features [196, C] to this process's own shard."""
+    def add(self, key, features):
+        """Append one image's features [n_tokens, C] to this process's own shard."""
         if self.writer is None:
             shard = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # one writer per shard
             self.writer = (shard, open(os.path.join(self.dir, shard + ".bin"), "ab"),
@@ -89,9 +92,9 @@ class FeatureCache:
         shard, bin_f, idx_f = self.writer
         bin_f.write(features.detach().to(torch.float16).cpu().contiguous().numpy().tobytes())
         bin_f.flush()  # the row is on disk before the index line that makes it visible
-        idx_f.write(json.dumps({"key": image_key(path), "row": self.writer_rows}) + "\n")
+        idx_f.write(json.dumps({"key": key, "row": self.writer_rows}) + "\n")
         idx_f.flush()
-        self.index[image_key(path)] = (shard, self.writer_rows)
+        self.index[key] = (shard, self.writer_rows)
         self.maps.pop(shard, None)
         self.writer_rows += 1
 
@@ -106,7 +109,7 @@ def open_cache_for(tower, processor, cache_dir):
     return FeatureCache(cache_dir, tower_identity(tower, processor), n_tokens, tower.config.hidden_size)
 
 
-def encode_with_cache(model, cache, pixel_values, image_paths, cached):
+def encode_with_cache(model, cache, pixel_values, image_keys, cached):
     """Image features [N, 196, C] (float16) for a batch: rows the loader found in the cache, the
     rest encoded now and appended to it. Fresh features are rounded to fp16 like cached ones, so a
     run computes the same thing whether the cache was cold or warm.
@@ -120,7 +123,7 @@ def encode_with_cache(model, cache, pixel_values, image_paths, cached):
     out, j = None, 0
     for i, f in enumerate(cached):
         if f is None:
-            cache.add(image_paths[i], fresh[j])
+            cache.add(image_keys[i], fresh[j])
             f, j = fresh[j], j + 1
         if out is None:  # filled row by row: torch.stack of fp16 is refused under CPU autocast
             out = torch.empty(len(cached), *f.shape, dtype=torch.float16, device=pixel_values.device)

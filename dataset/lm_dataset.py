@@ -1,22 +1,18 @@
-"""The jsonl + image-folder data pipeline, in the released MiniMind-V format.
+"""Samples -> training tensors: chat rendering, the loss mask, images and batching.
 
-One sample per line:
-    {"conversations": [{"role": "user", "content": "<image>\\nWhat is this?"},
-                       {"role": "assistant", "content": "A cat."}],
-     "image": "a.jpg, b.jpg"}
-Each `<image>` tag, in order, takes the next comma-separated image from `--images_path` and
-becomes `image_token_count` placeholder tokens whose embeddings the model overwrites.
-Only assistant content and its end-of-turn token are supervised.
+The samples come from dataset/samples.py (jsonl + image folder, or parquet), their pixels from
+dataset/images.py. Each `<image>` tag becomes `image_token_count` placeholder tokens whose
+embeddings the model overwrites with that image's features. Only assistant content and its
+end-of-turn token are supervised.
 """
-import json
-import os
 import re
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-IMAGE_TAG = "<image>"
+from .feature_cache import image_key
+from .images import ImageError, open_image, to_pixels
+from .samples import IMAGE_TAG, SampleError, open_source
 
 
 def resolve_image_token_id(tokenizer, image_token_id=-1):
@@ -86,106 +82,73 @@ class ChatEncoder:
         return self.tokenize(self.render(messages, add_generation_prompt=True))
 
 
-def parse_line(line):
-    """One jsonl line -> (messages, image names). Raises ValueError saying what is wrong."""
-    try:
-        sample = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
-    conv = sample.get("conversations") if isinstance(sample, dict) else None
-    if not isinstance(conv, list) or not conv:
-        raise ValueError('empty or missing "conversations" list')
-    for turn in conv:
-        if not isinstance(turn, dict) or turn.get("role") not in ("system", "user", "assistant") \
-                or not isinstance(turn.get("content"), str):
-            raise ValueError(f'each turn needs "role" (system/user/assistant) and string "content", got {turn!r:.80}')
-    if not any(t["role"] == "assistant" and t["content"].strip() for t in conv):
-        raise ValueError("no non-empty assistant turn: nothing to learn from")
-    images = [s.strip() for s in str(sample.get("image") or "").split(",") if s.strip()]
-    n_tags = sum(t["content"].count(IMAGE_TAG) for t in conv)
-    if n_tags != len(images):
-        raise ValueError(f"{n_tags} {IMAGE_TAG} tags but {len(images)} images in \"image\"")
-    return conv, images
-
-
 class VLMDataset(Dataset):
-    """Samples from one jsonl file. Lines are validated up front, so a bad line fails (or, with
-    skip_bad_samples, is dropped and counted) before training starts, naming file and line."""
+    """Tokenized samples with their images' pixels (or cached features), from a jsonl + image
+    folder or parquet (see dataset/samples.py). A bad sample stops with "where: reason" and the
+    fix, or, with skip_bad_samples, is left out and counted: lines and rows the reader can check
+    up front are dropped before training (`source.bad`); one that fails when used (an unreadable
+    image, a row whose JSON does not parse) comes back as {"skip": reason}, which the collate
+    function drops and counts."""
 
-    def __init__(self, jsonl_path, images_path, tokenizer, image_processor, image_token_id,
-                 image_token_count=196, max_seq_len=640, skip_bad_samples=False, feature_cache=None):
-        self.path, self.images_path, self.max_seq_len = jsonl_path, images_path, max_seq_len
+    def __init__(self, data_path, images_path, tokenizer, image_processor, image_token_id,
+                 image_token_count=196, max_seq_len=640, skip_bad_samples=False, feature_cache=None,
+                 allow_outside_images=False, source=None):
+        self.source = source or open_source(data_path, images_path, allow_outside_images)
+        self.path, self.max_seq_len = data_path, max_seq_len
         self.feature_cache = feature_cache  # a FeatureCache: return stored features instead of pixels
         self.processor, self.skip_bad_samples = image_processor, skip_bad_samples
         self.encoder = ChatEncoder(tokenizer, image_token_id, image_token_count)
-        self.samples, self.bad = [], []  # samples: (line number, messages, image paths)
-        if not os.path.isfile(jsonl_path):
-            raise FileNotFoundError(f"data file {jsonl_path} not found (set --data_path)")
-        with open(jsonl_path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    conv, images = parse_line(line)
-                    paths = [os.path.join(images_path, name) for name in images]
-                    for p in paths:
-                        if not os.path.isfile(p):
-                            raise ValueError(f"image {p} not found (check --images_path)")
-                except ValueError as e:
-                    self._bad(lineno, str(e))
-                    continue
-                self.samples.append((lineno, conv, paths))
-        if not self.samples:
-            raise ValueError(f"{jsonl_path}: no usable samples")
-        # Cheap length estimate for length-grouped batching: ~1 token per 2 characters plus images.
-        self.lengths = [sum(len(t["content"]) for t in conv) // 2 + len(paths) * image_token_count
-                        for _, conv, paths in self.samples]
+        if self.source.n_bad and not skip_bad_samples:
+            raise ValueError(f"{self.source.bad[0]}. Fix it, or pass --skip_bad_samples 1 to skip such samples"
+                             + (f" ({self.source.n_bad} in all)" if self.source.n_bad > 1 else ""))
+        if not len(self.source):
+            raise ValueError(f"{data_path}: no usable samples")
+        self.lengths = self.source.lengths(image_token_count)  # for length-grouped batching
 
-    def _bad(self, lineno, reason):
-        where = f"{self.path}:{lineno}: {reason}"
-        if not self.skip_bad_samples:
-            raise ValueError(f"{where}. Fix the line, or pass --skip_bad_samples 1 to skip such samples.")
-        self.bad.append(where)
+    @property
+    def bad(self):
+        return self.source.bad
 
     def __len__(self):
-        return len(self.samples)
+        return len(self.source)
 
-    def load_images(self, paths, lineno):
-        try:
-            images = [Image.open(p).convert("RGB") for p in paths]
-        except OSError as e:
-            raise ValueError(f"{self.path}:{lineno}: cannot read image: {e}") from None
-        return self.processor(images=images, return_tensors="pt")["pixel_values"]  # [n, 3, 224, 224]
+    def _fail(self, message):
+        if not self.skip_bad_samples:
+            raise ValueError(f"{message}. Fix it, or pass --skip_bad_samples 1 to skip such samples.")
+        return {"skip": message}
 
     def __getitem__(self, i):
         """A dict, or a dict with "skip" giving the reason when the sample cannot be used."""
-        lineno, conv, paths = self.samples[i]
-        ids, labels = self.encoder.encode(conv)
+        try:
+            sample = self.source.get(i)
+        except SampleError as e:
+            return self._fail(str(e))
+        ids, labels = self.encoder.encode(sample.messages)
         if len(ids) > self.max_seq_len:
             cut = self.max_seq_len
             # Cutting must keep every placeholder run whole (else features misalign) and leave
             # something to predict; otherwise the sample is skipped, never silently mangled.
             if self.encoder.image_token_id in ids[cut:] or all(l == -100 for l in labels[1:cut]):
-                return {"skip": f"{self.path}:{lineno}: {len(ids)} tokens do not fit --max_seq_len {cut}"}
+                return {"skip": f"{sample.where}: {len(ids)} tokens do not fit --max_seq_len {cut}"}
             ids, labels = ids[:cut], labels[:cut]
-        cached = [self.cached_features(p) for p in paths]
-        to_load = [p for p, f in zip(paths, cached) if f is None]
+        keys = [image_key(src) for src in sample.images] if self.feature_cache is not None else [None] * len(sample.images)
+        cached = [self.cached_features(k) for k in keys]
         try:
-            pixel_values = self.load_images(to_load, lineno) if to_load else torch.zeros(0, 3, 224, 224)
-        except ValueError as e:
-            if not self.skip_bad_samples:
-                raise
-            return {"skip": str(e)}
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixel_values,
-                "image_paths": paths, "cached": cached}
+            images = [open_image(src, name=f"image {n + 1}") for n, (src, f) in
+                      enumerate(zip(sample.images, cached)) if f is None]
+        except ImageError as e:
+            return self._fail(f"{sample.where}: cannot read image: {e}")
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+                "pixel_values": to_pixels(self.processor, images),  # [M, 3, H, W], the uncached images only
+                "image_keys": keys, "cached": cached}
 
-    def cached_features(self, path):
+    def cached_features(self, key):
         if self.feature_cache is None:
             return None
-        features = self.feature_cache.lookup(path)
+        features = self.feature_cache.lookup(key)
         if features is None:  # maybe the main process encoded it since this worker last looked
             self.feature_cache.refresh()
-            features = self.feature_cache.lookup(path)
+            features = self.feature_cache.lookup(key)
         return features
 
 
@@ -198,8 +161,10 @@ def collate_batch(items, pad_id=0, pad_to=0):
     items = [it for it in items if "skip" not in it]
     if not items:
         items = [{"input_ids": torch.tensor([pad_id]), "labels": torch.tensor([-100]),
-                  "pixel_values": torch.zeros(0, 3, 224, 224), "image_paths": [], "cached": []}]
+                  "pixel_values": None, "image_keys": [], "cached": []}]
     T = max(pad_to, *(len(it["input_ids"]) for it in items))
+    pixels = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
+    pixels = torch.cat(pixels) if pixels else torch.zeros(0, 3, 1, 1)  # an all-skipped batch has no images
     input_ids = torch.full((len(items), T), pad_id, dtype=torch.long)  # [B, T]
     labels = torch.full((len(items), T), -100, dtype=torch.long)
     attention_mask = torch.zeros((len(items), T), dtype=torch.long)
@@ -207,7 +172,7 @@ def collate_batch(items, pad_id=0, pad_to=0):
         n = len(it["input_ids"])
         input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = it["input_ids"], it["labels"], 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "pixel_values": torch.cat([it["pixel_values"] for it in items]),  # [M, 3, 224, 224], M <= N uncached
-            "image_paths": [p for it in items for p in it["image_paths"]],  # N, all images in placeholder order
+            "pixel_values": pixels,  # [M, 3, H, W]: the M <= N images not found in the feature cache
+            "image_keys": [k for it in items for k in it["image_keys"]],  # N feature-cache keys, placeholder order
             "cached": [f for it in items for f in it["cached"]],  # N cached features or None
             "n_samples": sum(1 for it in items if (it["labels"] != -100).any()), "skipped": skipped}

@@ -5,6 +5,7 @@ import sys
 
 import torch
 
+from dataset.images import to_pixels, to_rgb
 from dataset.lm_dataset import IMAGE_TAG, ChatEncoder, resolve_image_token_id
 from .model_vlm import MiniMindVLM, VLMConfig, infer_config_from_state_dict, load_weights
 
@@ -125,10 +126,10 @@ class VLMChat:
         self.device = next(model.parameters()).device
 
     def pixels(self, images):
+        """PIL images (from dataset.images.open_image, as in training) -> [N, 3, H, W] on the model's device."""
         if not images:
             return None
-        px = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
-        return px.to(self.device)
+        return to_pixels(self.processor, [to_rgb(im) for im in images]).to(self.device)
 
     def check(self, messages, images):
         n_tags = sum(m["content"].count(IMAGE_TAG) for m in messages)
@@ -207,35 +208,3 @@ def load_hf_dir(args):
         model.config.image_token_id = args.image_token_id
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     return model, tokenizer
-
-
-MAX_IMAGE_SIDE = 1024  # uploads are shrunk to this longest side first (CLIP then resizes to 224 anyway)
-
-
-def open_image(source, max_side=MAX_IMAGE_SIDE, name=None):
-    """A path, bytes or binary file object -> RGB PIL image, longest side at most max_side (EXIF
-    rotation applied). Anything that is not a decodable image -- another kind of file, a truncated
-    or corrupt image, a decompression bomb -- raises ValueError with a readable reason."""
-    import io
-    import warnings
-
-    from PIL import Image, ImageOps
-    label = name or (os.path.basename(source) if isinstance(source, str) else "the image")
-    fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(fp) as im:
-                im.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale straight away
-                im = ImageOps.exif_transpose(im).convert("RGB")  # decodes the whole image: errors show here
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise ValueError(f"{label} has too many pixels (at most {Image.MAX_IMAGE_PIXELS:,})") from None
-    except FileNotFoundError:
-        raise ValueError(f"{label} not found") from None
-    except Exception as e:  # PIL raises many kinds (UnidentifiedImageError, OSError, SyntaxError, ...)
-        if isinstance(e, Image.UnidentifiedImageError):
-            raise ValueError(f"{label} is not an image (use a JPEG, PNG, WebP, GIF or BMP picture)") from None
-        raise ValueError(f"{label} is a corrupt or truncated image ({e})") from None
-    if max(im.size) > max_side:
-        im.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
-    return im

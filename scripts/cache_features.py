@@ -1,12 +1,12 @@
 """Pre-build the frozen-feature cache that `--cache_features DIR` trains from.
 
-    python scripts/cache_features.py --data_path dataset/pretrain_data.jsonl \
-        --images_path dataset/pretrain_images --cache_dir out/feature_cache
+    python scripts/cache_features.py --data_path dataset/pretrain_i2t.parquet --cache_dir out/feature_cache
 
-Every image the jsonl names is encoded once by the vision tower and appended to the cache, exactly
+Every image the data names (or, in parquet, holds) is encoded once by the vision tower and appended to the cache, exactly
 as the first epoch of a training run with the same --vision_model_path and --dtype would store it
 (the cache is keyed by the tower's weights *in that dtype*). Images already cached are skipped, so
-the script can be stopped and rerun, or run once per jsonl into one shared DIR. Under torchrun
+the script can be stopped and rerun, or run once per data file into one shared DIR (an image
+embedded twice, in the pretrain and the SFT file, is encoded once). Under torchrun
 (or with RANK and WORLD_SIZE set) each process encodes its own slice into its own shard file.
 It costs about 300 KB per image at ViT-B/16 width (196 x 768 fp16): about 180 GB for the
 released pretrain set.
@@ -20,52 +20,48 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from dataset.feature_cache import open_cache_for  # noqa: E402
-from dataset.lm_dataset import parse_line  # noqa: E402
+from dataset.feature_cache import image_key, open_cache_for  # noqa: E402
+from dataset.images import ImageError, open_image, to_pixels  # noqa: E402
+from trainer import open_data  # noqa: E402
 from model.model_vlm import load_vision_tower, tower_features  # noqa: E402
 
 
-def images_of(jsonl_path, images_path):
-    """Unique image paths of a jsonl in first-seen order, each with the line that names it."""
-    if not os.path.isfile(jsonl_path):
-        sys.exit(f"error: data file {jsonl_path} not found (set --data_path)")
-    found = {}
-    with open(jsonl_path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                _, names = parse_line(line)
-            except ValueError as e:
-                sys.exit(f"error: {jsonl_path}:{lineno}: {e}")
-            for name in names:
-                found.setdefault(os.path.join(images_path, name), f"{jsonl_path}:{lineno}")
+def images_of(source):
+    """Unique images of the data in first-seen order: key -> (sample index, image position, where)."""
+    found, t0 = {}, time.time()
+    for i in range(len(source)):
+        sample = source.get(i)  # SampleError names the file and line or row
+        for k, src in enumerate(sample.images):
+            found.setdefault(image_key(src), (i, k, sample.where))
+        if time.time() - t0 > 2 and (i + 1) % 10000 == 0:
+            print(f"\rreading {source.path}: {i + 1}/{len(source)} samples", end="", flush=True)
     return found
 
 
 class Pixels(Dataset):
-    def __init__(self, paths, where, processor):
-        self.paths, self.where, self.processor = paths, where, processor
+    def __init__(self, source, todo, processor):
+        self.source, self.todo, self.processor = source, todo, processor  # todo: [(sample, image, where)]
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.todo)
 
-    def __getitem__(self, i):
+    def __getitem__(self, j):
+        i, k, where = self.todo[j]
         try:
-            image = Image.open(self.paths[i]).convert("RGB")
-        except OSError as e:
-            raise ValueError(f"{self.where[self.paths[i]]}: cannot read image: {e} (check --images_path)") from None
-        return self.processor(images=[image], return_tensors="pt")["pixel_values"][0]
+            image = open_image(self.source.get(i).images[k])
+        except ImageError as e:
+            raise ValueError(f"{where}: cannot read image: {e}") from None
+        return to_pixels(self.processor, [image])[0]
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--data_path", required=True, help="jsonl whose images to encode")
-    a("--images_path", required=True, help="folder the jsonl's image names are relative to")
+    a("--data_path", required=True, help="the training data whose images to encode: a jsonl, or parquet (a file, "
+                                         "a folder or a glob of shards)")
+    a("--images_path", help="jsonl only: the folder its image names are relative to")
     a("--cache_dir", default="out/feature_cache", help="the DIR of --cache_features DIR (default: the trainer's)")
     a("--vision_model_path", default="model/vision_model/clip-vit-base-patch16")
     a("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
@@ -78,11 +74,13 @@ def main():
     if args.device.startswith("cuda") and world > 1:
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
 
-    where = images_of(args.data_path, args.images_path)  # data errors first: they cost nothing to find
-    missing = [path for path in where if not os.path.isfile(path)]
-    if missing:
-        sys.exit(f"error: {where[missing[0]]}: image {missing[0]} not found (check --images_path); "
-                 f"{len(missing)} missing in all")
+    try:  # data errors first: they cost nothing to find
+        source = open_data(args.data_path, args.images_path, False)
+        if source.n_bad:
+            raise ValueError(f"{source.bad[0]}" + (f" ({source.n_bad} bad samples in all)" if source.n_bad > 1 else ""))
+        where = images_of(source)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
 
     from transformers import AutoImageProcessor
     dtype = getattr(torch, args.dtype)
@@ -94,10 +92,11 @@ def main():
     processor = AutoImageProcessor.from_pretrained(args.vision_model_path)
     cache = open_cache_for(tower, processor, args.cache_dir)  # the trainer's call: same identity and row shape
     mine = list(where)[rank::world]
-    todo = [path for path in mine if cache.lookup(path) is None]
+    todo = [key for key in mine if cache.lookup(key) is None]
     print(f"{len(where)} images in {args.data_path}" + (f", {len(mine)} of them on rank {rank}" if world > 1 else "")
           + f"; {len(mine) - len(todo)} already cached in {cache.dir}, {len(todo)} to encode", flush=True)
-    loader = DataLoader(Pixels(todo, where, processor), batch_size=args.batch_size, num_workers=args.num_workers,
+    loader = DataLoader(Pixels(source, [where[key] for key in todo], processor), batch_size=args.batch_size,
+                        num_workers=args.num_workers,
                         pin_memory=args.device.startswith("cuda"))
     autocast = torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
     done, t0 = 0, time.time()

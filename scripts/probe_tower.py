@@ -11,7 +11,6 @@ and prints held-out accuracy next to chance. Labels come from the pretrain capti
     python scripts/probe_tower.py --data_dir dataset/demo --vision_model_path out/demo/vision_tower
 """
 import argparse
-import json
 import os
 import re
 import sys
@@ -21,6 +20,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
 
+from dataset.images import open_image, to_pixels  # noqa: E402
+from dataset.samples import open_source  # noqa: E402
 from make_shapes_data import CELL_PHRASE, CELLS, COLORS, IMG, SHAPES  # noqa: E402
 
 PHRASE_TO_CELL = {CELL_PHRASE.get(c, f"at the {c}"): c for c in CELLS}
@@ -29,21 +30,21 @@ ONE_OBJECT = re.compile(r"There is 1 shape: a \w+ (\w+) (\w+) (.+)\.$")
 
 def one_object_images(data_dir, limit):
     """[(image path, colour, shape, cell)] from the captions of images with a single object."""
-    found, path = [], os.path.join(data_dir, "pretrain.jsonl")
-    if not os.path.isfile(path):
+    path = os.path.join(data_dir, "pretrain.jsonl")
+    try:
+        source = open_source(path, os.path.join(data_dir, "images"))  # the training data reader
+    except FileNotFoundError:
         sys.exit(f"error: {path} not found: generate the demo data first "
                  f"(python scripts/make_shapes_data.py --out_dir {data_dir}) or pass --data_dir")
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            try:
-                rec = json.loads(line)
-                caption = rec["conversations"][1]["content"]
-            except (ValueError, KeyError, IndexError, TypeError) as e:
-                sys.exit(f"error: {path}:{line_no}: not a shapes-world caption sample ({e!r}); regenerate the data")
-            m = ONE_OBJECT.match(caption)
-            if m and m.group(1) in COLORS and m.group(2) in SHAPES and m.group(3) in PHRASE_TO_CELL:
-                found.append((os.path.join(data_dir, "images", rec["image"]), m.group(1), m.group(2),
-                              PHRASE_TO_CELL[m.group(3)]))
+    if source.n_bad:
+        sys.exit(f"error: {source.bad[0]}; regenerate the data")
+    found = []
+    for i in range(len(source)):
+        sample = source.get(i)
+        m = ONE_OBJECT.match(sample.messages[-1]["content"])
+        if len(sample.images) == 1 and m and m.group(1) in COLORS and m.group(2) in SHAPES \
+                and m.group(3) in PHRASE_TO_CELL:
+            found.append((sample.images[0], m.group(1), m.group(2), PHRASE_TO_CELL[m.group(3)]))
     return found[:limit]
 
 
@@ -73,7 +74,6 @@ def main():
     p.add_argument("--n", type=int, default=900, help="one-object images to use (80%% fit, 20%% scored)")
     a = p.parse_args()
     from transformers import AutoImageProcessor
-    from PIL import Image
     from model.model_vlm import load_vision_tower, tower_features
     items = one_object_images(a.data_dir, a.n)  # before loading the tower: a data problem shows at once
     tower, processor = load_vision_tower(a.vision_model_path), AutoImageProcessor.from_pretrained(a.vision_model_path)
@@ -83,8 +83,7 @@ def main():
     grid = tower.config.image_size // tower.config.patch_size  # 14 patches a side
     for b in range(0, len(items), 64):
         batch = items[b:b + 64]
-        pixels = processor(images=[Image.open(path).convert("RGB") for path, *_ in batch],
-                           return_tensors="pt")["pixel_values"]
+        pixels = to_pixels(processor, [open_image(path) for path, *_ in batch])
         tokens = tower_features(tower, pixels)  # [B, 196, C]
         means.append(tokens.mean(1))
         for i, (_, _, _, cell) in enumerate(batch):

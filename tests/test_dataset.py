@@ -118,7 +118,7 @@ def test_bad_lines_name_file_and_line_or_are_skipped_and_counted(tmp_path, token
         make_dataset(path, str(tmp_path), tokenizer, processor)
     ds = make_dataset(path, str(tmp_path), tokenizer, processor, skip_bad_samples=True)
     assert len(ds) == 2 and len(ds.bad) == 1 and ds.bad[0].startswith(path + ":2:")
-    assert [lineno for lineno, _, _ in ds.samples] == [1, 3]  # nothing shifted
+    assert [ds.source.get(i).where for i in range(len(ds))] == [f"{path}:1", f"{path}:3"]  # nothing shifted
 
 
 def test_an_unreadable_image_names_the_line_or_is_skipped(tmp_path, tokenizer, processor):

@@ -131,7 +131,7 @@ def test_blind_feeds_blank_images_of_the_same_size(chat, tmp_path, monkeypatch):
 def test_limit_scores_only_the_first_samples(chat, tmp_path):
     path, images = write_bench(tmp_path, single_turn(7))
     summary, rows = run_benchmark(chat, path, images, limit=3, max_new_tokens=2, progress=False)
-    assert summary["n"] == 3 and [r["line"] for r in rows] == [1, 2, 3]
+    assert summary["n"] == 3 and [r["where"] for r in rows] == [f"{path}:{n}" for n in (1, 2, 3)]
     assert summary["per_type"]["color"]["n"] == 2 and summary["per_type"]["shape"]["n"] == 1
 
 
@@ -142,7 +142,8 @@ def test_each_assistant_turn_is_one_question_with_the_reference_history(chat, tm
     seen = spy_batches(chat, monkeypatch)
     summary, rows = run_benchmark(chat, path, images, batch_size=2, max_new_tokens=3, progress=False)
     assert summary["n"] == len(rows) == 4 and summary["per_type"]["all"]["n"] == 3
-    assert [(r["line"], r["reference"]) for r in rows] == [(1, "red"), (1, "square"), (1, "same"), (2, "1")]
+    assert [(r["where"], r["reference"]) for r in rows] == [(f"{path}:1", "red"), (f"{path}:1", "square"),
+                                                            (f"{path}:1", "same"), (f"{path}:2", "1")]
     assert rows[1]["question"] == "And the shape?" and rows[0]["image"] == "a.png" and rows[2]["image"] == "a.png, b.png"
     by_len = {len(messages): (messages, ims) for messages, ims in seen}
     messages, ims = by_len[3]  # the second question sees the *reference* first answer, not the model's

@@ -3,16 +3,15 @@ import os
 import time
 
 import torch
-from PIL import Image
-
-from dataset.feature_cache import FeatureCache, encode_with_cache, open_cache_for, tower_identity
+from dataset.feature_cache import FeatureCache, encode_with_cache, image_key, open_cache_for, tower_identity
+from dataset.images import open_image, to_pixels
 from model.model_vlm import MiniMindVLM, VLMConfig
 
 from conftest import TINY_LLM, write_image
 
 
 def pixels_of(processor, path):
-    return processor(images=[Image.open(path).convert("RGB")], return_tensors="pt")["pixel_values"]
+    return to_pixels(processor, [open_image(path)])
 
 
 def test_cached_features_equal_freshly_computed_ones(tiny_vlm, processor, tmp_path):
@@ -21,12 +20,12 @@ def test_cached_features_equal_freshly_computed_ones(tiny_vlm, processor, tmp_pa
     cache = open_cache_for(tiny_vlm.vision_encoder, processor, str(tmp_path / "cache"))
     px = pixels_of(processor, path)
     fresh = tiny_vlm.encode_images(px)[0]
-    cold = encode_with_cache(tiny_vlm, cache, px, [path], [None])  # encodes and stores
+    cold = encode_with_cache(tiny_vlm, cache, px, [image_key(path)], [None])  # encodes and stores
     reopened = open_cache_for(tiny_vlm.vision_encoder, processor, str(tmp_path / "cache"))  # a later run
-    stored = reopened.lookup(path)
+    stored = reopened.lookup(image_key(path))
     assert stored is not None and len(reopened) == 1
     assert torch.equal(stored, fresh.half()) and torch.equal(cold[0], stored)
-    warm = encode_with_cache(tiny_vlm, reopened, px[:0], [path], [stored])
+    warm = encode_with_cache(tiny_vlm, reopened, px[:0], [image_key(path)], [stored])
     assert torch.equal(warm, cold)
 
 
@@ -34,11 +33,11 @@ def test_a_changed_image_misses_the_cache(tiny_vlm, processor, tmp_path):
     path = str(tmp_path / "a.png")
     write_image(path, "red")
     cache = open_cache_for(tiny_vlm.vision_encoder, processor, str(tmp_path / "cache"))
-    encode_with_cache(tiny_vlm, cache, pixels_of(processor, path), [path], [None])
-    assert cache.lookup(path) is not None
+    encode_with_cache(tiny_vlm, cache, pixels_of(processor, path), [image_key(path)], [None])
+    assert cache.lookup(image_key(path)) is not None
     time.sleep(0.01)
     write_image(path, "blue", size=(60, 50))
-    assert cache.lookup(path) is None
+    assert cache.lookup(image_key(path)) is None
 
 
 def test_a_different_tower_has_a_different_identity(tiny_vlm, processor, tower_dir):
@@ -54,15 +53,15 @@ def test_two_writers_and_a_torn_index_line_never_corrupt_the_cache(tmp_path):
     a, b = FeatureCache(str(tmp_path), "t", 4, 2), FeatureCache(str(tmp_path), "t", 4, 2)
     for i in range(3):
         (tmp_path / f"{i}.png").write_bytes(b"x" * (i + 1))
-    a.add(str(tmp_path / "0.png"), torch.full((4, 2), 1.0))
-    b.add(str(tmp_path / "1.png"), torch.full((4, 2), 2.0))
-    a.add(str(tmp_path / "2.png"), torch.full((4, 2), 3.0))
+    a.add(image_key(str(tmp_path / "0.png")), torch.full((4, 2), 1.0))
+    b.add(image_key(str(tmp_path / "1.png")), torch.full((4, 2), 2.0))
+    a.add(image_key(str(tmp_path / "2.png")), torch.full((4, 2), 3.0))
     shard_a = a.writer[0]
     with open(os.path.join(a.dir, shard_a + ".idx"), "a") as f:
         f.write('{"key": "half-writ')  # a kill in the middle of an index line
     reader = FeatureCache(str(tmp_path), "t", 4, 2)
     assert len(reader) == 3 and len(os.listdir(a.dir)) == 4  # two shards, one per writer
-    assert [float(reader.lookup(str(tmp_path / f"{i}.png"))[0, 0]) for i in range(3)] == [1.0, 2.0, 3.0]
+    assert [float(reader.lookup(image_key(str(tmp_path / f"{i}.png")))[0, 0]) for i in range(3)] == [1.0, 2.0, 3.0]
 
 
 def test_compiled_and_eager_losses_agree(tiny_vlm):

@@ -1,0 +1,298 @@
+"""The one reader of training and benchmark data, for both released formats.
+
+jsonl + image folder (the 2025 release, and the easy way to bring your own data), one sample per line:
+    {"conversations": [{"role": "user", "content": "<image>\\nWhat is this?"},
+                       {"role": "assistant", "content": "A cat."}],
+     "image": "a.jpg, b.jpg"}
+parquet with the images inside (the release since 2025-12), one sample per row:
+    conversations  string: the same list of turns, as JSON
+    image_bytes    binary (one encoded image) or list<binary> (several)
+    type           optional string: the question type a benchmark reports per type
+A path ending in .parquet, a folder of *.parquet shards or a glob of them selects parquet.
+
+Each `<image>` tag, in order, takes the next image. A parquet row without any tag is a text-only
+sample: the release stores an 8x8 placeholder image in such rows, which is ignored.
+
+Both readers give the same `Sample`s: messages, image sources (paths or bytes) and `where`
+("file:line 12" or "file:row 7", 1-based lines, 0-based rows as any parquet tool shows them).
+jsonl is validated line by line when opened. A parquet table stays in Arrow, memory-mapped: only
+the checks Arrow can do column-wise (tag and image counts, nulls, lengths) run when it is
+opened, and a row's JSON is parsed when the row is used (`get`), so a 3M-row file costs
+seconds and a few MB of Python objects at start-up.
+"""
+import glob
+import json
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+IMAGE_TAG = "<image>"
+ROLES = ("system", "user", "assistant")
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used; str() is "where: reason"."""
+
+
+class Sample(NamedTuple):
+    messages: list  # [{"role": ..., "content": ...}], images marked by <image> tags
+    images: list  # one source per tag, in order: a file path (str) or the encoded bytes
+    where: str  # "data.jsonl:12" or "data.parquet:row 7"
+    type: str = "all"  # a benchmark's question type, if the data gives one
+
+
+def check_conversation(conv, n_images):
+    """Raises ValueError saying what is wrong with a list of turns that should go with n_images."""
+    if not isinstance(conv, list) or not conv:
+        raise ValueError('empty or missing "conversations" list')
+    for turn in conv:
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+            raise ValueError(f'each turn needs "role" (system/user/assistant) and string "content", got {turn!r:.80}')
+    if not any(t["role"] == "assistant" and t["content"].strip() for t in conv):
+        raise ValueError("no non-empty assistant turn: nothing to learn from")
+    n_tags = count_tags(conv)
+    if n_tags != n_images:
+        raise ValueError(f"{n_tags} {IMAGE_TAG} tags but {n_images} images")
+
+
+def count_tags(conv):
+    return sum(t["content"].count(IMAGE_TAG) for t in conv)
+
+
+def length_estimate(conv_json_chars, n_images, image_token_count):
+    """Cheap token count for length-grouped batching: ~1 token per 2 characters of the JSON text
+    of the turns, plus the placeholders. The same formula for both formats, so a jsonl and its
+    parquet conversion batch identically."""
+    return conv_json_chars // 2 + n_images * image_token_count
+
+
+def parse_line(line):
+    """One jsonl line (str or bytes) -> (messages, image names, type). Raises ValueError."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1}): "
+                             "save the file as UTF-8") from None
+    try:
+        sample = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise ValueError("not valid JSON (nested too deeply)") from None
+    if not isinstance(sample, dict):
+        raise ValueError('each line must be a JSON object with "conversations"')
+    conv = sample.get("conversations")
+    images = [s.strip() for s in str(sample.get("image") or "").split(",") if s.strip()]
+    check_conversation(conv, len(images))
+    return conv, images, str(sample.get("type") or "all")
+
+
+def resolve_image(images_path, name, allow_outside=False):
+    """The path of an image name from a jsonl, which must stay inside images_path: a name like
+    '../x.png' or '/etc/passwd' is refused (a data file should not reach other files on disk)."""
+    path = os.path.normpath(os.path.join(images_path, name))
+    if not allow_outside:
+        root = os.path.normpath(images_path)
+        if os.path.isabs(name) or os.path.relpath(path, root).split(os.sep)[0] == os.pardir:
+            raise ValueError(f"image name {name!r} points outside --images_path {images_path} (use names relative "
+                             "to that folder, or pass --allow_outside_images 1 if this is intended)")
+    if not os.path.isfile(path):
+        raise ValueError(f"image {path} not found (check --images_path)")
+    return path
+
+
+class JsonlSource:
+    """Samples of a jsonl file whose image names are relative to images_path. Every line is checked
+    here; bad ones are listed in `bad` ("where: reason") and left out of the samples."""
+
+    def __init__(self, path, images_path, allow_outside_images=False):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"data file {path} not found (set --data_path)")
+        if images_path is None:
+            images_path = os.path.dirname(path)
+        self.path, self.bad, self.n_text_only = path, [], 0  # bad: "where: reason", one per bad line
+        self.samples, lengths = [], []
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    conv, names, kind = parse_line(line)
+                    paths = [resolve_image(images_path, n, allow_outside_images) for n in names]
+                except ValueError as e:
+                    self.bad.append(f"{where}: {e}")
+                    continue
+                self.n_text_only += not paths
+                self.samples.append(Sample(conv, paths, where, kind))
+                lengths.append(len(json.dumps(conv, ensure_ascii=False)))
+        self.json_chars = np.array(lengths, dtype=np.int64)
+        self.n_bad = len(self.bad)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def get(self, i):
+        return self.samples[i]
+
+    def lengths(self, image_token_count):
+        return [length_estimate(int(c), len(s.images), image_token_count)
+                for c, s in zip(self.json_chars, self.samples)]
+
+
+def parquet_files(spec):
+    """A .parquet file, a folder of them, or a glob -> sorted file list."""
+    if os.path.isdir(spec):
+        files = sorted(glob.glob(os.path.join(spec, "*.parquet")))
+    elif any(c in spec for c in "*?["):
+        files = sorted(glob.glob(spec))
+    else:
+        files = [spec] if os.path.isfile(spec) else []
+    if not files:
+        raise FileNotFoundError(f"no parquet files at {spec} (set --data_path to a .parquet file, a folder of "
+                                "them, or a glob like 'data/*.parquet')")
+    return files
+
+
+def is_parquet(spec):
+    return spec.endswith(".parquet") or os.path.isdir(spec) or (any(c in spec for c in "*?[")
+                                                                and ".parquet" in spec)
+
+
+KEEP_COLUMNS = ("conversations", "image_bytes", "type")
+
+
+def arrow_copy(path, cache_dir=None, progress=None):
+    """A memory-mapped Arrow table of a parquet file's columns. Parquet cannot read one row without
+    decompressing its whole row group (the release's hold ~1M rows), so the file is rewritten
+    once, batch by batch, as an uncompressed Arrow IPC file that any row can be read from directly;
+    later runs and other processes reuse it. It lives in `.arrow_cache/` beside the data (or
+    cache_dir) and is named by the file's size and mtime, so an edited file is copied again.
+    `progress(done_rows, total_rows)` is called as it goes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from filelock import FileLock
+    st = os.stat(path)
+    folder = cache_dir or os.path.join(os.path.dirname(os.path.abspath(path)), ".arrow_cache")
+    target = os.path.join(folder, f"{os.path.basename(path)}.{st.st_size}-{st.st_mtime_ns}.arrow")
+    if not os.path.isfile(target):
+        os.makedirs(folder, exist_ok=True)
+        with FileLock(target + ".lock"):  # DDP ranks and parallel runs: one writes, the others wait
+            if not os.path.isfile(target):
+                try:
+                    pf = pq.ParquetFile(path)
+                except Exception as e:
+                    raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+                columns = [c for c in KEEP_COLUMNS if c in pf.schema_arrow.names]
+                if "conversations" not in columns:
+                    raise ValueError(f"{path}: no 'conversations' column (it has {pf.schema_arrow.names}); the "
+                                     "released schema is conversations (JSON string) + image_bytes (binary)")
+                tmp, done, total = f"{target}.tmp{os.getpid()}", 0, pf.metadata.num_rows
+                schema = pa.schema([pf.schema_arrow.field(c) for c in columns])
+                with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+                    for batch in pf.iter_batches(batch_size=2048, columns=columns):
+                        writer.write_batch(batch)
+                        done += batch.num_rows
+                        if progress:
+                            progress(done, total)
+                os.replace(tmp, target)
+    return pa.ipc.open_file(pa.memory_map(target)).read_all()
+
+
+class ParquetSource:
+    """Samples of one or more parquet files in the released schema, read from memory-mapped Arrow."""
+
+    def __init__(self, spec, cache_dir=None, progress=None):
+        self.files = parquet_files(spec)
+        self.path, self.bad, self.n_bad, self.n_text_only = spec, [], 0, 0
+        self.conv_chunks, self.image_chunks, self.type_chunks = [], [], []  # Arrow arrays, row ranges in order
+        chunk_starts, file_starts, rows, n_images, json_chars = [0], [], [], [], []
+        for path in self.files:
+            table = arrow_copy(path, cache_dir, progress and (lambda d, t, p=path: progress(p, d, t)))
+            file_starts.append(chunk_starts[-1])
+            tags, counts, chars = self._add_table(path, table, chunk_starts)
+            bad = (tags < 0) | ((tags > 0) & (tags != counts))  # a text-only row (no tag) ignores its images
+            for row in np.flatnonzero(bad)[:100]:
+                self.bad.append(f"{path}:row {row}: " + ("'conversations' is null" if tags[row] < 0 else
+                                                         f"{tags[row]} {IMAGE_TAG} tags but {counts[row]} images"))
+            self.n_bad += int(bad.sum())
+            keep = np.flatnonzero(~bad)
+            self.n_text_only += int((tags[keep] == 0).sum())
+            rows.append(keep + file_starts[-1])
+            n_images.append(tags[keep])
+            json_chars.append(chars[keep])
+        self.chunk_starts, self.file_starts = np.array(chunk_starts), np.array(file_starts)
+        self.rows = np.concatenate(rows)  # [N] global row of each usable sample: numbers, not objects
+        self.n_images, self.json_chars = np.concatenate(n_images), np.concatenate(json_chars)
+
+    def _add_table(self, path, table, chunk_starts):
+        """Keeps the table's column chunks; -> per-row <image> tag count (-1: null), image count, JSON length."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        conv = table.column("conversations")
+        if not (pa.types.is_string(conv.type) or pa.types.is_large_string(conv.type)):
+            raise ValueError(f"{path}: column 'conversations' is {conv.type}, expected a JSON string")
+        images = table.column("image_bytes") if "image_bytes" in table.column_names else None
+        kinds = table.column("type") if "type" in table.column_names else None
+        if images is None:
+            counts = np.zeros(len(table), dtype=np.int64)
+        elif pa.types.is_list(images.type) or pa.types.is_large_list(images.type):
+            counts = pc.fill_null(pc.list_value_length(images), 0).to_numpy()
+        elif pa.types.is_binary(images.type) or pa.types.is_large_binary(images.type):
+            counts = pc.fill_null(pc.cast(pc.greater(pc.binary_length(images), 0), pa.int64()), 0).to_numpy()
+        else:
+            raise ValueError(f"{path}: column 'image_bytes' is {images.type}, expected binary or list<binary>")
+        # One row range per chunk; the three columns of an IPC file are chunked alike (by record batch).
+        for k, chunk in enumerate(conv.chunks):
+            self.conv_chunks.append(chunk)
+            self.image_chunks.append(images.chunk(k) if images is not None else None)
+            self.type_chunks.append(kinds.chunk(k) if kinds is not None else None)
+            chunk_starts.append(chunk_starts[-1] + len(chunk))
+        tags = pc.fill_null(pc.count_substring(conv, IMAGE_TAG), -1).to_numpy()
+        chars = pc.fill_null(pc.utf8_length(conv), 0).to_numpy()
+        return tags, counts, chars
+
+    def __len__(self):
+        return len(self.rows)
+
+    def _locate(self, row):
+        c = int(np.searchsorted(self.chunk_starts, row, side="right")) - 1
+        return c, row - int(self.chunk_starts[c])
+
+    def where(self, row):
+        f = int(np.searchsorted(self.file_starts, row, side="right")) - 1
+        return f"{self.files[f]}:row {row - int(self.file_starts[f])}"
+
+    def get(self, i):
+        row = int(self.rows[i])
+        c, j = self._locate(row)
+        where = self.where(row)
+        try:
+            conv = json.loads(self.conv_chunks[c][j].as_py())
+        except (json.JSONDecodeError, RecursionError) as e:
+            reason = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            raise SampleError(f"{where}: 'conversations' is not valid JSON ({reason})") from None
+        n = int(self.n_images[i])
+        images = []
+        if n:
+            value = self.image_chunks[c][j].as_py()
+            images = value if isinstance(value, list) else [value]
+        try:
+            check_conversation(conv, len(images))
+        except ValueError as e:
+            raise SampleError(f"{where}: {e}") from None
+        kinds = self.type_chunks[c]
+        kind = kinds[j].as_py() if kinds is not None else None
+        return Sample(conv, images, where, str(kind or "all"))
+
+    def lengths(self, image_token_count):
+        return length_estimate(self.json_chars, self.n_images, image_token_count).tolist()
+
+
+def open_source(data_path, images_path=None, allow_outside_images=False, cache_dir=None, progress=None):
+    """The reader for data_path: parquet (by extension, folder or glob) or jsonl."""
+    if data_path and is_parquet(data_path):
+        return ParquetSource(data_path, cache_dir, progress)
+    return JsonlSource(data_path, images_path, allow_outside_images)
