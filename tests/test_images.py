@@ -1,0 +1,131 @@
+"""The one image opener (dataset/images.py): what every path of the repo turns a file or bytes into,
+and how a bad image becomes a per-sample error."""
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dataset.images import ImageError, open_image, to_pixels
+from dataset.lm_dataset import VLMDataset, collate_batch
+
+IMG = 3
+
+
+def exif_rotated_jpeg(path):
+    """A 64x32 photo stored sideways with EXIF orientation 6 ("rotate 90 clockwise to view"), as phones do."""
+    from skimage import data
+    upright = Image.fromarray(data.astronaut()).resize((64, 32))
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # 32x64 on disk
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(path, format="JPEG", exif=exif, quality=95)
+    return upright
+
+
+def bomb_png(path):
+    """A few KB on disk, 100M pixels when decoded (PIL's limit is ~89M)."""
+    Image.new("1", (10_000, 10_000)).save(path)
+
+
+def write_jsonl(path, image_names):
+    lines = [json.dumps({"conversations": [{"role": "user", "content": "<image>\nWhat is it?"},
+                                           {"role": "assistant", "content": "a photo"}], "image": name})
+             for name in image_names]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_exif_orientation_is_applied():
+    buf = io.BytesIO()
+    exif_rotated_jpeg(buf)
+    im = open_image(buf.getvalue())
+    assert im.size == (64, 32) and im.mode == "RGB"
+
+
+def test_palette_alpha_and_greyscale_become_rgb_with_transparency_over_white():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
+    buf = io.BytesIO()
+    rgba.save(buf, format="PNG")
+    assert np.asarray(open_image(buf.getvalue()))[0, 0].tolist() == [255, 255, 255]
+    for im in (Image.new("L", (4, 4), 100), Image.new("I;16", (4, 4), 100 * 256), Image.new("P", (4, 4)),
+               Image.new("CMYK", (4, 4)), Image.new("LA", (4, 4), (100, 255))):
+        buf = io.BytesIO()
+        im.save(buf, format="TIFF" if im.mode in ("CMYK", "I;16") else "PNG")
+        out = open_image(buf.getvalue())
+        assert out.mode == "RGB" and out.size == (4, 4), im.mode
+        if im.mode in ("L", "I;16", "LA"):
+            assert np.asarray(out)[0, 0].tolist() == [100, 100, 100], im.mode
+
+
+def test_bad_images_raise_a_readable_per_sample_error(tmp_path):
+    bomb_png(tmp_path / "bomb.png")
+    with pytest.raises(ImageError, match="bomb.png has too many pixels"):
+        open_image(str(tmp_path / "bomb.png"))
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(png, format="PNG")
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        open_image(png.getvalue()[:100])
+    with pytest.raises(ImageError, match="not an image"):
+        open_image(b"hello", name="notes.txt")
+    with pytest.raises(ImageError, match="missing.png not found"):
+        open_image(str(tmp_path / "missing.png"))
+    assert isinstance(ImageError("x"), ValueError)  # callers that catch ValueError see it
+
+
+def test_an_exif_rotated_photo_gives_the_same_pixels_in_training_eval_cache_and_serving(
+        tmp_path, tokenizer, processor, tiny_vlm):
+    import eval_vlm
+    from cache_features import Pixels
+    from dataset.samples import open_source
+    from model.inference import VLMChat
+    upright = exif_rotated_jpeg(tmp_path / "phone.jpg")
+    data = write_jsonl(tmp_path / "d.jsonl", ["phone.jpg"])
+    reference = to_pixels(processor, [upright.convert("RGB")])  # what an upright file would give
+    training = VLMDataset(data, str(tmp_path), tokenizer, processor, IMG, 196)[0]["pixel_values"]
+    chat = VLMChat(tiny_vlm, tokenizer, processor)
+    bench = chat.pixels(eval_vlm.load_images([str(tmp_path / "phone.jpg")]))  # eval_vlm.py --bench and folder mode
+    cache_builder = Pixels(open_source(data, str(tmp_path)), [(0, 0, "d.jsonl:1")], processor)[0][None]
+    serving = chat.pixels([open_image((tmp_path / "phone.jpg").read_bytes())])  # web demo and API: bytes in
+    for pixels in (bench, cache_builder, serving):
+        assert torch.equal(pixels, training)
+    assert (training - reference).abs().mean() < 0.1  # upright, not sideways (JPEG rounding aside)
+    sideways = to_pixels(processor, [Image.open(tmp_path / "phone.jpg").convert("RGB")])
+    assert (training - sideways).abs().mean() > 5 * (training - reference).abs().mean()
+
+
+def test_a_decompression_bomb_in_training_data_is_skipped_with_the_flag_and_stops_without(
+        tmp_path, tokenizer, processor):
+    bomb_png(tmp_path / "bomb.png")
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "ok.png")
+    data = write_jsonl(tmp_path / "d.jsonl", ["ok.png", "bomb.png"])
+    strict = VLMDataset(data, str(tmp_path), tokenizer, processor, IMG, 196)
+    with pytest.raises(ValueError, match=r"d.jsonl:2: cannot read image: .*too many pixels.*--skip_bad_samples"):
+        strict[1]
+    lenient = VLMDataset(data, str(tmp_path), tokenizer, processor, IMG, 196, skip_bad_samples=True)
+    batch = collate_batch([lenient[0], lenient[1]])
+    assert batch["n_samples"] == 1 and "d.jsonl:2: cannot read image" in batch["skipped"][0]
+
+
+def test_a_decompression_bomb_in_a_benchmark_names_its_line(tmp_path, tiny_vlm, tokenizer, processor):
+    from eval_vlm import run_benchmark
+    from model.inference import VLMChat
+    bomb_png(tmp_path / "bomb.png")
+    data = write_jsonl(tmp_path / "d.jsonl", ["bomb.png"])
+    with pytest.raises(ValueError, match=r"d.jsonl:1: cannot read image: .*too many pixels"):
+        run_benchmark(VLMChat(tiny_vlm, tokenizer, processor), data, str(tmp_path), progress=False)
+
+
+@pytest.mark.parametrize("name", ["../outside.png", "sub/../../outside.png", "/ABS/outside.png"])
+def test_image_names_that_leave_the_image_folder_are_refused(tmp_path, tokenizer, processor, name):
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "outside.png")
+    name = name.replace("/ABS", str(tmp_path))
+    data = write_jsonl(tmp_path / "d.jsonl", [name])
+    with pytest.raises(ValueError, match=r"d.jsonl:1: image name .* points outside --images_path"):
+        VLMDataset(data, str(images), tokenizer, processor, IMG, 196)
+    allowed = VLMDataset(data, str(images), tokenizer, processor, IMG, 196, allow_outside_images=True)
+    assert allowed[0]["pixel_values"].shape[0] == 1
