@@ -123,7 +123,8 @@ def encode_with_cache(model, cache, pixel_values, image_keys, cached):
     out, j = None, 0
     for i, f in enumerate(cached):
         if f is None:
-            cache.add(image_keys[i], fresh[j])
+            if image_keys[i] not in cache.index:  # the same picture twice in one batch is stored once
+                cache.add(image_keys[i], fresh[j])
             f, j = fresh[j], j + 1
         if out is None:  # filled row by row: torch.stack of fp16 is refused under CPU autocast
             out = torch.empty(len(cached), *f.shape, dtype=torch.float16, device=pixel_values.device)

@@ -143,3 +143,48 @@ def test_training_on_parquet_equals_training_on_its_jsonl(tmp_path, tower_dir):
     launch("train_pretrain_vlm.py", flags((str(tmp_path / "d.parquet"), "unused"), tower_dir, tmp_path / "b", epochs=1))
     a, b = (read_log(tmp_path / d / "pretrain_vlm_64_log.jsonl") for d in "ab")
     assert [r["loss"] for r in a] == [r["loss"] for r in b] and len(a) == 3
+
+
+@pytest.fixture(scope="module")
+def parquet_data(tmp_path_factory):
+    """test_distributed's 12 samples (10 with an image, 2 text-only) as parquet."""
+    root = tmp_path_factory.mktemp("pq")
+    path, images = make_toy_data(root, n=10)
+    with open(path, "a") as f:
+        for color in ("red", "blue"):
+            f.write(json.dumps({"conversations": [{"role": "user", "content": "Name a color" + " please" * 80},
+                                                  {"role": "assistant", "content": color}]}) + "\n")
+    convert("--data_path", path, "--images_path", images, "--out", root / "d.parquet")
+    return (path, images), (str(root / "d.parquet"), "unused")
+
+
+@pytest.mark.slow
+def test_two_process_pretrain_and_a_resumed_run_from_parquet_match_the_one_process_jsonl_run(
+        parquet_data, tower_dir, tmp_path):
+    from test_distributed import assert_losses_match, flags, launch, read_log
+    jsonl, parquet = parquet_data
+    launch("train_pretrain_vlm.py", flags(jsonl, tower_dir, tmp_path / "ref"))
+    ref = read_log(tmp_path / "ref" / "pretrain_vlm_64_log.jsonl")
+    launch("train_pretrain_vlm.py", flags(parquet, tower_dir, tmp_path / "ddp", batch_size=2), nproc=2,
+           launcher="torchrun")
+    assert_losses_match(read_log(tmp_path / "ddp" / "pretrain_vlm_64_log.jsonl"), ref)
+    first = launch("train_pretrain_vlm.py", flags(parquet, tower_dir, tmp_path / "res", stop_after_steps=2))
+    assert "2 of them text-only" in first.stdout
+    launch("train_pretrain_vlm.py", flags(parquet, tower_dir, tmp_path / "res", batch_size=2, from_resume=1),
+           nproc=2, launcher="torchrun")  # resumed mid-epoch, and on two processes
+    assert_losses_match(read_log(tmp_path / "res" / "pretrain_vlm_64_log.jsonl"), ref)
+
+
+@pytest.mark.slow
+def test_the_feature_cache_keys_embedded_images_by_content_and_encodes_each_once(parquet_data, tower_dir, tmp_path):
+    from test_distributed import flags, launch
+    _, (parquet, _) = parquet_data
+    cache = tmp_path / "cache"
+    run = launch("train_pretrain_vlm.py", flags((parquet, "x"), tower_dir, tmp_path / "a", epochs=2,
+                                                cache_features=cache))
+    assert ": 0 images cached" in run.stdout
+    rows = lambda: sum(p.stat().st_size for p in cache.rglob("*.bin")) // (196 * 32 * 2)  # noqa: E731
+    assert rows() == 4  # 10 images of 4 distinct colours, over two epochs: each encoded once
+    sft = launch("train_sft_vlm.py", flags((parquet, "x"), tower_dir, tmp_path / "b", epochs=1,
+                                           cache_features=cache, from_weight="none"))
+    assert ": 4 images cached" in sft.stdout and rows() == 4  # the same images in another file: nothing new
