@@ -188,3 +188,15 @@ def test_the_feature_cache_keys_embedded_images_by_content_and_encodes_each_once
     sft = launch("train_sft_vlm.py", flags((parquet, "x"), tower_dir, tmp_path / "b", epochs=1,
                                            cache_features=cache, from_weight="none"))
     assert ": 4 images cached" in sft.stdout and rows() == 4  # the same images in another file: nothing new
+
+
+def test_inspect_data_shows_samples_as_the_model_sees_them(tmp_path, capsys):
+    from inspect_data import main
+    path = write_parquet(tmp_path / "d.parquet", [(turns("<image>\nWhat color?", "red"), jpeg_bytes("red", (40, 30))),
+                                                  ("not json", b"x")])
+    main([path, "--n", "5"])
+    out = capsys.readouterr().out
+    assert "d.parquet: 2 samples" in out and "d.parquet:row 0: " in out
+    assert "image 1 (" in out and ": 40x30, placeholders at tokens 4..199" in out
+    assert "<image x196>\nWhat color?" in out and "[[red<|im_end|>]]" in out  # only the answer is supervised
+    assert "BAD: " in out and "d.parquet:row 1: 'conversations' is not valid JSON" in out
