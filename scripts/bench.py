@@ -10,6 +10,8 @@ child process, so each one's peak memory is its own.
     python scripts/bench.py --quick               # a tiny smoke run
 
 Scenarios:
+  loader, N workers             the data pipeline alone on parquet rows of 256x256 JPEGs: read, decode,
+                                preprocess, tokenize, collate (what a training step must never wait for)
   pretrain, original-style      the baseline, as the original implementation ran: fp32, every batch
                                 padded to --max_seq_len, no length grouping, the tower on every image
   pretrain / sft, cache off     the vision tower encodes every image (first epoch of a plain run)
@@ -90,6 +92,48 @@ def make_data(root, n_images, sft):
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
+
+
+def make_parquet(root, n_rows):
+    """n_rows of the release's shape: a 256x256 JPEG photo-ish image and a short caption each."""
+    import io
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    images, convs = [], []
+    for i in range(n_rows):
+        arr = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)  # smooth blocks JPEG-compress like a photo
+        buf = io.BytesIO()
+        Image.fromarray(arr).resize((256, 256), Image.Resampling.BICUBIC).save(buf, format="JPEG", quality=90)
+        images.append(buf.getvalue())
+        convs.append(json.dumps([{"role": "user", "content": "<image>\nDescribe the image."},
+                                 {"role": "assistant", "content": f"A picture, number {i}, of blocks."}]))
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, "loader.parquet")
+    pq.write_table(pa.table({"conversations": convs, "image_bytes": pa.array(images, pa.binary())}), path)
+    return path
+
+
+def loader_scenario(a, tower, parquet, workers):
+    """The data pipeline alone, as training runs it: read row, decode JPEG, preprocess, tokenize,
+    collate. -> samples/s over every row of the file (workers start up outside the timing)."""
+    import functools
+    from torch.utils.data import DataLoader
+    from transformers import AutoImageProcessor, AutoTokenizer
+    from dataset.lm_dataset import VLMDataset, collate_batch, resolve_image_token_id
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(ROOT, "model"))
+    dataset = VLMDataset(parquet, None, tokenizer, AutoImageProcessor.from_pretrained(tower),
+                         resolve_image_token_id(tokenizer))
+    loader = DataLoader(dataset, batch_size=a.batch_size, shuffle=True, num_workers=workers,
+                        collate_fn=functools.partial(collate_batch, pad_id=tokenizer.pad_token_id or 0),
+                        persistent_workers=workers > 0)
+    for epoch in range(2):  # the first epoch warms up (worker start-up, page cache); the second is timed
+        n, t = 0, time.perf_counter()
+        for batch in loader:
+            n += batch["input_ids"].shape[0]
+    return {"samples_per_s": n / (time.perf_counter() - t)}
 
 
 def train_scenario(a, tower, data_root, stage, cache, out_dir, compiled=False, original=False):
@@ -215,14 +259,15 @@ def main():
       help="inference dtype (auto: as eval_vlm.py, float32 on CPU, bfloat16 on CUDA)")
     a("--seconds", type=float, default=10.0, help="minimum timing window of the LLM-step scenarios")
     a("--quick", action="store_true", help="tiny sizes: checks the script, not the machine")
-    a("--only", default="", help="comma-separated subset: train,llm,decode")
+    a("--only", default="", help="comma-separated subset: loader,train,llm,decode")
+    a("--loader_rows", type=int, default=512, help="parquet rows of 256x256 JPEGs for the loader scenario")
     a("--out", default="out/bench.json")
     args = p.parse_args()
     if args.quick:
         args.dim, args.n_layers, args.n_images, args.tower, args.seconds, args.compile = 64, 2, 16, "tiny", 0.5, 0
         args.llm_batch, args.max_seq_len, args.typical_len, args.decode_tokens = 2, 128, 64, 8
-        args.original_steps = 2
-    only = set(args.only.split(",")) if args.only else {"train", "llm", "decode"}
+        args.original_steps, args.loader_rows = 2, 32
+    only = set(args.only.split(",")) if args.only else {"loader", "train", "llm", "decode"}
     from make_demo_vision_tower import build_vision_tower
 
     work = tempfile.mkdtemp(prefix="minimind_bench_")
@@ -234,10 +279,16 @@ def main():
     dtype = getattr(torch, args.dtype)
     peaks = [matmul_peak_tflops(args.device, dtype, seconds=0.3 if args.quick else 3.0)]
     results = {"device": args.device, "dtype": args.dtype, "dim": args.dim, "n_layers": args.n_layers,
-               "threads": torch.get_num_threads(), "train": {}, "llm_step": {},
+               "threads": torch.get_num_threads(), "loader": {}, "train": {}, "llm_step": {},
                "decode": {}}
     print(f"{args.device} {args.dtype}: matmul peak {peaks[0]:.2f} TFLOPS, {torch.get_num_threads()} threads", flush=True)
 
+    if "loader" in only:
+        parquet = make_parquet(os.path.join(work, "loader"), args.loader_rows)
+        for workers in (0, 1, 2):
+            r = loader_scenario(args, tower, parquet, workers)
+            results["loader"][f"{workers} workers"] = r
+            print(f"  loader, parquet, {workers} workers {r['samples_per_s']:9.1f} samples/s", flush=True)
     if "train" in only:
         data_root = os.path.join(work, "data")
         make_data(data_root, args.n_images, sft=False)
