@@ -10,6 +10,8 @@ child process, so each one's peak memory is its own.
     python scripts/bench.py --quick               # a tiny smoke run
 
 Scenarios:
+  startup                       opening the training dataset on a 1M-row parquet file, in a fresh process:
+                                first (making the Arrow copy) and later opens: seconds and peak RSS
   loader, N workers             the data pipeline alone on parquet rows of 256x256 JPEGs: read, decode,
                                 preprocess, tokenize, collate (what a training step must never wait for)
   pretrain, original-style      the baseline, as the original implementation ran: fp32, every batch
@@ -114,6 +116,50 @@ def make_parquet(root, n_rows):
     path = os.path.join(root, "loader.parquet")
     pq.write_table(pa.table({"conversations": convs, "image_bytes": pa.array(images, pa.binary())}), path)
     return path
+
+
+def make_big_parquet(path, n_rows, distinct=256):
+    """n_rows like the release's (a caption + a 256x256 JPEG each), written in row groups of 64K rows
+    (dictionary encoding off, so repeated images take their full size, as distinct photos would)."""
+    import io
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    jpegs = []
+    for _ in range(distinct):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).resize((256, 256)).save(buf, "JPEG")
+        jpegs.append(buf.getvalue())
+    schema = pa.schema([("conversations", pa.string()), ("image_bytes", pa.binary())])
+    with pq.ParquetWriter(path, schema, use_dictionary=False) as writer:
+        for start in range(0, n_rows, 65536):
+            rows = range(start, min(start + 65536, n_rows))
+            convs = [json.dumps([{"role": "user", "content": "<image>\nDescribe the image."},
+                                 {"role": "assistant", "content": f"A picture of blocks, number {i}."}]) for i in rows]
+            writer.write_table(pa.table({"conversations": convs, "image_bytes": [jpegs[i % distinct] for i in rows]},
+                                        schema=schema))
+    return os.path.getsize(path)
+
+
+def startup_scenario(parquet, tower):
+    """Seconds and peak RSS of opening the training dataset on a big parquet file, in a fresh process:
+    the first time (which makes the Arrow copy) and again (which memory-maps it)."""
+    code = (f"import sys, time, resource; sys.path.insert(0, {ROOT!r}); t = time.time()\n"
+            "from transformers import AutoImageProcessor, AutoTokenizer\n"
+            "from dataset.lm_dataset import VLMDataset, resolve_image_token_id\n"
+            f"tok = AutoTokenizer.from_pretrained({os.path.join(ROOT, 'model')!r}); t1 = time.time()\n"
+            f"ds = VLMDataset({parquet!r}, None, tok, AutoImageProcessor.from_pretrained({tower!r}), "
+            "resolve_image_token_id(tok))\n"
+            "ds[len(ds) - 1]; t2 = time.time()\n"
+            "print('RESULT', len(ds), t2 - t1, t2 - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    out = {}
+    for label in ("first open (makes the Arrow copy)", "later opens"):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        n, dataset_s, total_s, rss = proc.stdout.rsplit("RESULT", 1)[1].split()
+        out[label] = {"rows": int(n), "dataset_s": float(dataset_s), "process_s": float(total_s), "peak_rss_mb": float(rss)}
+    return out
 
 
 def loader_scenario(a, tower, parquet, workers):
@@ -259,15 +305,16 @@ def main():
       help="inference dtype (auto: as eval_vlm.py, float32 on CPU, bfloat16 on CUDA)")
     a("--seconds", type=float, default=10.0, help="minimum timing window of the LLM-step scenarios")
     a("--quick", action="store_true", help="tiny sizes: checks the script, not the machine")
-    a("--only", default="", help="comma-separated subset: loader,train,llm,decode")
+    a("--only", default="", help="comma-separated subset: loader,startup,train,llm,decode")
     a("--loader_rows", type=int, default=512, help="parquet rows of 256x256 JPEGs for the loader scenario")
+    a("--startup_rows", type=int, default=1_000_000, help="rows of the big parquet file the startup scenario opens")
     a("--out", default="out/bench.json")
     args = p.parse_args()
     if args.quick:
         args.dim, args.n_layers, args.n_images, args.tower, args.seconds, args.compile = 64, 2, 16, "tiny", 0.5, 0
         args.llm_batch, args.max_seq_len, args.typical_len, args.decode_tokens = 2, 128, 64, 8
-        args.original_steps, args.loader_rows = 2, 32
-    only = set(args.only.split(",")) if args.only else {"loader", "train", "llm", "decode"}
+        args.original_steps, args.loader_rows, args.startup_rows = 2, 32, 5000
+    only = set(args.only.split(",")) if args.only else {"loader", "startup", "train", "llm", "decode"}
     from make_demo_vision_tower import build_vision_tower
 
     work = tempfile.mkdtemp(prefix="minimind_bench_")
@@ -289,6 +336,18 @@ def main():
             r = loader_scenario(args, tower, parquet, workers)
             results["loader"][f"{workers} workers"] = r
             print(f"  loader, parquet, {workers} workers {r['samples_per_s']:9.1f} samples/s", flush=True)
+    if "startup" in only:
+        big = os.path.join(work, "big", "big.parquet")
+        os.makedirs(os.path.dirname(big))
+        t = time.time()
+        size = make_big_parquet(big, args.startup_rows)
+        print(f"  startup: wrote {args.startup_rows} rows, {size / 2**30:.2f} GB of parquet in {time.time() - t:.0f} s",
+              flush=True)
+        results["startup"] = startup_scenario(big, tower)
+        for label, r in results["startup"].items():
+            print(f"  startup, {label:<34} dataset ready in {r['dataset_s']:6.1f} s (process {r['process_s']:.1f} s), "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+        shutil.rmtree(os.path.dirname(big))
     if "train" in only:
         data_root = os.path.join(work, "data")
         make_data(data_root, args.n_images, sft=False)

@@ -200,3 +200,18 @@ def test_inspect_data_shows_samples_as_the_model_sees_them(tmp_path, capsys):
     assert "image 1 (" in out and ": 40x30, placeholders at tokens 4..199" in out
     assert "<image x196>\nWhat color?" in out and "[[red<|im_end|>]]" in out  # only the answer is supervised
     assert "BAD: " in out and "d.parquet:row 1: 'conversations' is not valid JSON" in out
+
+
+@pytest.mark.slow
+def test_cache_features_script_reads_parquet_and_encodes_each_distinct_image_once(parquet_data, tower_dir, tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    _, (parquet, _) = parquet_data
+    build = [sys.executable, os.path.join(ROOT, "scripts", "cache_features.py"), "--data_path", parquet,
+             "--cache_dir", str(tmp_path / "cache"), "--vision_model_path", tower_dir, "--num_workers", "0"]
+    first = subprocess.run(build, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "4 images in" in first.stdout and "4 to encode" in first.stdout  # 10 embedded images, 4 distinct
+    again = subprocess.run(build, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "4 already cached" in again.stdout and "0 to encode" in again.stdout

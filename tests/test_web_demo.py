@@ -35,6 +35,9 @@ def files(tmp_path_factory):
         f.write(head)
     with open(paths["text"], "w") as f:
         f.write("not a picture\n")
+    from test_images import exif_rotated_jpeg
+    paths["phone"] = str(root / "phone.jpg")
+    exif_rotated_jpeg(paths["phone"])  # 32x64 on disk, 64x32 upright
     return paths
 
 
@@ -130,6 +133,12 @@ def test_answer_streams_and_history_keeps_images_in_place(server, files):
     other = client(server)  # another tab: its own conversation
     send(other, "Hello")
     assert calls[-1][1] == [{"role": "user", "content": "Hello"}] and calls[-1][2] == []
+
+
+def test_an_uploaded_phone_photo_reaches_the_model_upright_as_in_training(server, files):
+    c, calls = client(server), server["calls"]
+    send(c, QUESTION, [files["phone"]])
+    assert calls[-1][2] == [(64, 32)]  # EXIF orientation applied: the same opener as training
 
 
 def test_bad_input_gets_a_message_and_the_session_stays_usable(server, files):
