@@ -159,10 +159,20 @@ def folder_mode(chat, tokenizer, args):
         sys.exit(f"error: no images ({', '.join(IMAGE_EXTS)}) in {args.image_dir}: pass --image_dir DIR or "
                  f"--image FILE, or use --chat / --bench")
     messages = [{"role": "user", "content": with_tag(args.prompt)}]
+    unreadable = []
     for path in files:
+        try:
+            images = load_images([path])
+        except ValueError as e:  # one bad file must not cost the answers about the others
+            print(f"error: {e}; skipped", file=sys.stderr, flush=True)
+            unreadable.append(path)
+            continue
         print(f"[{os.path.basename(path)}] {args.prompt}", flush=True)
-        stream_answer(chat, tokenizer, messages, load_images([path], where=path), args)
+        stream_answer(chat, tokenizer, messages, images, args)
         print()
+    if unreadable:
+        sys.exit(f"error: {len(unreadable)} of {len(files)} images could not be read: "
+                 + ", ".join(map(os.path.basename, unreadable)))
 
 
 def chat_mode(chat, tokenizer, args):

@@ -170,3 +170,13 @@ def test_sampler_ranks_partition_the_epoch_and_resume_continues_at_the_same_samp
     assert two == one and sorted(one) == list(range(50))
     single.set_epoch(3, skip_samples=12)  # resumed after 2 global batches, on 1 process
     assert [i for b in single for i in b] == one[12:]
+
+
+def test_a_line_that_is_not_utf8_is_a_bad_line_like_any_other(tmp_path, tokenizer, processor):
+    good = json.dumps(conv("hello", "fine")).encode()
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(good + b"\n" + good[:-5] + b"\xff\xfe" + good[-5:] + b"\n" + good + b"\n")
+    with pytest.raises(ValueError, match=r"d.jsonl:2: not UTF-8 text \(byte 0xff at column \d+\).*--skip_bad_samples"):
+        make_dataset(str(path), str(tmp_path), tokenizer, processor)
+    ds = make_dataset(str(path), str(tmp_path), tokenizer, processor, skip_bad_samples=True)
+    assert len(ds) == 2 and ds.bad[0].startswith(f"{path}:2: not UTF-8")

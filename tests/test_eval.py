@@ -215,6 +215,17 @@ def test_folder_mode_answers_every_image_in_sorted_order(ckpt, tower_dir, tmp_pa
     assert len(re.findall(r"\[\d+ tokens, ", proc.stderr)) == 4
 
 
+def test_folder_mode_reports_an_unreadable_image_and_answers_the_rest(ckpt, tower_dir, tmp_path):
+    for name, color in [("a.png", "red"), ("c.png", "blue")]:
+        Image.new("RGB", (32, 32), color).save(tmp_path / name)
+    (tmp_path / "b.png").write_bytes(b"\x89PNG broken")
+    proc = run_script("eval_vlm.py", *model_flags(ckpt, tower_dir), "--image_dir", tmp_path, "--max_new_tokens", 4,
+                      check=False)
+    assert "[a.png]" in proc.stdout and "[c.png]" in proc.stdout and "[b.png]" not in proc.stdout
+    assert "error: b.png is not an image" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "1 of 3 images could not be read: b.png" in proc.stderr
+
+
 def test_chat_mode_in_a_terminal_session(ckpt, tower_dir, tmp_path):
     write_image(tmp_path / "a.png", "red")
     proc = run_script("eval_vlm.py", *model_flags(ckpt, tower_dir), "--chat", "--image", tmp_path / "a.png",
