@@ -6,7 +6,8 @@ therefore only needs the number of samples already consumed, and it works even w
 of processes changed (2 GPUs -> 1): the same global order continues at the same sample.
 """
 import math
-import random
+
+import numpy as np
 
 
 class ResumableBatchSampler:
@@ -27,35 +28,34 @@ class ResumableBatchSampler:
         return self.batch_size * self.world_size
 
     def epoch_order(self):
-        """Every index exactly once, in this epoch's order."""
-        order = list(range(len(self.lengths)))
+        """Every index exactly once, in this epoch's order: an int64 array (numbers, not Python
+        objects, so a 3M-sample epoch costs 24 MB)."""
+        n = len(self.lengths)
         if not self.shuffle:
-            return order
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
-        rng.shuffle(order)
+            return np.arange(n)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(n)
         if self.group_by_length:
             # LLaVA-style megabatches: sort each random chunk by length so a batch holds similar
-            # lengths and pads little. Then shuffle the batches themselves: left sorted, every 32
-            # steps would sweep from long samples to short ones, and in a dataset where length
-            # goes with content (question wording, caption detail) that periodic drift hurts
-            # learning (demo SFT: 0.50 held-out accuracy sorted, 0.58 ungrouped).
+            # lengths and pads little. Then shuffle the batches themselves: left sorted, every
+            # megabatch would sweep from long samples to short ones, and in a dataset where length
+            # goes with content (question wording, caption detail) that periodic drift hurts learning.
             # The unit is an optimizer step's samples, so batch 2 x 2 accumulation steps sees the
             # same order as batch 4.
             step = self.global_batch * self.accumulation_steps
             size = step * self.megabatch_mult
-            order = [i for s in range(0, len(order), size)
-                     for i in sorted(order[s:s + size], key=lambda j: -self.lengths[j])]
-            steps = [order[s:s + step] for s in range(0, len(order), step)]
-            # The last one may be short; it stays last so every other step is full.
-            body, tail = (steps[:-1], steps[-1:]) if len(order) % step else (steps, [])
-            rng.shuffle(body)
-            order = [i for b in body + tail for i in b]
+            lengths = np.asarray(self.lengths)
+            order = np.concatenate([chunk[np.argsort(-lengths[chunk], kind="stable")]
+                                    for chunk in np.split(order, range(size, n, size))])
+            n_full = n // step  # a short last step stays last, so every other step is full
+            body = order[:n_full * step].reshape(n_full, step)[rng.permutation(n_full)]
+            order = np.concatenate([body.reshape(-1), order[n_full * step:]])
         return order
 
     def __iter__(self):
         order = self.epoch_order()[self.skip_samples:]
         for s in range(0, len(order), self.global_batch):
-            chunk = order[s:s + self.global_batch]
+            chunk = order[s:s + self.global_batch].tolist()
             # The last global batch may be short: split it evenly so every rank steps together.
             per_rank = math.ceil(len(chunk) / self.world_size)
             mine = chunk[self.rank * per_rank:(self.rank + 1) * per_rank]

@@ -138,8 +138,8 @@ class JsonlSource:
         return self.samples[i]
 
     def lengths(self, image_token_count):
-        return [length_estimate(int(c), len(s.images), image_token_count)
-                for c, s in zip(self.json_chars, self.samples)]
+        n_images = np.array([len(s.images) for s in self.samples], dtype=np.int64)
+        return length_estimate(self.json_chars, n_images, image_token_count)
 
 
 def parquet_files(spec):
@@ -182,7 +182,8 @@ def arrow_copy(path, cache_dir=None, progress=None):
         with FileLock(target + ".lock"):  # DDP ranks and parallel runs: one writes, the others wait
             if not os.path.isfile(target):
                 try:
-                    pf = pq.ParquetFile(path)
+                    # Streamed page by page: by default a whole row group (GBs in the release) is read at once.
+                    pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
                 except Exception as e:
                     raise ValueError(f"{path}: not a readable parquet file ({e})") from None
                 columns = [c for c in KEEP_COLUMNS if c in pf.schema_arrow.names]
@@ -288,7 +289,7 @@ class ParquetSource:
         return Sample(conv, images, where, str(kind or "all"))
 
     def lengths(self, image_token_count):
-        return length_estimate(self.json_chars, self.n_images, image_token_count).tolist()
+        return length_estimate(self.json_chars, self.n_images, image_token_count)
 
 
 def open_source(data_path, images_path=None, allow_outside_images=False, cache_dir=None, progress=None):
