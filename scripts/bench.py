@@ -153,12 +153,16 @@ def startup_scenario(parquet, tower):
             f"ds = VLMDataset({parquet!r}, None, tok, AutoImageProcessor.from_pretrained({tower!r}), "
             "resolve_image_token_id(tok))\n"
             "ds[len(ds) - 1]; t2 = time.time()\n"
-            "print('RESULT', len(ds), t2 - t1, t2 - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+            "st = {l.split(':')[0]: int(l.split()[1]) // 1024 for l in open('/proc/self/status') if l.startswith('Rss')}\n"
+            "print('RESULT', len(ds), t2 - t1, t2 - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
+            "st.get('RssAnon', 0), st.get('RssFile', 0))")
     out = {}
     for label in ("first open (makes the Arrow copy)", "later opens"):
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        n, dataset_s, total_s, rss = proc.stdout.rsplit("RESULT", 1)[1].split()
-        out[label] = {"rows": int(n), "dataset_s": float(dataset_s), "process_s": float(total_s), "peak_rss_mb": float(rss)}
+        n, dataset_s, total_s, rss, anon, file = proc.stdout.rsplit("RESULT", 1)[1].split()
+        # RssFile: pages of the memory-mapped Arrow file (shared, clean: the kernel can drop them).
+        out[label] = {"rows": int(n), "dataset_s": float(dataset_s), "process_s": float(total_s),
+                      "peak_rss_mb": float(rss), "rss_anon_mb": int(anon), "rss_file_mb": int(file)}
     return out
 
 
@@ -346,7 +350,8 @@ def main():
         results["startup"] = startup_scenario(big, tower)
         for label, r in results["startup"].items():
             print(f"  startup, {label:<34} dataset ready in {r['dataset_s']:6.1f} s (process {r['process_s']:.1f} s), "
-                  f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB (at the end: {r['rss_anon_mb']} MB private, "
+                  f"{r['rss_file_mb']} MB mapped files)", flush=True)
         shutil.rmtree(os.path.dirname(big))
     if "train" in only:
         data_root = os.path.join(work, "data")
