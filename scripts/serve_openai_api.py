@@ -5,20 +5,27 @@
 POST /v1/chat/completions takes the OpenAI chat format: `content` is a string or a list of
 {"type": "text", "text": ...} and {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}
 parts; each image becomes an <image> slot where its part stands. `stream: true` answers with
-server-sent events (`data: {chunk}` ... `data: [DONE]`). GET /v1/models lists the model.
-The server never fetches URLs; local paths / file:// URLs only with --allow_local_files.
-One generation runs at a time (the model is shared); other requests wait.
+server-sent events (`data: {chunk}` ... `data: [DONE]`). GET /v1/models lists the model; GET /health
+answers {"status": "ok"}; neither ever waits behind a generation.
+The server never fetches URLs. Local paths / file:// URLs only with --allow_local_files DIR, and only
+for images inside DIR (after resolving symlinks); every refused local file gets the same answer.
+One generation runs at a time (the model is shared); up to --max_queue other requests wait, more get
+HTTP 429. A generation stops when its client disconnects, streaming or not.
 """
 import argparse
 import asyncio
 import base64
 import binascii
 import json
+import logging
 import os
+import reprlib
+import stat
 import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote, urlparse
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,11 +37,16 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
+from starlette.requests import ClientDisconnect  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
 from dataset.lm_dataset import IMAGE_TAG  # noqa: E402
 from dataset.images import open_image  # noqa: E402
 from model.inference import VLMChat, add_model_args, load_model, resolve_weight_path  # noqa: E402
+
+log = logging.getLogger("uvicorn.error")  # uvicorn's own logger: our lines land in the server log, same format
+LOCAL_REFUSED = "local image refused: files must be images inside the folder given to --allow_local_files"
+POLL = 0.1  # seconds between checks that a waiting client is still there / a waiting job still wanted
 
 
 def parse_args(argv=None):
@@ -44,62 +56,98 @@ def parse_args(argv=None):
     ap.add_argument("--port", type=int, default=8998)
     ap.add_argument("--max_images", type=int, default=4, help="images per request (196 tokens each)")
     ap.add_argument("--max_request_mb", type=float, default=20, help="largest request body accepted")
-    ap.add_argument("--allow_local_files", action="store_true",
-                    help="accept image paths / file:// URLs on the server's disk (off: only data: URLs)")
+    ap.add_argument("--allow_local_files", metavar="DIR", default=None,
+                    help="also accept image paths / file:// URLs, only of images inside DIR (symlinks resolved "
+                         "first; relative paths are taken from DIR). Off: only data: URLs")
+    ap.add_argument("--max_queue", type=int, default=16,
+                    help="generation requests that may wait for the model at once (default %(default)s); more get "
+                         "HTTP 429 (retry later)")
     ap.add_argument("--max_seq_len", type=int, default=0, help="prompt + answer token limit; 0 = the model's")
     ap.add_argument("--max_tokens", type=int, default=512, help="answer length when a request gives none")
     ap.add_argument("--temperature", type=float, default=0.85, help="when a request gives none")
     ap.add_argument("--top_p", type=float, default=0.85, help="when a request gives none")
     ap.add_argument("--model_name", default=None, help="the model id reported (default: the weight's name)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.max_queue < 0:
+        ap.error("--max_queue must be 0 or more")
+    if args.allow_local_files is not None:
+        if not os.path.isdir(args.allow_local_files):
+            ap.error(f"--allow_local_files: {args.allow_local_files} is not a folder")
+        args.allow_local_files = os.path.realpath(args.allow_local_files)  # the root paths are checked against
+    return args
 
 
 class APIError(Exception):
-    def __init__(self, message, status=400, param=None, code=None, type_="invalid_request_error"):
+    def __init__(self, message, status=400, param=None, code=None, type_="invalid_request_error", headers=None):
         super().__init__(message)
         self.message, self.status, self.param, self.code, self.type = message, status, param, code, type_
+        self.headers = headers
 
     def response(self):
-        return error_response(self.message, self.status, self.param, self.code, self.type)
+        return error_response(self.message, self.status, self.param, self.code, self.type, self.headers)
 
 
-def error_response(message, status=400, param=None, code=None, type_="invalid_request_error"):
+def error_response(message, status=400, param=None, code=None, type_="invalid_request_error", headers=None):
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                        status_code=status)
+                        status_code=status, headers=headers)
 
 
-def decode_image(url, where, allow_local):
-    """An image_url value -> RGB PIL image (shrunk to at most 1024 px). Never touches the network."""
+def decode_image(url, where, local_root=None):
+    """An image_url value -> RGB PIL image (shrunk to at most 1024 px). Never touches the network;
+    reads local files only inside local_root (a realpath), see open_local_image."""
     if not isinstance(url, str) or not url:
         raise APIError(f"{where}: image_url.url must be a non-empty string", param=where)
-    if url.startswith("data:"):
-        header, sep, payload = url.partition(",")
-        if not sep or not header.endswith(";base64"):
-            raise APIError(f"{where}: expected a base64 data URL like data:image/png;base64,...", param=where)
-        try:
-            raw = base64.b64decode("".join(payload.split()), validate=True)
-        except (binascii.Error, ValueError):
-            raise APIError(f"{where}: the data URL is not valid base64", param=where) from None
-        source, name = raw, f"{where} (data URL)"
-    else:
+    if not url.startswith("data:"):
         scheme = urlparse(url).scheme.lower()
         if scheme in ("http", "https", "ftp"):
             raise APIError(f"{where}: this server does not fetch URLs. Send the image inline as a data URL "
                            "(data:image/png;base64,...)", param=where, code="url_not_allowed")
         if scheme not in ("", "file") and not (len(scheme) == 1 and os.name == "nt"):
             raise APIError(f"{where}: unsupported URL scheme '{scheme}': use a data URL", param=where)
-        if not allow_local:
-            raise APIError(f"{where}: local files are refused (start the server with --allow_local_files to allow "
-                           "them); send the image inline as a data URL", param=where, code="local_files_disabled")
-        source = unquote(urlparse(url).path) if scheme == "file" else url
-        name = f"{where} ({source})"
+        if local_root is None:
+            raise APIError(f"{where}: local files are refused (start the server with --allow_local_files DIR to "
+                           "allow images in DIR); send the image inline as a data URL", param=where,
+                           code="local_files_disabled")
+        return open_local_image(url, scheme, where, local_root)
+    header, sep, payload = url.partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise APIError(f"{where}: expected a base64 data URL like data:image/png;base64,...", param=where)
     try:
-        return open_image(source, name=name)
+        raw = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(f"{where}: the data URL is not valid base64", param=where) from None
+    try:
+        return open_image(raw, name=f"{where} (data URL)")
     except ValueError as e:
         raise APIError(str(e), param=where, code="invalid_image") from None
 
 
-def parse_messages(messages, max_images, allow_local):
+def open_local_image(url, scheme, where, root):
+    """A path (relative ones from root) or file:// URL -> image, if it resolves to a regular file inside
+    root. Every refusal (outside root, a symlink leading out, missing, a folder, unreadable, not an image)
+    gives the same answer, so a client cannot probe which files exist; the reason goes to the log."""
+    try:
+        if scheme == "file":
+            parsed = urlparse(url)
+            if parsed.netloc not in ("", "localhost"):
+                raise ValueError(f"file URL on host {parsed.netloc!r}")
+            url = unquote(parsed.path)
+        path = os.path.realpath(os.path.join(root, url))  # every symlink resolved, also in the parents
+        if os.path.commonpath([path, root]) != root:
+            raise ValueError("outside the folder")
+        # O_NOFOLLOW: a symlink swapped in after the check is not followed; O_NONBLOCK: a FIFO cannot hang us
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+                     | getattr(os, "O_BINARY", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ValueError("not a regular file")
+            return open_image(f, name=where)
+    except (OSError, ValueError) as e:  # ImageError is a ValueError
+        log.info("%s: local image %s refused: %s", where, reprlib.repr(url), e)
+        raise APIError(f"{where}: {LOCAL_REFUSED}", param=where, code="local_file_refused") from None
+
+
+def parse_messages(messages, max_images, local_root=None):
     """OpenAI messages -> (our messages with <image> tags, images in tag order)."""
     if not isinstance(messages, list) or not messages:
         raise APIError("'messages' must be a non-empty list", param="messages")
@@ -115,7 +163,7 @@ def parse_messages(messages, max_images, allow_local):
             raise APIError(f"{where} must be an object with 'role' and 'content'", param=where)
         role = "system" if m.get("role") == "developer" else m.get("role")
         if role not in ("system", "user", "assistant"):
-            raise APIError(f"{where}.role must be 'system', 'user' or 'assistant', got {m.get('role')!r}",
+            raise APIError(f"{where}.role must be 'system', 'user' or 'assistant', got {reprlib.repr(m.get('role'))}",
                            param=f"{where}.role")
         content = m.get("content")
         if content is None and role == "assistant":
@@ -136,11 +184,11 @@ def parse_messages(messages, max_images, allow_local):
                         raise APIError(f"{pwhere}: images are only accepted in user messages", param=pwhere)
                     spec = part.get("image_url")
                     images.append(decode_image(spec.get("url") if isinstance(spec, dict) else spec, pwhere,
-                                               allow_local))
+                                               local_root))
                     pieces.append(IMAGE_TAG)
                 else:
-                    raise APIError(f"{pwhere}: unsupported content part type {kind!r} (use 'text' or 'image_url')",
-                                   param=pwhere)
+                    raise APIError(f"{pwhere}: unsupported content part type {reprlib.repr(kind)} "
+                                   "(use 'text' or 'image_url')", param=pwhere)
             text = "\n".join(pieces)
         else:
             raise APIError(f"{where}.content must be a string or a list of content parts", param=f"{where}.content")
@@ -151,58 +199,153 @@ def parse_messages(messages, max_images, allow_local):
 
 
 def number(body, key, default, lo, hi, integer=False):
+    """body[key] checked to lie in [lo, hi] (booleans refused: True is 1 in Python); default when absent."""
     value = body.get(key)
     if value is None:
         return default
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if not ok or isinstance(value, bool) or not (lo <= value <= hi):
         kind = "an integer" if integer else "a number"
-        raise APIError(f"'{key}' must be {kind} between {lo} and {hi}, got {value!r}", param=key)
+        raise APIError(f"'{key}' must be {kind} between {lo} and {hi}, got {reprlib.repr(value)}", param=key)
     return value
 
 
 class Engine:
-    """The shared model behind one lock; a generation runs in a worker thread and reports pieces."""
+    """The shared model: one generation at a time, each in a worker thread that reports pieces.
+    pending counts the requests admitted and not finished (being prepared, waiting or generating); it is
+    touched on the event loop only. stats counts generated tokens and cancelled generations."""
 
-    def __init__(self, chat: VLMChat, max_seq_len=0):
+    def __init__(self, chat: VLMChat, max_seq_len=0, max_queue=16):
         self.chat, self.lock = chat, threading.Lock()
         self.max_seq_len = max_seq_len or chat.model.config.max_seq_len
+        self.max_queue, self.pending = max_queue, 0
+        # one thread per admitted request, so a waiting one never holds up the one whose turn it is
+        self.pool = ThreadPoolExecutor(max_queue + 1, thread_name_prefix="generate")
+        self.stats, self.stats_lock = {"tokens": 0, "cancelled": 0}, threading.Lock()
+
+    def admit(self):
+        """Reserve a place for a generation request, or refuse it while max_queue wait behind the
+        running one: an unbounded queue would only grow answers that come too late."""
+        if self.pending > self.max_queue:
+            raise APIError(f"the server is busy: {self.max_queue} requests are already waiting for the model; "
+                           "retry later", status=429, code="queue_full", type_="rate_limit_error",
+                           headers={"Retry-After": "1"})
+        self.pending += 1
+
+    def release(self, *_):  # also a done-callback of the worker's future
+        self.pending -= 1
+
+    def start(self, job, emit):
+        """Run the job in a worker thread; its place in the queue is freed when the worker ends."""
+        worker = asyncio.get_running_loop().run_in_executor(self.pool, self.run, job, emit)
+        worker.add_done_callback(self.release)
+        return worker
+
+    def count(self, key, n=1):
+        with self.stats_lock:
+            self.stats[key] += n
 
     def run(self, job, emit):
-        """Worker thread: emit(("piece", text)) ..., then emit(("done", info)) or emit(("error", msg))."""
-        chat, tok = self.chat, self.chat.tokenizer
-        new, shown, finish = [], "", "length"
+        """Worker thread: emit(("piece", text)) ..., then emit(("done", info)) or emit(("error", msg)).
+        A cancelled job (its client went away) stops quietly: nobody is listening."""
+        if not self.wait_turn(job["cancel"]):
+            self.count("cancelled")
+            return
         try:
-            with self.lock:
-                if job["cancel"].is_set():
-                    return
-                if job["seed"] is not None:
-                    torch.manual_seed(job["seed"])
-                ids = torch.tensor([job["ids"]], device=chat.device)
-                for t in chat.model.generate_stream(ids, pixel_values=chat.pixels(job["images"]),
-                                                    max_new_tokens=job["max_tokens"], temperature=job["temperature"],
-                                                    top_p=job["top_p"], eos_token_id=tok.eos_token_id):
-                    if job["cancel"].is_set():
-                        return
-                    t = int(t[0])
-                    if t == tok.eos_token_id:
-                        finish = "stop"
-                        break
-                    new.append(t)
-                    text = tok.decode(new, skip_special_tokens=True)
-                    if not text.endswith("\ufffd") and len(text) > len(shown):  # whole characters only
-                        emit(("piece", text[len(shown):]))
-                        shown = text
+            info = self.generate(job, emit)
         except Exception as e:  # reported to the client; the server goes on
             emit(("error", f"generation failed: {e}"))
             return
-        emit(("done", {"completion_tokens": len(new), "finish_reason": finish}))
+        finally:
+            self.lock.release()
+        if info is None:
+            self.count("cancelled")
+        else:
+            emit(("done", info))
+
+    def wait_turn(self, cancel):
+        """Take the model, or give up (False) once the job is cancelled, so an abandoned request
+        leaves the queue at once instead of when its turn comes."""
+        while not self.lock.acquire(timeout=POLL):
+            if cancel.is_set():
+                return False
+        if cancel.is_set():
+            self.lock.release()
+            return False
+        return True
+
+    def generate(self, job, emit):
+        """With the lock held: emits pieces; -> {"completion_tokens", "finish_reason"}, None if cancelled."""
+        chat, tok = self.chat, self.chat.tokenizer
+        new, shown, finish = [], "", "length"
+        if job["seed"] is not None:
+            torch.manual_seed(job["seed"])
+        ids = torch.tensor([job["ids"]], device=chat.device)
+        try:
+            for t in chat.model.generate_stream(ids, pixel_values=chat.pixels(job["images"]),
+                                                max_new_tokens=job["max_tokens"], temperature=job["temperature"],
+                                                top_p=job["top_p"], eos_token_id=tok.eos_token_id):
+                if job["cancel"].is_set():
+                    return None
+                t = int(t[0])
+                if t == tok.eos_token_id:
+                    finish = "stop"
+                    break
+                new.append(t)
+                text = tok.decode(new, skip_special_tokens=True)
+                if not text.endswith("\ufffd") and len(text) > len(shown):  # whole characters only
+                    emit(("piece", text[len(shown):]))
+                    shown = text
+        finally:
+            self.count("tokens", len(new))
+        return {"completion_tokens": len(new), "finish_reason": finish}
+
+
+def emitter(loop, queue):
+    """Worker thread -> a request's queue on the event loop; a no-op once the loop is closed (shutdown)."""
+    def emit(item):
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:
+            pass
+    return emit
+
+
+async def watch_disconnect(request, job, queue):
+    """A non-streaming answer sends nothing until it is complete, so nothing else notices a client that
+    went away: check now and then, and cancel its generation (the handler gets ("gone", None))."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(POLL)
+    job["cancel"].set()
+    queue.put_nowait(("gone", None))
+
+
+class JobStream(StreamingResponse):
+    """A streamed answer that cancels its job however the response ends. A client that goes away
+    cancels the streaming (the body generator may never even start, so it cannot clean up itself)."""
+
+    def __init__(self, content, job, on_gone, **kw):
+        super().__init__(content, **kw)
+        self.job, self.on_gone = job, on_gone
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        except ClientDisconnect:  # newer ASGI servers report a failed send this way
+            pass
+        finally:
+            self.job["cancel"].set()
+            if not self.job.get("answered"):
+                self.on_gone()
 
 
 def create_app(engine: Engine, args, model_id):
     app = FastAPI(title="MiniMind-V OpenAI-compatible API", docs_url=None, redoc_url=None)
     created = int(time.time())
     max_bytes = int(args.max_request_mb * 1024 * 1024)
+    # JSON parsing and image decoding run here, never on the event loop (a few KB of PNG can take seconds
+    # to decode), and apart from generation, so a request's images decode while another one generates.
+    prepare_pool = ThreadPoolExecutor(2, thread_name_prefix="prepare")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):
@@ -211,6 +354,10 @@ def create_app(engine: Engine, args, model_id):
     @app.exception_handler(Exception)
     async def internal_error(request, exc):
         return error_response(f"internal error: {exc}", 500, type_="server_error")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
 
     @app.get("/v1/models")
     async def models():
@@ -238,12 +385,26 @@ def create_app(engine: Engine, args, model_id):
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def prepare(body):
+    def prepare(raw):
+        """Worker thread: raw body -> job. Hostile nesting is a client error, not a crash."""
+        try:
+            body = json.loads(raw)
+        except RecursionError:
+            raise APIError("the request body is nested too deeply") from None
+        except ValueError as e:  # also UnicodeDecodeError, and integers with too many digits
+            raise APIError(f"the request body is not valid JSON ({e})") from None
+        try:
+            return make_job(body)
+        except RecursionError:
+            raise APIError("the request is nested too deeply") from None
+
+    def make_job(body):
         if not isinstance(body, dict):
             raise APIError("the request body must be a JSON object")
         if "messages" not in body:
             raise APIError("missing required parameter: 'messages'", param="messages")
-        if body.get("n") not in (None, 1):
+        n = body.get("n")
+        if n is not None and (type(n) is not int or n != 1):  # not `in (None, 1)`: True == 1 in Python
             raise APIError("only n=1 is supported", param="n")
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
@@ -267,39 +428,50 @@ def create_app(engine: Engine, args, model_id):
                 "include_usage": bool(isinstance(options, dict) and options.get("include_usage")),
                 "cancel": threading.Event()}
 
+    async def admitted_job(raw):
+        """Take a place in the queue (or 429), then prepare the job off the event loop."""
+        engine.admit()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(prepare_pool, prepare, raw)
+        except BaseException:
+            engine.release()  # no generation follows
+            raise
+
+    def gone(rid):
+        log.info("client disconnected: request %s cancelled", rid)
+        return error_response("client disconnected", 499)  # nobody reads it; keeps the access log honest
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         try:
-            raw = await read_body(request)
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise APIError(f"the request body is not valid JSON ({e})") from None
-            job = prepare(body)
+            job = await admitted_job(await read_body(request))
         except APIError as e:
             return e.response()
-        loop = asyncio.get_running_loop()
+        except ClientDisconnect:  # went away while uploading
+            return gone(rid)
         queue = asyncio.Queue()
-        emit = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)  # noqa: E731
-        worker = loop.run_in_executor(None, engine.run, job, emit)
-        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        engine.start(job, emitter(asyncio.get_running_loop(), queue))
         usage = lambda n: {"prompt_tokens": len(job["ids"]), "completion_tokens": n,  # noqa: E731
                            "total_tokens": len(job["ids"]) + n}
 
         if not job["stream"]:
+            watcher = asyncio.create_task(watch_disconnect(request, job, queue))
             pieces = []
             try:
                 while True:
                     kind, value = await queue.get()
                     if kind == "piece":
                         pieces.append(value)
+                    elif kind == "gone":
+                        return gone(rid)
                     elif kind == "error":
                         return error_response(value, 500, type_="server_error")
                     else:
                         break
             finally:
-                job["cancel"].set()  # a dropped connection stops the worker
-            await worker
+                watcher.cancel()
+                job["cancel"].set()  # whatever happened, the worker has nothing more to do
             return {"id": rid, "object": "chat.completion", "created": now, "model": model_id,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
                                  "logprobs": None, "finish_reason": value["finish_reason"]}],
@@ -313,27 +485,25 @@ def create_app(engine: Engine, args, model_id):
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
         async def events():
-            try:
-                yield sse(chunk({"role": "assistant", "content": ""}))
-                while True:
-                    kind, value = await queue.get()
-                    if kind == "piece":
-                        yield sse(chunk({"content": value}))
-                    elif kind == "error":
-                        yield sse({"error": {"message": value, "type": "server_error", "param": None, "code": None}})
-                        break
-                    else:
-                        yield sse(chunk({}, value["finish_reason"]))
-                        if job["include_usage"]:
-                            yield sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_id,
-                                       "choices": [], "usage": usage(value["completion_tokens"])})
-                        break
-                yield "data: [DONE]\n\n"
-            finally:
-                job["cancel"].set()  # the client went away (or we are done): free the model
+            yield sse(chunk({"role": "assistant", "content": ""}))
+            while True:
+                kind, value = await queue.get()
+                if kind == "piece":
+                    yield sse(chunk({"content": value}))
+                elif kind == "error":
+                    yield sse({"error": {"message": value, "type": "server_error", "param": None, "code": None}})
+                    break
+                else:
+                    yield sse(chunk({}, value["finish_reason"]))
+                    if job["include_usage"]:
+                        yield sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_id,
+                                   "choices": [], "usage": usage(value["completion_tokens"])})
+                    break
+            yield "data: [DONE]\n\n"
+            job["answered"] = True
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JobStream(events(), job, lambda: gone(rid), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
 
@@ -342,11 +512,12 @@ def main(argv=None):
     import uvicorn
     args = parse_args(argv)
     model, tokenizer, processor = load_model(args)
-    engine = Engine(VLMChat(model, tokenizer, processor), args.max_seq_len)
+    engine = Engine(VLMChat(model, tokenizer, processor), args.max_seq_len, args.max_queue)
     name = args.model_name or os.path.basename(os.path.normpath(
         args.weight if args.load == 1 else resolve_weight_path(args))).removesuffix(".pth")
     app = create_app(engine, args, name)
-    print(f"serving '{name}' at http://{args.host}:{args.port}/v1 (POST /v1/chat/completions, GET /v1/models)")
+    print(f"serving '{name}' at http://{args.host}:{args.port}/v1 "
+          "(POST /v1/chat/completions, GET /v1/models, GET /health)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

@@ -91,9 +91,10 @@ def image_question(url, text="What is in the picture?"):
                                          {"type": "image_url", "image_url": {"url": url}}]}]
 
 
-def test_models_endpoint(client):
+def test_models_endpoint(server, client):
     models = client.models.list()
     assert [m.id for m in models.data] == ["sft_vlm_64"]
+    assert server["http"].get("/health").json() == {"status": "ok"}
 
 
 def test_completion_with_an_image(client, photo_url):
@@ -205,14 +206,16 @@ def test_concurrent_requests_are_served_one_after_another(client, photo_url):
 
 
 def test_local_files_only_when_allowed(tmp_path):
-    """decode_image itself: paths and file:// URLs with --allow_local_files, never the network."""
+    """decode_image itself: paths and file:// URLs inside the --allow_local_files folder, never the network
+    (tests/test_api_hostile.py tries to get out of the folder)."""
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     from serve_openai_api import APIError, decode_image
     path = tmp_path / "a b.png"
     Image.new("RGB", (2000, 100), "red").save(path)
-    assert decode_image(str(path), "img", allow_local=True).size == (1024, 51)
-    assert decode_image(path.as_uri(), "img", allow_local=True).size == (1024, 51)
+    root = os.path.realpath(tmp_path)
+    assert decode_image(str(path), "img", root).size == (1024, 51)
+    assert decode_image(path.as_uri(), "img", root).size == (1024, 51)
     with pytest.raises(APIError, match="local files are refused"):
-        decode_image(str(path), "img", allow_local=False)
+        decode_image(str(path), "img")
     with pytest.raises(APIError, match="does not fetch URLs"):
-        decode_image("https://example.com/a.png", "img", allow_local=True)
+        decode_image("https://example.com/a.png", "img", root)

@@ -1,0 +1,290 @@
+"""scripts/serve_openai_api.py against hostile or careless clients: slow images, abandoned and
+cancelled requests, floods, local-file probing, deep JSON. The app runs in-process (uvicorn in a
+thread on 127.0.0.1) so a test can read the engine's counters and the server's log lines."""
+import base64
+import contextlib
+import io
+import logging
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+
+from model.inference import VLMChat
+from model.model_vlm import MiniMindVLM, VLMConfig
+
+from conftest import TINY_LLM
+
+openai = pytest.importorskip("openai", reason="pip install openai")
+uvicorn = pytest.importorskip("uvicorn")
+import serve_openai_api as api  # noqa: E402  (scripts/ is on sys.path through conftest)
+
+HELLO = [{"role": "user", "content": "Hello"}]
+LONG = {"messages": HELLO, "max_tokens": 3000, "temperature": 0}  # greedy: the tiny model never stops early
+
+
+@pytest.fixture(scope="module")
+def chat(tower_dir, tokenizer, processor):
+    torch.manual_seed(0)
+    return VLMChat(MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM)).eval(), tokenizer, processor)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(chat, *flags):
+    """The server's app with these command-line flags, on 127.0.0.1 -> (base URL, engine)."""
+    args = api.parse_args(list(flags))
+    engine = api.Engine(chat, args.max_seq_len, args.max_queue)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(api.create_app(engine, args, "tiny"), host="127.0.0.1", port=port,
+                                           log_config=None, access_log=False, timeout_graceful_shutdown=3))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 20
+        while not server.started:
+            assert thread.is_alive() and time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}", engine
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        engine.pool.shutdown(wait=False, cancel_futures=True)
+
+
+@pytest.fixture(scope="module")
+def server(chat):
+    with serving(chat) as (base, engine):
+        yield base, engine
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server[0], trust_env=False, timeout=30) as c:
+        yield c
+
+
+def client(base, timeout=30):
+    return openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=timeout,
+                         http_client=httpx.Client(trust_env=False, timeout=timeout))
+
+
+def wait_for(condition, seconds=10):
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def idle(engine):
+    wait_for(lambda: engine.pending == 0)
+
+
+def openai_error(response, status):
+    assert response.status_code == status, response.text
+    err = response.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+def timed_get(http, path):
+    t = time.perf_counter()
+    r = http.get(path)
+    assert r.status_code == 200, r.text
+    return time.perf_counter() - t, r.json()
+
+
+def png_url(image):
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_image_decoding_does_not_block_the_event_loop(server, http):
+    """Defect 1: a few KB of 1-bit PNG take long to decode; /v1/models must not wait for it."""
+    base, engine = server
+    slow = png_url(Image.new("1", (8000, 8000)))  # ~8 KB, 64M pixels to decode
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": slow}}] * 4}],
+            "max_tokens": 10**6}  # fails only after the images are decoded: nothing is generated
+    answers = []
+    posts = [threading.Thread(target=lambda: answers.append(http.post("/v1/chat/completions", json=body)))
+             for _ in range(2)]
+    for t in posts:
+        t.start()
+    latencies, deadline = [], time.time() + 60
+    while any(t.is_alive() for t in posts) and time.time() < deadline:
+        latencies.append(timed_get(http, "/v1/models")[0])
+        time.sleep(0.05)
+    for t in posts:
+        t.join(60)
+    assert [openai_error(r, 400)["code"] for r in answers] == ["context_length_exceeded"] * 2  # really decoded
+    assert len(latencies) >= 3 and max(latencies) < 0.5, latencies
+    idle(engine)
+
+
+def test_health_and_models_answer_during_a_generation(server, http):
+    """Defect 4: GET /health exists and neither it nor /v1/models waits behind a generation."""
+    base, engine = server
+    with http.stream("POST", "/v1/chat/completions", json=LONG | {"stream": True}) as r:
+        lines = r.iter_lines()
+        for _ in range(4):  # the role chunk, then tokens: the model is busy
+            next(lines)
+        for _ in range(5):
+            took, health = timed_get(http, "/health")
+            assert health == {"status": "ok"} and took < 1.0
+            took, models = timed_get(http, "/v1/models")
+            assert models["data"][0]["id"] == "tiny" and took < 1.0
+        assert engine.pending == 1
+    idle(engine)
+
+
+def test_abandoned_non_streaming_requests_stop_generating(server):
+    """Defect 2: a client that times out cancels its generation (waiting or running)."""
+    base, engine = server
+    before = dict(engine.stats)
+    impatient = client(base, timeout=0.3)
+    for _ in range(3):
+        with pytest.raises(openai.APITimeoutError):
+            impatient.chat.completions.create(model="tiny", messages=HELLO, max_tokens=3000, temperature=0)
+    t = time.perf_counter()
+    r = client(base).chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)
+    assert r.usage.completion_tokens >= 1 and time.perf_counter() - t < 3.0
+    idle(engine)
+    assert engine.stats["cancelled"] - before["cancelled"] == 3
+    assert engine.stats["tokens"] - before["tokens"] < 3000  # none of the three ran to its end
+
+
+def test_a_full_queue_answers_429(chat):
+    """Defect 3: --max_queue bounds the waiting requests; more get an OpenAI-style 429."""
+    with serving(chat, "--max_queue", "1") as (base, engine), \
+            httpx.Client(base_url=base, trust_env=False, timeout=30) as http:
+        with http.stream("POST", "/v1/chat/completions", json=LONG | {"stream": True}) as running, \
+                http.stream("POST", "/v1/chat/completions", json=LONG | {"stream": True}) as waiting:
+            lines = [running.iter_lines(), waiting.iter_lines()]  # kept: a dropped iterator closes its stream
+            next(lines[0]), next(lines[1])
+            assert engine.pending == 2
+            r = http.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2})
+            err = openai_error(r, 429)
+            assert err["code"] == "queue_full" and "retry later" in err["message"] and r.headers["retry-after"]
+            with pytest.raises(openai.RateLimitError):
+                client(base).chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)
+            assert http.get("/health").status_code == 200
+        idle(engine)  # the two closed streams gave their places back
+        assert client(base).chat.completions.create(model="tiny", messages=HELLO, max_tokens=2).choices
+
+
+def test_max_queue_and_local_folder_flags_are_documented(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        api.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--max_queue" in out and "--allow_local_files DIR" in out
+    with pytest.raises(SystemExit):
+        api.parse_args(["--allow_local_files", str(tmp_path / "missing")])
+
+
+@pytest.fixture
+def local_files(tmp_path):
+    """root/ with an image, a text file, a folder and a symlink to an image outside root."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    Image.new("RGB", (40, 30), "red").save(root / "ok.png")
+    Image.new("RGB", (40, 30), "blue").save(outside / "secret.png")
+    (root / "notes.txt").write_text("not an image")
+    (root / "link.png").symlink_to(outside / "secret.png")
+    refused = ["../outside/secret.png", str(outside / "secret.png"), (outside / "secret.png").as_uri(),
+               str(root / "link.png"), "link.png", str(root / "missing.png"), "notes.txt", str(root / "sub"),
+               "/etc/passwd", "file://elsewhere" + str(root / "ok.png"), "sub/../../outside/secret.png"]
+    return root, refused
+
+
+def test_local_files_only_inside_the_folder_and_refusals_look_alike(local_files):
+    """Defect 5: --allow_local_files DIR; every refusal has the same message (no probing for files)."""
+    root, refused = local_files
+    local_root = api.parse_args(["--allow_local_files", str(root)]).allow_local_files
+    for ok in ("ok.png", str(root / "ok.png"), (root / "ok.png").as_uri(), "sub/../ok.png"):
+        assert api.decode_image(ok, "img", local_root).size == (40, 30)
+    errors = []
+    for url in refused:
+        with pytest.raises(api.APIError) as e:
+            api.decode_image(url, "img", local_root)
+        errors.append((e.value.message, e.value.code, e.value.status))
+    assert set(errors) == {(f"img: {api.LOCAL_REFUSED}", "local_file_refused", 400)}
+    with pytest.raises(api.APIError, match="local files are refused"):  # no folder given: none at all
+        api.decode_image(str(root / "ok.png"), "img")
+
+
+def test_local_file_refusals_over_http_are_identical(chat, local_files):
+    root, refused = local_files
+    with serving(chat, "--allow_local_files", str(root)) as (base, engine), \
+            httpx.Client(base_url=base, trust_env=False, timeout=30) as http:
+        def ask(url):
+            return http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}}]}], "max_tokens": 2})
+        assert ask("ok.png").status_code == 200
+        answers = {ask(url).text for url in refused}
+        assert len(answers) == 1 and api.LOCAL_REFUSED in answers.pop()
+
+
+def test_deeply_nested_json_is_a_client_error(http):
+    """Defect 6: nesting deeper than Python's recursion limit is a 400, not a 500."""
+    post = lambda raw: http.post("/v1/chat/completions", content=raw,  # noqa: E731
+                                 headers={"content-type": "application/json"})
+    for raw in (b"[" * 100000, b'{"a": ' * 100000, b"[" * 100000 + b"]" * 100000,
+                b'{"messages": ' + b"[" * 50000 + b"]" * 50000 + b"}"):
+        assert openai_error(post(raw), 400)["type"] == "invalid_request_error"
+    assert "not valid JSON" in openai_error(post(b'{"seed": ' + b"9" * 5000 + b"}"), 400)["message"]
+    deep = "[" * 500 + "]" * 500  # parses, then is walked (and described in the error)
+    assert openai_error(post(f'{{"messages": {deep}}}'.encode()), 400)["param"].startswith("messages")
+    assert openai_error(post(f'{{"messages": [{{"role": "user", "content": "hi"}}], "temperature": {deep}}}'
+                             .encode()), 400)["param"] == "temperature"
+    assert http.get("/health").json() == {"status": "ok"}
+
+
+def test_n_must_be_the_integer_one(server, http):
+    """Defect 8: n=true was accepted because True == 1 in Python."""
+    for n in (True, 2, 1.0, "1", 0):
+        assert openai_error(http.post("/v1/chat/completions", json={"messages": HELLO, "n": n, "max_tokens": 2}),
+                            400)["param"] == "n"
+    with pytest.raises(openai.BadRequestError):
+        client(server[0]).chat.completions.create(model="tiny", messages=HELLO, n=2, max_tokens=2)
+    for n in (1, None):
+        assert http.post("/v1/chat/completions", json={"messages": HELLO, "n": n, "max_tokens": 2}).status_code == 200
+
+
+def test_client_disconnects_log_one_line_not_a_traceback(server, caplog, monkeypatch):
+    """Defect 7: a client going away (uploading, streaming or waiting) is one log line."""
+    base, engine = server
+    for name in ("uvicorn", "uvicorn.error"):  # in case another test configured uvicorn's logging
+        monkeypatch.setattr(logging.getLogger(name), "propagate", True)
+    caplog.set_level(logging.INFO)
+    port = int(base.rsplit(":", 1)[1])
+    for _ in range(2):  # gone half-way through the upload
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"messages\": ")
+            time.sleep(0.1)
+    with httpx.Client(base_url=base, trust_env=False, timeout=30) as http:
+        for _ in range(2):  # gone while streaming
+            with http.stream("POST", "/v1/chat/completions", json=LONG | {"stream": True}) as r:
+                for _, _line in zip(range(3), r.iter_lines()):
+                    pass
+    with pytest.raises(openai.APITimeoutError):  # gone while waiting for a whole answer
+        client(base, timeout=0.3).chat.completions.create(model="tiny", messages=HELLO, max_tokens=3000,
+                                                          temperature=0)
+    idle(engine)
+    deadline = time.time() + 10  # the last lines can follow the engine going idle by a moment
+    while caplog.text.count("client disconnected") < 5 and time.time() < deadline:
+        time.sleep(0.05)
+    assert "Traceback" not in caplog.text
+    assert caplog.text.count("client disconnected") == 5
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
