@@ -19,7 +19,11 @@ import sys
 import torch
 import torch.distributed as dist
 
-from model.model_vlm import atomic_save, llm_state_dict, load_weights
+from model.model_vlm import CheckpointError, atomic_save, llm_state_dict, load_weights, read_checkpoint
+
+RESUME_KEYS = {"model", "optimizer", "scaler", "rng", "state"}
+RESUME_EXPECTED = ("expected a resume file written by train_pretrain_vlm.py / train_sft_vlm.py: check --out_dir, "
+                   "--save_weight, --dim and --use_moe, or drop --from_resume 1 to start afresh")
 
 
 def world_size():
@@ -84,9 +88,20 @@ class TorchEngine:
                          "scaler": self.scaler.state_dict(), **extra}, self.resume_path)
 
     def load_resume(self):
-        ckpt = torch.load(self.resume_path, map_location="cpu", weights_only=False)
-        load_weights(self.model, ckpt["model"])  # every rank loads it: same weights, whatever the world size
-        self.optimizer.load_state_dict(ckpt["optimizer"])  # full (unsharded) AdamW state: any world size
+        # weights_only: a resume file holds tensors and plain values only (see trainer.rng_state),
+        # so a planted one cannot run code.
+        path = self.resume_path
+        ckpt = read_checkpoint(path, "resume file", RESUME_EXPECTED)
+        missing = RESUME_KEYS - ckpt.keys() if isinstance(ckpt, dict) else RESUME_KEYS
+        if missing:
+            raise CheckpointError(f"{path} is not a valid resume file: no {sorted(missing)} entries; {RESUME_EXPECTED}")
+        # every rank loads it: same weights, whatever the world size
+        load_weights(self.model, ckpt["model"], f"{path} (its model weights)")
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])  # full (unsharded) AdamW state: any world size
+        except ValueError as e:
+            raise CheckpointError(f"{path}: its optimizer state does not fit this run's trainable parameters ({e}); "
+                                  f"resume with the --freeze_llm it was saved with") from None
         self.scaler.load_state_dict(ckpt["scaler"])
         return ckpt
 
@@ -113,6 +128,29 @@ def deepspeed_config(path, args, world):
             block["enabled"] = not explicit and args.dtype == name
     cfg.setdefault("steps_per_print", 2 ** 31 - 1)  # we log ourselves
     return cfg
+
+
+# DeepSpeed's own classes in its checkpoints (ZeRO stage, loss-scaler settings, fp32 slice addresses):
+# plain data, harmless to rebuild. Our part, the client_state, holds plain values only.
+DEEPSPEED_GLOBALS = {"deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                     "deepspeed.utils.tensor_fragment.fragment_address"}
+
+
+def check_deepspeed_files(tag_dir):
+    """DeepSpeed loads its checkpoint with torch.load(weights_only=False) (TorchCheckpointEngine),
+    which would run any code a planted file names. So before it does, list the globals each file
+    imports, by reading its pickle without running it, and refuse the checkpoint if one is neither
+    allowed under weights_only=True nor one of DeepSpeed's data classes above."""
+    for path in sorted(glob.glob(os.path.join(tag_dir, "*.pt"))):
+        try:
+            unsafe = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - DEEPSPEED_GLOBALS)
+        except Exception as e:  # not a zip written by torch.save, or a pickle op the scan does not know
+            raise CheckpointError(f"{path} is not a valid DeepSpeed resume file ({e}); {RESUME_EXPECTED}") from None
+        if unsafe:
+            raise CheckpointError(f"{path} is not a valid DeepSpeed resume file: it holds {unsafe[0]}, not only "
+                                  f"tensors, plain values and DeepSpeed's own data, and loading that could run code, "
+                                  f"so it was refused; {RESUME_EXPECTED}")
 
 
 class DeepSpeedEngine:
@@ -204,6 +242,7 @@ class DeepSpeedEngine:
         if shards and shards != world_size():
             sys.exit(f"error: {self.resume_path} was saved by {shards} processes; resume it with {shards} (ZeRO "
                      f"partitions the optimizer state), or start a new run from the .pth with --from_weight")
+        check_deepspeed_files(os.path.join(self.resume_path, tag))
         path, client = self.engine.load_checkpoint(self.resume_path)
         if path is None:
             sys.exit(f"error: could not load the DeepSpeed checkpoint in {self.resume_path}")

@@ -1,10 +1,10 @@
 """Stage 2, instruction tuning: train the projection and the whole LLM on image conversations,
 starting from the stage-1 weights (out/pretrain_vlm_512.pth)."""
-from trainer import build_parser, train
+from trainer import build_parser, main
 
 if __name__ == "__main__":
     parser = build_parser(
         __doc__, data_path="dataset/sft_data.jsonl", images_path="dataset/sft_images",
         epochs=2, batch_size=8, learning_rate=1e-5, max_seq_len=1536,
         from_weight="pretrain_vlm", save_weight="sft_vlm", freeze_llm=0)
-    train(parser.parse_args())
+    main(parser)

@@ -1,9 +1,11 @@
 """Training loop shared by train_pretrain_vlm.py and train_sft_vlm.py.
 
 The two stages differ only in data, defaults and what is trainable, so both scripts call
-`build_parser(...)` with their defaults and then `train(args)`. One process, torchrun (DDP), the
+`build_parser(...)` with their defaults and then `main(parser)`. One process, torchrun (DDP), the
 deepspeed launcher (--deepspeed, see train_engines.py) and CPU or CUDA all go through the same loop;
-checkpoints and resume files are written atomically, and SIGINT/SIGTERM save a resume checkpoint.
+checkpoints and resume files are written atomically, and SIGINT/SIGTERM or an error in the loop
+save a resume checkpoint. Errors with a message for the user end the run with one line
+`error: ...` (--debug or MINIMIND_DEBUG=1 for the traceback).
 """
 import argparse
 import functools
@@ -28,7 +30,7 @@ from dataset.samples import open_source
 from dataset.sampler import ResumableBatchSampler
 from model.inference import weight_path
 from model.model_minimind import count_llm_params
-from model.model_vlm import MiniMindVLM, VLMConfig, atomic_save, load_weights
+from model.model_vlm import CheckpointError, DiskFullError, MiniMindVLM, VLMConfig, atomic_save, load_weights
 from train_engines import DeepSpeedEngine, TorchEngine
 
 FREEZE_HELP = "0: projection + whole LLM; 1: projection + last LLM layer; 2: projection only"
@@ -89,6 +91,8 @@ def build_parser(description, **defaults):
     a("--deepspeed", metavar="CONFIG", help="train through DeepSpeed with this JSON config, e.g. "
       "ds_config/zero2.json; its \"auto\" values come from our flags")
     a("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher (LOCAL_RANK works too)")
+    a("--debug", action="store_true", help="on an error, show the full traceback instead of one line "
+                                           "(MINIMIND_DEBUG=1 does the same)")
     p.set_defaults(**defaults)
     return p
 
@@ -150,7 +154,13 @@ def lr_at(progress, base_lr, warmup):
 
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG streams as tensors and plain lists, so that a resume file loads with
+    torch.load(weights_only=True), which refuses numpy arrays and other pickled objects."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": [version, list(internal), gauss_next],
+             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached_gaussian)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -173,11 +183,18 @@ def set_rng_state(states, rank, world, seed):
         np.random.seed(seed + rank)
         return
     state = states[rank]
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def plain_args(args):
+    """The flags as saved in a resume file: plain values only (see rng_state)."""
+    return {k: v if isinstance(v, (bool, int, float, str, type(None))) else str(v) for k, v in vars(args).items()}
 
 
 def optimizer_steps(loader, n_batches, accumulation_steps):
@@ -209,6 +226,35 @@ def token_weighted(out, n_tokens, step_tokens, world, accumulation_steps):
     return loss + aux / accumulation_steps if aux is not None else loss
 
 
+def write_checkpoint(write, periodic):
+    """Run one checkpoint write; True if it was written. A full disk at a periodic save is only a
+    warning: the files of the last save are intact, training goes on and the next save tries again.
+    At the final save, or one before stopping, it ends the run, pointing at the last resume file."""
+    try:
+        write()
+        return True
+    except DiskFullError as e:
+        if not periodic:
+            raise DiskFullError(f"{e}; then continue from the last complete checkpoint with "
+                                f"--from_resume 1") from None
+        print(f"warning: {e}; training goes on, and the next save tries again", flush=True)
+        return False
+
+
+def complete_log_lines(path):
+    """The log's lines, without a torn last one (a run killed while appending it), which would stop
+    every later resume: it is dropped, with a note."""
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    if lines:
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            print(f"note: {path}: dropped its last line, {lines.pop().strip()[:60]!r}, which a killed run wrote "
+                  f"only in part")
+    return lines
+
+
 class Logger:
     """Console line + JSONL record every log_interval steps, and wandb when asked (rank 0 only).
     wandb gets the full config, and its run id lives in the resume file so a resumed run continues
@@ -224,8 +270,7 @@ class Logger:
         elif os.path.isfile(path):
             # Steps logged after the checkpoint we resume from (before a kill) are redone: drop
             # those trailing lines so every step appears once.
-            with open(path) as f:
-                lines = [line for line in f if line.strip()]
+            lines = complete_log_lines(path)
             while lines and json.loads(lines[-1])["step"] > resumed_step:
                 lines.pop()
             with open(path, "w") as f:
@@ -343,7 +388,7 @@ def train(args):
         if is_main:
             print(f"resumed from {engine.resume_path}: epoch {state['epoch'] + 1}, step {state['step']}, "
                   f"{state['samples_seen']} samples into the epoch"
-                  + (f" (saved by {len(rngs)} processes, now {world})" if len(rngs) != world else ""))
+                  + (f" (saved by {len(rngs)} processes, now {world})" if rngs and len(rngs) != world else ""))
     logger = Logger(args, os.path.join(args.out_dir, f"{name}_log.jsonl"), state["wandb_id"], is_main,
                     state["step"] if args.from_resume else None)
     if logger.wandb is not None:
@@ -352,16 +397,46 @@ def train(args):
         print(f"{name}: LLM {n_llm / 1e6:.2f}M params, trainable {n_train / 1e6:.2f}M, {len(dataset)} samples, "
               f"world {world}, device {args.device}, {args.dtype}" + (f", {args.deepspeed}" if args.deepspeed else ""))
 
-    def save(final=False):
+    def save(kind="periodic", completed=None):
+        """Weights + resume file. kind: "periodic" (a full disk only warns), "stop" or "final".
+        `completed`: the snapshot() of the last completed step, which rank 0 saves after an error
+        without the collectives below (the other ranks may be stuck in one)."""
         weights = engine.weights()  # collective under DeepSpeed (gathers ZeRO partitions)
+        resume = {"rng": all_rng_states(world) if completed is None else completed["rng"],  # collective under DDP
+                  "state": dict(completed["state"] if completed else state), "args": plain_args(args)}
+        periodic, saved = kind == "periodic", []
         if is_main:
             bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
             if bad:  # cannot happen while non-finite steps are skipped; never overwrite good weights with it
                 sys.exit(f"error: non-finite values in {bad[:3]}: not saving {save_path}")
-            atomic_save(weights, save_path)
-        engine.save_resume({"rng": all_rng_states(world), "state": dict(state), "args": vars(args)}, is_main)
-        if is_main:
-            print(f"saved {save_path}" + ("" if final else f" and {engine.resume_path}"), flush=True)
+            if write_checkpoint(lambda: atomic_save(weights, save_path), periodic):
+                saved.append(save_path)
+        if write_checkpoint(lambda: engine.save_resume(resume, is_main), periodic) and kind != "final":
+            saved.append(engine.resume_path)
+        if is_main and saved:
+            print(f"saved {' and '.join(saved)}", flush=True)
+
+    def save_after_error(error):
+        """An error in the loop (an unreadable image, a lost peer...) would lose every step since
+        the last save: first save the last completed one, as a stop does. Rank 0 alone, from what
+        it holds; not under DeepSpeed with several processes, whose checkpoint needs all of them."""
+        if not is_main:
+            return
+        note = ""
+        if last["state"]["step"] == start_step:
+            pass  # no step completed in this run: nothing new to save
+        elif args.deepspeed and world > 1:
+            note = "no resume checkpoint saved (under DeepSpeed every process takes part in it); "
+        elif not isinstance(error, DiskFullError):  # a full disk would fail again
+            try:
+                save("stop", last)
+                note = f"saved step {last['state']['step']}, the last one completed before the error below; "
+            except Exception as e:
+                note = f"could not save a resume checkpoint ({error_message(e)}); "
+        if engine.resume_exists():
+            note += "once the error is fixed, continue with --from_resume 1"
+        if note:
+            print(note, file=sys.stderr, flush=True)
 
     stop = {"signal": 0}
     for sig in (signal.SIGINT, signal.SIGTERM):  # finish the step, then save a resume checkpoint
@@ -373,94 +448,138 @@ def train(args):
     t0, steps_this_run, samples_at_t0 = time.time(), 0, state["epoch"] * n + state["samples_seen"]
     window = {"loss": 0.0, "count": 0, "samples": 0, "tokens": 0, "t": time.time()}
     bad_steps, skipped = 0, []
+
+    def snapshot():
+        """The state after a completed optimizer step: what an error in the loop saves (see
+        save_after_error). Only rank 0's RNG can be saved then; with several processes, the
+        resume reseeds them all."""
+        return {"state": dict(state), "rng": [rng_state()] if world == 1 else []}
+
+    start_step, last = state["step"], snapshot()
     model.train()
-    for epoch in range(state["epoch"], args.epochs):
-        sampler.set_epoch(epoch, state["samples_seen"])
-        for micro_batches in optimizer_steps(loader, len(sampler), args.accumulation_steps):
-            # Every supervised token of the step, on every rank, weighs the same (see token_weighted).
-            step_tokens = torch.tensor(sum(supervised_tokens(b) for b in micro_batches), device=args.device)
-            if world > 1:
-                dist.all_reduce(step_tokens)
-            step = {"loss": 0.0, "samples": 0, "tokens": 0}  # this rank's share of the step
-            for j, batch in enumerate(micro_batches):
-                skipped += batch["skipped"]
-                pixels = batch["pixel_values"].to(args.device, non_blocking=True)
-                with engine.micro_step(last_micro=j == len(micro_batches) - 1):
-                    if cache is not None:
-                        with engine.autocast:  # the tower in the training dtype, as inside the model's forward
-                            images = {"image_features": encode_with_cache(model, cache, pixels, batch["image_keys"],
-                                                                          batch["cached"])}
-                    else:
-                        images = {"pixel_values": pixels}
-                    out = engine.forward(input_ids=batch["input_ids"].to(args.device),
-                                         labels=batch["labels"].to(args.device), **images)
-                    loss = token_weighted(out, supervised_tokens(batch), step_tokens.item(), world,
-                                          args.accumulation_steps)
-                    engine.backward(loss)
-                step["loss"] += loss.item() / world
-                step["samples"] += batch["n_samples"]
-                step["tokens"] += int(batch["attention_mask"].sum())
-                state["samples_seen"] = min(state["samples_seen"] + sampler.global_batch, n)
-            # One all-reduce: the logged loss is the step's global token mean, throughput counts
-            # every rank, and a signal on any rank stops all of them at this same step.
-            totals = torch.tensor([step["loss"], step["samples"], step["tokens"], stop["signal"]],
-                                  dtype=torch.float64, device=args.device)
-            if world > 1:
-                dist.all_reduce(totals)
-            step_loss, stopping = totals[0].item(), totals[3].item() > 0
-            window["samples"] += totals[1].item()
-            window["tokens"] += totals[2].item()
-            progress = (epoch * n + state["samples_seen"]) / total_samples
-            lr = lr_at(progress, args.learning_rate, args.warmup_ratio)
-            if not engine.step(lr, math.isfinite(step_loss)):
-                bad_steps += 1  # every rank sees the same loss and gradients, so all skip together
-                if is_main:
-                    print(f"warning: non-finite loss/gradient at step {state['step'] + 1}, step skipped", flush=True)
-                if bad_steps >= 3:
-                    logger.close()
-                    sys.exit(1 if not is_main else
-                             "error: 3 consecutive non-finite steps: stopping without saving NaN weights (the "
-                             "last checkpoint is intact). Lower --learning_rate"
-                             + (", or use --dtype bfloat16 instead of float16." if args.dtype == "float16" else "."))
-            else:
-                bad_steps = 0
-                state["step"] += 1
-                steps_this_run += 1
-                window["loss"] += step_loss
-                window["count"] += 1
-                if state["step"] % args.log_interval == 0 or state["step"] == total_steps:
-                    now = time.time()
-                    done = epoch * n + state["samples_seen"]
-                    rate = (done - samples_at_t0) / max(now - t0, 1e-9)
-                    logger.log({"epoch": epoch + 1, "step": state["step"], "total_steps": total_steps,
-                                "loss": window["loss"] / window["count"], "lr": lr,
-                                "samples_per_s": window["samples"] / (now - window["t"]),
-                                "tokens_per_s": window["tokens"] / (now - window["t"]),
-                                "eta_s": (total_samples - done) / max(rate, 1e-9), "time": now})
-                    window = {"loss": 0.0, "count": 0, "samples": 0, "tokens": 0, "t": now}
-                if state["step"] % args.save_interval == 0:
-                    save()
-            if stopping or (args.stop_after_steps and steps_this_run >= args.stop_after_steps):
-                save()
-                logger.close()
+    try:
+        for epoch in range(state["epoch"], args.epochs):
+            sampler.set_epoch(epoch, state["samples_seen"])
+            for micro_batches in optimizer_steps(loader, len(sampler), args.accumulation_steps):
+                # Every supervised token of the step, on every rank, weighs the same (see token_weighted).
+                step_tokens = torch.tensor(sum(supervised_tokens(b) for b in micro_batches), device=args.device)
                 if world > 1:
-                    dist.barrier()  # nobody exits (and makes torchrun stop the others) before rank 0 has saved
-                    dist.destroy_process_group()
-                if is_main:
-                    print(("interrupted" if stopping else "stopped early") + "; continue with --from_resume 1",
-                          flush=True)
-                if stopping:
-                    sys.exit(130)  # like an uncaught Ctrl-C, so `pretrain && sft` does not go on
-                return
-        n_skipped = torch.tensor(len(skipped), device=args.device)
-        if world > 1:
-            dist.all_reduce(n_skipped)
-        if is_main and n_skipped:
-            print(f"epoch {epoch + 1}: skipped {n_skipped.item()} samples"
-                  + (f", e.g. {skipped[0]}" if skipped else ""))
-        state["epoch"], state["samples_seen"], skipped = epoch + 1, 0, []
-    save(final=True)
+                    dist.all_reduce(step_tokens)
+                step = {"loss": 0.0, "samples": 0, "tokens": 0}  # this rank's share of the step
+                for j, batch in enumerate(micro_batches):
+                    skipped += batch["skipped"]
+                    pixels = batch["pixel_values"].to(args.device, non_blocking=True)
+                    with engine.micro_step(last_micro=j == len(micro_batches) - 1):
+                        if cache is not None:
+                            with engine.autocast:  # the tower in the training dtype, as inside the model's forward
+                                images = {"image_features": encode_with_cache(model, cache, pixels, batch["image_keys"],
+                                                                              batch["cached"])}
+                        else:
+                            images = {"pixel_values": pixels}
+                        out = engine.forward(input_ids=batch["input_ids"].to(args.device),
+                                             labels=batch["labels"].to(args.device), **images)
+                        loss = token_weighted(out, supervised_tokens(batch), step_tokens.item(), world,
+                                              args.accumulation_steps)
+                        engine.backward(loss)
+                    step["loss"] += loss.item() / world
+                    step["samples"] += batch["n_samples"]
+                    step["tokens"] += int(batch["attention_mask"].sum())
+                    state["samples_seen"] = min(state["samples_seen"] + sampler.global_batch, n)
+                # One all-reduce: the logged loss is the step's global token mean, throughput counts
+                # every rank, and a signal on any rank stops all of them at this same step.
+                totals = torch.tensor([step["loss"], step["samples"], step["tokens"], stop["signal"]],
+                                      dtype=torch.float64, device=args.device)
+                if world > 1:
+                    dist.all_reduce(totals)
+                step_loss, stopping = totals[0].item(), totals[3].item() > 0
+                window["samples"] += totals[1].item()
+                window["tokens"] += totals[2].item()
+                progress = (epoch * n + state["samples_seen"]) / total_samples
+                lr = lr_at(progress, args.learning_rate, args.warmup_ratio)
+                applied = engine.step(lr, math.isfinite(step_loss))
+                if applied:
+                    state["step"] += 1
+                    steps_this_run += 1
+                last = snapshot()  # this step is complete, applied or skipped
+                if not applied:
+                    bad_steps += 1  # every rank sees the same loss and gradients, so all skip together
+                    if is_main:
+                        print(f"warning: non-finite loss/gradient at step {state['step'] + 1}, step skipped",
+                              flush=True)
+                    if bad_steps >= 3:
+                        logger.close()
+                        sys.exit(1 if not is_main else
+                                 "error: 3 consecutive non-finite steps: stopping without saving NaN weights (the "
+                                 "last checkpoint is intact). Lower --learning_rate"
+                                 + (", or use --dtype bfloat16 instead of float16." if args.dtype == "float16"
+                                    else "."))
+                else:
+                    bad_steps = 0
+                    window["loss"] += step_loss
+                    window["count"] += 1
+                    if state["step"] % args.log_interval == 0 or state["step"] == total_steps:
+                        now = time.time()
+                        done = epoch * n + state["samples_seen"]
+                        rate = (done - samples_at_t0) / max(now - t0, 1e-9)
+                        logger.log({"epoch": epoch + 1, "step": state["step"], "total_steps": total_steps,
+                                    "loss": window["loss"] / window["count"], "lr": lr,
+                                    "samples_per_s": window["samples"] / (now - window["t"]),
+                                    "tokens_per_s": window["tokens"] / (now - window["t"]),
+                                    "eta_s": (total_samples - done) / max(rate, 1e-9), "time": now})
+                        window = {"loss": 0.0, "count": 0, "samples": 0, "tokens": 0, "t": now}
+                    if state["step"] % args.save_interval == 0:
+                        save()
+                if stopping or (args.stop_after_steps and steps_this_run >= args.stop_after_steps):
+                    save("stop")
+                    logger.close()
+                    if world > 1:
+                        dist.barrier()  # nobody exits (and makes torchrun stop the others) before rank 0 has saved
+                        dist.destroy_process_group()
+                    if is_main:
+                        print(("interrupted" if stopping else "stopped early") + "; continue with --from_resume 1",
+                              flush=True)
+                    if stopping:
+                        sys.exit(130)  # like an uncaught Ctrl-C, so `pretrain && sft` does not go on
+                    return
+            n_skipped = torch.tensor(len(skipped), device=args.device)
+            if world > 1:
+                dist.all_reduce(n_skipped)
+            if is_main and n_skipped:
+                print(f"epoch {epoch + 1}: skipped {n_skipped.item()} samples"
+                      + (f", e.g. {skipped[0]}" if skipped else ""))
+            state["epoch"], state["samples_seen"], skipped = epoch + 1, 0, []
+    except Exception as e:
+        save_after_error(e)
+        raise
+    save("final")
     logger.close()
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+
+
+# Errors whose message tells the user what is wrong and what to do (bad data, a missing, wrong or
+# unsafe file, a full disk): the run ends with that one line. Anything else is a bug: traceback.
+USER_ERRORS = (ValueError, OSError, CheckpointError)
+
+
+def error_message(e):
+    """The exception's message; for one re-raised from a DataLoader worker, the original message
+    without the worker's traceback that torch puts in front of it."""
+    message = str(e)
+    marker = f"\n{type(e).__name__}: "
+    if message.startswith("Caught ") and marker in message:
+        message = message.rsplit(marker, 1)[1]
+    return message.strip()
+
+
+def main(parser, argv=None):
+    """The train scripts' entry: train, and end a run that fails with a USER_ERRORS error with the
+    line `error: <message>` (exit code 1). --debug or MINIMIND_DEBUG=1 shows the traceback instead."""
+    args = parser.parse_args(argv)
+    try:
+        train(args)
+    except USER_ERRORS as e:
+        if args.debug or os.environ.get("MINIMIND_DEBUG", "0") not in ("", "0"):
+            raise
+        sys.exit(f"error: {error_message(e)}")

@@ -7,7 +7,7 @@ import torch
 
 from dataset.images import to_pixels, to_rgb
 from dataset.lm_dataset import IMAGE_TAG, ChatEncoder, resolve_image_token_id
-from .model_vlm import MiniMindVLM, VLMConfig, infer_config_from_state_dict, load_weights
+from .model_vlm import MiniMindVLM, VLMConfig, infer_config_from_state_dict, load_weights, read_checkpoint
 
 
 def add_model_args(parser):
@@ -64,8 +64,8 @@ def load_model(args):
         if not os.path.isfile(path):
             sys.exit(f"error: weights {path} not found. Train them (see README) or pass --weight PATH.pth")
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        found = infer_config_from_state_dict(sd)
+        sd = read_checkpoint(path)  # weights_only; a file that is not model weights says so, with its path
+        found = infer_config_from_state_dict(sd, path)
         for key in ("dim", "n_layers", "use_moe"):
             if int(getattr(args, key)) != int(found[key]):
                 print(f"note: {path} has {key}={int(found[key])} (flag said {getattr(args, key)}); using the checkpoint's")
@@ -74,7 +74,7 @@ def load_model(args):
                            vision_model_path=args.vision_model_path,
                            image_token_id=resolve_image_token_id(tokenizer, args.image_token_id))
         model = MiniMindVLM(config)
-        load_weights(model, sd)
+        load_weights(model, sd, path)
         vision_path = args.vision_model_path
     processor = AutoImageProcessor.from_pretrained(vision_path)
     model = model.to(args.device, resolve_dtype(args.dtype, args.device)).eval()

@@ -149,7 +149,7 @@ def test_two_process_sft_survives_an_all_skipped_batch_and_a_batch_without_image
         sampler.set_epoch(0)
         per_rank.append(list(sampler))
     all_skipped = [[all("skip" in ds[i] for i in b) for b in batches] for batches in per_rank]
-    no_images = [[all(not ds.samples[i][2] for i in b) for b in batches] for batches in per_rank]
+    no_images = [[all(not ds.source.get(i).images for i in b) for b in batches] for batches in per_rank]
     assert all_skipped == [[True, False], [False, False]] and no_images == [[False, False], [False, True]]
 
     # Both micro-batches make one optimizer step: the first runs under no_sync, the second all-reduces.

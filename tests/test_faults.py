@@ -59,7 +59,7 @@ def assert_checkpoints_load(out, tower_dir):
     model = MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM))
     sd = load_weights(model, str(out / "pretrain_vlm_64.pth"))
     assert all(torch.isfinite(v).all() for v in sd.values())
-    resume = torch.load(out / "pretrain_vlm_64_resume.pth", weights_only=False)
+    resume = torch.load(out / "pretrain_vlm_64_resume.pth", weights_only=True)
     load_weights(model, resume["model"])
     return resume["state"]["step"]
 
@@ -127,7 +127,7 @@ def test_ctrl_c_saves_a_resume_checkpoint_and_the_run_continues_from_it(toy_data
     assert proc.wait(timeout=60) == 130
     output = (tmp_path / "run.txt").read_text()
     assert "interrupted; continue with --from_resume 1" in output and "Traceback" not in output
-    stopped_at = torch.load(tmp_path / "pretrain_vlm_64_resume.pth", weights_only=False)["state"]["step"]
+    stopped_at = torch.load(tmp_path / "pretrain_vlm_64_resume.pth", weights_only=True)["state"]["step"]
     assert 1 <= stopped_at < TOTAL_STEPS
     proc = launch("train_pretrain_vlm.py", args + ["--from_resume", 1])
     assert f"step {stopped_at}," in proc.stdout

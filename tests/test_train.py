@@ -75,7 +75,7 @@ def test_skipped_samples_are_counted_and_reported(tower_dir, tmp_path):
         f.write("{broken\n")
     proc = run_script("train_sft_vlm.py", *common((data, images), tower_dir, tmp_path / "out", from_weight="none",
                                                    max_seq_len=300, epochs=1, skip_bad_samples=1))
-    assert "skipped 1 bad lines" in proc.stdout and ":7: not valid JSON" in proc.stdout
+    assert "skipped 1 bad ones" in proc.stdout and ":7: not valid JSON" in proc.stdout
     assert "epoch 1: skipped 6 samples" in proc.stdout and "do not fit --max_seq_len 300" in proc.stdout
 
 

@@ -1,0 +1,250 @@
+"""Hostile files and failures around training: a planted resume file, an error mid-run, a torn log
+line, a full disk, files that are not checkpoints. Each ends with one line that names the file and
+the fix, without a traceback, and loses no completed step."""
+import argparse
+import errno
+import io
+import os
+import re
+import shutil
+
+import pytest
+import torch
+
+import trainer
+from conftest import TINY_LLM, make_toy_data, read_log
+from model.model_vlm import CheckpointError, DiskFullError, MiniMindVLM, VLMConfig, atomic_save, load_weights
+from test_distributed import flags, launch
+from train_engines import check_deepspeed_files
+
+
+class RunsCode:
+    """Unpickling this calls open(marker, "w"): a stand-in for any code a planted file could run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and all(f in errors[0] for f in fragments), proc.stderr
+    return errors[0]
+
+
+# 1. Resume files, checkpoints and DeepSpeed's files load as tensors and plain values only.
+
+def test_a_resume_file_that_would_run_code_is_refused_without_running_it(toy_data, tower_dir, tmp_path):
+    out, marker = tmp_path / "out", tmp_path / "MARKER"
+    out.mkdir()
+    resume = out / "pretrain_vlm_64_resume.pth"
+    torch.save({"model": RunsCode(str(marker)), "optimizer": {}, "scaler": {}, "rng": [], "state": {}}, resume)
+    proc = launch("train_pretrain_vlm.py", flags(toy_data, tower_dir, out, from_resume=1), check=False)
+    line = assert_one_line_error(proc, str(resume), "not a valid resume file", "could run code")
+    assert "drop --from_resume 1" in line
+    assert not marker.exists()
+
+
+def test_rng_streams_survive_a_weights_only_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1)  # leaves a cached gaussian in the python state
+    torch.save({"rng": [trainer.rng_state()]}, tmp_path / "r.pth")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    trainer.set_rng_state(torch.load(tmp_path / "r.pth", weights_only=True)["rng"], 0, 1, seed=0)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_a_planted_deepspeed_checkpoint_is_refused_before_deepspeed_loads_it(tmp_path):
+    marker = tmp_path / "MARKER"
+    tag = tmp_path / "step3"
+    tag.mkdir()
+    torch.save({"module": {"w": torch.zeros(2)}, "minimind": {"state": {"step": 3}}}, tag / "mp_rank_00_model_states.pt")
+    check_deepspeed_files(str(tag))  # tensors and plain values pass
+    torch.save({"optimizer_state_dict": RunsCode(str(marker))}, tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(CheckpointError, match=r"optim_states.pt is not a valid DeepSpeed resume file: it holds "
+                                              r"io.open.*could run code"):
+        check_deepspeed_files(str(tag))
+    assert not marker.exists()
+
+
+# 2. An error inside the training loop saves the last completed step first.
+
+def test_an_error_mid_run_saves_the_last_completed_step_and_the_run_resumes_from_it(tower_dir, tmp_path):
+    data = make_toy_data(tmp_path / "data")
+    image = tmp_path / "data" / "images" / "8.png"  # the 9th sample's: the dataset opens images only when used
+    good = image.read_bytes()
+    image.write_bytes(b"not a png")
+    out = tmp_path / "out"
+    args = flags(data, tower_dir, out, batch_size=2, epochs=1, save_interval=1000, num_workers=0)
+    proc = launch("train_pretrain_vlm.py", args, check=False)
+    assert_one_line_error(proc, "data.jsonl:9: cannot read image")
+    assert "continue with --from_resume 1" in proc.stderr
+    done = [r["step"] for r in read_log(out / "pretrain_vlm_64_log.jsonl")]
+    saved = torch.load(out / "pretrain_vlm_64_resume.pth", weights_only=True)["state"]
+    assert saved["step"] == len(done) > 0 and saved["samples_seen"] == 2 * len(done)
+    assert f"saved step {len(done)}, the last one completed" in proc.stderr
+
+    # 4. A torn last log line (a kill mid-append) is dropped on resume, with a note.
+    with open(out / "pretrain_vlm_64_log.jsonl", "a") as f:
+        f.write('{"step": 9, "lo')
+    image.write_bytes(good)
+    proc = launch("train_pretrain_vlm.py", args + ["--from_resume", 1])
+    assert f"step {len(done)}," in proc.stdout and "dropped its last line" in proc.stdout
+    assert [r["step"] for r in read_log(out / "pretrain_vlm_64_log.jsonl")] == list(range(1, 7))
+
+
+# 3. Errors for the user are one line; the traceback is there when asked for.
+
+def test_errors_are_one_line_and_the_traceback_is_shown_on_request(monkeypatch, capsys):
+    def fail(args):
+        raise ValueError("d.jsonl:3: cannot read image: broken. Fix it, or pass --skip_bad_samples 1")
+
+    monkeypatch.setattr(trainer, "train", fail)
+    parser = trainer.build_parser("test")
+    with pytest.raises(SystemExit, match=r"^error: d.jsonl:3: cannot read image: broken\. Fix it"):
+        trainer.main(parser, [])
+    with pytest.raises(ValueError):
+        trainer.main(parser, ["--debug"])
+    monkeypatch.setenv("MINIMIND_DEBUG", "1")
+    with pytest.raises(ValueError):
+        trainer.main(parser, [])
+    parser.print_help()
+    assert "MINIMIND_DEBUG=1" in capsys.readouterr().out
+
+
+def test_an_error_from_a_dataloader_worker_prints_without_the_worker_traceback():
+    from torch._utils import ExceptionWrapper
+    try:
+        raise ValueError("d.jsonl:9: cannot read image: broken")
+    except ValueError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(ValueError) as info:
+        wrapped.reraise()
+    assert trainer.error_message(info.value) == "d.jsonl:9: cannot read image: broken"
+
+
+def test_a_missing_data_file_ends_the_script_with_one_line(toy_data, tower_dir, tmp_path):
+    missing = str(tmp_path / "nope.jsonl")
+    proc = launch("train_pretrain_vlm.py", flags((missing, toy_data[1]), tower_dir, tmp_path / "out"), check=False)
+    assert_one_line_error(proc, missing)
+
+
+# 4. The training log.
+
+def test_a_torn_last_log_line_is_dropped_with_a_note(tmp_path, capsys):
+    path = tmp_path / "run_log.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 9, "lo')
+    trainer.Logger(argparse.Namespace(use_wandb=False), str(path), None, True, resumed_step=2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    assert f"note: {path}: dropped its last line" in capsys.readouterr().out
+
+
+# 5. A full disk.
+
+def failing_file(limit):
+    """An open() for atomic_save whose files raise ENOSPC once `limit` bytes are written."""
+    class Full(io.FileIO):
+        written = 0
+
+        def write(self, b):
+            if self.written + len(b) > limit:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.written += len(b)
+            return super().write(b)
+    return lambda path, mode: Full(path, mode)
+
+
+@pytest.mark.parametrize("limit", [0, 300])  # at once: OSError; after a few bytes: torch's "unexpected pos"
+def test_a_full_disk_removes_the_partial_file_and_names_the_path(tmp_path, monkeypatch, limit):
+    import model.model_vlm as model_vlm
+    path = tmp_path / "w.pth"
+    atomic_save({"w": torch.ones(3)}, str(path))
+    monkeypatch.setattr(model_vlm, "open", failing_file(limit), raising=False)
+    with pytest.raises(DiskFullError, match=f"^disk full writing {re.escape(str(path))} .*free space"):
+        atomic_save({"w": torch.zeros(10000)}, str(path))
+    assert os.listdir(tmp_path) == ["w.pth"]  # no partial .tmp file left
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))  # the previous file is intact
+
+
+def test_a_full_disk_warns_at_a_periodic_save_and_stops_the_run_at_the_final_one(capsys):
+    def full():
+        raise DiskFullError("disk full writing out/x.pth (No space left on device): free space on its disk")
+
+    assert trainer.write_checkpoint(full, periodic=True) is False
+    assert "warning: disk full writing out/x.pth" in capsys.readouterr().out
+    with pytest.raises(DiskFullError, match=r"out/x.pth .*continue from the last complete checkpoint with "
+                                            r"--from_resume 1"):
+        trainer.write_checkpoint(full, periodic=False)
+    assert trainer.write_checkpoint(lambda: None, periodic=False) is True
+
+
+# 6. Files that are not the checkpoint they were given as.
+
+def hostile_weights(tmp_path):
+    good = tmp_path / "good.pth"
+    atomic_save({"w": torch.zeros(100000)}, str(good))
+    cases = {"list": ([torch.zeros(1)], "holds a list, not model weights"),
+             "empty": ({}, "is empty: no MiniMind weights"),
+             "resume": ({"model": {}, "optimizer": {}}, "is a trainer resume file, not model weights")}
+    paths = {}
+    for name, (obj, message) in cases.items():
+        torch.save(obj, tmp_path / f"{name}.pth")
+        paths[name] = (str(tmp_path / f"{name}.pth"), message)
+    (tmp_path / "truncated.pth").write_bytes(good.read_bytes()[:1000])
+    paths["truncated"] = (str(tmp_path / "truncated.pth"), "is not a valid weights file: truncated, or not written "
+                                                            "by torch.save (RuntimeError: PytorchStreamReader")
+    return paths
+
+
+def test_files_that_are_not_model_weights_say_what_they_are(tower_dir, tmp_path):
+    from model.inference import add_model_args, load_model
+    model = MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM))
+    for path, message in hostile_weights(tmp_path).values():
+        expected = f"^{re.escape(f'{path} {message}')}.*--weight / --from_weight"
+        with pytest.raises(CheckpointError, match=expected):
+            load_weights(model, path)
+        args = add_model_args(argparse.ArgumentParser()).parse_args(
+            ["--weight", path, "--vision_model_path", tower_dir, "--device", "cpu"])
+        with pytest.raises(CheckpointError, match=expected):
+            load_model(args)
+
+
+def test_weights_of_another_size_name_the_file_and_the_flags(tower_dir, tmp_path):
+    path = str(tmp_path / "wide.pth")
+    wide = MiniMindVLM(VLMConfig(vision_model_path=tower_dir, dim=128, n_layers=2))
+    atomic_save({k: v for k, v in wide.state_dict().items() if not k.startswith("vision_encoder.")}, path)
+    expected = (f"{path} does not match the model (check --dim/--n_layers/--use_moe): the file has dim 128, "
+                "2 layers, use_moe 0; the model dim 64, 2 layers, use_moe 0; missing: []; unexpected: []; other shape: [")
+    with pytest.raises(CheckpointError, match=f"^{re.escape(expected)}"):
+        load_weights(MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM)), path)
+
+
+def test_resuming_with_other_model_flags_names_the_resume_file_and_the_flags(toy_data, tower_dir, tmp_path):
+    launch("train_pretrain_vlm.py", flags(toy_data, tower_dir, tmp_path, epochs=1, stop_after_steps=1))
+    resume = tmp_path / "pretrain_vlm_64_resume.pth"
+    proc = launch("train_pretrain_vlm.py", flags(toy_data, tower_dir, tmp_path, epochs=1, n_layers=3, from_resume=1),
+                  check=False)
+    assert_one_line_error(proc, f"{resume} (its model weights) does not match the model (check --dim/--n_layers",
+                          "the file has dim 64, 2 layers", "the model dim 64, 3 layers",
+                          "missing: ['layers.2.")
+    # The file names carry --dim, so only a copied (or renamed) resume file meets another --dim.
+    shutil.copy(resume, tmp_path / "pretrain_vlm_128_resume.pth")
+    proc = launch("train_pretrain_vlm.py", flags(toy_data, tower_dir, tmp_path, epochs=1, dim=128, from_resume=1),
+                  check=False)
+    assert_one_line_error(proc, "pretrain_vlm_128_resume.pth (its model weights) does not match the model",
+                          "the file has dim 64", "the model dim 128", "other shape: ['")
+
+
+def test_a_truncated_resume_file_names_itself(toy_data, tower_dir, tmp_path):
+    resume = tmp_path / "pretrain_vlm_64_resume.pth"
+    torch.save({"state": {}}, resume)
+    resume.write_bytes(resume.read_bytes()[:100])
+    proc = launch("train_pretrain_vlm.py", flags(toy_data, tower_dir, tmp_path, from_resume=1), check=False)
+    assert_one_line_error(proc, f"{resume} is not a valid resume file: truncated", "drop --from_resume 1")
