@@ -17,6 +17,7 @@ from collections import defaultdict
 
 from PIL import Image
 
+from cli import switch
 from dataset.images import ImageError, open_image
 from dataset.samples import IMAGE_TAG, open_source
 
@@ -223,15 +224,15 @@ def main(argv=None):
     a("--max_new_tokens", type=int, default=None, help="default: 128, or 16 with --bench (short answers)")
     a("--temperature", type=float, default=0.0, help="0 = greedy (folder/chat; --bench is always greedy)")
     a("--top_p", type=float, default=0.85)
-    a("--stream", type=int, default=1, choices=[0, 1], help="print answers token by token")
+    switch(a, "--stream", 1, help="print answers token by token")
     a("--image_dir", default="images/eval", help="folder mode: every png/jpg/jpeg/webp/bmp, sorted by name")
     a("--image", default=None, help="one image: folder mode answers just it; --chat starts with it")
     a("--prompt", default="Describe the image.", help="folder mode question; <image>\\n is prepended if absent")
-    a("--chat", action="store_true", help="interactive multi-turn chat")
+    switch(a, "--chat", 0, help="interactive multi-turn chat")
     a("--bench", default=None, help="SFT-format data to score: a jsonl or parquet (exact match; an optional "
                                     "per-sample \"type\" field or column gives per-type scores)")
     a("--images_path", default=None, help="--bench with a jsonl: its image folder (default: images/ next to it)")
-    a("--blind", action="store_true", help="--bench with every image replaced by a blank one")
+    switch(a, "--blind", 0, help="--bench with every image replaced by a blank one")
     a("--limit", type=int, default=0, help="--bench: first N samples only (0 = all)")
     a("--batch_size", type=int, default=32, help="--bench questions per generation batch")
     a("--out", default=None, help="--bench: write summary + per-question rows to this JSON file")

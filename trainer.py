@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from cli import switch
 from dataset.feature_cache import encode_with_cache, open_cache_for
 from dataset.lm_dataset import VLMDataset, collate_batch, resolve_image_token_id
 from dataset.samples import open_source
@@ -42,8 +43,8 @@ def build_parser(description, **defaults):
     a("--data_path", help="training data: a .jsonl file (with --images_path), or parquet in the released "
                           "schema: a .parquet file, a folder of them or a glob (images inside)")
     a("--images_path", help="jsonl only: the folder its image names are relative to")
-    a("--allow_outside_images", type=int, default=0, choices=[0, 1],
-      help="let jsonl image names leave --images_path ('../x.png', absolute paths); off, such a name is a bad sample")
+    switch(a, "--allow_outside_images", 0,
+           help="let jsonl image names leave --images_path ('../x.png', absolute paths); off, such a name is a bad sample")
     a("--out_dir", default="out", help="where weights, resume files and logs go")
     a("--epochs", type=int)
     a("--batch_size", type=int, help="samples per process per micro-step")
@@ -60,8 +61,8 @@ def build_parser(description, **defaults):
     a("--dim", type=int, default=512)
     a("--n_layers", type=int, default=8)
     a("--max_seq_len", type=int, help="longer samples are truncated (never inside an image) or skipped")
-    a("--use_moe", type=int, default=0, choices=[0, 1])
-    a("--use_wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
+    switch(a, "--use_moe", 0, help="mixture-of-experts FFN")
+    switch(a, "--use_wandb", 0, help="log to Weights & Biases (WANDB_MODE=offline works)")
     a("--wandb_project", default="MiniMind-V")
     a("--seed", type=int, default=42, help="model init and data order")
     a("--vision_model_path", default="model/vision_model/clip-vit-base-patch16")
@@ -70,28 +71,28 @@ def build_parser(description, **defaults):
       help="placeholder id; -1 = <|image_pad|>, or '@' (34) with the released tokenizer")
     a("--from_weight", help="start from out_dir/{from_weight}_{dim}.pth, a .pth path, or 'none' (random)")
     a("--save_weight", help="weights go to out_dir/{save_weight}_{dim}[_moe].pth")
-    a("--from_resume", type=int, default=0, choices=[0, 1], help="continue from the resume file")
+    switch(a, "--from_resume", 0, help="continue from the resume file")
     a("--freeze_llm", type=int, choices=[0, 1, 2], help=FREEZE_HELP)
-    a("--skip_bad_samples", type=int, default=0, choices=[0, 1],
-      help="skip (and count) malformed samples instead of stopping with an error")
-    a("--group_by_length", type=int, default=1, choices=[0, 1], help="batch samples of similar length")
-    a("--pad_to_max_len", type=int, default=0, choices=[0, 1],
-      help="pad every batch to --max_seq_len instead of its longest sample: fixed shapes, more work "
+    switch(a, "--skip_bad_samples", 0,
+           help="skip (and count) malformed samples instead of stopping with an error")
+    switch(a, "--group_by_length", 1, help="batch samples of similar length")
+    switch(a, "--pad_to_max_len", 0,
+           help="pad every batch to --max_seq_len instead of its longest sample: fixed shapes, more work "
            "(what the original implementation did; scripts/bench.py times it as the baseline)")
     a("--cache_features", nargs="?", const="auto", default=None, metavar="DIR",
       help="encode each image once and reuse its frozen features from a disk cache "
            "(DIR defaults to out_dir/feature_cache); ~300 KB per image at ViT-B/16 width")
-    a("--use_compile", type=int, default=0, choices=[0, 1],
-      help="torch.compile the transformer blocks, the output head with its loss, and the vision tower")
-    a("--gradient_checkpointing", type=int, default=0, choices=[0, 1],
-      help="recompute activations in backward: less memory (e.g. dim 768 on a small GPU), ~30%% slower")
+    switch(a, "--use_compile", 0,
+           help="torch.compile the transformer blocks, the output head with its loss, and the vision tower")
+    switch(a, "--gradient_checkpointing", 0,
+           help="recompute activations in backward: less memory (e.g. dim 768 on a small GPU), ~30%% slower")
     a("--stop_after_steps", type=int, default=0,
       help="stop after this many optimizer steps with a resume file (0 = run to the end); the LR "
            "schedule is unchanged, so a run can be split into time slots")
     a("--deepspeed", metavar="CONFIG", help="train through DeepSpeed with this JSON config, e.g. "
       "ds_config/zero2.json; its \"auto\" values come from our flags")
     a("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher (LOCAL_RANK works too)")
-    a("--debug", action="store_true", help="on an error, show the full traceback instead of one line "
+    switch(a, "--debug", 0, help="on an error, show the full traceback instead of one line "
                                            "(MINIMIND_DEBUG=1 does the same)")
     p.set_defaults(**defaults)
     return p

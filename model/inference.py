@@ -5,6 +5,7 @@ import sys
 
 import torch
 
+from cli import switch
 from dataset.images import to_pixels, to_rgb
 from dataset.lm_dataset import IMAGE_TAG, ChatEncoder, resolve_image_token_id
 from .model_vlm import MiniMindVLM, VLMConfig, infer_config_from_state_dict, load_weights, read_checkpoint
@@ -14,11 +15,11 @@ def add_model_args(parser):
     a = parser.add_argument
     a("--weight", default="sft_vlm", help="a .pth path, or a name: out_dir/{weight}_{dim}[_moe].pth; "
                                           "with --load 1, a transformers-format directory")
-    a("--load", type=int, default=0, choices=[0, 1], help="0: our .pth; 1: transformers-format directory")
+    switch(a, "--load", 0, help="0: our .pth; 1: transformers-format directory")
     a("--out_dir", default="out", help="where named weights are looked up")
     a("--dim", type=int, default=512, help="checked against (and taken from) the checkpoint")
     a("--n_layers", type=int, default=8, help="checked against (and taken from) the checkpoint")
-    a("--use_moe", type=int, default=0, choices=[0, 1])
+    switch(a, "--use_moe", 0, help="checked against (and taken from) the checkpoint")
     a("--vision_model_path", default="model/vision_model/clip-vit-base-patch16")
     a("--tokenizer_path", default="model")
     a("--image_token_id", type=int, default=-1,

@@ -44,6 +44,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
+from cli import switch  # noqa: E402
 # The reference figures for the original implementation on a 2-core AMX machine.
 REFERENCE = {"pretrain_samples_per_s": 2.0, "decode_tokens_per_s": 131.0}
 
@@ -301,14 +302,14 @@ def main():
     a("--max_seq_len", type=int, default=640, help="the padded length of the 'padded' scenario")
     a("--typical_len", type=int, default=256, help="the dynamic-padding length of a typical batch")
     a("--tower", default="base", choices=["base", "tiny"], help="base: ViT-B/16-sized (768 wide, 12 layers)")
-    a("--compile", type=int, default=1, choices=[0, 1],
-      help="also time warm-cache pretrain and the LLM step under torch.compile (--use_compile 1)")
+    switch(a, "--compile", 1,
+           help="also time warm-cache pretrain and the LLM step under torch.compile (--use_compile 1)")
     a("--original_steps", type=int, default=10, help="steps of the (slow) original-style baseline")
     a("--decode_tokens", type=int, default=64)
     a("--decode_dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
       help="inference dtype (auto: as eval_vlm.py, float32 on CPU, bfloat16 on CUDA)")
     a("--seconds", type=float, default=10.0, help="minimum timing window of the LLM-step scenarios")
-    a("--quick", action="store_true", help="tiny sizes: checks the script, not the machine")
+    switch(a, "--quick", 0, help="tiny sizes: checks the script, not the machine")
     a("--only", default="", help="comma-separated subset: loader,startup,train,llm,decode")
     a("--loader_rows", type=int, default=512, help="parquet rows of 256x256 JPEGs for the loader scenario")
     a("--startup_rows", type=int, default=1_000_000, help="rows of the big parquet file the startup scenario opens")

@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from dataset.samples import JsonlSource, SampleError, is_parquet, open_source  # noqa: E402
+from cli import switch  # noqa: E402
 
 BATCH_ROWS = 1024  # rows per parquet row group / write
 
@@ -134,8 +135,8 @@ def main(argv=None):
     p.add_argument("--data_path", required=True, help="a .jsonl (-> parquet) or parquet file/folder/glob (-> jsonl)")
     p.add_argument("--images_path", help="the jsonl's image folder: read from (to parquet) or written to (to jsonl)")
     p.add_argument("--out", required=True, help="the .parquet or .jsonl file to write")
-    p.add_argument("--skip_bad_samples", type=int, default=0, choices=[0, 1], nargs="?", const=1,
-                   help="leave out (and count) bad lines or rows instead of stopping at the first")
+    switch(p.add_argument, "--skip_bad_samples", 0,
+           help="leave out (and count) bad lines or rows instead of stopping at the first")
     args = p.parse_args(argv)
     parquet_in = is_parquet(args.data_path)
     if parquet_in == args.out.endswith(".parquet"):

@@ -28,6 +28,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+from cli import switch  # noqa: E402
 from model.inference import add_model_args  # noqa: E402
 from model.model_vlm import (MiniMindVLM, VLMConfig, atomic_save, infer_config_from_state_dict,  # noqa: E402
                              load_weights)
@@ -305,10 +306,10 @@ def main(argv=None):
             action.default, action.help = None, "export: the transformers-format directory to write"
         if action.dest == "weight":
             action.help = "export: the .pth to convert (a bare name is looked up in out/); --reverse: the directory"
-    ap.add_argument("--reverse", action="store_true", help="directory (--weight or --from_hf) -> .pth (--out)")
+    switch(ap.add_argument, "--reverse", 0, help="directory (--weight or --from_hf) -> .pth (--out)")
     ap.add_argument("--from_hf", default=None, help="same as --reverse --weight DIR")
     ap.add_argument("--out", default=None, help="--reverse: the .pth to write")
-    ap.add_argument("--copy_vision_tower", action="store_true",
+    switch(ap.add_argument, "--copy_vision_tower", 0,
                     help="export: copy the CLIP tower into DIR/vision_model (a directory that needs nothing else)")
     a = ap.parse_args(argv)
     if a.reverse or a.from_hf:

@@ -19,10 +19,15 @@ instead, so a loader can be tested against both kinds of directory.
 """
 import argparse
 import os
+import sys
 
-import torch
-from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig,
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig,  # noqa: E402
                           CLIPVisionModel)
+
+from cli import switch  # noqa: E402
 
 # The standard OpenAI CLIP normalisation constants.
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -81,7 +86,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="torch seed for the random weights")
     ap.add_argument("--position_std", type=float, default=1.0,
                     help="std of the random position embeddings (the library default 0.02 hides position)")
-    ap.add_argument("--full_clip", action="store_true",
+    switch(ap.add_argument, "--full_clip", 0,
                     help="save a full CLIPModel (vision + tiny text tower) instead of a vision-only model")
     a = ap.parse_args()
     build_vision_tower(a.out_dir, a.hidden_size, a.num_layers, a.num_heads, a.intermediate_size,

@@ -71,5 +71,5 @@ def test_offline_run_logs_metrics_and_config_and_a_resumed_run_continues_it(toy_
     assert saved["state"]["wandb_id"] == first_id
     assert [row["step"] for row in first] == [1, 2] and [row["step"] for row in second] == [3]
     assert all(LOGGED <= set(row) for row in first + second)
-    assert config["learning_rate"] == 3e-3 and config["batch_size"] == 4 and config["use_wandb"] is True
+    assert config["learning_rate"] == 3e-3 and config["batch_size"] == 4 and config["use_wandb"] == 1
     assert {"data_path", "dim", "n_layers", "max_seq_len", "freeze_llm", "deepspeed"} <= set(config)

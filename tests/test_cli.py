@@ -1,0 +1,36 @@
+"""Command-line conventions every script shares."""
+import argparse
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def test_on_off_flags_accept_the_bare_form_and_0_or_1():
+    from model.inference import add_model_args
+    from trainer import build_parser
+    parser = build_parser("x")
+    args = parser.parse_args(["--skip_bad_samples", "--use_wandb", "--group_by_length", "0", "--use_compile", "1"])
+    assert (args.skip_bad_samples, args.use_wandb, args.group_by_length, args.use_compile) == (1, 1, 0, 1)
+    assert parser.parse_args([]).skip_bad_samples == 0 and parser.parse_args([]).group_by_length == 1
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--skip_bad_samples", "2"])
+    inference = add_model_args(argparse.ArgumentParser())
+    assert inference.parse_args(["--use_moe"]).use_moe == 1
+
+
+@pytest.mark.parametrize("script", ["train_pretrain_vlm.py", "train_sft_vlm.py", "eval_vlm.py", "web_demo_vlm.py",
+                                    "scripts/serve_openai_api.py", "scripts/convert_model.py",
+                                    "scripts/convert_data.py", "scripts/bench.py", "scripts/make_demo_vision_tower.py"])
+def test_no_script_has_an_on_off_flag_that_refuses_either_form(script):
+    # store_true flags refuse "--flag 1"; int 0/1 flags without nargs="?" refuse the bare "--flag".
+    help_text = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=120, env={**os.environ, "COLUMNS": "200"}).stdout
+    assert "usage:" in help_text
+    usage = help_text.split("\n\n")[0]
+    assert "{0,1}" not in help_text, "an int 0/1 flag that refuses the bare form"
+    assert not re.findall(r"\[--[\w-]+\]", usage), "a store_true flag, which refuses '--flag 1'"
