@@ -4,7 +4,7 @@ from trainer import build_parser, main
 
 if __name__ == "__main__":
     parser = build_parser(
-        __doc__, data_path="dataset/pretrain_data.jsonl", images_path="dataset/pretrain_images",
+        __doc__, data_path="dataset/pretrain_i2t.parquet",
         epochs=4, batch_size=16, learning_rate=4e-4, max_seq_len=640,
         from_weight="lm", save_weight="pretrain_vlm", freeze_llm=1)
     main(parser)
