@@ -19,7 +19,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from model.model_vlm import CheckpointError, atomic_save, llm_state_dict, load_weights, read_checkpoint
+from model.checkpoint import CheckpointError, atomic_save, llm_state_dict, load_weights, read_checkpoint
 
 RESUME_KEYS = {"model", "optimizer", "scaler", "rng", "state"}
 RESUME_EXPECTED = ("expected a resume file written by train_pretrain_vlm.py / train_sft_vlm.py: check --out_dir, "

@@ -29,9 +29,9 @@ from dataset.feature_cache import encode_with_cache, open_cache_for
 from dataset.lm_dataset import VLMDataset, collate_batch, resolve_image_token_id
 from dataset.samples import open_source
 from dataset.sampler import ResumableBatchSampler
-from model.inference import weight_path
 from model.model_minimind import count_llm_params
-from model.model_vlm import CheckpointError, DiskFullError, MiniMindVLM, VLMConfig, atomic_save, load_weights
+from model.model_vlm import MiniMindVLM, VLMConfig
+from model.checkpoint import CheckpointError, DiskFullError, atomic_save, load_weights, weight_name, weight_path
 from train_engines import DeepSpeedEngine, TorchEngine
 
 FREEZE_HELP = "0: projection + whole LLM; 1: projection + last LLM layer; 2: projection only"
@@ -313,7 +313,7 @@ def train(args):
                        image_token_id=resolve_image_token_id(tokenizer, args.image_token_id))
     model = MiniMindVLM(config)
     if args.from_weight and args.from_weight != "none":
-        path = weight_path(args, args.from_weight)
+        path = weight_path(args.out_dir, args.from_weight, args.dim, args.use_moe)
         if not os.path.isfile(path):
             sys.exit(f"error: --from_weight {args.from_weight}: {path} not found. "
                      + ("Run train_pretrain_vlm.py first, " if "pretrain" in args.from_weight else
@@ -363,8 +363,8 @@ def train(args):
                         worker_init_fn=ignore_sigint,  # Ctrl-C is handled once, by the main process
                         pin_memory=device_type == "cuda", persistent_workers=args.num_workers > 0)
 
-    name = f"{args.save_weight}_{args.dim}{'_moe' if args.use_moe else ''}"
-    save_path, resume_path = weight_path(args, args.save_weight), os.path.join(args.out_dir, f"{name}_resume.pth")
+    name = weight_name(args.save_weight, args.dim, args.use_moe)
+    save_path, resume_path = os.path.join(args.out_dir, name + ".pth"), os.path.join(args.out_dir, f"{name}_resume.pth")
     params = [p for p in model.parameters() if p.requires_grad]
     n_llm, n_train = count_llm_params(model), sum(p.numel() for p in params)  # before ZeRO partitions them
     if args.deepspeed:

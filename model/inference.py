@@ -8,7 +8,8 @@ import torch
 from cli import switch
 from dataset.images import to_pixels, to_rgb
 from dataset.lm_dataset import IMAGE_TAG, ChatEncoder, resolve_image_token_id
-from .model_vlm import MiniMindVLM, VLMConfig, infer_config_from_state_dict, load_weights, read_checkpoint
+from .model_vlm import MiniMindVLM, VLMConfig
+from .checkpoint import infer_config_from_state_dict, load_weights, read_checkpoint, weight_path
 
 
 def add_model_args(parser):
@@ -43,15 +44,8 @@ def resolve_dtype(name, device):
     return torch.float32
 
 
-def weight_path(args, name):
-    """A .pth path as given, or a name: out_dir/{name}_{dim}[_moe].pth (the trainers' naming)."""
-    if name.endswith(".pth") or os.sep in name:
-        return name
-    return os.path.join(args.out_dir, f"{name}_{args.dim}{'_moe' if args.use_moe else ''}.pth")
-
-
 def resolve_weight_path(args):
-    return weight_path(args, args.weight)
+    return weight_path(args.out_dir, args.weight, args.dim, args.use_moe)
 
 
 def load_model(args):

@@ -30,8 +30,8 @@ import torch  # noqa: E402
 
 from cli import switch  # noqa: E402
 from model.inference import add_model_args  # noqa: E402
-from model.model_vlm import (MiniMindVLM, VLMConfig, atomic_save, infer_config_from_state_dict,  # noqa: E402
-                             load_weights)
+from model.checkpoint import atomic_save, infer_config_from_state_dict, load_weights, weight_path  # noqa: E402
+from model.model_vlm import MiniMindVLM, VLMConfig  # noqa: E402
 
 CODE_FILES = ("model_minimind.py", "model_vlm.py")
 MODELING_FILE = "modeling_minimind_v.py"
@@ -321,9 +321,7 @@ def main(argv=None):
         return
     if not a.out_dir:
         ap.error("export needs --out_dir DIR (or use --reverse/--from_hf DIR --out X.pth)")
-    weight = a.weight
-    if not (weight.endswith(".pth") or os.sep in weight):
-        weight = os.path.join("out", f"{weight}_{a.dim}{'_moe' if a.use_moe else ''}.pth")
+    weight = weight_path("out", a.weight, a.dim, a.use_moe)
     export_hf(weight, a.out_dir, a.tokenizer_path, a.vision_model_path, a.image_token_id, a.copy_vision_tower)
     print(f"wrote {a.out_dir}: load it with AutoModelForCausalLM.from_pretrained('{a.out_dir}', "
           f"trust_remote_code=True), or eval_vlm.py / web_demo_vlm.py --load 1 --weight {a.out_dir}")

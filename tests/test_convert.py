@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from model.model_vlm import MiniMindVLM, VLMConfig, llm_state_dict
+from model.model_vlm import MiniMindVLM, VLMConfig
+from model.checkpoint import llm_state_dict
 
 from conftest import ROOT, TINY_LLM
 

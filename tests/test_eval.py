@@ -14,7 +14,8 @@ from PIL import Image
 import eval_vlm
 from eval_vlm import format_summary, normalize, run_benchmark, score
 from model.inference import VLMChat, add_model_args, load_model
-from model.model_vlm import MiniMindVLM, VLMConfig, llm_state_dict
+from model.model_vlm import MiniMindVLM, VLMConfig
+from model.checkpoint import llm_state_dict
 
 from conftest import ROOT, TINY_LLM, write_image
 

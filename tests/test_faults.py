@@ -55,7 +55,8 @@ def tmp_files(out):
 
 def assert_checkpoints_load(out, tower_dir):
     """Whatever moment a run died at, the files under the real names are complete and finite."""
-    from model.model_vlm import MiniMindVLM, VLMConfig, load_weights
+    from model.checkpoint import load_weights
+    from model.model_vlm import MiniMindVLM, VLMConfig
     model = MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM))
     sd = load_weights(model, str(out / "pretrain_vlm_64.pth"))
     assert all(torch.isfinite(v).all() for v in sd.values())

@@ -13,7 +13,8 @@ import torch
 
 import trainer
 from conftest import TINY_LLM, make_toy_data, read_log
-from model.model_vlm import CheckpointError, DiskFullError, MiniMindVLM, VLMConfig, atomic_save, load_weights
+from model.model_vlm import MiniMindVLM, VLMConfig
+from model.checkpoint import CheckpointError, DiskFullError, atomic_save, load_weights
 from test_distributed import flags, launch
 from train_engines import check_deepspeed_files
 

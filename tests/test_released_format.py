@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from model.inference import VLMChat, add_model_args, load_model
-from model.model_vlm import MiniMindVLM, VLMConfig, llm_state_dict
+from model.model_vlm import MiniMindVLM, VLMConfig
+from model.checkpoint import llm_state_dict
 
 from conftest import TINY_LLM
 

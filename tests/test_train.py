@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from model.model_vlm import MiniMindVLM, VLMConfig, load_weights
+from model.model_vlm import MiniMindVLM, VLMConfig
+from model.checkpoint import load_weights
 
 from conftest import ROOT, TINY_LLM, read_log, script_flags as common
 

@@ -4,7 +4,8 @@ import os
 import pytest
 import torch
 
-from model.model_vlm import MiniMindVLM, VLMConfig, infer_config_from_state_dict, llm_state_dict, load_weights
+from model.model_vlm import MiniMindVLM, VLMConfig
+from model.checkpoint import infer_config_from_state_dict, llm_state_dict, load_weights
 
 from conftest import TINY_LLM
 
