@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
+sys.path[:0] = [ROOT] + [os.path.join(ROOT, d) for d in ("scripts", "demo", "dev")]
 
 from make_demo_vision_tower import build_vision_tower  # noqa: E402
 

@@ -12,11 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+ROOT_DIR = Path(__file__).resolve().parent.parent
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    folder = "dev" if name == "probe_tower" else "demo"
+    spec = importlib.util.spec_from_file_location(name, ROOT_DIR / folder / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -1,5 +1,5 @@
 """The offline demo: train a vision-language model from nothing on a laptop CPU, in minutes, and
-show that it really sees. Run it as `bash scripts/demo.sh` (which calls this file).
+show that it really sees. Run it as `bash demo/demo.sh` (which calls this file).
 
   1. generate the "shapes world" data (dataset/demo/)
   2. build a randomly initialised CLIP tower with ViT-B/16 geometry (out/demo/vision_tower)
@@ -72,11 +72,11 @@ def main():
     t_start = time.time()
 
     step(1, f"generate the shapes world: {args.n_train} training images, {args.n_test} held-out questions")
-    run(["scripts/make_shapes_data.py", "--out_dir", args.data_dir, "--seed", str(args.seed),
+    run(["demo/make_shapes_data.py", "--out_dir", args.data_dir, "--seed", str(args.seed),
          "--n_train", str(args.n_train), "--n_test", str(args.n_test)])
 
     step(2, "build the demo vision tower (random CLIP, ViT-B/16 geometry: 224 px, patch 16, 196 tokens)")
-    run(["scripts/make_demo_vision_tower.py", "--out_dir", args.tower_dir])
+    run(["demo/make_demo_vision_tower.py", "--out_dir", args.tower_dir])
 
     t_train = time.time()
     step(3, f"pretrain: captions, LLM {args.dim}x{args.n_layers} trained from scratch with the projection")

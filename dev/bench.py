@@ -5,9 +5,9 @@ anywhere. All figures come from one invocation, so their ratios are trustworthy 
 absolute numbers vary between machines. Each training scenario runs the real trainer in a
 child process, so each one's peak memory is its own.
 
-    python scripts/bench.py                       # CPU, bf16, dim 512 / 8 layers, ViT-B/16-sized tower
-    python scripts/bench.py --device cuda:0       # the same on a GPU
-    python scripts/bench.py --quick               # a tiny smoke run
+    python dev/bench.py                       # CPU, bf16, dim 512 / 8 layers, ViT-B/16-sized tower
+    python dev/bench.py --device cuda:0       # the same on a GPU
+    python dev/bench.py --quick               # a tiny smoke run
 
 Scenarios:
   startup                       opening the training dataset on a 1M-row parquet file, in a fresh process:
@@ -38,7 +38,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "demo")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -207,7 +207,7 @@ def train_scenario(a, tower, data_root, stage, cache, out_dir, compiled=False, o
         args += ["--pad_to_max_len", 1, "--group_by_length", 0, "--stop_after_steps", a.original_steps]
     script = os.path.join(ROOT, "train_sft_vlm.py" if sft else "train_pretrain_vlm.py")
     code = (f"import sys, runpy, json; sys.argv = {[script] + [str(x) for x in args]!r}; "
-            f"sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'scripts')!r})\n"
+            f"sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'dev')!r})\n"
             "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
             "finally:\n    from bench import peak_memory_mb\n"
             f"    print('PEAK_MB', peak_memory_mb({a.device!r}))")

@@ -8,7 +8,7 @@ a linear classifier (a logistic regression, on standardised features) for
   position  from the single token at the centre of the object's grid cell,
 and prints held-out accuracy next to chance. Labels come from the pretrain captions.
 
-    python scripts/probe_tower.py --data_dir dataset/demo --vision_model_path out/demo/vision_tower
+    python dev/probe_tower.py --data_dir dataset/demo --vision_model_path out/demo/vision_tower
 """
 import argparse
 import os
@@ -18,7 +18,7 @@ import sys
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "demo")]
 
 from dataset.images import open_image, to_pixels  # noqa: E402
 from dataset.samples import open_source  # noqa: E402
@@ -35,7 +35,7 @@ def one_object_images(data_dir, limit):
         source = open_source(path, os.path.join(data_dir, "images"))  # the training data reader
     except FileNotFoundError:
         sys.exit(f"error: {path} not found: generate the demo data first "
-                 f"(python scripts/make_shapes_data.py --out_dir {data_dir}) or pass --data_dir")
+                 f"(python demo/make_shapes_data.py --out_dir {data_dir}) or pass --data_dir")
     if source.n_bad:
         sys.exit(f"error: {source.bad[0]}; regenerate the data")
     found = []
