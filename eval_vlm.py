@@ -19,7 +19,8 @@ from PIL import Image
 
 from cli import switch
 from dataset.images import ImageError, open_image
-from dataset.samples import IMAGE_TAG, open_source
+from dataset.samples import open_source
+from model.chat import IMAGE_TAG
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 BLANK = (128, 128, 128)  # mid-grey is ~CLIP's mean pixel: after normalisation the image is almost all zeros

@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader
 
 from cli import switch
 from dataset.feature_cache import encode_with_cache, open_cache_for
-from dataset.lm_dataset import VLMDataset, collate_batch, resolve_image_token_id
+from dataset.lm_dataset import VLMDataset, collate_batch
+from model.chat import resolve_image_token_id
 from dataset.samples import open_source
 from dataset.sampler import ResumableBatchSampler
 from model.model_minimind import count_llm_params

@@ -26,7 +26,7 @@ if ROOT not in sys.path:
 
 import gradio as gr  # noqa: E402
 
-from dataset.lm_dataset import IMAGE_TAG  # noqa: E402
+from model.chat import IMAGE_TAG  # noqa: E402
 from dataset.images import open_image  # noqa: E402
 from model.inference import VLMChat, add_model_args, load_model, resolve_weight_path  # noqa: E402
 

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-IMAGE_TAG = "<image>"
+from model.chat import IMAGE_TAG
 ROLES = ("system", "user", "assistant")
 
 

@@ -149,7 +149,7 @@ def startup_scenario(parquet, tower):
     the first time (which makes the Arrow copy) and again (which memory-maps it)."""
     code = (f"import sys, time, resource; sys.path.insert(0, {ROOT!r}); t = time.time()\n"
             "from transformers import AutoImageProcessor, AutoTokenizer\n"
-            "from dataset.lm_dataset import VLMDataset, resolve_image_token_id\n"
+            "from dataset.lm_dataset import VLMDataset\nfrom model.chat import resolve_image_token_id\n"
             f"tok = AutoTokenizer.from_pretrained({os.path.join(ROOT, 'model')!r}); t1 = time.time()\n"
             f"ds = VLMDataset({parquet!r}, None, tok, AutoImageProcessor.from_pretrained({tower!r}), "
             "resolve_image_token_id(tok))\n"
@@ -173,7 +173,8 @@ def loader_scenario(a, tower, parquet, workers):
     import functools
     from torch.utils.data import DataLoader
     from transformers import AutoImageProcessor, AutoTokenizer
-    from dataset.lm_dataset import VLMDataset, collate_batch, resolve_image_token_id
+    from dataset.lm_dataset import VLMDataset, collate_batch
+    from model.chat import resolve_image_token_id
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(ROOT, "model"))
     dataset = VLMDataset(parquet, None, tokenizer, AutoImageProcessor.from_pretrained(tower),
                          resolve_image_token_id(tokenizer))

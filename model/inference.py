@@ -7,7 +7,7 @@ import torch
 
 from cli import switch
 from dataset.images import to_pixels, to_rgb
-from dataset.lm_dataset import IMAGE_TAG, ChatEncoder, resolve_image_token_id
+from .chat import IMAGE_TAG, ChatEncoder, resolve_image_token_id
 from .model_vlm import MiniMindVLM, VLMConfig
 from .checkpoint import infer_config_from_state_dict, load_weights, read_checkpoint, weight_path
 

@@ -33,8 +33,9 @@ from model.inference import add_model_args  # noqa: E402
 from model.checkpoint import atomic_save, infer_config_from_state_dict, load_weights, weight_path  # noqa: E402
 from model.model_vlm import MiniMindVLM, VLMConfig  # noqa: E402
 
-CODE_FILES = ("model_minimind.py", "model_vlm.py")
-MODELING_FILE = "modeling_minimind_v.py"
+# The model code an exported directory carries, copied as it is: modeling_minimind_v.py is the
+# transformers entry point (from_pretrained without the tower, then the tower attached; chat()).
+CODE_FILES = ("model_minimind.py", "model_vlm.py", "chat.py", "modeling_minimind_v.py")
 AUTO_MAP = {"AutoConfig": "model_vlm.VLMConfig",
             "AutoModelForCausalLM": "modeling_minimind_v.MiniMindVLMForCausalLM"}
 # Standard OpenAI CLIP ViT-B/16 preprocessing, written when the vision directory is not at hand.
@@ -42,128 +43,6 @@ CLIP_PROCESSOR = dict(size={"shortest_edge": 224}, crop_size={"height": 224, "wi
                       do_center_crop=True, do_normalize=True, resample=3,
                       image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
 
-# The transformers entry point written next to the copied modelling files. It only adds what
-# from_pretrained needs (no tower during loading, RoPE tables rebuilt, tower attached after) and
-# a chat() helper; everything else is the repository's own model code.
-MODELING_CODE = '''"""transformers entry point of a MiniMind-V directory (written by scripts/convert_model.py).
-
-    model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
-    print(model.chat(PIL.Image.open("cat.jpg"), "What is in the picture?"))
-
-The frozen CLIP vision tower is not stored here: it is loaded after the weights, from
-`vision_model_path` (from_pretrained keyword, else config.json's value, tried as given and relative
-to this directory, else a `vision_model` folder inside it).
-"""
-import os
-
-import torch
-
-from .model_minimind import rope_cos_sin
-from .model_vlm import VISION_HELP, MiniMindVLM, VLMConfig, load_vision_tower
-
-IMAGE_TAG = "<image>"
-
-
-class MiniMindVLMForCausalLM(MiniMindVLM):
-    config_class = VLMConfig
-    _keys_to_ignore_on_load_unexpected = [r"^vision_encoder\\."]
-
-    def __init__(self, config, vision_tower=None, load_tower=False):
-        # No tower while transformers builds and fills the model (it would be re-initialised).
-        super().__init__(config, vision_tower=vision_tower, load_tower=load_tower)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, attach_tower=True, **kwargs):
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        # The RoPE tables are non-persistent buffers: transformers leaves them uninitialised.
-        cos, sin = rope_cos_sin(model.config.dim // model.config.n_heads, model.config.max_seq_len,
-                                model.config.rope_theta)
-        with torch.no_grad():
-            model.rope_cos.copy_(cos.to(model.rope_cos.dtype))
-            model.rope_sin.copy_(sin.to(model.rope_sin.dtype))
-        if attach_tower:
-            model.attach_vision_tower(model.find_vision_tower(str(pretrained_model_name_or_path)))
-        return model.eval()
-
-    def find_vision_tower(self, model_dir):
-        recorded = self.config.vision_model_path
-        candidates = [os.path.join(model_dir, recorded)] if recorded and not os.path.isabs(recorded) else []
-        candidates += [recorded, os.path.join(model_dir, "vision_model")]
-        for path in candidates:
-            if path and os.path.isfile(os.path.join(path, "config.json")):
-                return path
-        raise FileNotFoundError(
-            f"No CLIP vision model for this MiniMind-V: looked in {candidates}. Pass "
-            f"from_pretrained(..., vision_model_path=DIR) or put CLIP ViT-B/16 at '{recorded}'. {VISION_HELP}")
-
-    def attach_vision_tower(self, path):
-        tower = load_vision_tower(path)
-        if tower.config.hidden_size != self.config.vision_hidden_size:
-            raise ValueError(f"vision tower at {path} has width {tower.config.hidden_size}, but this model's "
-                             f"projection expects {self.config.vision_hidden_size}")
-        param = next(self.parameters())
-        self.vision_encoder = tower.to(param.device, param.dtype)
-        self.config.vision_model_path = path
-        return self
-
-    def _chat_tools(self, tokenizer, processor):
-        from transformers import AutoImageProcessor, AutoTokenizer
-        here = self.name_or_path
-        if tokenizer is None:
-            tokenizer = (getattr(self, "_chat_tokenizer", None)
-                         or AutoTokenizer.from_pretrained(here, trust_remote_code=True))
-            self._chat_tokenizer = tokenizer
-        if processor is None:
-            processor = getattr(self, "_chat_processor", None)
-            if processor is None:
-                has_own = os.path.isfile(os.path.join(here, "preprocessor_config.json"))
-                processor = AutoImageProcessor.from_pretrained(here if has_own else self.config.vision_model_path)
-            self._chat_processor = processor
-        return tokenizer, processor
-
-    def encode_chat(self, messages, tokenizer):
-        """Chat-template text with every <image> tag expanded to image_token_count placeholder ids."""
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = []
-        for i, piece in enumerate(text.split(IMAGE_TAG)):
-            if i:
-                ids += [self.config.image_token_id] * self.config.image_token_count
-            ids += tokenizer.encode(piece, add_special_tokens=False)
-        return ids
-
-    @torch.inference_mode()
-    def chat(self, image=None, messages=None, tokenizer=None, processor=None, max_new_tokens=256,
-             temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0):
-        """One answer. image: None, a PIL image or path, or a list of them. messages: a question, or
-        [{"role", "content"}, ...] where each <image> tag takes the next image (with no tags, the
-        images go in front of the last user message). Tokenizer and processor default to this
-        directory's own."""
-        from PIL import Image
-        images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
-        images = [(Image.open(im) if isinstance(im, (str, os.PathLike)) else im).convert("RGB") for im in images]
-        if messages is None:
-            messages = "Describe the image."
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        messages = [dict(m) for m in messages]
-        n_tags = sum(m["content"].count(IMAGE_TAG) for m in messages)
-        if images and not n_tags:
-            last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-            messages[last_user]["content"] = (IMAGE_TAG + "\\n") * len(images) + messages[last_user]["content"]
-        elif n_tags != len(images):
-            raise ValueError(f"{n_tags} {IMAGE_TAG} tags in the messages but {len(images)} images")
-        tokenizer, processor = self._chat_tools(tokenizer, processor)
-        device = next(self.parameters()).device
-        ids = torch.tensor([self.encode_chat(messages, tokenizer)], device=device)
-        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device) if images else None
-        out = self.generate(ids, pixel_values=pixel_values, max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                            eos_token_id=tokenizer.eos_token_id)
-        new = out[0, ids.shape[1]:].tolist()
-        if tokenizer.eos_token_id in new:
-            new = new[:new.index(tokenizer.eos_token_id)]
-        return tokenizer.decode(new, skip_special_tokens=True)
-'''
 
 MODEL_CARD = """# MiniMind-V ({dim}, {n_layers} layers{moe})
 
@@ -182,11 +61,10 @@ The CLIP vision tower is not included; it is loaded from `vision_model_path` in 
 
 
 def copy_model_code(out_dir):
-    """Copy our modelling files, imports made relative, and check they need nothing else of the repo."""
+    """Copy our modelling files as they are, checking they need nothing else of the repository."""
     for name in CODE_FILES:
         with open(os.path.join(ROOT, "model", name), encoding="utf-8") as f:
             code = f.read()
-        code = re.sub(r"^from model\.(\w+) import", r"from .\1 import", code, flags=re.M)
         for m in re.finditer(r"^(?:from|import) (\.?[\w.]+)", code, flags=re.M):
             module = m.group(1)
             if module.startswith(".") and module[1:] + ".py" not in CODE_FILES:
@@ -195,8 +73,6 @@ def copy_model_code(out_dir):
                 raise RuntimeError(f"model/{name} imports the repository package '{module}': remote code cannot")
         with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
             f.write(code)
-    with open(os.path.join(out_dir, MODELING_FILE), "w", encoding="utf-8") as f:
-        f.write(MODELING_CODE)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -230,7 +106,7 @@ def export_hf(weight, out_dir, tokenizer_path, vision_model_path, image_token_id
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from dataset.lm_dataset import resolve_image_token_id
+    from model.chat import resolve_image_token_id
     if not os.path.isfile(weight):
         sys.exit(f"error: weights {weight} not found")
     sd = torch.load(weight, map_location="cpu", weights_only=True)

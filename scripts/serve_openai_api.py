@@ -40,7 +40,7 @@ from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 from starlette.requests import ClientDisconnect  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
-from dataset.lm_dataset import IMAGE_TAG  # noqa: E402
+from model.chat import IMAGE_TAG  # noqa: E402
 from dataset.images import open_image  # noqa: E402
 from model.inference import VLMChat, add_model_args, load_model, resolve_weight_path  # noqa: E402
 

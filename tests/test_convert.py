@@ -169,3 +169,12 @@ def test_eval_path_load_1_gives_the_same_answers_as_the_pth(tower_dir, photo, tm
     assert answers[0] == answers[1]
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["vision_model_path"] == tower_dir
+
+
+def test_the_exported_entry_point_is_repository_code_encoding_chats_as_training_does(tokenizer, tower_dir):
+    from model.chat import ChatEncoder
+    from model.modeling_minimind_v import MiniMindVLMForCausalLM
+    from model.model_vlm import VLMConfig
+    model = MiniMindVLMForCausalLM(VLMConfig(vision_model_path=tower_dir, dim=64, n_layers=2, image_token_id=3))
+    messages = [{"role": "user", "content": "<image>\nWhat is it?"}]
+    assert model.encode_chat(messages, tokenizer) == ChatEncoder(tokenizer, 3, 196).encode_prompt(messages)

@@ -4,7 +4,8 @@ import random
 
 import pytest
 
-from dataset.lm_dataset import ChatEncoder, VLMDataset, collate_batch
+from dataset.lm_dataset import VLMDataset, collate_batch
+from model.chat import ChatEncoder
 from dataset.sampler import ResumableBatchSampler
 
 from conftest import write_image

@@ -138,7 +138,8 @@ def make_awkward_data(root):
 
 def test_two_process_sft_survives_an_all_skipped_batch_and_a_batch_without_images(tower_dir, tokenizer, processor,
                                                                                    tmp_path):
-    from dataset.lm_dataset import VLMDataset, resolve_image_token_id
+    from dataset.lm_dataset import VLMDataset
+    from model.chat import resolve_image_token_id
     from dataset.sampler import ResumableBatchSampler
     data = make_awkward_data(tmp_path / "data")
     # First check the data does what this test is about, with the trainer's own dataset and sampler.

@@ -1,0 +1,112 @@
+"""The transformers entry point of an exported MiniMind-V directory (scripts/convert_model.py copies
+this file there as it is, next to model_minimind.py, model_vlm.py and chat.py).
+
+    model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
+    print(model.chat(PIL.Image.open("cat.jpg"), "What is in the picture?"))
+
+The frozen CLIP vision tower is not stored here: it is loaded after the weights, from
+`vision_model_path` (from_pretrained keyword, else config.json's value, tried as given and relative
+to this directory, else a `vision_model` folder inside it).
+"""
+import os
+
+import torch
+
+from .chat import IMAGE_TAG, ChatEncoder
+from .model_minimind import rope_cos_sin
+from .model_vlm import VISION_HELP, MiniMindVLM, VLMConfig, load_vision_tower
+
+
+class MiniMindVLMForCausalLM(MiniMindVLM):
+    config_class = VLMConfig
+    _keys_to_ignore_on_load_unexpected = [r"^vision_encoder\."]
+
+    def __init__(self, config, vision_tower=None, load_tower=False):
+        # No tower while transformers builds and fills the model (it would be re-initialised).
+        super().__init__(config, vision_tower=vision_tower, load_tower=load_tower)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, attach_tower=True, **kwargs):
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        # The RoPE tables are non-persistent buffers: transformers leaves them uninitialised.
+        cos, sin = rope_cos_sin(model.config.dim // model.config.n_heads, model.config.max_seq_len,
+                                model.config.rope_theta)
+        with torch.no_grad():
+            model.rope_cos.copy_(cos.to(model.rope_cos.dtype))
+            model.rope_sin.copy_(sin.to(model.rope_sin.dtype))
+        if attach_tower:
+            model.attach_vision_tower(model.find_vision_tower(str(pretrained_model_name_or_path)))
+        return model.eval()
+
+    def find_vision_tower(self, model_dir):
+        recorded = self.config.vision_model_path
+        candidates = [os.path.join(model_dir, recorded)] if recorded and not os.path.isabs(recorded) else []
+        candidates += [recorded, os.path.join(model_dir, "vision_model")]
+        for path in candidates:
+            if path and os.path.isfile(os.path.join(path, "config.json")):
+                return path
+        raise FileNotFoundError(
+            f"No CLIP vision model for this MiniMind-V: looked in {candidates}. Pass "
+            f"from_pretrained(..., vision_model_path=DIR) or put CLIP ViT-B/16 at '{recorded}'. {VISION_HELP}")
+
+    def attach_vision_tower(self, path):
+        tower = load_vision_tower(path)
+        if tower.config.hidden_size != self.config.vision_hidden_size:
+            raise ValueError(f"vision tower at {path} has width {tower.config.hidden_size}, but this model's "
+                             f"projection expects {self.config.vision_hidden_size}")
+        param = next(self.parameters())
+        self.vision_encoder = tower.to(param.device, param.dtype)
+        self.config.vision_model_path = path
+        return self
+
+    def _chat_tools(self, tokenizer, processor):
+        from transformers import AutoImageProcessor, AutoTokenizer
+        here = self.name_or_path
+        if tokenizer is None:
+            tokenizer = (getattr(self, "_chat_tokenizer", None)
+                         or AutoTokenizer.from_pretrained(here, trust_remote_code=True))
+            self._chat_tokenizer = tokenizer
+        if processor is None:
+            processor = getattr(self, "_chat_processor", None)
+            if processor is None:
+                has_own = os.path.isfile(os.path.join(here, "preprocessor_config.json"))
+                processor = AutoImageProcessor.from_pretrained(here if has_own else self.config.vision_model_path)
+            self._chat_processor = processor
+        return tokenizer, processor
+
+    def encode_chat(self, messages, tokenizer):
+        """The prompt's ids, as training and eval_vlm.py encode it (model/chat.py)."""
+        return ChatEncoder(tokenizer, self.config.image_token_id, self.config.image_token_count).encode_prompt(messages)
+
+    @torch.inference_mode()
+    def chat(self, image=None, messages=None, tokenizer=None, processor=None, max_new_tokens=256,
+             temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0):
+        """One answer. image: None, a PIL image or path, or a list of them. messages: a question, or
+        [{"role", "content"}, ...] where each <image> tag takes the next image (with no tags, the
+        images go in front of the last user message). Tokenizer and processor default to this
+        directory's own."""
+        from PIL import Image
+        images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+        images = [(Image.open(im) if isinstance(im, (str, os.PathLike)) else im).convert("RGB") for im in images]
+        if messages is None:
+            messages = "Describe the image."
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        messages = [dict(m) for m in messages]
+        n_tags = sum(m["content"].count(IMAGE_TAG) for m in messages)
+        if images and not n_tags:
+            last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+            messages[last_user]["content"] = (IMAGE_TAG + "\n") * len(images) + messages[last_user]["content"]
+        elif n_tags != len(images):
+            raise ValueError(f"{n_tags} {IMAGE_TAG} tags in the messages but {len(images)} images")
+        tokenizer, processor = self._chat_tools(tokenizer, processor)
+        device = next(self.parameters()).device
+        ids = torch.tensor([self.encode_chat(messages, tokenizer)], device=device)
+        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device) if images else None
+        out = self.generate(ids, pixel_values=pixel_values, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                            eos_token_id=tokenizer.eos_token_id)
+        new = out[0, ids.shape[1]:].tolist()
+        if tokenizer.eos_token_id in new:
+            new = new[:new.index(tokenizer.eos_token_id)]
+        return tokenizer.decode(new, skip_special_tokens=True)
