@@ -27,6 +27,7 @@ if ROOT not in sys.path:
 import gradio as gr  # noqa: E402
 
 from model.chat import IMAGE_TAG  # noqa: E402
+from model.model_minimind import count_llm_params  # noqa: E402
 from dataset.images import open_image  # noqa: E402
 from model.inference import VLMChat, add_model_args, load_model, resolve_weight_path  # noqa: E402
 
@@ -109,7 +110,7 @@ class ModelHub:
 
 def describe(label, chat):
     c = chat.model.config
-    n = sum(p.numel() for name, p in chat.model.named_parameters() if not name.startswith("vision_encoder."))
+    n = count_llm_params(chat.model)
     tower = os.path.basename(os.path.normpath(c.vision_model_path))
     return (f"**{label}**: dim {c.dim}, {c.n_layers} layers{' (MoE)' if c.use_moe else ''}, "
             f"{n / 1e6:.1f}M LLM parameters; vision tower {tower}")

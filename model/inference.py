@@ -131,19 +131,29 @@ class VLMChat:
         if n_tags != len(images):
             raise ValueError(f"{n_tags} {IMAGE_TAG} tags in the conversation but {len(images)} images")
 
-    def stream(self, messages, images=(), max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
-               repetition_penalty=1.0):
+    def stream(self, messages, images=(), **kw):
         """Yields the answer text piece by piece (complete UTF-8 characters only)."""
         self.check(messages, images)
-        ids = torch.tensor([self.encoder.encode_prompt(messages)], device=self.device)
+        yield from self.stream_ids(self.encoder.encode_prompt(messages), images, **kw)
+
+    def stream_ids(self, prompt_ids, images=(), max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
+                   repetition_penalty=1.0, stats=None):
+        """The answer to an encoded prompt, piece by piece. `stats`, if given, is a dict that gets
+        the number of new tokens ("tokens") and why generation ended ("finish_reason": "stop" at
+        the end-of-turn token, "length" at max_new_tokens), as an OpenAI response reports them."""
+        stats = {} if stats is None else stats
+        stats.update(tokens=0, finish_reason="length")
+        ids = torch.tensor([prompt_ids], device=self.device)
         new, shown = [], ""
         for tok in self.model.generate_stream(ids, pixel_values=self.pixels(images), max_new_tokens=max_new_tokens,
                                               temperature=temperature, top_p=top_p, top_k=top_k,
                                               repetition_penalty=repetition_penalty,
                                               eos_token_id=self.tokenizer.eos_token_id):
             if int(tok[0]) == self.tokenizer.eos_token_id:
+                stats["finish_reason"] = "stop"
                 break
             new.append(int(tok[0]))
+            stats["tokens"] = len(new)
             text = self.tokenizer.decode(new, skip_special_tokens=True)
             if not text.endswith("\ufffd") and len(text) > len(shown):  # wait for a whole character
                 yield text[len(shown):]

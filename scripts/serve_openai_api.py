@@ -276,29 +276,18 @@ class Engine:
 
     def generate(self, job, emit):
         """With the lock held: emits pieces; -> {"completion_tokens", "finish_reason"}, None if cancelled."""
-        chat, tok = self.chat, self.chat.tokenizer
-        new, shown, finish = [], "", "length"
         if job["seed"] is not None:
             torch.manual_seed(job["seed"])
-        ids = torch.tensor([job["ids"]], device=chat.device)
+        stats = {}
         try:
-            for t in chat.model.generate_stream(ids, pixel_values=chat.pixels(job["images"]),
-                                                max_new_tokens=job["max_tokens"], temperature=job["temperature"],
-                                                top_p=job["top_p"], eos_token_id=tok.eos_token_id):
+            for piece in self.chat.stream_ids(job["ids"], job["images"], max_new_tokens=job["max_tokens"],
+                                              temperature=job["temperature"], top_p=job["top_p"], stats=stats):
                 if job["cancel"].is_set():
                     return None
-                t = int(t[0])
-                if t == tok.eos_token_id:
-                    finish = "stop"
-                    break
-                new.append(t)
-                text = tok.decode(new, skip_special_tokens=True)
-                if not text.endswith("\ufffd") and len(text) > len(shown):  # whole characters only
-                    emit(("piece", text[len(shown):]))
-                    shown = text
+                emit(("piece", piece))
         finally:
-            self.count("tokens", len(new))
-        return {"completion_tokens": len(new), "finish_reason": finish}
+            self.count("tokens", stats.get("tokens", 0))
+        return {"completion_tokens": stats["tokens"], "finish_reason": stats["finish_reason"]}
 
 
 def emitter(loop, queue):
