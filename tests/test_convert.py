@@ -131,6 +131,7 @@ def test_llm_only_checkpoint_is_refused(tower_dir, tmp_path):
         export_hf(pth, str(tmp_path / "hf"), os.path.join(ROOT, "model"), tower_dir)
 
 
+@pytest.mark.slow
 def test_directory_is_self_contained(tower_dir, photo, tmp_path):
     """Loaded from another working directory, with nothing of the repository importable."""
     pth = str(tmp_path / "w.pth")

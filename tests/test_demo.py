@@ -1,10 +1,13 @@
 """The offline demo end to end at toy size, and the benchmark script's report shape.
 (Accuracy is the demo's job to show, not a test's: a few steps learn nothing.)"""
+import pytest
 import json
 import subprocess
 import sys
 
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # every test here runs the scripts in subprocesses
 
 
 def test_tiny_demo_runs_every_stage_and_writes_the_results_file(tmp_path):

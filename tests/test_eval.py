@@ -191,6 +191,7 @@ def test_chat_keeps_history_and_only_the_first_turn_has_the_image_tag(chat, tmp_
 
 # ----------------------------------------------------------------------------- the real script
 
+@pytest.mark.slow
 def test_benchmark_script_prints_the_summary_line_and_writes_rows(ckpt, tower_dir, tmp_path):
     path, images = write_bench(tmp_path, single_turn(5) + [(qa("Q1", "a") + qa("Q2", "b", image=False), ["x.png"], None)])
     out = tmp_path / "res" / "results.json"
@@ -205,6 +206,7 @@ def test_benchmark_script_prints_the_summary_line_and_writes_rows(ckpt, tower_di
     assert {"question", "reference", "prediction", "correct", "type", "image"} <= set(result["rows"][0])
 
 
+@pytest.mark.slow
 def test_folder_mode_answers_every_image_in_sorted_order(ckpt, tower_dir, tmp_path):
     for name, color in [("b.png", "red"), ("a.jpg", "green"), ("c.webp", "blue"), ("d.BMP", "white")]:
         Image.new("RGB", (32, 32), color).save(tmp_path / name)
@@ -216,6 +218,7 @@ def test_folder_mode_answers_every_image_in_sorted_order(ckpt, tower_dir, tmp_pa
     assert len(re.findall(r"\[\d+ tokens, ", proc.stderr)) == 4
 
 
+@pytest.mark.slow
 def test_folder_mode_reports_an_unreadable_image_and_answers_the_rest(ckpt, tower_dir, tmp_path):
     for name, color in [("a.png", "red"), ("c.png", "blue")]:
         Image.new("RGB", (32, 32), color).save(tmp_path / name)
@@ -227,6 +230,7 @@ def test_folder_mode_reports_an_unreadable_image_and_answers_the_rest(ckpt, towe
     assert proc.returncode == 1 and "1 of 3 images could not be read: b.png" in proc.stderr
 
 
+@pytest.mark.slow
 def test_chat_mode_in_a_terminal_session(ckpt, tower_dir, tmp_path):
     write_image(tmp_path / "a.png", "red")
     proc = run_script("eval_vlm.py", *model_flags(ckpt, tower_dir), "--chat", "--image", tmp_path / "a.png",

@@ -11,6 +11,8 @@ import torch
 from conftest import ROOT, TINY_LLM
 from test_distributed import flags, launch, read_log
 
+pytestmark = pytest.mark.slow  # every test here runs the scripts in subprocesses
+
 SCRIPT = os.path.join(ROOT, "train_pretrain_vlm.py")
 TOTAL_STEPS = 18  # 12 samples, batch 2, 3 epochs
 

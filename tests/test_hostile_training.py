@@ -38,6 +38,7 @@ def assert_one_line_error(proc, *fragments):
 
 # 1. Resume files, checkpoints and DeepSpeed's files load as tensors and plain values only.
 
+@pytest.mark.slow
 def test_a_resume_file_that_would_run_code_is_refused_without_running_it(toy_data, tower_dir, tmp_path):
     out, marker = tmp_path / "out", tmp_path / "MARKER"
     out.mkdir()
@@ -77,6 +78,7 @@ def test_a_planted_deepspeed_checkpoint_is_refused_before_deepspeed_loads_it(tmp
 
 # 2. An error inside the training loop saves the last completed step first.
 
+@pytest.mark.slow
 def test_an_error_mid_run_saves_the_last_completed_step_and_the_run_resumes_from_it(tower_dir, tmp_path):
     data = make_toy_data(tmp_path / "data")
     image = tmp_path / "data" / "images" / "8.png"  # the 9th sample's: the dataset opens images only when used
@@ -131,6 +133,7 @@ def test_an_error_from_a_dataloader_worker_prints_without_the_worker_traceback()
     assert trainer.error_message(info.value) == "d.jsonl:9: cannot read image: broken"
 
 
+@pytest.mark.slow
 def test_a_missing_data_file_ends_the_script_with_one_line(toy_data, tower_dir, tmp_path):
     missing = str(tmp_path / "nope.jsonl")
     proc = launch("train_pretrain_vlm.py", flags((missing, toy_data[1]), tower_dir, tmp_path / "out"), check=False)
@@ -227,6 +230,7 @@ def test_weights_of_another_size_name_the_file_and_the_flags(tower_dir, tmp_path
         load_weights(MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM)), path)
 
 
+@pytest.mark.slow
 def test_resuming_with_other_model_flags_names_the_resume_file_and_the_flags(toy_data, tower_dir, tmp_path):
     launch("train_pretrain_vlm.py", flags(toy_data, tower_dir, tmp_path, epochs=1, stop_after_steps=1))
     resume = tmp_path / "pretrain_vlm_64_resume.pth"
@@ -243,6 +247,7 @@ def test_resuming_with_other_model_flags_names_the_resume_file_and_the_flags(toy
                           "the file has dim 64", "the model dim 128", "other shape: ['")
 
 
+@pytest.mark.slow
 def test_a_truncated_resume_file_names_itself(toy_data, tower_dir, tmp_path):
     resume = tmp_path / "pretrain_vlm_64_resume.pth"
     torch.save({"state": {}}, resume)

@@ -11,6 +11,8 @@ from model.checkpoint import load_weights
 
 from conftest import ROOT, TINY_LLM, read_log, script_flags as common
 
+pytestmark = pytest.mark.slow  # every test here runs the scripts in subprocesses
+
 
 def run_script(script, *args, check=True):
     cmd = [sys.executable, os.path.join(ROOT, script), *map(str, args)]

@@ -1,4 +1,5 @@
 """--use_wandb under WANDB_MODE=offline: what the offline run files hold, and resuming the same run."""
+import pytest
 import glob
 import json
 import os
@@ -7,6 +8,8 @@ import struct
 import torch
 
 from test_distributed import flags, launch
+
+pytestmark = pytest.mark.slow  # every test here runs the scripts in subprocesses
 
 LOGGED = {"loss", "lr", "samples_per_s", "tokens_per_s", "epoch", "step", "eta_s"}
 
