@@ -14,20 +14,14 @@ through the few randomly initialised layers, so the colour, shape and position
 of each object survive in the patch tokens. Keep it shallow (the default is 2
 layers). Every extra random layer mixes the tokens a bit more.
 
-``--full_clip`` saves a full ``CLIPModel`` (vision tower plus a tiny text tower)
-instead, so a loader can be tested against both kinds of directory.
+``build_vision_tower(..., full_clip=True)`` saves a full ``CLIPModel`` (vision tower plus a tiny
+text tower) instead, so the tests can check the loader against both kinds of directory.
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import torch  # noqa: E402
-from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig,  # noqa: E402
-                          CLIPVisionModel)
-
-from cli import switch  # noqa: E402
+import torch
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
 # The standard OpenAI CLIP normalisation constants.
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -84,13 +78,8 @@ def main():
     ap.add_argument("--num_heads", type=int, default=4, help="attention heads (must divide hidden_size)")
     ap.add_argument("--intermediate_size", type=int, default=None, help="MLP width (default: 4 * hidden_size)")
     ap.add_argument("--seed", type=int, default=0, help="torch seed for the random weights")
-    ap.add_argument("--position_std", type=float, default=1.0,
-                    help="std of the random position embeddings (the library default 0.02 hides position)")
-    switch(ap.add_argument, "--full_clip", 0,
-                    help="save a full CLIPModel (vision + tiny text tower) instead of a vision-only model")
     a = ap.parse_args()
-    build_vision_tower(a.out_dir, a.hidden_size, a.num_layers, a.num_heads, a.intermediate_size,
-                       a.seed, a.full_clip, position_std=a.position_std)
+    build_vision_tower(a.out_dir, a.hidden_size, a.num_layers, a.num_heads, a.intermediate_size, a.seed)
 
 
 if __name__ == "__main__":

@@ -176,27 +176,35 @@ def import_hf(hf_dir, out_path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(ap)
-    for action in ap._actions:
-        if action.dest == "out_dir":
-            action.default, action.help = None, "export: the transformers-format directory to write"
-        if action.dest == "weight":
-            action.help = "export: the .pth to convert (a bare name is looked up in out/); --reverse: the directory"
-    switch(ap.add_argument, "--reverse", 0, help="directory (--weight or --from_hf) -> .pth (--out)")
-    ap.add_argument("--from_hf", default=None, help="same as --reverse --weight DIR")
-    ap.add_argument("--out", default=None, help="--reverse: the .pth to write")
-    switch(ap.add_argument, "--copy_vision_tower", 0,
-                    help="export: copy the CLIP tower into DIR/vision_model (a directory that needs nothing else)")
+    model_flags = add_model_args(argparse.ArgumentParser(add_help=False))  # the shared defaults
+    a = ap.add_argument
+    a("--weight", default="sft_vlm",
+      help="export: the .pth to convert (a bare name is looked up as out/{weight}_{dim}[_moe].pth); "
+           "--reverse: the transformers-format directory")
+    a("--dim", type=int, default=512, help="for looking up a bare --weight name")
+    switch(a, "--use_moe", 0, help="for looking up a bare --weight name")
+    a("--out_dir", default=None, help="export: the transformers-format directory to write")
+    switch(a, "--reverse", 0, help="directory (--weight) -> .pth (--out)")
+    a("--from_hf", default=None, help=argparse.SUPPRESS)  # the old spelling of --reverse --weight DIR
+    a("--out", default=None, help="--reverse: the .pth to write")
+    a("--tokenizer_path", default=model_flags.get_default("tokenizer_path"), help="export: the tokenizer to include")
+    a("--vision_model_path", default=model_flags.get_default("vision_model_path"),
+      help="export: the vision tower the directory records (and copies with --copy_vision_tower)")
+    a("--image_token_id", type=int, default=-1, help="placeholder id; -1 = the tokenizer's <|image_pad|>, or '@'")
+    switch(a, "--copy_vision_tower", 0,
+           help="export: copy the vision tower into DIR/vision_model (a directory that needs nothing else)")
     a = ap.parse_args(argv)
+    if a.from_hf:
+        print("note: --from_hf DIR is now spelled --reverse --weight DIR", file=sys.stderr)
     if a.reverse or a.from_hf:
         src = a.from_hf or a.weight
         if not a.out:
-            ap.error("--reverse/--from_hf needs --out X.pth")
+            ap.error("--reverse needs --out X.pth")
         import_hf(src, a.out)
         print(f"wrote {a.out} from {src}")
         return
     if not a.out_dir:
-        ap.error("export needs --out_dir DIR (or use --reverse/--from_hf DIR --out X.pth)")
+        ap.error("export needs --out_dir DIR (or use --reverse --weight DIR --out X.pth)")
     weight = weight_path("out", a.weight, a.dim, a.use_moe)
     export_hf(weight, a.out_dir, a.tokenizer_path, a.vision_model_path, a.image_token_id, a.copy_vision_tower)
     print(f"wrote {a.out_dir}: load it with AutoModelForCausalLM.from_pretrained('{a.out_dir}', "
