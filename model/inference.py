@@ -40,7 +40,7 @@ def resolve_dtype(name, device):
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     # On CPU, decoding one token at a time is matrix-vector work, where PyTorch's fp32 kernels beat
-    # its bf16 ones (148 vs 85 tokens/s at dim 512 on a 2-core AMX machine, scripts/bench.py).
+    # its bf16 ones (docs/performance.md has the figures).
     return torch.float32
 
 
