@@ -67,6 +67,16 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
+def load_processor(path):
+    """The tower's image processor, from its directory, always in its PIL/numpy form: the same
+    pixels on every machine, whether or not torchvision (the fast form's backend) is installed."""
+    import transformers
+    from transformers import AutoImageProcessor
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return AutoImageProcessor.from_pretrained(path, backend="pil")
+    return AutoImageProcessor.from_pretrained(path, use_fast=False)
+
+
 def to_pixels(processor, images):
     """RGB PIL images -> the tower's input [N, 3, H, W] (float32), through its image processor.
     No images gives [0, 3, H, W], so a batch can always concatenate its images."""

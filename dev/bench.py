@@ -148,10 +148,10 @@ def startup_scenario(parquet, tower):
     """Seconds and peak RSS of opening the training dataset on a big parquet file, in a fresh process:
     the first time (which makes the Arrow copy) and again (which memory-maps it)."""
     code = (f"import sys, time, resource; sys.path.insert(0, {ROOT!r}); t = time.time()\n"
-            "from transformers import AutoImageProcessor, AutoTokenizer\n"
+            "from transformers import AutoTokenizer\nfrom dataset.images import load_processor\n"
             "from dataset.lm_dataset import VLMDataset\nfrom model.chat import resolve_image_token_id\n"
             f"tok = AutoTokenizer.from_pretrained({os.path.join(ROOT, 'model')!r}); t1 = time.time()\n"
-            f"ds = VLMDataset({parquet!r}, None, tok, AutoImageProcessor.from_pretrained({tower!r}), "
+            f"ds = VLMDataset({parquet!r}, None, tok, load_processor({tower!r}), "
             "resolve_image_token_id(tok))\n"
             "ds[len(ds) - 1]; t2 = time.time()\n"
             "st = {l.split(':')[0]: int(l.split()[1]) // 1024 for l in open('/proc/self/status') if l.startswith('Rss')}\n"
@@ -172,11 +172,12 @@ def loader_scenario(a, tower, parquet, workers):
     collate. -> samples/s over every row of the file (workers start up outside the timing)."""
     import functools
     from torch.utils.data import DataLoader
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
+    from dataset.images import load_processor
     from dataset.lm_dataset import VLMDataset, collate_batch
     from model.chat import resolve_image_token_id
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(ROOT, "model"))
-    dataset = VLMDataset(parquet, None, tokenizer, AutoImageProcessor.from_pretrained(tower),
+    dataset = VLMDataset(parquet, None, tokenizer, load_processor(tower),
                          resolve_image_token_id(tokenizer))
     loader = DataLoader(dataset, batch_size=a.batch_size, shuffle=True, num_workers=workers,
                         collate_fn=functools.partial(collate_batch, pad_id=tokenizer.pad_token_id or 0),

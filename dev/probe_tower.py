@@ -20,7 +20,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "demo")]
 
-from dataset.images import open_image, to_pixels  # noqa: E402
+from dataset.images import load_processor, open_image, to_pixels  # noqa: E402
 from dataset.samples import open_source  # noqa: E402
 from make_shapes_data import CELL_PHRASE, CELLS, COLORS, IMG, SHAPES  # noqa: E402
 
@@ -73,10 +73,9 @@ def main():
     p.add_argument("--vision_model_path", default="out/demo/vision_tower")
     p.add_argument("--n", type=int, default=900, help="one-object images to use (80%% fit, 20%% scored)")
     a = p.parse_args()
-    from transformers import AutoImageProcessor
     from model.model_vlm import load_vision_tower, tower_features
     items = one_object_images(a.data_dir, a.n)  # before loading the tower: a data problem shows at once
-    tower, processor = load_vision_tower(a.vision_model_path), AutoImageProcessor.from_pretrained(a.vision_model_path)
+    tower, processor = load_vision_tower(a.vision_model_path), load_processor(a.vision_model_path)
     if len(items) < 50:
         sys.exit(f"error: only {len(items)} one-object images in {a.data_dir}/pretrain.jsonl; generate the demo data first")
     means, centres = [], []

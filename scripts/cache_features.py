@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from dataset.feature_cache import image_key, open_cache_for  # noqa: E402
-from dataset.images import ImageError, open_image, to_pixels  # noqa: E402
+from dataset.images import ImageError, load_processor, open_image, to_pixels  # noqa: E402
 from trainer import open_data  # noqa: E402
 from model.model_vlm import load_vision_tower, tower_features  # noqa: E402
 
@@ -82,14 +82,13 @@ def main():
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 
-    from transformers import AutoImageProcessor
     dtype = getattr(torch, args.dtype)
     # As in the trainer: the frozen tower's weights in the training dtype, then its identity.
     try:
         tower = load_vision_tower(args.vision_model_path).to(args.device, dtype)
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
-    processor = AutoImageProcessor.from_pretrained(args.vision_model_path)
+    processor = load_processor(args.vision_model_path)
     cache = open_cache_for(tower, processor, args.cache_dir)  # the trainer's call: same identity and row shape
     mine = list(where)[rank::world]
     todo = [key for key in mine if cache.lookup(key) is None]

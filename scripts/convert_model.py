@@ -91,9 +91,11 @@ def save_tokenizer(tokenizer_path, tokenizer, out_dir):
 
 
 def save_processor(vision_path, out_dir):
-    from transformers import AutoImageProcessor, CLIPImageProcessor
+    from transformers import CLIPImageProcessor
+
+    from dataset.images import load_processor
     if vision_path and os.path.isfile(os.path.join(vision_path, "preprocessor_config.json")):
-        processor = AutoImageProcessor.from_pretrained(vision_path)
+        processor = load_processor(vision_path)
     else:
         print(f"note: no image processor at '{vision_path}'; writing the standard CLIP ViT-B/16 one")
         processor = CLIPImageProcessor(**CLIP_PROCESSOR)

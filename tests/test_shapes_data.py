@@ -159,8 +159,8 @@ def test_more_sft_turns_ask_more_questions_never_the_same_thing_twice():
 
 
 def _pixels(d):
-    from transformers import AutoImageProcessor
-    proc = AutoImageProcessor.from_pretrained(d)
+    from dataset.images import load_processor
+    proc = load_processor(d)
     img = Image.new("RGB", (224, 224), (240, 240, 240))
     x = proc(images=img, return_tensors="pt")["pixel_values"]
     assert x.shape == (1, 3, 224, 224)
