@@ -10,6 +10,7 @@ from dataset.images import to_pixels, to_rgb
 from .chat import IMAGE_TAG, ChatEncoder, resolve_image_token_id
 from .model_vlm import MiniMindVLM, VLMConfig
 from .checkpoint import infer_config_from_state_dict, load_weights, read_checkpoint, weight_path
+from .quantize import quantize_int8
 
 
 def add_model_args(parser):
@@ -64,9 +65,9 @@ def load_model(args):
         for key in ("dim", "n_layers", "use_moe"):
             if int(getattr(args, key)) != int(found[key]):
                 print(f"note: {path} has {key}={int(found[key])} (flag said {getattr(args, key)}); using the checkpoint's")
-        config = VLMConfig(dim=found["dim"], n_layers=found["n_layers"], use_moe=found["use_moe"],
-                           vocab_size=found["vocab_size"], proj_bias=found.get("proj_bias", False),
-                           vision_model_path=args.vision_model_path,
+        # Generation, sizes and projector as the file says; the tower (its width is checked against the
+        # projector's on load) decides the image token count.
+        config = VLMConfig(**found, vision_model_path=args.vision_model_path,
                            image_token_id=resolve_image_token_id(tokenizer, args.image_token_id))
         model = MiniMindVLM(config)
         load_weights(model, sd, path)
@@ -76,40 +77,6 @@ def load_model(args):
     if args.quantize == "int8":
         model = quantize_int8(model)
     return model, tokenizer, processor
-
-
-def quantize_int8(model):
-    """Int8 weights (one scale per output channel) for every linear layer of the LLM, computed with int8
-    matmuls on dynamically quantised activations. Decoding one token reads every weight once, so
-    it is memory-bound: int8 reads a quarter of fp32's bytes. The q/k/v and the two SwiGLU input
-    matrices are also fused into one matrix each, since at batch 1 every extra call costs about as
-    much as its arithmetic. The vision tower and the projection keep full precision: they run once
-    per image."""
-    import warnings
-    from torch import nn
-    from .model_minimind import Attention, FeedForward
-    weight = next(model.parameters())
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        raise ValueError("--quantize int8 runs on CPU from float32 weights: use --device cpu --dtype float32")
-
-    def fuse(*linears):
-        fused = nn.Linear(linears[0].in_features, sum(m.out_features for m in linears), bias=False)
-        fused.weight.data = torch.cat([m.weight.data for m in linears])
-        return fused
-
-    for module in list(model.modules()):
-        if isinstance(module, Attention):
-            module.fused_qkv = fuse(module.wq, module.wk, module.wv)
-            del module.wq, module.wk, module.wv  # the fused copy replaces them
-        elif isinstance(module, FeedForward):
-            module.fused_w13 = fuse(module.w1, module.w3)
-            del module.w1, module.w3
-    names = {n for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and not n.startswith(("vision_encoder", "vision_proj"))}
-    with warnings.catch_warnings():  # torch marks these APIs for a future move to torchao; 2.13 is pinned
-        warnings.simplefilter("ignore")
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-        return quantize_dynamic(model, {n: per_channel_dynamic_qconfig for n in names}, dtype=torch.qint8)
 
 
 class VLMChat:

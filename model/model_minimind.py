@@ -1,8 +1,13 @@
-"""MiniMind: a small decoder-only LLM (Llama-style), compatible with the released MiniMind2 weights.
+"""MiniMind: a small decoder-only LLM (Llama-style), compatible with both released generations.
 
-Architecture (see README "Architecture"): RMSNorm -> grouped-query attention with interleaved-pair
-RoPE -> RMSNorm -> SwiGLU FFN (or a small mixture of experts), tied input/output embeddings.
-State-dict keys equal the released checkpoints', so `lm_512.pth` loads with strict=True.
+Architecture (see README "Architecture"): RMSNorm -> grouped-query attention with RoPE -> RMSNorm ->
+SwiGLU FFN (or a small mixture of experts), tied input/output embeddings. The two releases differ
+only in settings, so `MiniMindConfig.generation` picks a preset of config fields:
+- "minimind2" (2025-02, MiniMind2): 2 KV heads, RMSNorm eps 1e-5, MoE with a shared expert and top-2;
+- "minimind3" (2026-04, MiniMind3): QK-norm, 4 KV heads, eps 1e-6, FFN ceil(dim*pi/64)*64, MoE top-1
+  without a shared expert and a batch-level balance loss.
+Module names and the RoPE pair layout are the 2025 release's (interleaved pairs), so its checkpoints
+load as they are; model/checkpoint.py renames and permutes the 2026 ones on load and back on save.
 """
 import math
 
@@ -12,23 +17,43 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+# What each released generation sets; a field passed explicitly to MiniMindConfig wins over these.
+GENERATIONS = {
+    "minimind2": dict(n_kv_heads=2, norm_eps=1e-5, qk_norm=False, max_seq_len=8192, n_shared_experts=1,
+                      num_experts_per_tok=2, aux_loss_alpha=0.1, seq_aux=True),
+    "minimind3": dict(n_kv_heads=4, norm_eps=1e-6, qk_norm=True, max_seq_len=32768, n_shared_experts=0,
+                      num_experts_per_tok=1, aux_loss_alpha=5e-4, seq_aux=False),
+}
+
+
+def default_hidden_dim(generation, dim, multiple_of=64):
+    """SwiGLU FFN width. MiniMind2 keeps ~the parameter count of a 4*dim MLP by using 2/3 of it;
+    MiniMind3 uses dim*pi. Both rounded up to a multiple of 64."""
+    if generation == "minimind3":
+        return math.ceil(dim * math.pi / multiple_of) * multiple_of
+    return multiple_of * math.ceil(int(2 * 4 * dim / 3) / multiple_of)
+
 
 class MiniMindConfig(PretrainedConfig):
     model_type = "minimind"
 
-    def __init__(self, dim=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=6400, hidden_dim=None,
-                 multiple_of=64, norm_eps=1e-5, rope_theta=1e6, max_seq_len=8192, dropout=0.0,
-                 use_moe=False, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
-                 aux_loss_alpha=0.1, norm_topk_prob=True, gradient_checkpointing=False,
+    def __init__(self, generation="minimind2", dim=512, n_layers=8, n_heads=8, n_kv_heads=None, vocab_size=6400,
+                 hidden_dim=None, multiple_of=64, norm_eps=None, qk_norm=None, rope_theta=1e6, max_seq_len=None,
+                 dropout=0.0, use_moe=False, n_routed_experts=4, num_experts_per_tok=None, n_shared_experts=None,
+                 aux_loss_alpha=None, seq_aux=None, norm_topk_prob=True, gradient_checkpointing=False,
                  bos_token_id=1, eos_token_id=2, pad_token_id=0, **kwargs):
-        self.dim, self.n_layers, self.n_heads, self.n_kv_heads = dim, n_layers, n_heads, n_kv_heads
-        self.vocab_size, self.multiple_of, self.norm_eps, self.rope_theta = vocab_size, multiple_of, norm_eps, rope_theta
-        # SwiGLU keeps ~the parameter count of a 4*dim MLP by using 2/3 of it, rounded up to 64.
-        self.hidden_dim = hidden_dim or multiple_of * math.ceil(int(2 * 4 * dim / 3) / multiple_of)
-        self.max_seq_len, self.dropout = max_seq_len, dropout
-        self.use_moe, self.n_routed_experts, self.num_experts_per_tok = bool(use_moe), n_routed_experts, num_experts_per_tok
-        self.n_shared_experts, self.aux_loss_alpha, self.norm_topk_prob = n_shared_experts, aux_loss_alpha, norm_topk_prob
-        self.gradient_checkpointing = gradient_checkpointing
+        if generation not in GENERATIONS:
+            raise ValueError(f"generation must be one of {sorted(GENERATIONS)}, not {generation!r}")
+        given = dict(n_kv_heads=n_kv_heads, norm_eps=norm_eps, qk_norm=qk_norm, max_seq_len=max_seq_len,
+                     n_shared_experts=n_shared_experts, num_experts_per_tok=num_experts_per_tok,
+                     aux_loss_alpha=aux_loss_alpha, seq_aux=seq_aux)
+        for key, preset in GENERATIONS[generation].items():
+            setattr(self, key, preset if given[key] is None else given[key])
+        self.generation, self.dim, self.n_layers, self.n_heads = generation, dim, n_layers, n_heads
+        self.vocab_size, self.multiple_of, self.rope_theta = vocab_size, multiple_of, rope_theta
+        self.hidden_dim = hidden_dim or default_hidden_dim(generation, dim, multiple_of)
+        self.dropout, self.use_moe, self.n_routed_experts = dropout, bool(use_moe), n_routed_experts
+        self.norm_topk_prob, self.gradient_checkpointing = norm_topk_prob, gradient_checkpointing
         kwargs.setdefault("tie_word_embeddings", True)
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
 
@@ -52,15 +77,12 @@ def rope_cos_sin(head_dim, max_len, theta):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate interleaved pairs: (x0, x1) of each head is one complex number, times e^(i*angle).
-    x: [B, H, T, hd]. Eagerly, one complex multiply is a few kernels instead of a dozen (decoding
-    one token runs this 16 times); torch.compile fuses the real form instead, as inductor cannot
-    generate code for complex numbers. test_compiled_and_eager_losses_agree checks the two agree."""
-    if torch.compiler.is_compiling():
-        x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each [B, H, T, hd/2]
-        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, H, T, hd/2]
-    return torch.view_as_real(pairs * torch.complex(cos.float(), sin.float())).flatten(-2).type_as(x)
+    """Rotate interleaved pairs: (x[2i], x[2i+1]) of each head turns by angle i of its position.
+    x: [B, H, T, hd], cos/sin: [T, hd/2]. Real arithmetic, so eager and torch.compile run the same
+    code (inductor cannot generate code for complex numbers). The 2026 release pairs i with
+    i + hd/2 instead; its q/k weights are permuted into this layout when loaded."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each [B, H, T, hd/2]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
 
 
 class KVCache:
@@ -94,19 +116,22 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        # QK-norm (MiniMind3): each head's query and key RMS-normalised before RoPE, so the size of
+        # the attention logits is set by the norm weights, not by how large the projections grow.
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.dropout = cfg.dropout
-        self.fused_qkv = None  # inference only: one matmul for wq|wk|wv (model/inference.py, quantize_int8)
 
     def project_qkv(self, x):
-        if self.fused_qkv is not None:  # at batch 1, one matrix-vector product costs less than three
-            return self.fused_qkv(x).split([self.n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2, -1)
+        """[B, T, D] -> q [B, T, H*hd], k and v [B, T, KV*hd]. A method of its own so that a variant
+        can compute all three with one matrix (model/quantize.py)."""
         return self.wq(x), self.wk(x), self.wv(x)
 
     def forward(self, x, cos, sin, attn_mask, cache: KVCache | None, layer_idx: int):
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
-        q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = k.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
+        q = self.q_norm(q.reshape(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_norm(k.reshape(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)  # [B, KV, T, hd]
         v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -122,18 +147,17 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: MiniMindConfig):
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
-        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.fused_w13 = None  # inference only: one matmul for w1|w3 (model/inference.py, quantize_int8)
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
 
     def forward(self, x):
-        gate, up = self.fused_w13(x).chunk(2, -1) if self.fused_w13 is not None else (self.w1(x), self.w3(x))
-        return self.w2(F.silu(gate) * up)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class MoEFeedForward(nn.Module):
-    """Routed experts (softmax gate, top-k) plus always-on shared experts, as in MiniMind2-MoE."""
+    """Routed experts (softmax gate, top-k), plus always-on shared experts where the generation has
+    them (MiniMind2: one shared expert, top-2; MiniMind3: none, top-1)."""
 
     def __init__(self, cfg: MiniMindConfig):
         super().__init__()
@@ -157,12 +181,15 @@ class MoEFeedForward(nn.Module):
             out.index_add_(0, rows, (expert(flat[rows]) * topk_w[rows, slot, None].to(flat.dtype)).to(out.dtype))
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
-        # Sequence-level balance loss: per sequence, fraction of routed slots per expert (scaled so
-        # uniform = 1) times the mean gate probability, summed over experts.
+        # Balance loss: the fraction of routed slots per expert (scaled so uniform = 1) times its mean
+        # gate probability, summed over experts. MiniMind2 measures both per sequence and averages
+        # (seq_aux); MiniMind3 over the whole batch, which with top-1 is its
+        # num_experts * coef * sum(load * mean_score).
         E, k = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
-        counts = F.one_hot(topk_idx.view(B, -1), E).float().sum(1)  # [B, E]
-        load = counts / (T * k / E)
-        self.aux_loss = (load * probs.view(B, T, E).mean(1)).sum(-1).mean() * self.cfg.aux_loss_alpha
+        G = B if self.cfg.seq_aux else 1  # groups the statistics are taken over
+        counts = F.one_hot(topk_idx.view(G, -1), E).float().sum(1)  # [G, E]
+        load = counts / (B * T / G * k / E)
+        self.aux_loss = (load * probs.view(G, -1, E).mean(1)).sum(-1).mean() * self.cfg.aux_loss_alpha
         return out.view(B, T, D)
 
 

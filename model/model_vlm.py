@@ -1,9 +1,11 @@
-"""MiniMind-V: the MiniMind LLM plus a frozen CLIP vision tower and a linear projection.
+"""MiniMind-V: the MiniMind LLM plus a frozen vision tower and a projector.
 
-Each image becomes `image_token_count` (196) patch features from the tower's last encoder layer
-(CLS dropped). A linear layer maps them to the LLM width and they overwrite the embeddings of the
-image placeholder tokens, in order: one boolean mask and one masked_scatter for the whole batch.
-The tower is never trained and never saved in our checkpoints.
+Each image becomes `image_token_count` patch features from the tower's last layer: 196 x 768 for
+CLIP ViT-B/16 at 224 px (its CLS token dropped), 64 x 768 for SigLIP2 P32 at 256 px (which has no
+CLS). Both numbers come from the tower when it is loaded. The projector maps the features to the
+LLM width and they overwrite the embeddings of the image placeholder tokens, in order: one boolean
+mask and one masked_scatter for the whole batch. The tower is never trained and never saved in
+our checkpoints.
 """
 import os
 
@@ -13,50 +15,101 @@ from torch import nn
 from .model_minimind import MiniMindConfig, MiniMindForCausalLM
 
 VISION_HELP = ("Download CLIP ViT-B/16 into it, e.g. `git clone https://huggingface.co/openai/clip-vit-base-patch16 "
-               "model/vision_model/clip-vit-base-patch16`, or build the offline demo tower with "
-               "`python scripts/make_demo_vision_tower.py`.")
+               "model/vision_model/clip-vit-base-patch16` (or the SigLIP2 tower of the 2026 weights, "
+               "siglip2-base-p32-256-ve), or build the offline demo tower with "
+               "`python demo/make_demo_vision_tower.py`.")
 
 
 class VLMConfig(MiniMindConfig):
     model_type = "minimind-v"
 
     def __init__(self, vision_model_path="model/vision_model/clip-vit-base-patch16", image_token_id=3,
-                 image_token_count=196, proj_bias=False, vision_hidden_size=768, **kwargs):
+                 image_token_count=196, projector="linear", proj_bias=False, vision_hidden_size=768, **kwargs):
+        if projector not in ("linear", "mlp"):
+            raise ValueError(f"projector must be 'linear' or 'mlp', not {projector!r}")
         self.vision_model_path = vision_model_path
         self.image_token_id = image_token_id  # 3 = <|image_pad|> in our tokenizer; 34 = '@' in the released one
+        # Placeholders per image and the features' width. The defaults are the 2025 release's tower
+        # (CLIP ViT-B/16); loading a tower replaces both by its own, so they only matter without one.
         self.image_token_count = image_token_count
-        self.proj_bias = proj_bias  # the released checkpoints have a bias, ours do not
-        self.vision_hidden_size = vision_hidden_size  # replaced by the tower's width once it is loaded
+        self.vision_hidden_size = vision_hidden_size
+        self.projector = projector  # "linear": our design and the 2025 release; "mlp": the 2026 release
+        self.proj_bias = proj_bias  # linear only: the 2025 released checkpoints have a bias, ours do not
         super().__init__(**kwargs)
 
 
 class VisionProj(nn.Module):
-    # Nested Sequential only to keep the released key name `vision_proj.vision_proj.0.weight`.
-    def __init__(self, in_dim, out_dim, bias):
+    """Image features [N, n, C] -> [N, n, D]. Each kind under the key names of the release that has it:
+    linear: one Linear, nested only to keep the 2025 key `vision_proj.vision_proj.0.weight`;
+    mlp: LayerNorm, Linear, GELU (exact), Linear, keys `vision_proj.mlp.{0,1,3}.*` (2026 release)."""
+
+    def __init__(self, in_dim, out_dim, kind="linear", bias=False):
         super().__init__()
-        self.vision_proj = nn.Sequential(nn.Linear(in_dim, out_dim, bias=bias))
+        if kind == "mlp":
+            self.mlp = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim), nn.GELU(),
+                                     nn.Linear(out_dim, out_dim))
+        else:
+            self.vision_proj = nn.Sequential(nn.Linear(in_dim, out_dim, bias=bias))
 
     def forward(self, x):
-        return self.vision_proj(x)
+        return next(self.children())(x)  # the one Sequential this holds
 
 
 def load_vision_tower(path):
-    """A frozen CLIPVisionModel from a local directory holding a full CLIP or a vision-only one."""
-    from transformers import CLIPVisionModel
+    """A frozen vision model from a local directory: CLIP or SigLIP, vision-only or the full model
+    (its vision half is taken). The class is the one transformers maps the directory's vision config to."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
     from transformers.utils import logging
     logging.disable_progress_bar()  # a per-tensor loading bar on every start is noise
     if not path or not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"No CLIP vision model at '{path}' (set --vision_model_path). {VISION_HELP}")
-    tower = CLIPVisionModel.from_pretrained(path)
+        raise FileNotFoundError(f"No vision model at '{path}' (set --vision_model_path). {VISION_HELP}")
+    config = AutoConfig.from_pretrained(path)
+    vision_config = getattr(config, "vision_config", config)  # a full CLIP/SigLIP holds a text tower too
+    if not hasattr(vision_config, "patch_size") or type(vision_config) not in MODEL_MAPPING:
+        raise ValueError(f"'{path}' holds a {config.model_type} model, not a vision tower (CLIP or SigLIP). "
+                         f"{VISION_HELP}")
+    cls = MODEL_MAPPING[type(vision_config)]  # CLIPVisionConfig -> CLIPVisionModel, SiglipVisionConfig -> ...
+    tower = cls.from_pretrained(path) if vision_config is config else _vision_half(cls, path, config)
     tower.requires_grad_(False)
     return tower.eval()
 
 
+def _vision_half(cls, path, config):
+    """The vision model of a full CLIP/SigLIP directory. transformers would list every key of the
+    text half as "unexpected" in a load report; those keys (the full model's outside `vision_model.`)
+    are skipped on purpose, so the report is held back and anything else it had to say is logged."""
+    from transformers import AutoModel
+    from transformers.utils import logging
+    with torch.device("meta"):  # shapes only, no memory
+        skipped = {k for k in AutoModel.from_config(config).state_dict() if not k.startswith("vision_model.")}
+    log = logging.get_logger("transformers.modeling_utils")
+    hold_back = lambda record: "LOAD REPORT" not in record.getMessage()  # noqa: E731
+    log.addFilter(hold_back)
+    try:
+        tower, info = cls.from_pretrained(path, config=config.vision_config, output_loading_info=True)
+    finally:
+        log.removeFilter(hold_back)
+    info["unexpected_keys"] = sorted(set(info["unexpected_keys"]) - skipped)
+    problems = {kind: keys for kind, keys in info.items() if keys}
+    if problems:
+        log.warning(f"vision tower {path}: {problems}")
+    return tower
+
+
+def tower_token_count(tower):
+    """Patch tokens per image: (image_size / patch_size)^2 of the tower's config."""
+    return (tower.config.image_size // tower.config.patch_size) ** 2
+
+
 @torch.no_grad()
 def tower_features(tower, pixel_values):
-    """The frozen tower's last-layer patch tokens, CLS dropped: [N, 3, 224, 224] -> [N, 196, C]."""
+    """The frozen tower's last-layer patch tokens: [N, 3, H, W] -> [N, n_patches, C]. CLIP puts a CLS
+    token before the patches, which is dropped; SigLIP has none, so every token is kept. (SigLIP's
+    last_hidden_state is after its post-layernorm, CLIP's before: each as its release used it.)"""
     tower_dtype = next(tower.parameters()).dtype
-    return tower(pixel_values=pixel_values.to(tower_dtype)).last_hidden_state[:, 1:]
+    tokens = tower(pixel_values=pixel_values.to(tower_dtype)).last_hidden_state  # [N, n_prefix + n_patches, C]
+    return tokens[:, tokens.shape[1] - tower_token_count(tower):]
 
 
 class MiniMindVLM(MiniMindForCausalLM):
@@ -65,11 +118,12 @@ class MiniMindVLM(MiniMindForCausalLM):
     def __init__(self, config: VLMConfig, vision_tower=None, load_tower=True):
         if vision_tower is None and load_tower:
             vision_tower = load_vision_tower(config.vision_model_path)
-        if vision_tower is not None:
+        if vision_tower is not None:  # the tower decides what an image is: how many tokens, how wide
             config.vision_hidden_size = vision_tower.config.hidden_size
+            config.image_token_count = tower_token_count(vision_tower)
         super().__init__(config)
-        self.vision_proj = VisionProj(config.vision_hidden_size, config.dim, config.proj_bias)
-        # Attached after the base class initialised its weights, so pretrained CLIP is left untouched.
+        self.vision_proj = VisionProj(config.vision_hidden_size, config.dim, config.projector, config.proj_bias)
+        # Attached after the base class initialised its weights, so the pretrained tower is left untouched.
         self.vision_encoder = vision_tower  # a submodule so .to() moves it; its keys are never saved
 
     def train(self, mode=True):
@@ -84,7 +138,7 @@ class MiniMindVLM(MiniMindForCausalLM):
             self.vision_encoder.compile(dynamic=True)  # the batch's count of uncached images varies
 
     def encode_images(self, pixel_values):
-        """[N, 3, 224, 224] -> patch features [N, 196, C], in the tower's dtype (it follows the model)."""
+        """[N, 3, H, W] -> patch features [N, image_token_count, C], in the tower's dtype (it follows the model)."""
         if self.vision_encoder is None:
             raise RuntimeError(f"This model has no vision tower. {VISION_HELP}")
         return tower_features(self.vision_encoder, pixel_values)
@@ -92,8 +146,8 @@ class MiniMindVLM(MiniMindForCausalLM):
     def embed(self, input_ids, pixel_values=None, image_features=None, **_):
         """Token embeddings with image features written over the placeholder tokens. [B, T, D]
 
-        pixel_values [N, 3, H, W] (or precomputed image_features [N, 196, C]) hold every image of
-        the batch, consumed in placeholder order: row 0's images first, then row 1's, ...
+        pixel_values [N, 3, H, W] (or precomputed image_features [N, image_token_count, C]) hold every
+        image of the batch, consumed in placeholder order: row 0's images first, then row 1's, ...
         """
         h = self.tok_embeddings(input_ids)  # [B, T, D]
         is_image = input_ids == self.config.image_token_id  # [B, T]
@@ -107,7 +161,8 @@ class MiniMindVLM(MiniMindForCausalLM):
                 f"{per_row.tolist()} image placeholder tokens (id {self.config.image_token_id}) per row, but "
                 f"{n_images} images: each image needs exactly {n_per_image} consecutive placeholders")
         if n_images:
-            feats = self.vision_proj(image_features.to(self.vision_proj.vision_proj[0].weight.dtype))  # [N, 196, D]
+            proj_dtype = next(self.vision_proj.parameters()).dtype
+            feats = self.vision_proj(image_features.to(proj_dtype))  # [N, image_token_count, D]
             h = h.masked_scatter(is_image[..., None], feats.to(h.dtype))
         elif self.training:
             # A batch without images still touches the projection, so DDP finds a gradient for it

@@ -117,7 +117,9 @@ def test_a_released_style_checkpoint_with_projection_bias_is_detected_and_loads(
     biased = MiniMindVLM(VLMConfig(vision_model_path=tower_dir, proj_bias=True, **TINY_LLM))
     sd = llm_state_dict(biased)
     found = infer_config_from_state_dict(sd)
-    assert found == {"dim": 64, "vocab_size": 6400, "n_layers": 2, "use_moe": False, "proj_bias": True}
+    assert found == {"dim": 64, "vocab_size": 6400, "n_layers": 2, "use_moe": False, "proj_bias": True,
+                     "generation": "minimind2", "n_kv_heads": 2, "hidden_dim": 192, "projector": "linear",
+                     "vision_hidden_size": 32}
     with pytest.raises(RuntimeError, match="vision_proj.vision_proj.0.bias"):
         load_weights(MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM)), sd)
     model = MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM, proj_bias=found["proj_bias"]))
