@@ -242,7 +242,7 @@ def main(argv=None):
         args.max_new_tokens = 16 if args.bench else 128
 
     model, tokenizer, processor = load_model(args)
-    chat = VLMChat(model, tokenizer, processor)
+    chat = VLMChat(model, tokenizer, processor, args.open_thinking)
     if args.bench:
         images_path = args.images_path or os.path.join(os.path.dirname(args.bench), "images")  # ignored for parquet
         try:

@@ -26,7 +26,7 @@ if ROOT not in sys.path:
 
 import gradio as gr  # noqa: E402
 
-from model.chat import IMAGE_TAG  # noqa: E402
+from model.chat import IMAGE_TAG, ReasoningSplitter  # noqa: E402
 from model.model_minimind import count_llm_params  # noqa: E402
 from dataset.images import open_image  # noqa: E402
 from model.inference import VLMChat, add_model_args, load_model, resolve_weight_path  # noqa: E402
@@ -40,7 +40,8 @@ def parse_args(argv=None):
     ap.add_argument("--hf_dirs", nargs="*", default=[], help="transformers-format model directories to offer")
     ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve the local network")
     ap.add_argument("--port", type=int, default=8888)
-    ap.add_argument("--max_images", type=int, default=4, help="images per conversation (196 tokens each)")
+    ap.add_argument("--max_images", type=int, default=4, help="images per conversation (each takes the model's "
+                                                            "image_token_count placeholders: 196 for CLIP ViT-B/16)")
     ap.add_argument("--max_seq_len", type=int, default=0,
                     help="prompt + answer token limit; 0 = the model's max_seq_len")
     ap.add_argument("--max_file_mb", type=float, default=25, help="largest upload accepted")
@@ -99,7 +100,7 @@ class ModelHub:
             a = copy.copy(self.args)
             a.load, a.weight = self.choices[label]
             try:
-                chat = VLMChat(*load_model(a))
+                chat = VLMChat(*load_model(a), a.open_thinking)
             except (Exception, SystemExit) as e:  # load_model exits with a message on missing files
                 raise RuntimeError(f"could not load {label}: {e}") from None
             self.cache[label] = chat
@@ -156,7 +157,8 @@ def build_demo(args, hub):
             return
         if len(state["images"]) + len(images) > args.max_images:
             yield notice(state, f"Too many images: this conversation would have {len(state['images']) + len(images)}, "
-                                f"the limit is {args.max_images} (each takes 196 tokens of the model's context). "
+                                f"the limit is {args.max_images} (each takes its run of placeholder tokens in the model's "
+                                "context). "
                                 "Press Clear to start a new conversation.")
             return
         try:
@@ -181,11 +183,14 @@ def build_demo(args, hub):
         display.append({"role": "assistant", "content": ""})
         yield display, None, state
         try:
+            splitter = ReasoningSplitter(chat.open_thinking)  # the answer is shown without its reasoning
             for piece in chat.stream(messages, all_images, max_new_tokens=max_new_tokens,
                                      temperature=float(temperature), top_p=float(top_p)):
-                answer["content"] += piece
-                display[-1]["content"] = answer["content"]
-                yield display, gr.skip(), state
+                content = "".join(text for kind, text in splitter.feed(piece) if kind == "content")
+                if content:
+                    answer["content"] += content
+                    display[-1]["content"] = answer["content"]
+                    yield display, gr.skip(), state
         except Exception as e:  # keep the session usable: drop the failed turn
             state["messages"], state["images"] = messages[:-1], all_images[:len(all_images) - len(images)]
             display[-1]["content"] = f"⚠️ generation failed: {e}"

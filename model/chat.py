@@ -27,8 +27,12 @@ class ChatEncoder:
     """Renders conversations with the tokenizer's chat template and tokenizes them with images
     expanded to placeholder runs, returning input ids and labels (-100 = not supervised)."""
 
-    def __init__(self, tokenizer, image_token_id, image_token_count):
+    def __init__(self, tokenizer, image_token_id, image_token_count, open_thinking=False):
         self.tok, self.image_token_id, self.image_token_count = tokenizer, image_token_id, image_token_count
+        # The 2026 release's template opens its generation prompt with an empty <think></think>
+        # block; open_thinking=True asks it to leave the block open, so the model reasons first.
+        # Templates without the variable ignore it.
+        self.prompt_options = {"open_thinking": True} if open_thinking else {}
         probe = [{"role": "user", "content": "x"}]
         without = tokenizer.apply_chat_template(probe, tokenize=False)
         with_prompt = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
@@ -74,4 +78,45 @@ class ChatEncoder:
 
     def encode_prompt(self, messages):
         """Ids of a conversation plus the assistant header, ready for generation."""
-        return self.tokenize(self.render(messages, add_generation_prompt=True))
+        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                            **self.prompt_options)
+        return self.tokenize(text)
+
+
+THINK_END = "</think>"
+
+
+class ReasoningSplitter:
+    """Streamed answer pieces -> ("reasoning" | "content", text) pieces. With an open think block,
+    everything before </think> is the model's reasoning, shown apart from the answer (or not at
+    all); with a closed one (the prompt already ends the block), everything is content."""
+
+    def __init__(self, open_thinking):
+        self.thinking, self.held = open_thinking, ""
+
+    def feed(self, piece):
+        if not self.thinking:
+            return [("content", piece)] if piece else []
+        text = self.held + piece
+        end = text.find(THINK_END)
+        if end < 0:  # hold back what could be the start of a </think> split across pieces
+            keep = next((k for k in range(len(THINK_END) - 1, 0, -1) if text.endswith(THINK_END[:k])), 0)
+            self.held = text[len(text) - keep:] if keep else ""
+            out = text[:len(text) - keep]
+            return [("reasoning", out.removeprefix("<think>"))] if out else []
+        self.thinking, self.held = False, ""
+        reasoning, rest = text[:end], text[end + len(THINK_END):].lstrip("\n")
+        return [p for p in (("reasoning", reasoning), ("content", rest)) if p[1]]
+
+    def flush(self):
+        """What is left when generation ends (a think block never closed counts as reasoning)."""
+        held, self.held = self.held, ""
+        return [("reasoning" if self.thinking else "content", held)] if held else []
+
+
+def split_reasoning(text, open_thinking):
+    """A whole answer -> (reasoning, answer)."""
+    splitter = ReasoningSplitter(open_thinking)
+    parts = splitter.feed(text) + splitter.flush()
+    return ("".join(t for k, t in parts if k == "reasoning").strip(),
+            "".join(t for k, t in parts if k == "content"))

@@ -7,7 +7,7 @@ import torch
 
 from cli import switch
 from dataset.images import to_pixels, to_rgb
-from .chat import IMAGE_TAG, ChatEncoder, resolve_image_token_id
+from .chat import IMAGE_TAG, ChatEncoder, resolve_image_token_id, split_reasoning
 from .model_vlm import MiniMindVLM, VLMConfig
 from .checkpoint import infer_config_from_state_dict, load_weights, read_checkpoint, weight_path
 from .quantize import quantize_int8
@@ -29,6 +29,9 @@ def add_model_args(parser):
     a("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     a("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
       help="auto: bfloat16 on CUDA (float16 where bf16 is missing), float32 on CPU (faster decoding)")
+    switch(a, "--open_thinking", 0,
+           help="let the model reason before answering, where the chat template supports it (the 2026 "
+                "release's <think> block); answers are shown without the reasoning")
     a("--quantize", default="none", choices=["none", "int8"],
       help="int8: the LLM's linear layers get int8 weights (dynamic quantization, CPU only): about 1.5x "
            "faster decoding at batch 1, at the cost of answers that can differ slightly from full precision")
@@ -82,9 +85,11 @@ def load_model(args):
 class VLMChat:
     """Messages with <image> tags + PIL images -> answers, streamed or batched."""
 
-    def __init__(self, model, tokenizer, processor):
+    def __init__(self, model, tokenizer, processor, open_thinking=False):
         self.model, self.tokenizer, self.processor = model, tokenizer, processor
-        self.encoder = ChatEncoder(tokenizer, model.config.image_token_id, model.config.image_token_count)
+        self.open_thinking = open_thinking  # the model writes its reasoning first; answers leave it out
+        self.encoder = ChatEncoder(tokenizer, model.config.image_token_id, model.config.image_token_count,
+                                   open_thinking)
         self.device = next(model.parameters()).device
 
     def pixels(self, images):
@@ -127,7 +132,8 @@ class VLMChat:
                 shown = text
 
     def answer(self, messages, images=(), **kw):
-        return "".join(self.stream(messages, images, **kw))
+        """The answer, without the reasoning of an open think block."""
+        return split_reasoning("".join(self.stream(messages, images, **kw)), self.open_thinking)[1]
 
     def answer_batch(self, conversations, max_new_tokens=64, **kw):
         """Greedy-by-default answers for many (messages, images) pairs in one left-padded batch."""
@@ -145,7 +151,7 @@ class VLMChat:
         answers = []
         for row in out[:, T:].tolist():
             row = row[:row.index(self.tokenizer.eos_token_id)] if self.tokenizer.eos_token_id in row else row
-            answers.append(self.tokenizer.decode(row, skip_special_tokens=True))
+            answers.append(split_reasoning(self.tokenizer.decode(row, skip_special_tokens=True), self.open_thinking)[1])
         return answers
 
 

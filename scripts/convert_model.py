@@ -30,8 +30,9 @@ import torch  # noqa: E402
 
 from cli import switch  # noqa: E402
 from model.inference import add_model_args  # noqa: E402
-from model.checkpoint import atomic_save, infer_config_from_state_dict, load_weights, weight_path  # noqa: E402
-from model.model_vlm import MiniMindVLM, VLMConfig  # noqa: E402
+from model.checkpoint import (CheckpointError, atomic_save, check_state_dict, infer_config_from_state_dict,  # noqa: E402
+                              llm_state_dict, load_weights, read_checkpoint, weight_path)
+from model.model_vlm import MiniMindVLM, VLMConfig, load_vision_tower, tower_token_count  # noqa: E402
 
 # The model code an exported directory carries, copied as it is: modeling_minimind_v.py is the
 # transformers entry point (from_pretrained without the tower, then the tower attached; chat()).
@@ -109,26 +110,28 @@ def export_hf(weight, out_dir, tokenizer_path, vision_model_path, image_token_id
     from transformers import AutoTokenizer
 
     from model.chat import resolve_image_token_id
-    if not os.path.isfile(weight):
-        sys.exit(f"error: weights {weight} not found")
-    sd = torch.load(weight, map_location="cpu", weights_only=True)
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    if "vision_proj.vision_proj.0.weight" not in sd:
+    try:
+        sd = check_state_dict(read_checkpoint(weight), weight)
+        found = infer_config_from_state_dict(sd, weight)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    if "projector" not in found:
         sys.exit(f"error: {weight} has no vision projection (an LLM-only checkpoint): export a VLM checkpoint")
-    found = infer_config_from_state_dict(sd)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    config = VLMConfig(dim=found["dim"], n_layers=found["n_layers"], use_moe=found["use_moe"],
-                       vocab_size=found["vocab_size"], proj_bias=found["proj_bias"],
-                       vision_hidden_size=sd["vision_proj.vision_proj.0.weight"].shape[1],
-                       vision_model_path=vision_model_path,
+    config = VLMConfig(**found, vision_model_path=vision_model_path,
                        image_token_id=resolve_image_token_id(tokenizer, image_token_id),
                        eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    if os.path.isfile(os.path.join(vision_model_path or "", "config.json")):
+        config.image_token_count = tower_token_count(load_vision_tower(vision_model_path))  # 196 CLIP B/16, 64 SigLIP2
     # Strict key check against the architecture (errors list missing/unexpected keys).
     model = MiniMindVLM(config, load_tower=False)
-    load_weights(model, sd)
-    if "output.weight" in sd and not torch.equal(sd["output.weight"], sd["tok_embeddings.weight"]):
-        sys.exit("error: output.weight differs from tok_embeddings.weight, but MiniMind ties them")
+    load_weights(model, sd, weight)
+    head, embed = ("lm_head.weight", "model.embed_tokens.weight") if "lm_head.weight" in sd else \
+        ("output.weight", "tok_embeddings.weight")
+    if head in sd and not torch.equal(sd[head].float(), sd[embed].float()):
+        sys.exit(f"error: {head} differs from {embed}, but MiniMind ties them")
+    # The directory holds our module's own names (its code is ours); the tied head is stored once.
     tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()
                if k != "output.weight" and not k.startswith("vision_encoder.")}
 
@@ -155,7 +158,8 @@ def export_hf(weight, out_dir, tokenizer_path, vision_model_path, image_token_id
 
 
 def import_hf(hf_dir, out_path):
-    """A transformers-format directory -> .pth in the released key format (tied head under both names)."""
+    """A transformers-format directory -> .pth in its generation's released key format (the tied
+    head under both names, one tensor)."""
     from safetensors.torch import load_file
     cfg_path, st_path = os.path.join(hf_dir, "config.json"), os.path.join(hf_dir, "model.safetensors")
     if not (os.path.isfile(cfg_path) and os.path.isfile(st_path)):
@@ -168,11 +172,8 @@ def import_hf(hf_dir, out_path):
     tensors = {k: v for k, v in tensors.items() if not k.startswith("vision_encoder.")}
     tensors.setdefault("output.weight", tensors["tok_embeddings.weight"])
     model = MiniMindVLM(VLMConfig(**cfg), load_tower=False)
-    load_weights(model, tensors)  # strict: errors list any missing/unexpected key
-    # Released layout: model key order, fp32, output.weight the same tensor as tok_embeddings.weight.
-    sd = {k: tensors[k].float() for k in model.state_dict() if not k.startswith("vision_encoder.")}
-    sd["output.weight"] = sd["tok_embeddings.weight"]
-    atomic_save(sd, out_path)
+    load_weights(model, tensors, hf_dir)  # strict: errors list any missing/unexpected key
+    atomic_save(llm_state_dict(model), out_path)  # the released layout of the model's generation
     return out_path
 
 

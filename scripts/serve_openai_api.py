@@ -40,7 +40,7 @@ from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 from starlette.requests import ClientDisconnect  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
-from model.chat import IMAGE_TAG  # noqa: E402
+from model.chat import IMAGE_TAG, ReasoningSplitter  # noqa: E402
 from dataset.images import open_image  # noqa: E402
 from model.inference import VLMChat, add_model_args, load_model, resolve_weight_path  # noqa: E402
 
@@ -54,7 +54,9 @@ def parse_args(argv=None):
     add_model_args(ap)
     ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve the local network")
     ap.add_argument("--port", type=int, default=8998)
-    ap.add_argument("--max_images", type=int, default=4, help="images per request (196 tokens each)")
+    ap.add_argument("--max_images", type=int, default=4,
+                    help="images per request (each takes the model's image_token_count placeholders: 196 for "
+                         "CLIP ViT-B/16, 64 for SigLIP2)")
     ap.add_argument("--max_request_mb", type=float, default=20, help="largest request body accepted")
     ap.add_argument("--allow_local_files", metavar="DIR", default=None,
                     help="also accept image paths / file:// URLs, only of images inside DIR (symlinks resolved "
@@ -154,8 +156,8 @@ def parse_messages(messages, max_images, local_root=None):
     n_images = sum(1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
                    for p in m["content"] if isinstance(p, dict) and p.get("type") == "image_url")
     if n_images > max_images:
-        raise APIError(f"{n_images} images in the request; at most {max_images} (each takes 196 tokens of the "
-                       "model's context)", param="messages", code="too_many_images")
+        raise APIError(f"{n_images} images in the request; at most {max_images} (each takes a run of placeholder "
+                       "tokens of the model's context)", param="messages", code="too_many_images")
     out, images = [], []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
@@ -246,7 +248,8 @@ class Engine:
             self.stats[key] += n
 
     def run(self, job, emit):
-        """Worker thread: emit(("piece", text)) ..., then emit(("done", info)) or emit(("error", msg)).
+        """Worker thread: emit(("content" or "reasoning", text)) ..., then emit(("done", info)) or
+        emit(("error", msg)).
         A cancelled job (its client went away) stops quietly: nobody is listening."""
         if not self.wait_turn(job["cancel"]):
             self.count("cancelled")
@@ -278,16 +281,28 @@ class Engine:
         """With the lock held: emits pieces; -> {"completion_tokens", "finish_reason"}, None if cancelled."""
         if job["seed"] is not None:
             torch.manual_seed(job["seed"])
-        stats = {}
+        stats, splitter = {}, ReasoningSplitter(self.chat.open_thinking)
         try:
             for piece in self.chat.stream_ids(job["ids"], job["images"], max_new_tokens=job["max_tokens"],
                                               temperature=job["temperature"], top_p=job["top_p"], stats=stats):
                 if job["cancel"].is_set():
                     return None
-                emit(("piece", piece))
+                for kind, text in splitter.feed(piece):  # "reasoning" (an open think block) or "content"
+                    emit((kind, text))
+            for kind, text in splitter.flush():
+                emit((kind, text))
         finally:
             self.count("tokens", stats.get("tokens", 0))
         return {"completion_tokens": stats["tokens"], "finish_reason": stats["finish_reason"]}
+
+
+def message(content, reasoning):
+    """The answer message; the reasoning of an open think block goes in `reasoning_content`, as other
+    OpenAI-compatible servers return it, never in the content."""
+    out = {"role": "assistant", "content": content}
+    if reasoning:
+        out["reasoning_content"] = reasoning
+    return out
 
 
 def emitter(loop, queue):
@@ -446,12 +461,12 @@ def create_app(engine: Engine, args, model_id):
 
         if not job["stream"]:
             watcher = asyncio.create_task(watch_disconnect(request, job, queue))
-            pieces = []
+            pieces = {"content": [], "reasoning": []}
             try:
                 while True:
                     kind, value = await queue.get()
-                    if kind == "piece":
-                        pieces.append(value)
+                    if kind in pieces:
+                        pieces[kind].append(value)
                     elif kind == "gone":
                         return gone(rid)
                     elif kind == "error":
@@ -462,7 +477,8 @@ def create_app(engine: Engine, args, model_id):
                 watcher.cancel()
                 job["cancel"].set()  # whatever happened, the worker has nothing more to do
             return {"id": rid, "object": "chat.completion", "created": now, "model": model_id,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
+                    "choices": [{"index": 0, "message": message("".join(pieces["content"]),
+                                                                "".join(pieces["reasoning"])),
                                  "logprobs": None, "finish_reason": value["finish_reason"]}],
                     "usage": usage(value["completion_tokens"])}
 
@@ -477,8 +493,10 @@ def create_app(engine: Engine, args, model_id):
             yield sse(chunk({"role": "assistant", "content": ""}))
             while True:
                 kind, value = await queue.get()
-                if kind == "piece":
+                if kind == "content":
                     yield sse(chunk({"content": value}))
+                elif kind == "reasoning":  # as other OpenAI-compatible servers stream a model's thinking
+                    yield sse(chunk({"reasoning_content": value}))
                 elif kind == "error":
                     yield sse({"error": {"message": value, "type": "server_error", "param": None, "code": None}})
                     break
@@ -501,7 +519,7 @@ def main(argv=None):
     import uvicorn
     args = parse_args(argv)
     model, tokenizer, processor = load_model(args)
-    engine = Engine(VLMChat(model, tokenizer, processor), args.max_seq_len, args.max_queue)
+    engine = Engine(VLMChat(model, tokenizer, processor, args.open_thinking), args.max_seq_len, args.max_queue)
     name = args.model_name or os.path.basename(os.path.normpath(
         args.weight if args.load == 1 else resolve_weight_path(args))).removesuffix(".pth")
     app = create_app(engine, args, name)
