@@ -241,7 +241,10 @@ def main(argv=None):
     if args.max_new_tokens is None:
         args.max_new_tokens = 16 if args.bench else 128
 
-    model, tokenizer, processor = load_model(args)
+    try:
+        model, tokenizer, processor = load_model(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # CheckpointError is a RuntimeError
+        sys.exit(f"error: {e}")
     chat = VLMChat(model, tokenizer, processor, args.open_thinking)
     if args.bench:
         images_path = args.images_path or os.path.join(os.path.dirname(args.bench), "images")  # ignored for parquet

@@ -29,7 +29,7 @@ import gradio as gr  # noqa: E402
 from model.chat import IMAGE_TAG, ReasoningSplitter  # noqa: E402
 from model.model_minimind import count_llm_params  # noqa: E402
 from dataset.images import open_image  # noqa: E402
-from model.inference import VLMChat, add_model_args, load_model, resolve_weight_path  # noqa: E402
+from model.inference import VLMChat, add_model_args, is_hf_dir, load_model, resolve_weight_path  # noqa: E402
 
 HINT = "Type a question, and attach pictures with the 📎 button (or drop them on the box)."
 
@@ -64,7 +64,7 @@ class ModelHub:
     def discover(self):
         """label -> (load, path). Labels are file / directory names (the full path on a clash)."""
         args, found = self.args, []
-        if args.load == 1:
+        if is_hf_dir(args.weight):
             found.append((1, args.weight))
         elif os.path.isfile(resolve_weight_path(args)):
             found.append((0, resolve_weight_path(args)))
@@ -98,10 +98,10 @@ class ModelHub:
             if label not in self.choices:
                 raise RuntimeError(f"unknown model {label!r}")
             a = copy.copy(self.args)
-            a.load, a.weight = self.choices[label]
+            a.weight = self.choices[label][1]  # a .pth or a transformers-format directory
             try:
                 chat = VLMChat(*load_model(a), a.open_thinking)
-            except (Exception, SystemExit) as e:  # load_model exits with a message on missing files
+            except Exception as e:
                 raise RuntimeError(f"could not load {label}: {e}") from None
             self.cache[label] = chat
             while len(self.cache) > max(1, self.args.cache_models):

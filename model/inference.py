@@ -1,5 +1,6 @@
 """Loading a trained model for inference and talking to it: shared by eval_vlm.py, the web demo
 and the API server, so they take the same flags and build prompts the same way as training."""
+import argparse
 import os
 import sys
 
@@ -15,9 +16,9 @@ from .quantize import quantize_int8
 
 def add_model_args(parser):
     a = parser.add_argument
-    a("--weight", default="sft_vlm", help="a .pth path, or a name: out_dir/{weight}_{dim}[_moe].pth; "
-                                          "with --load 1, a transformers-format directory")
-    switch(a, "--load", 0, help="0: our .pth; 1: transformers-format directory")
+    a("--weight", default="sft_vlm", help="a .pth path, a name (out_dir/{weight}_{dim}[_moe].pth), or a "
+                                          "transformers-format directory (scripts/convert_model.py)")
+    a("--load", type=int, choices=[0, 1], default=None, help=argparse.SUPPRESS)  # old; the path tells now
     a("--out_dir", default="out", help="where named weights are looked up")
     a("--dim", type=int, default=512, help="checked against (and taken from) the checkpoint")
     a("--n_layers", type=int, default=8, help="checked against (and taken from) the checkpoint")
@@ -52,16 +53,25 @@ def resolve_weight_path(args):
     return weight_path(args.out_dir, args.weight, args.dim, args.use_moe)
 
 
+def is_hf_dir(weight):
+    """A transformers-format directory (scripts/convert_model.py) rather than a .pth or a name."""
+    return os.path.isdir(weight)
+
+
 def load_model(args):
-    """-> (model in eval mode on args.device, tokenizer, image processor)."""
+    """-> (model in eval mode on args.device, tokenizer, image processor). Raises FileNotFoundError
+    or CheckpointError with a message naming the file and the fix."""
     from transformers import AutoImageProcessor, AutoTokenizer
-    if args.load == 1:
+    if getattr(args, "load", None) is not None:
+        print("note: --load is no longer needed (and will go): a directory given to --weight is read as "
+              "transformers format, a file as a .pth", file=sys.stderr)
+    if is_hf_dir(args.weight):
         model, tokenizer = load_hf_dir(args)  # a directory written by scripts/convert_model.py
         vision_path = model.config.vision_model_path  # the tower it attached
     else:
         path = resolve_weight_path(args)
         if not os.path.isfile(path):
-            sys.exit(f"error: weights {path} not found. Train them (see README) or pass --weight PATH.pth")
+            raise FileNotFoundError(f"weights {path} not found. Train them (see README) or pass --weight PATH.pth")
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
         sd = read_checkpoint(path)  # weights_only; a file that is not model weights says so, with its path
         found = infer_config_from_state_dict(sd, path)
@@ -160,7 +170,7 @@ def _is_tower_dir(path):
 
 
 def load_hf_dir(args):
-    """--load 1: a transformers-format directory (scripts/convert_model.py) -> (model, tokenizer).
+    """A transformers-format directory (scripts/convert_model.py) -> (model, tokenizer).
 
     Vision tower: --vision_model_path when it was set to an existing tower, else the path the
     directory records (as given, relative to it, or its `vision_model` folder), else the flag's default."""
@@ -170,8 +180,8 @@ def load_hf_dir(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = args.weight
     if not os.path.isfile(os.path.join(path, "config.json")):
-        sys.exit(f"error: {path} is not a transformers-format model directory (no config.json). Make one with "
-                 f"`python scripts/convert_model.py --weight X.pth --out_dir {path}`")
+        raise FileNotFoundError(f"{path} is not a transformers-format model directory (no config.json). Make one "
+                                f"with `python scripts/convert_model.py --weight X.pth --out_dir {path}`")
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         recorded = json.load(f).get("vision_model_path") or ""
     default = inspect.signature(VLMConfig.__init__).parameters["vision_model_path"].default

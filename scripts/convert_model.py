@@ -211,7 +211,7 @@ def main(argv=None):
     weight = weight_path("out", a.weight, a.dim, a.use_moe)
     export_hf(weight, a.out_dir, a.tokenizer_path, a.vision_model_path, a.image_token_id, a.copy_vision_tower)
     print(f"wrote {a.out_dir}: load it with AutoModelForCausalLM.from_pretrained('{a.out_dir}', "
-          f"trust_remote_code=True), or eval_vlm.py / web_demo_vlm.py --load 1 --weight {a.out_dir}")
+          f"trust_remote_code=True), or eval_vlm.py / web_demo_vlm.py --weight {a.out_dir}")
 
 
 if __name__ == "__main__":

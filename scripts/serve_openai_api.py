@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa
 
 from model.chat import IMAGE_TAG, ReasoningSplitter  # noqa: E402
 from dataset.images import open_image  # noqa: E402
-from model.inference import VLMChat, add_model_args, load_model, resolve_weight_path  # noqa: E402
+from model.inference import VLMChat, add_model_args, is_hf_dir, load_model, resolve_weight_path  # noqa: E402
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's own logger: our lines land in the server log, same format
 LOCAL_REFUSED = "local image refused: files must be images inside the folder given to --allow_local_files"
@@ -518,10 +518,13 @@ def create_app(engine: Engine, args, model_id):
 def main(argv=None):
     import uvicorn
     args = parse_args(argv)
-    model, tokenizer, processor = load_model(args)
+    try:
+        model, tokenizer, processor = load_model(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # CheckpointError is a RuntimeError
+        sys.exit(f"error: {e}")
     engine = Engine(VLMChat(model, tokenizer, processor, args.open_thinking), args.max_seq_len, args.max_queue)
     name = args.model_name or os.path.basename(os.path.normpath(
-        args.weight if args.load == 1 else resolve_weight_path(args))).removesuffix(".pth")
+        args.weight if is_hf_dir(args.weight) else resolve_weight_path(args))).removesuffix(".pth")
     app = create_app(engine, args, name)
     print(f"serving '{name}' at http://{args.host}:{args.port}/v1 "
           "(POST /v1/chat/completions, GET /v1/models, GET /health)")

@@ -151,7 +151,8 @@ def test_directory_is_self_contained(tower_dir, photo, tmp_path):
 
 
 def test_eval_path_load_1_gives_the_same_answers_as_the_pth(tower_dir, photo, tmp_path):
-    """model/inference.py load_model with --load 1 (what eval_vlm.py and the web demo use)."""
+    """model/inference.py load_model given the exported directory (what eval_vlm.py and the web demo use):
+    the path tells it from a .pth, no flag needed."""
     import argparse
 
     from model.inference import VLMChat, add_model_args, load_model
@@ -159,9 +160,9 @@ def test_eval_path_load_1_gives_the_same_answers_as_the_pth(tower_dir, photo, tm
     make_checkpoint(tower_dir, pth, seed=5)
     out = export_hf(pth, str(tmp_path / "hf-eval"), os.path.join(ROOT, "model"), tower_dir)
     answers = []
-    for load, weight in ((0, pth), (1, out)):
+    for weight in (pth, out):
         args = add_model_args(argparse.ArgumentParser()).parse_args(
-            ["--load", str(load), "--weight", weight, "--vision_model_path", tower_dir, "--device", "cpu",
+            ["--weight", weight, "--vision_model_path", tower_dir, "--device", "cpu",
              "--dtype", "float32"])
         chat = VLMChat(*load_model(args))
         conversations = [([{"role": "user", "content": "<image>\nWhat is it?"}], [Image.open(photo)]),

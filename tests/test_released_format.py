@@ -89,9 +89,9 @@ def released(tower_dir, tmp_path_factory):
     return path, tok_dir, sd
 
 
-def model_args(weight, tokenizer_path, tower_dir, load=0):
+def model_args(weight, tokenizer_path, tower_dir):
     args = add_model_args(argparse.ArgumentParser()).parse_args([])
-    args.weight, args.tokenizer_path, args.vision_model_path, args.load = weight, tokenizer_path, tower_dir, load
+    args.weight, args.tokenizer_path, args.vision_model_path = weight, tokenizer_path, tower_dir
     args.device, args.dtype = "cpu", "float32"
     return args
 
@@ -184,8 +184,8 @@ def test_released_checkpoint_exports_to_transformers_format_and_back(released, t
     from PIL import Image
     image = [Image.new("RGB", (64, 48), "blue")]
     answers = []
-    for load, weight in ((0, path), (1, out)):
-        model, tokenizer, processor = load_model(model_args(weight, tok_dir, tower_dir, load=load))
+    for weight in (path, out):  # a .pth, then a directory: the path tells which
+        model, tokenizer, processor = load_model(model_args(weight, tok_dir, tower_dir))
         chat = VLMChat(model, tokenizer, processor)
         answers.append((chat.encoder.encode_prompt(messages), chat.answer(messages, image, max_new_tokens=8)))
     assert answers[0] == answers[1]
