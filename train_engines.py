@@ -5,8 +5,11 @@ DeepSpeedEngine: `--deepspeed ds_config/zeroN.json`; the same torch AdamW handed
 deepspeed.initialize, which partitions it (ZeRO 1/2/3), accumulates, clips and keeps fp32 master
 weights; resume is DeepSpeed's own checkpoint directory with our state in its client_state.
 
-Both write the same `.pth` weights (every key but the vision tower's, fp32, released key names), so
-eval and export do not care how a model was trained. deepspeed is imported only by DeepSpeedEngine.
+Both train a module without the vision tower: the trainer runs the frozen tower itself, in the
+engine's `compute_dtype`, and passes its features to the forward. Both write the same `.pth`
+weights (every key but the vision tower's, fp32, released key names), so eval and export do not
+care how a model was trained. The engines take the trainer's TrainConfig (read-only); errors
+are exceptions for trainer.main to report. deepspeed is imported only by DeepSpeedEngine.
 """
 import contextlib
 import glob
@@ -14,7 +17,6 @@ import json
 import math
 import os
 import shutil
-import sys
 
 import torch
 import torch.distributed as dist
@@ -31,19 +33,21 @@ def world_size():
 
 
 class TorchEngine:
-    def __init__(self, model, params, args, device_type, resume_path):
-        self.model, self.params, self.args, self.resume_path = model, params, args, resume_path
-        dtype = getattr(torch, args.dtype)
-        self.autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-        self.optimizer = torch.optim.AdamW(params, lr=args.learning_rate, fused=True)  # one kernel, CPU and CUDA
-        self.scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+    def __init__(self, model, params, cfg, device, resume_path):
+        self.model, self.params, self.grad_clip, self.resume_path = model, params, cfg.grad_clip, resume_path
+        device_type = torch.device(device).type
+        self.compute_dtype = getattr(torch, cfg.dtype)  # weights stay fp32; autocast computes in this
+        self.autocast = (torch.autocast(device_type, dtype=self.compute_dtype)
+                         if self.compute_dtype != torch.float32 else contextlib.nullcontext())
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, fused=True)  # one kernel, CPU and CUDA
+        self.scaler = torch.amp.GradScaler(device_type, enabled=self.compute_dtype == torch.float16)
         self.ddp = None
         if world_size() > 1:
             # No find_unused_parameters: the model gives every trainable parameter a gradient on every
             # rank (a batch without images still touches the projection, every MoE expert runs, an
             # all-skipped batch is a dummy row), so DDP's buckets always fill and no rank waits forever.
             self.ddp = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[torch.device(args.device).index] if device_type == "cuda" else None,
+                model, device_ids=[torch.device(device).index] if device_type == "cuda" else None,
                 gradient_as_bucket_view=True)
 
     def micro_step(self, last_micro):
@@ -63,7 +67,7 @@ class TorchEngine:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.scaler.unscale_(self.optimizer)
-        clip = self.args.grad_clip if self.args.grad_clip > 0 else float("inf")
+        clip = self.grad_clip if self.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         if self.scaler.is_enabled():  # float16: the GradScaler skips overflowing steps and lowers its scale
             self.scaler.step(self.optimizer)
@@ -106,28 +110,28 @@ class TorchEngine:
         return ckpt
 
 
-def deepspeed_config(path, args, world):
+def deepspeed_config(path, cfg, world):
     """The JSON config with our flags filled in where it says "auto" (or says nothing): batch sizes,
     accumulation, clipping, and bf16/fp16 from --dtype. A concrete value that contradicts a flag is
     an error, since the data loader follows the flags."""
     with open(path) as f:
-        cfg = json.load(f)
-    filled = {"train_micro_batch_size_per_gpu": args.batch_size,
-              "gradient_accumulation_steps": args.accumulation_steps,
-              "train_batch_size": args.batch_size * args.accumulation_steps * world,
-              "gradient_clipping": float(args.grad_clip)}
+        ds = json.load(f)
+    filled = {"train_micro_batch_size_per_gpu": cfg.batch_size,
+              "gradient_accumulation_steps": cfg.accumulation_steps,
+              "train_batch_size": cfg.batch_size * cfg.accumulation_steps * world,
+              "gradient_clipping": float(cfg.grad_clip)}
     for key, value in filled.items():
-        if cfg.get(key, "auto") == "auto":
-            cfg[key] = value
-        elif cfg[key] != value:
-            sys.exit(f"error: {path}: {key} is {cfg[key]}, but the flags give {value}; set it to \"auto\"")
-    explicit = any(cfg.get(k, {}).get("enabled") is True for k in ("bf16", "fp16"))
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif ds[key] != value:
+            raise ValueError(f"{path}: {key} is {ds[key]}, but the flags give {value}; set it to \"auto\"")
+    explicit = any(ds.get(k, {}).get("enabled") is True for k in ("bf16", "fp16"))
     for key, name in (("bf16", "bfloat16"), ("fp16", "float16")):
-        block = cfg.setdefault(key, {})
+        block = ds.setdefault(key, {})
         if block.get("enabled", "auto") == "auto":
-            block["enabled"] = not explicit and args.dtype == name
-    cfg.setdefault("steps_per_print", 2 ** 31 - 1)  # we log ourselves
-    return cfg
+            block["enabled"] = not explicit and cfg.dtype == name
+    ds.setdefault("steps_per_print", 2 ** 31 - 1)  # we log ourselves
+    return ds
 
 
 # DeepSpeed's own classes in its checkpoints (ZeRO stage, loss-scaler settings, fp32 slice addresses):
@@ -154,19 +158,19 @@ def check_deepspeed_files(tag_dir):
 
 
 class DeepSpeedEngine:
-    def __init__(self, model, params, args, resume_path):
+    def __init__(self, model, params, cfg, resume_path):
+        """`model` must not hold the vision tower (the trainer keeps it apart): ZeRO-3 would
+        partition it and gather it on every forward, and bf16 would round it."""
+        if getattr(model, "vision_encoder", None) is not None:
+            raise RuntimeError("DeepSpeedEngine: take the vision tower out of the model first (trainer.build_model)")
         import deepspeed
-        self.ds, self.args, self.resume_path = deepspeed, args, resume_path  # a directory
-        cfg = deepspeed_config(args.deepspeed, args, world_size())
-        self.fp16 = cfg["fp16"]["enabled"]
-        self.stage = cfg.get("zero_optimization", {}).get("stage", 0)
-        # The frozen vision tower is kept out of the engine: ZeRO-3 would partition it and gather it on
-        # every forward, and bf16 would round it. It stays an ordinary module in the compute dtype,
-        # still reachable as model.vision_encoder (an attribute now, not a submodule).
-        tower = model._modules.pop("vision_encoder", None)
-        if tower is not None:
-            compute = torch.bfloat16 if cfg["bf16"]["enabled"] else torch.float16 if self.fp16 else torch.float32
-            object.__setattr__(model, "vision_encoder", tower.to(args.device, compute))
+        self.ds, self.resume_path = deepspeed, resume_path  # a directory
+        ds_cfg = deepspeed_config(cfg.deepspeed, cfg, world_size())
+        self.fp16 = ds_cfg["fp16"]["enabled"]
+        self.stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
+        # What DeepSpeed computes in; the trainer runs the tower in it too.
+        self.compute_dtype = (torch.bfloat16 if ds_cfg["bf16"]["enabled"] else
+                              torch.float16 if self.fp16 else torch.float32)
         # Frozen LLM weights stay exactly as loaded in the .pth: DeepSpeed holds them only in 16 bits.
         self.frozen = {n: p.detach().float().cpu().clone()
                        for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
@@ -174,11 +178,11 @@ class DeepSpeedEngine:
             # A batch without images touches the projection outside its own forward (see embed()).
             for p in model.vision_proj.parameters():
                 deepspeed.zero.register_external_parameter(model, p)
-        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, fused=True)
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, fused=True)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params,
-                                                                 optimizer=optimizer, config=cfg)
+                                                                 optimizer=optimizer, config=ds_cfg)
         self.model = self.engine.module
-        self.autocast = contextlib.nullcontext()  # the tower above already runs in the compute dtype
+        self.autocast = contextlib.nullcontext()  # DeepSpeed's module, and the tower, hold compute_dtype weights
 
     def micro_step(self, last_micro):
         # Our loop decides where an optimizer step ends (also at an epoch's end), not a micro-step count.
@@ -203,8 +207,6 @@ class DeepSpeedEngine:
         from deepspeed.utils import safe_get_full_fp32_param
         out, done = {}, {}
         for name, t in self.model.state_dict(keep_vars=True).items():
-            if name.startswith("vision_encoder."):
-                continue
             if name in self.frozen:
                 value = self.frozen[name]
             elif isinstance(t, torch.nn.Parameter):
@@ -240,10 +242,11 @@ class DeepSpeedEngine:
             tag = f.read().strip()
         shards = len(glob.glob(os.path.join(self.resume_path, tag, "*optim_states.pt")))  # one per ZeRO rank
         if shards and shards != world_size():
-            sys.exit(f"error: {self.resume_path} was saved by {shards} processes; resume it with {shards} (ZeRO "
-                     f"partitions the optimizer state), or start a new run from the .pth with --from_weight")
+            raise CheckpointError(f"{self.resume_path} was saved by {shards} processes; resume it with {shards} "
+                                  f"(ZeRO partitions the optimizer state), or start a new run from the .pth with "
+                                  f"--from_weight")
         check_deepspeed_files(os.path.join(self.resume_path, tag))
         path, client = self.engine.load_checkpoint(self.resume_path)
         if path is None:
-            sys.exit(f"error: could not load the DeepSpeed checkpoint in {self.resume_path}")
+            raise CheckpointError(f"could not load the DeepSpeed checkpoint in {self.resume_path}")
         return client["minimind"]

@@ -1,13 +1,22 @@
 """Training loop shared by train_pretrain_vlm.py and train_sft_vlm.py.
 
 The two stages differ only in data, defaults and what is trainable, so both scripts call
-`build_parser(...)` with their defaults and then `main(parser)`. One process, torchrun (DDP), the
-deepspeed launcher (--deepspeed, see train_engines.py) and CPU or CUDA all go through the same loop;
-checkpoints and resume files are written atomically, and SIGINT/SIGTERM or an error in the loop
-save a resume checkpoint. Errors with a message for the user end the run with one line
-`error: ...` (--debug or MINIMIND_DEBUG=1 for the traceback).
+`build_parser(...)` with their defaults and then `main(parser)`, which turns the flags into a
+TrainConfig and runs `train(cfg)`:
+
+    cluster = setup_distributed(cfg)    # one process, torchrun (DDP) or the deepspeed launcher
+    run = build_run(cfg, cluster)       # model and tower, data, engine, checkpointer, logger, state
+    train_epochs(run)                   # train_step, then log_and_save, once per optimizer step
+    run.checkpointer.save(state, "final")
+
+CPU or CUDA, plain or DeepSpeed (--deepspeed, see train_engines.py), all go through the same loop.
+Checkpoints and resume files are written atomically, and SIGINT/SIGTERM or an error in the loop
+save a resume checkpoint. Errors are exceptions; main() ends a run that fails with one meant for
+the user with one line `error: ...` (--debug or MINIMIND_DEBUG=1 for the traceback).
 """
 import argparse
+import contextlib
+import dataclasses
 import functools
 import glob
 import json
@@ -18,6 +27,7 @@ import signal
 import socket
 import sys
 import time
+from collections import namedtuple
 
 import numpy as np
 import torch
@@ -27,13 +37,15 @@ from torch.utils.data import DataLoader
 from cli import switch
 from dataset.feature_cache import encode_with_cache, open_cache_for
 from dataset.lm_dataset import VLMDataset, collate_batch
-from model.chat import resolve_image_token_id
 from dataset.samples import open_source
 from dataset.sampler import ResumableBatchSampler
-from model.model_minimind import count_llm_params
-from model.model_vlm import MiniMindVLM, VLMConfig
+from model.chat import resolve_image_token_id
 from model.checkpoint import CheckpointError, DiskFullError, atomic_save, load_weights, weight_name, weight_path
+from model.model_minimind import count_llm_params
+from model.model_vlm import MiniMindVLM, VLMConfig, tower_features
 from train_engines import DeepSpeedEngine, TorchEngine
+
+# --- Configuration: the flags, parsed once at the edge into a read-only TrainConfig ---
 
 FREEZE_HELP = "0: projection + whole LLM; 1: projection + last LLM layer; 2: projection only"
 
@@ -99,60 +111,134 @@ def build_parser(description, **defaults):
     return p
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The training flags, as build_parser defines them (help, defaults), read-only. On/off flags
+    are the ints 0 and 1, as the command line gives them."""
+    data_path: str | None
+    images_path: str | None
+    allow_outside_images: int
+    out_dir: str
+    epochs: int
+    batch_size: int  # per process and micro-step
+    learning_rate: float
+    warmup_ratio: float
+    device: str  # as given; Cluster.device is the one this process uses
+    dtype: str
+    num_workers: int
+    accumulation_steps: int
+    grad_clip: float
+    log_interval: int
+    save_interval: int
+    dim: int
+    n_layers: int
+    max_seq_len: int | None
+    use_moe: int
+    use_wandb: int
+    wandb_project: str
+    seed: int
+    vision_model_path: str
+    tokenizer_path: str
+    image_token_id: int
+    from_weight: str | None
+    save_weight: str | None
+    from_resume: int
+    freeze_llm: int | None
+    skip_bad_samples: int
+    group_by_length: int
+    pad_to_max_len: int
+    cache_features: str | None
+    use_compile: int
+    gradient_checkpointing: int
+    stop_after_steps: int
+    deepspeed: str | None
+    local_rank: int
+    debug: int
+
+
+def plain_args(cfg):
+    """The config as saved in a resume file: plain values only (see rng_state)."""
+    return {k: v if isinstance(v, (bool, int, float, str, type(None))) else str(v)
+            for k, v in dataclasses.asdict(cfg).items()}
+
+
+class StopTraining(Exception):
+    """The run ends here on purpose, with nothing (more) to save. main() exits with `exit_code`,
+    after the line `error: {message}` when there is a message (rank 0 has one, other ranks end
+    quietly)."""
+
+    def __init__(self, message=None, exit_code=1):
+        super().__init__(message or "")
+        self.message, self.exit_code = message, exit_code
+
+
+# --- Processes: everything distributed lives here ---
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def setup_distributed(args):
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """This process's place among the training processes, and the collectives the loop uses
+    (no-ops for a single process)."""
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"  # under DDP/DeepSpeed on CUDA: this process's cuda:LOCAL_RANK
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def sum(self, tensor):
+        """`tensor` summed over all processes (in place)."""
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def gather(self, obj):
+        """Every process's `obj`, in rank order."""
+        if self.world == 1:
+            return [obj]
+        objs = [None] * self.world
+        dist.all_gather_object(objs, obj)
+        return objs
+
+    def close(self):
+        """Leave together: nobody exits (and makes torchrun stop the others) before rank 0 has saved."""
+        if self.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def setup_distributed(cfg):
     """torchrun and the deepspeed launcher set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT
     (the latter also passes --local_rank). Without them this is one process, with no process group,
     except under --deepspeed, which needs one: then it is a group of one on a free local port."""
-    if args.local_rank >= 0:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    if args.deepspeed and "WORLD_SIZE" not in os.environ:
+    if cfg.local_rank >= 0:
+        os.environ.setdefault("LOCAL_RANK", str(cfg.local_rank))
+    if cfg.deepspeed and "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1 and not args.deepspeed:
-        return 0, 1
-    if args.device.startswith("cuda"):
-        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1 and not cfg.deepspeed:
+        return Cluster(0, 1, cfg.device)
+    device = cfg.device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Cluster(dist.get_rank(), dist.get_world_size(), device)
 
 
-def open_data(data_path, images_path, allow_outside_images):
-    """The sample reader, printing progress while a parquet file is made randomly accessible (once)."""
-    def progress(path, done, total):
-        print(f"\rpreparing {path} for random access (once): {done}/{total} rows", end="\n" if done == total else "",
-              flush=True)
-    return open_source(data_path, images_path, allow_outside_images, progress=progress)
+# --- Random streams: saved in resume files as tensors and plain lists ---
 
-
-def ignore_sigint(_worker_id):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def set_trainable(model, freeze_llm):
-    model.requires_grad_(freeze_llm == 0)
-    if freeze_llm == 1:
-        model.layers[-1].requires_grad_(True)
-    model.vision_proj.requires_grad_(True)
-    if model.vision_encoder is not None:
-        model.vision_encoder.requires_grad_(False)
-
-
-def lr_at(progress, base_lr, warmup):
-    """Linear warmup, then cosine from base_lr down to base_lr/10. `progress` is the fraction of
-    all training samples consumed, so the schedule does not depend on the number of processes."""
-    if progress < warmup:
-        return base_lr * max(progress / warmup, 0.01)
-    t = (progress - warmup) / max(1 - warmup, 1e-8)
-    return base_lr / 10 + 0.45 * base_lr * (1 + math.cos(math.pi * min(t, 1.0)))
+def seed_all(seed):
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 def rng_state():
@@ -168,21 +254,10 @@ def rng_state():
     return state
 
 
-def all_rng_states(world):
-    """Every rank's RNG state, in rank order (collective when world > 1)."""
-    if world == 1:
-        return [rng_state()]
-    states = [None] * world
-    dist.all_gather_object(states, rng_state())
-    return states
-
-
 def set_rng_state(states, rank, world, seed):
     """Restore this rank's RNG streams; after a world-size change, fresh per-rank streams instead."""
     if len(states) != world:
-        torch.manual_seed(seed + rank)
-        random.seed(seed + rank)
-        np.random.seed(seed + rank)
+        seed_all(seed + rank)
         return
     state = states[rank]
     version, internal, gauss_next = state["python"]
@@ -194,9 +269,15 @@ def set_rng_state(states, rank, world, seed):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def plain_args(args):
-    """The flags as saved in a resume file: plain values only (see rng_state)."""
-    return {k: v if isinstance(v, (bool, int, float, str, type(None))) else str(v) for k, v in vars(args).items()}
+# --- Steps: the schedule, grouping micro-batches and weighing their tokens ---
+
+def lr_at(progress, base_lr, warmup):
+    """Linear warmup, then cosine from base_lr down to base_lr/10. `progress` is the fraction of
+    all training samples consumed, so the schedule does not depend on the number of processes."""
+    if progress < warmup:
+        return base_lr * max(progress / warmup, 0.01)
+    t = (progress - warmup) / max(1 - warmup, 1e-8)
+    return base_lr / 10 + 0.45 * base_lr * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
 def optimizer_steps(loader, n_batches, accumulation_steps):
@@ -208,6 +289,11 @@ def optimizer_steps(loader, n_batches, accumulation_steps):
         if len(group) == accumulation_steps or i == n_batches - 1:
             yield group
             group = []
+
+
+def total_steps(n_samples, global_batch, accumulation_steps, epochs):
+    """Optimizer steps in a whole run: per epoch, its global batches grouped as optimizer_steps does."""
+    return math.ceil(math.ceil(n_samples / global_batch) / accumulation_steps) * epochs
 
 
 def supervised_tokens(batch):
@@ -228,6 +314,8 @@ def token_weighted(out, n_tokens, step_tokens, world, accumulation_steps):
     return loss + aux / accumulation_steps if aux is not None else loss
 
 
+# --- Checkpoints: the .pth weights and the resume state, written and read in one place ---
+
 def write_checkpoint(write, periodic):
     """Run one checkpoint write; True if it was written. A full disk at a periodic save is only a
     warning: the files of the last save are intact, training goes on and the next save tries again.
@@ -242,6 +330,104 @@ def write_checkpoint(write, periodic):
         print(f"warning: {e}; training goes on, and the next save tries again", flush=True)
         return False
 
+
+class Checkpointer:
+    """The run's .pth weights and its resume state: the engine's weights and optimizer (the engine
+    stores them: one file, or DeepSpeed's directory), every rank's RNG streams, the progress state
+    and the flags. Tensors and plain values only, so a resume file loads with weights_only=True."""
+
+    def __init__(self, engine, weights_path, cfg, cluster):
+        self.engine, self.weights_path, self.cluster = engine, weights_path, cluster
+        self.args, self.seed = plain_args(cfg), cfg.seed
+        self.all_ranks_save = bool(cfg.deepspeed) and cluster.world > 1  # DeepSpeed's checkpoint needs every rank
+        self.start_step, self.last = 0, None
+
+    def remove_partial_writes(self):
+        for tmp in glob.glob(f"{self.weights_path}.tmp*") + glob.glob(f"{self.engine.resume_path}.tmp*"):
+            os.remove(tmp)  # a write that was killed half-way; the file it was replacing is intact
+            print(f"removed {tmp}, an incomplete checkpoint write")
+
+    def resume(self):
+        """Restore the engine's weights and optimizer and this rank's RNG streams -> the saved state."""
+        engine, cluster = self.engine, self.cluster
+        if not engine.resume_exists():
+            raise FileNotFoundError(f"--from_resume 1 but {engine.resume_path} does not exist "
+                                    f"(drop the flag to start fresh)")
+        ckpt = engine.load_resume()
+        rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # one per rank that saved it
+        state = ckpt["state"]
+        set_rng_state(rngs, cluster.rank, cluster.world, self.seed + state["step"])
+        if cluster.is_main:
+            other_world = rngs and len(rngs) != cluster.world
+            print(f"resumed from {engine.resume_path}: epoch {state['epoch'] + 1}, step {state['step']}, "
+                  f"{state['samples_seen']} samples into the epoch"
+                  + (f" (saved by {len(rngs)} processes, now {cluster.world})" if other_world else ""))
+        return state
+
+    def begin(self, state):
+        """The loop starts at `state`: the step an error has to be past for a save to be worth it."""
+        self.start_step = state["step"]
+        self.step_done(state)
+
+    def step_done(self, state):
+        """Remember the state after a completed optimizer step (applied or skipped): what an error
+        saves. Only this rank's RNG can be saved then; with several processes, the resume reseeds
+        them all."""
+        self.last = {"state": dict(state), "rng": [rng_state()] if self.cluster.world == 1 else []}
+
+    def save(self, state, kind="periodic", rngs=None):
+        """Weights + resume file. kind: "periodic" (a full disk only warns), "stop" or "final".
+        `rngs`: the RNG streams to save instead of gathering every rank's (after an error, when
+        rank 0 saves alone, without collectives: the other ranks may be stuck in one)."""
+        weights = self.engine.weights()  # collective under DeepSpeed (gathers ZeRO partitions)
+        resume = {"rng": self.cluster.gather(rng_state()) if rngs is None else rngs,  # collective under DDP
+                  "state": dict(state), "args": self.args}
+        periodic, saved, is_main = kind == "periodic", [], self.cluster.is_main
+        if is_main:
+            bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
+            if bad:  # cannot happen while non-finite steps are skipped; never overwrite good weights with it
+                raise StopTraining(f"non-finite values in {bad[:3]}: not saving {self.weights_path}")
+            if write_checkpoint(lambda: atomic_save(weights, self.weights_path), periodic):
+                saved.append(self.weights_path)
+        if write_checkpoint(lambda: self.engine.save_resume(resume, is_main), periodic) and kind != "final":
+            saved.append(self.engine.resume_path)
+        if is_main and saved:
+            print(f"saved {' and '.join(saved)}", flush=True)
+
+    @contextlib.contextmanager
+    def saving_on_error(self):
+        """Around the loop: an error in it (an unreadable image, a lost peer...) would lose every
+        step since the last save, so the last completed one is saved first, as a stop does."""
+        try:
+            yield
+        except StopTraining:
+            raise
+        except Exception as e:
+            self.save_after_error(e)
+            raise
+
+    def save_after_error(self, error):
+        """Rank 0 alone, from what it holds; not under DeepSpeed with several processes."""
+        if not self.cluster.is_main:
+            return
+        note, last = "", self.last
+        if last["state"]["step"] == self.start_step:
+            pass  # no step completed in this run: nothing new to save
+        elif self.all_ranks_save:
+            note = "no resume checkpoint saved (under DeepSpeed every process takes part in it); "
+        elif not isinstance(error, DiskFullError):  # a full disk would fail again
+            try:
+                self.save(last["state"], "stop", rngs=last["rng"])
+                note = f"saved step {last['state']['step']}, the last one completed before the error below; "
+            except Exception as e:
+                note = f"could not save a resume checkpoint ({error_message(e)}); "
+        if self.engine.resume_exists():
+            note += "once the error is fixed, continue with --from_resume 1"
+        if note:
+            print(note, file=sys.stderr, flush=True)
+
+
+# --- Logging ---
 
 def complete_log_lines(path):
     """The log's lines, without a torn last one (a run killed while appending it), which would stop
@@ -258,11 +444,11 @@ def complete_log_lines(path):
 
 
 class Logger:
-    """Console line + JSONL record every log_interval steps, and wandb when asked (rank 0 only).
-    wandb gets the full config, and its run id lives in the resume file so a resumed run continues
-    the same wandb run."""
+    """Console line + JSONL record every log_interval steps, and wandb when cfg.use_wandb (rank 0
+    only). wandb gets the full config, and its run id lives in the resume file so a resumed run
+    continues the same wandb run."""
 
-    def __init__(self, args, path, wandb_id, enabled, resumed_step=None):
+    def __init__(self, cfg, path, wandb_id, enabled, resumed_step=None):
         self.path, self.enabled, self.wandb = path, enabled, None
         if not enabled:
             return
@@ -277,10 +463,10 @@ class Logger:
                 lines.pop()
             with open(path, "w") as f:
                 f.writelines(lines)
-        if args.use_wandb:
+        if cfg.use_wandb:
             import wandb
-            self.wandb = wandb.init(project=args.wandb_project, name=os.path.basename(path)[:-len("_log.jsonl")],
-                                    config=vars(args), id=wandb_id, resume="allow")
+            self.wandb = wandb.init(project=cfg.wandb_project, name=os.path.basename(path)[:-len("_log.jsonl")],
+                                    config=dataclasses.asdict(cfg), id=wandb_id, resume="allow")
 
     def log(self, record):
         if not self.enabled:
@@ -300,265 +486,350 @@ class Logger:
             self.wandb = None
 
 
-def train(args):
-    rank, world = setup_distributed(args)
-    is_main = rank == 0
-    device_type = "cuda" if args.device.startswith("cuda") else "cpu"
-    torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP/DeepSpeed broadcast rank 0's anyway)
+class Meter:
+    """What a log line reports: the mean loss and the throughput (all ranks) since the previous
+    line, and the time left at the pace of this run so far."""
 
-    from transformers import AutoImageProcessor, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
-    config = VLMConfig(dim=args.dim, n_layers=args.n_layers, use_moe=bool(args.use_moe), vocab_size=len(tokenizer),
-                       gradient_checkpointing=bool(args.gradient_checkpointing),
-                       vision_model_path=args.vision_model_path,
-                       image_token_id=resolve_image_token_id(tokenizer, args.image_token_id))
-    model = MiniMindVLM(config)
-    if args.from_weight and args.from_weight != "none":
-        path = weight_path(args.out_dir, args.from_weight, args.dim, args.use_moe)
-        if not os.path.isfile(path):
-            sys.exit(f"error: --from_weight {args.from_weight}: {path} not found. "
-                     + ("Run train_pretrain_vlm.py first, " if "pretrain" in args.from_weight else
-                        "Download the MiniMind2 LLM weights (lm_512.pth / lm_768.pth) into out/, ")
-                     + "or pass --from_weight none to start from random weights.")
-        load_weights(model, path)
-    set_trainable(model, args.freeze_llm)
-    model.to(args.device)
+    def __init__(self, samples_done):
+        self.t0, self.done_at_t0 = time.time(), samples_done
+        self.reset(time.time())
+
+    def reset(self, now):
+        self.loss, self.steps, self.samples, self.tokens, self.since = 0.0, 0, 0, 0, now
+
+    def add(self, step):
+        """A finished step: its samples and tokens count; its loss only if it was applied."""
+        self.samples += step.samples
+        self.tokens += step.tokens
+        if step.applied:
+            self.loss += step.loss
+            self.steps += 1
+
+    def report(self, lr, done, total):
+        """-> loss, lr, rates and ETA (`done` of `total` samples consumed); starts the next window."""
+        now = time.time()
+        rate = (done - self.done_at_t0) / max(now - self.t0, 1e-9)
+        record = {"loss": self.loss / self.steps, "lr": lr, "samples_per_s": self.samples / (now - self.since),
+                  "tokens_per_s": self.tokens / (now - self.since), "eta_s": (total - done) / max(rate, 1e-9),
+                  "time": now}
+        self.reset(now)
+        return record
+
+
+# --- Building a run: model and tower, data, engine ---
+
+def start_weights(cfg):
+    """The --from_weight file to start from, which must exist."""
+    path = weight_path(cfg.out_dir, cfg.from_weight, cfg.dim, cfg.use_moe)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--from_weight {cfg.from_weight}: {path} not found. "
+                                + ("Run train_pretrain_vlm.py first, " if "pretrain" in cfg.from_weight else
+                                   "Download the MiniMind2 LLM weights (lm_512.pth / lm_768.pth) into out/, ")
+                                + "or pass --from_weight none to start from random weights.")
+    return path
+
+
+def set_trainable(model, freeze_llm):
+    model.requires_grad_(freeze_llm == 0)
+    if freeze_llm == 1:
+        model.layers[-1].requires_grad_(True)
+    model.vision_proj.requires_grad_(True)
     if model.vision_encoder is not None:
-        # The frozen tower's weights go to the training dtype once: under autocast alone every
-        # forward would re-cast its 86M fp32 weights (ViT-B/16, bf16, CPU: 20 -> 24 images/s).
-        model.vision_encoder.to(getattr(torch, args.dtype))
+        model.vision_encoder.requires_grad_(False)
 
-    if args.use_compile:
+
+def build_model(cfg, tokenizer, device):
+    """The VLM to train, on `device`, and its frozen vision tower, taken out of it: the trainer runs
+    the tower itself (ImageEncoder), so no engine wraps, partitions or re-casts it."""
+    config = VLMConfig(dim=cfg.dim, n_layers=cfg.n_layers, use_moe=bool(cfg.use_moe), vocab_size=len(tokenizer),
+                       gradient_checkpointing=bool(cfg.gradient_checkpointing),
+                       vision_model_path=cfg.vision_model_path,
+                       image_token_id=resolve_image_token_id(tokenizer, cfg.image_token_id))
+    model = MiniMindVLM(config)
+    if cfg.from_weight and cfg.from_weight != "none":
+        load_weights(model, start_weights(cfg))
+    set_trainable(model, cfg.freeze_llm)
+    model.to(device)
+    # The frozen tower's weights go to the training dtype once: under autocast alone every
+    # forward would re-cast its fp32 weights.
+    model.vision_encoder.to(getattr(torch, cfg.dtype))
+    if cfg.use_compile:
         model.compile_for_training()  # the blocks, the head with its loss, the tower
-    # Per-rank random streams from here on (dropout, DataLoader workers); the data order is not
-    # random state but a function of (seed, epoch), see ResumableBatchSampler.
-    torch.manual_seed(args.seed + rank)
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
+    tower, model.vision_encoder = model.vision_encoder, None
+    return model, tower
 
-    processor = AutoImageProcessor.from_pretrained(args.vision_model_path)
-    cache = None
-    if args.cache_features:
-        cache_dir = os.path.join(args.out_dir, "feature_cache") if args.cache_features == "auto" else args.cache_features
-        cache = open_cache_for(model.vision_encoder, processor, cache_dir)
-        if is_main:
-            print(f"feature cache {cache.dir}: {len(cache)} images cached")
-    dataset = VLMDataset(args.data_path, args.images_path, tokenizer, processor, config.image_token_id,
-                         config.image_token_count, args.max_seq_len, bool(args.skip_bad_samples), cache,
-                         source=open_data(args.data_path, args.images_path, bool(args.allow_outside_images)))
+
+class ImageEncoder:
+    """The frozen vision tower, run by the trainer: the model gets its features through
+    forward(image_features=...). Kept out of the module an engine trains, ZeRO-3 does not
+    partition it (and gather it on every forward), nor bf16 round it beyond the compute dtype."""
+
+    def __init__(self, tower, autocast, cache=None):
+        self.tower, self.autocast, self.cache = tower, autocast, cache
+
+    def encode_images(self, pixel_values):
+        """[N, 3, H, W] -> [N, image_token_count, C] (what encode_with_cache calls)."""
+        return tower_features(self.tower, pixel_values)
+
+    def __call__(self, batch, device):
+        """A micro-batch's image features [N, image_token_count, C] in placeholder order, or None."""
+        pixels = batch["pixel_values"].to(device, non_blocking=True)  # [M, 3, H, W]: the M <= N uncached images
+        with self.autocast:  # the tower in the training dtype, as the model's forward would run it
+            if self.cache is not None:
+                return encode_with_cache(self, self.cache, pixels, batch["image_keys"], batch["cached"])
+            return self.encode_images(pixels) if len(pixels) else None
+
+
+def open_feature_cache(cfg, tower, processor, is_main):
+    """--cache_features: the disk cache of this tower's features, or None."""
+    if not cfg.cache_features:
+        return None
+    cache_dir = os.path.join(cfg.out_dir, "feature_cache") if cfg.cache_features == "auto" else cfg.cache_features
+    cache = open_cache_for(tower, processor, cache_dir)
+    if is_main:
+        print(f"feature cache {cache.dir}: {len(cache)} images cached")
+    return cache
+
+
+def open_data(data_path, images_path, allow_outside_images):
+    """The sample reader, printing progress while a parquet file is made randomly accessible (once)."""
+    def progress(path, done, total):
+        print(f"\rpreparing {path} for random access (once): {done}/{total} rows", end="\n" if done == total else "",
+              flush=True)
+    return open_source(data_path, images_path, allow_outside_images, progress=progress)
+
+
+def open_dataset(cfg, tokenizer, processor, config, cache, is_main):
+    dataset = VLMDataset(cfg.data_path, cfg.images_path, tokenizer, processor, config.image_token_id,
+                         config.image_token_count, cfg.max_seq_len, bool(cfg.skip_bad_samples), cache,
+                         source=open_data(cfg.data_path, cfg.images_path, bool(cfg.allow_outside_images)))
     if is_main:
         source = dataset.source
-        print(f"{args.data_path}: {len(source)} samples" + (f", {source.n_text_only} of them text-only"
-                                                              if source.n_text_only else "")
+        print(f"{cfg.data_path}: {len(source)} samples" + (f", {source.n_text_only} of them text-only"
+                                                             if source.n_text_only else "")
               + (f"; skipped {source.n_bad} bad ones, e.g. {source.bad[0]}" if source.n_bad else ""), flush=True)
-    # Our sampler plays DistributedSampler's role (each rank its own slice of every global batch,
-    # set_epoch reshuffles) but is kept instead of it: the order is one global permutation per
-    # (seed, epoch) cut into global batches of batch_size * world, so a resume skips `samples_seen`
-    # *global* samples and continues at the right sample even with a different number of processes.
-    sampler = ResumableBatchSampler(dataset.lengths, args.batch_size, args.seed, shuffle=True,
-                                    group_by_length=bool(args.group_by_length), rank=rank, world_size=world,
-                                    accumulation_steps=args.accumulation_steps)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
-                        collate_fn=functools.partial(collate_batch, pad_id=tokenizer.pad_token_id or 0,
-                                                     pad_to=args.max_seq_len if args.pad_to_max_len else 0),
-                        worker_init_fn=ignore_sigint,  # Ctrl-C is handled once, by the main process
-                        pin_memory=device_type == "cuda", persistent_workers=args.num_workers > 0)
+    return dataset
 
-    name = weight_name(args.save_weight, args.dim, args.use_moe)
-    save_path, resume_path = os.path.join(args.out_dir, name + ".pth"), os.path.join(args.out_dir, f"{name}_resume.pth")
+
+def ignore_sigint(_worker_id):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def build_loader(cfg, dataset, pad_id, cluster):
+    """-> (sampler, loader). Our sampler plays DistributedSampler's role (each rank its own slice of
+    every global batch, set_epoch reshuffles) but is kept instead of it: the order is one global
+    permutation per (seed, epoch) cut into global batches of batch_size * world, so a resume skips
+    `samples_seen` *global* samples and continues at the right sample even with a different number
+    of processes."""
+    sampler = ResumableBatchSampler(dataset.lengths, cfg.batch_size, cfg.seed, shuffle=True,
+                                    group_by_length=bool(cfg.group_by_length), rank=cluster.rank,
+                                    world_size=cluster.world, accumulation_steps=cfg.accumulation_steps)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
+                        collate_fn=functools.partial(collate_batch, pad_id=pad_id,
+                                                     pad_to=cfg.max_seq_len if cfg.pad_to_max_len else 0),
+                        worker_init_fn=ignore_sigint,  # Ctrl-C is handled once, by the main process
+                        pin_memory=cluster.device.startswith("cuda"), persistent_workers=cfg.num_workers > 0)
+    return sampler, loader
+
+
+@dataclasses.dataclass
+class Run:
+    """What the loop works with, built by build_run()."""
+    cfg: TrainConfig
+    cluster: Cluster
+    model: torch.nn.Module  # the LLM and projection the engine trains; the tower is the encoder's
+    engine: TorchEngine | DeepSpeedEngine
+    encoder: ImageEncoder
+    sampler: ResumableBatchSampler
+    loader: DataLoader
+    checkpointer: Checkpointer
+    logger: Logger
+    state: dict  # epoch, samples_seen (all ranks', into the epoch), step, wandb_id: what a resume restores
+    n_samples: int  # per epoch
+    total_steps: int
+
+    @property
+    def total_samples(self):
+        return self.cfg.epochs * self.n_samples
+
+    def samples_done(self, epoch):
+        """Samples consumed since training began (all ranks'), `epoch` being the current one."""
+        return epoch * self.n_samples + self.state["samples_seen"]
+
+
+def build_run(cfg, cluster):
+    """Model, data, engine, checkpoints and log, and the state the run starts from."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP/DeepSpeed broadcast rank 0's anyway)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
+    model, tower = build_model(cfg, tokenizer, cluster.device)
+    # Per-rank random streams from here on (dropout, DataLoader workers); the data order is not
+    # random state but a function of (seed, epoch), see ResumableBatchSampler.
+    seed_all(cfg.seed + cluster.rank)
+    processor = AutoImageProcessor.from_pretrained(cfg.vision_model_path)
+    cache = open_feature_cache(cfg, tower, processor, cluster.is_main)
+    dataset = open_dataset(cfg, tokenizer, processor, model.config, cache, cluster.is_main)
+    sampler, loader = build_loader(cfg, dataset, tokenizer.pad_token_id or 0, cluster)
+
+    name = weight_name(cfg.save_weight, cfg.dim, cfg.use_moe)
+    stem = os.path.join(cfg.out_dir, name)  # {stem}.pth, {stem}_resume.pth, {stem}_log.jsonl
     params = [p for p in model.parameters() if p.requires_grad]
     n_llm, n_train = count_llm_params(model), sum(p.numel() for p in params)  # before ZeRO partitions them
-    if args.deepspeed:
-        engine = DeepSpeedEngine(model, params, args, os.path.join(args.out_dir, f"{name}_ds_resume"))
-        model = engine.model
-    else:
-        engine = TorchEngine(model, params, args, device_type, resume_path)
-    if is_main:
-        os.makedirs(args.out_dir, exist_ok=True)
-        for tmp in glob.glob(f"{save_path}.tmp*") + glob.glob(f"{resume_path}.tmp*"):
-            os.remove(tmp)  # a write that was killed half-way; the file it was replacing is intact
-            print(f"removed {tmp}, an incomplete checkpoint write")
-
-    state = {"epoch": 0, "samples_seen": 0, "step": 0, "wandb_id": None}
-    if args.from_resume:
-        if not engine.resume_exists():
-            sys.exit(f"error: --from_resume 1 but {engine.resume_path} does not exist (drop the flag to start fresh)")
-        ckpt = engine.load_resume()
-        rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # one per rank that saved it
-        set_rng_state(rngs, rank, world, args.seed + ckpt["state"]["step"])
-        state = ckpt["state"]
-        if is_main:
-            print(f"resumed from {engine.resume_path}: epoch {state['epoch'] + 1}, step {state['step']}, "
-                  f"{state['samples_seen']} samples into the epoch"
-                  + (f" (saved by {len(rngs)} processes, now {world})" if rngs and len(rngs) != world else ""))
-    logger = Logger(args, os.path.join(args.out_dir, f"{name}_log.jsonl"), state["wandb_id"], is_main,
-                    state["step"] if args.from_resume else None)
+    engine = (DeepSpeedEngine(model, params, cfg, f"{stem}_ds_resume") if cfg.deepspeed else
+              TorchEngine(model, params, cfg, cluster.device, f"{stem}_resume.pth"))
+    checkpointer = Checkpointer(engine, f"{stem}.pth", cfg, cluster)
+    if cluster.is_main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        checkpointer.remove_partial_writes()
+    state = checkpointer.resume() if cfg.from_resume else {"epoch": 0, "samples_seen": 0, "step": 0, "wandb_id": None}
+    logger = Logger(cfg, f"{stem}_log.jsonl", state["wandb_id"], cluster.is_main,
+                    state["step"] if cfg.from_resume else None)
     if logger.wandb is not None:
         state["wandb_id"] = logger.wandb.id  # saved with every resume checkpoint
-    if is_main:
+    if cluster.is_main:
         print(f"{name}: LLM {n_llm / 1e6:.2f}M params, trainable {n_train / 1e6:.2f}M, {len(dataset)} samples, "
-              f"world {world}, device {args.device}, {args.dtype}" + (f", {args.deepspeed}" if args.deepspeed else ""))
+              f"world {cluster.world}, device {cluster.device}, {cfg.dtype}"
+              + (f", {cfg.deepspeed}" if cfg.deepspeed else ""))
+    encoder = ImageEncoder(tower.to(engine.compute_dtype), engine.autocast, cache)
+    return Run(cfg, cluster, engine.model, engine, encoder, sampler, loader, checkpointer, logger, state,
+               n_samples=len(dataset),
+               total_steps=total_steps(len(dataset), sampler.global_batch, cfg.accumulation_steps, cfg.epochs))
 
-    def save(kind="periodic", completed=None):
-        """Weights + resume file. kind: "periodic" (a full disk only warns), "stop" or "final".
-        `completed`: the snapshot() of the last completed step, which rank 0 saves after an error
-        without the collectives below (the other ranks may be stuck in one)."""
-        weights = engine.weights()  # collective under DeepSpeed (gathers ZeRO partitions)
-        resume = {"rng": all_rng_states(world) if completed is None else completed["rng"],  # collective under DDP
-                  "state": dict(completed["state"] if completed else state), "args": plain_args(args)}
-        periodic, saved = kind == "periodic", []
-        if is_main:
-            bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
-            if bad:  # cannot happen while non-finite steps are skipped; never overwrite good weights with it
-                sys.exit(f"error: non-finite values in {bad[:3]}: not saving {save_path}")
-            if write_checkpoint(lambda: atomic_save(weights, save_path), periodic):
-                saved.append(save_path)
-        if write_checkpoint(lambda: engine.save_resume(resume, is_main), periodic) and kind != "final":
-            saved.append(engine.resume_path)
-        if is_main and saved:
-            print(f"saved {' and '.join(saved)}", flush=True)
 
-    def save_after_error(error):
-        """An error in the loop (an unreadable image, a lost peer...) would lose every step since
-        the last save: first save the last completed one, as a stop does. Rank 0 alone, from what
-        it holds; not under DeepSpeed with several processes, whose checkpoint needs all of them."""
-        if not is_main:
-            return
-        note = ""
-        if last["state"]["step"] == start_step:
-            pass  # no step completed in this run: nothing new to save
-        elif args.deepspeed and world > 1:
-            note = "no resume checkpoint saved (under DeepSpeed every process takes part in it); "
-        elif not isinstance(error, DiskFullError):  # a full disk would fail again
-            try:
-                save("stop", last)
-                note = f"saved step {last['state']['step']}, the last one completed before the error below; "
-            except Exception as e:
-                note = f"could not save a resume checkpoint ({error_message(e)}); "
-        if engine.resume_exists():
-            note += "once the error is fixed, continue with --from_resume 1"
-        if note:
-            print(note, file=sys.stderr, flush=True)
+# --- The loop ---
 
-    stop = {"signal": 0}
-    for sig in (signal.SIGINT, signal.SIGTERM):  # finish the step, then save a resume checkpoint
-        signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
+class StopSignals:
+    """SIGINT/SIGTERM only take note: the loop finishes its step, then saves a resume checkpoint."""
 
-    n = len(dataset)
-    total_samples = args.epochs * n
-    total_steps = math.ceil(math.ceil(n / sampler.global_batch) / args.accumulation_steps) * args.epochs
-    t0, steps_this_run, samples_at_t0 = time.time(), 0, state["epoch"] * n + state["samples_seen"]
-    window = {"loss": 0.0, "count": 0, "samples": 0, "tokens": 0, "t": time.time()}
-    bad_steps, skipped = 0, []
+    def __init__(self):
+        self.received = 0
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
 
-    def snapshot():
-        """The state after a completed optimizer step: what an error in the loop saves (see
-        save_after_error). Only rank 0's RNG can be saved then; with several processes, the
-        resume reseeds them all."""
-        return {"state": dict(state), "rng": [rng_state()] if world == 1 else []}
+    def handle(self, signum, _frame):
+        self.received = signum
 
-    start_step, last = state["step"], snapshot()
-    model.train()
-    try:
-        for epoch in range(state["epoch"], args.epochs):
-            sampler.set_epoch(epoch, state["samples_seen"])
-            for micro_batches in optimizer_steps(loader, len(sampler), args.accumulation_steps):
-                # Every supervised token of the step, on every rank, weighs the same (see token_weighted).
-                step_tokens = torch.tensor(sum(supervised_tokens(b) for b in micro_batches), device=args.device)
-                if world > 1:
-                    dist.all_reduce(step_tokens)
-                step = {"loss": 0.0, "samples": 0, "tokens": 0}  # this rank's share of the step
-                for j, batch in enumerate(micro_batches):
-                    skipped += batch["skipped"]
-                    pixels = batch["pixel_values"].to(args.device, non_blocking=True)
-                    with engine.micro_step(last_micro=j == len(micro_batches) - 1):
-                        if cache is not None:
-                            with engine.autocast:  # the tower in the training dtype, as inside the model's forward
-                                images = {"image_features": encode_with_cache(model, cache, pixels, batch["image_keys"],
-                                                                              batch["cached"])}
-                        else:
-                            images = {"pixel_values": pixels}
-                        out = engine.forward(input_ids=batch["input_ids"].to(args.device),
-                                             labels=batch["labels"].to(args.device), **images)
-                        loss = token_weighted(out, supervised_tokens(batch), step_tokens.item(), world,
-                                              args.accumulation_steps)
-                        engine.backward(loss)
-                    step["loss"] += loss.item() / world
-                    step["samples"] += batch["n_samples"]
-                    step["tokens"] += int(batch["attention_mask"].sum())
-                    state["samples_seen"] = min(state["samples_seen"] + sampler.global_batch, n)
-                # One all-reduce: the logged loss is the step's global token mean, throughput counts
-                # every rank, and a signal on any rank stops all of them at this same step.
-                totals = torch.tensor([step["loss"], step["samples"], step["tokens"], stop["signal"]],
-                                      dtype=torch.float64, device=args.device)
-                if world > 1:
-                    dist.all_reduce(totals)
-                step_loss, stopping = totals[0].item(), totals[3].item() > 0
-                window["samples"] += totals[1].item()
-                window["tokens"] += totals[2].item()
-                progress = (epoch * n + state["samples_seen"]) / total_samples
-                lr = lr_at(progress, args.learning_rate, args.warmup_ratio)
-                applied = engine.step(lr, math.isfinite(step_loss))
-                if applied:
-                    state["step"] += 1
-                    steps_this_run += 1
-                last = snapshot()  # this step is complete, applied or skipped
-                if not applied:
-                    bad_steps += 1  # every rank sees the same loss and gradients, so all skip together
-                    if is_main:
-                        print(f"warning: non-finite loss/gradient at step {state['step'] + 1}, step skipped",
-                              flush=True)
-                    if bad_steps >= 3:
-                        logger.close()
-                        sys.exit(1 if not is_main else
-                                 "error: 3 consecutive non-finite steps: stopping without saving NaN weights (the "
-                                 "last checkpoint is intact). Lower --learning_rate"
-                                 + (", or use --dtype bfloat16 instead of float16." if args.dtype == "float16"
-                                    else "."))
-                else:
-                    bad_steps = 0
-                    window["loss"] += step_loss
-                    window["count"] += 1
-                    if state["step"] % args.log_interval == 0 or state["step"] == total_steps:
-                        now = time.time()
-                        done = epoch * n + state["samples_seen"]
-                        rate = (done - samples_at_t0) / max(now - t0, 1e-9)
-                        logger.log({"epoch": epoch + 1, "step": state["step"], "total_steps": total_steps,
-                                    "loss": window["loss"] / window["count"], "lr": lr,
-                                    "samples_per_s": window["samples"] / (now - window["t"]),
-                                    "tokens_per_s": window["tokens"] / (now - window["t"]),
-                                    "eta_s": (total_samples - done) / max(rate, 1e-9), "time": now})
-                        window = {"loss": 0.0, "count": 0, "samples": 0, "tokens": 0, "t": now}
-                    if state["step"] % args.save_interval == 0:
-                        save()
-                if stopping or (args.stop_after_steps and steps_this_run >= args.stop_after_steps):
-                    save("stop")
-                    logger.close()
-                    if world > 1:
-                        dist.barrier()  # nobody exits (and makes torchrun stop the others) before rank 0 has saved
-                        dist.destroy_process_group()
-                    if is_main:
-                        print(("interrupted" if stopping else "stopped early") + "; continue with --from_resume 1",
-                              flush=True)
-                    if stopping:
-                        sys.exit(130)  # like an uncaught Ctrl-C, so `pretrain && sft` does not go on
-                    return
-            n_skipped = torch.tensor(len(skipped), device=args.device)
-            if world > 1:
-                dist.all_reduce(n_skipped)
-            if is_main and n_skipped:
-                print(f"epoch {epoch + 1}: skipped {n_skipped.item()} samples"
-                      + (f", e.g. {skipped[0]}" if skipped else ""))
-            state["epoch"], state["samples_seen"], skipped = epoch + 1, 0, []
-    except Exception as e:
-        save_after_error(e)
-        raise
-    save("final")
-    logger.close()
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
 
+# One optimizer step, its numbers summed over all ranks.
+Step = namedtuple("Step", "loss lr applied stop samples tokens")
+
+
+def forward_backward(run, batch, step_tokens, last_micro):
+    """One micro-batch: forward, and backward of its share of the step's loss -> that share."""
+    engine, device = run.engine, run.cluster.device
+    with engine.micro_step(last_micro):
+        out = engine.forward(input_ids=batch["input_ids"].to(device), labels=batch["labels"].to(device),
+                             image_features=run.encoder(batch, device))
+        loss = token_weighted(out, supervised_tokens(batch), step_tokens, run.cluster.world, run.cfg.accumulation_steps)
+        engine.backward(loss)
+    return loss.item()
+
+
+def train_step(run, epoch, micro_batches, stop_signal):
+    """One optimizer step: forward and backward over this rank's micro-batches, then the update -> Step."""
+    cfg, cluster, state = run.cfg, run.cluster, run.state
+    # Every supervised token of the step, on every rank, weighs the same (see token_weighted).
+    n_tokens = torch.tensor(sum(supervised_tokens(b) for b in micro_batches), device=cluster.device)
+    step_tokens = cluster.sum(n_tokens).item()
+    loss, samples, tokens = 0.0, 0, 0  # this rank's share
+    for j, batch in enumerate(micro_batches):
+        loss += forward_backward(run, batch, step_tokens, last_micro=j == len(micro_batches) - 1) / cluster.world
+        samples += batch["n_samples"]
+        tokens += int(batch["attention_mask"].sum())
+        state["samples_seen"] = min(state["samples_seen"] + run.sampler.global_batch, run.n_samples)
+    # One all-reduce: the logged loss is the step's global token mean, throughput counts every
+    # rank, and a signal on any rank stops all of them at this same step.
+    totals = torch.tensor([loss, samples, tokens, stop_signal], dtype=torch.float64, device=cluster.device)
+    loss, samples, tokens, stop = cluster.sum(totals).tolist()
+    lr = lr_at(run.samples_done(epoch) / run.total_samples, cfg.learning_rate, cfg.warmup_ratio)
+    applied = run.engine.step(lr, math.isfinite(loss))
+    if applied:
+        state["step"] += 1
+    return Step(loss, lr, applied, stop > 0, samples, tokens)
+
+
+def log_and_save(run, meter, epoch, lr):
+    """After an applied step: a log line every log_interval steps (and at the last step), a
+    checkpoint every save_interval steps."""
+    step = run.state["step"]
+    if step % run.cfg.log_interval == 0 or step == run.total_steps:
+        run.logger.log({"epoch": epoch + 1, "step": step, "total_steps": run.total_steps,
+                        **meter.report(lr, run.samples_done(epoch), run.total_samples)})
+    if step % run.cfg.save_interval == 0:
+        run.checkpointer.save(run.state)
+
+
+def skipped_step(run, bad_steps):
+    """A step with a non-finite loss or gradient was skipped, on every rank alike (all see the same
+    loss and gradients). The third in a row stops the run, without saving NaN weights."""
+    if run.cluster.is_main:
+        print(f"warning: non-finite loss/gradient at step {run.state['step'] + 1}, step skipped", flush=True)
+    if bad_steps >= 3:
+        run.logger.close()
+        hint = ", or use --dtype bfloat16 instead of float16." if run.cfg.dtype == "float16" else "."
+        message = ("3 consecutive non-finite steps: stopping without saving NaN weights (the last checkpoint is "
+                   "intact). Lower --learning_rate" + hint)
+        raise StopTraining(message if run.cluster.is_main else None)
+
+
+def end_epoch(run, epoch, skipped):
+    """Report the epoch's skipped samples (all ranks'), and move the state to the next epoch."""
+    n_skipped = run.cluster.sum(torch.tensor(len(skipped), device=run.cluster.device)).item()
+    if run.cluster.is_main and n_skipped:
+        print(f"epoch {epoch + 1}: skipped {n_skipped} samples" + (f", e.g. {skipped[0]}" if skipped else ""))
+    run.state.update(epoch=epoch + 1, samples_seen=0)
+
+
+def train_epochs(run):
+    """The epochs from where the run stands -> None when they are done, or why the run stopped
+    early, right after a step: "interrupted" (a signal on any rank) or "stopped early"
+    (--stop_after_steps)."""
+    cfg, state = run.cfg, run.state
+    signals, meter = StopSignals(), Meter(run.samples_done(state["epoch"]))
+    bad_steps, steps_this_run = 0, 0
+    run.checkpointer.begin(state)
+    run.model.train()
+    for epoch in range(state["epoch"], cfg.epochs):
+        run.sampler.set_epoch(epoch, state["samples_seen"])
+        skipped = []  # this rank's skipped samples in this epoch
+        for micro_batches in optimizer_steps(run.loader, len(run.sampler), cfg.accumulation_steps):
+            skipped += [s for batch in micro_batches for s in batch["skipped"]]
+            step = train_step(run, epoch, micro_batches, signals.received)
+            run.checkpointer.step_done(state)
+            meter.add(step)
+            if step.applied:
+                bad_steps, steps_this_run = 0, steps_this_run + 1
+                log_and_save(run, meter, epoch, step.lr)
+            else:
+                bad_steps += 1
+                skipped_step(run, bad_steps)
+            if step.stop:
+                return "interrupted"
+            if cfg.stop_after_steps and steps_this_run >= cfg.stop_after_steps:
+                return "stopped early"
+        end_epoch(run, epoch, skipped)
+    return None
+
+
+def train(cfg):
+    """A training run, from its config to the final checkpoint."""
+    cluster = setup_distributed(cfg)
+    run = build_run(cfg, cluster)
+    with run.checkpointer.saving_on_error():
+        stopped = train_epochs(run)
+        if stopped:
+            run.checkpointer.save(run.state, "stop")
+    if not stopped:
+        run.checkpointer.save(run.state, "final")
+    run.logger.close()
+    cluster.close()
+    if stopped and cluster.is_main:
+        print(f"{stopped}; continue with --from_resume 1", flush=True)
+    if stopped == "interrupted":
+        raise StopTraining(exit_code=130)  # like an uncaught Ctrl-C, so `pretrain && sft` does not go on
+
+
+# --- The entry point ---
 
 # Errors whose message tells the user what is wrong and what to do (bad data, a missing, wrong or
 # unsafe file, a full disk): the run ends with that one line. Anything else is a bug: traceback.
@@ -576,12 +847,15 @@ def error_message(e):
 
 
 def main(parser, argv=None):
-    """The train scripts' entry: train, and end a run that fails with a USER_ERRORS error with the
-    line `error: <message>` (exit code 1). --debug or MINIMIND_DEBUG=1 shows the traceback instead."""
-    args = parser.parse_args(argv)
+    """The train scripts' entry: the flags become a TrainConfig, then train. A run that fails with
+    a USER_ERRORS error ends with the line `error: <message>` (exit code 1); --debug or
+    MINIMIND_DEBUG=1 shows the traceback instead. A StopTraining ends it with its own code."""
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
     try:
-        train(args)
+        train(cfg)
+    except StopTraining as e:
+        sys.exit(f"error: {e.message}" if e.message else e.exit_code)
     except USER_ERRORS as e:
-        if args.debug or os.environ.get("MINIMIND_DEBUG", "0") not in ("", "0"):
+        if cfg.debug or os.environ.get("MINIMIND_DEBUG", "0") not in ("", "0"):
             raise
         sys.exit(f"error: {error_message(e)}")

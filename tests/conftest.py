@@ -1,6 +1,7 @@
 """Shared fixtures: everything is built locally (tiny CLIP tower, toy images, tiny LLM configs)."""
 import json
 import os
+import socket
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,8 +38,8 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def processor(tower_dir):
-    from transformers import AutoImageProcessor
-    return AutoImageProcessor.from_pretrained(tower_dir)
+    from dataset.images import load_processor
+    return load_processor(tower_dir)
 
 
 @pytest.fixture
@@ -46,6 +47,13 @@ def tiny_vlm(tower_dir):
     from model.model_vlm import MiniMindVLM, VLMConfig
     torch.manual_seed(0)
     return MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM)).eval()
+
+
+def free_port():
+    """A TCP port free on 127.0.0.1 right now, for a server or a process group under test."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_image(path, color, size=(64, 48)):

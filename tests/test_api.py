@@ -3,7 +3,6 @@ through the official openai client (and raw httpx for requests a client would ne
 import base64
 import io
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -17,16 +16,10 @@ from PIL import Image
 from model.model_vlm import MiniMindVLM, VLMConfig
 from model.checkpoint import llm_state_dict
 
-from conftest import ROOT, TINY_LLM
+from conftest import ROOT, TINY_LLM, free_port
 
 openai = pytest.importorskip("openai", reason="pip install openai")
 MAX_MB = 2
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def data_url(image, fmt="PNG"):

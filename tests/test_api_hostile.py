@@ -17,7 +17,7 @@ from PIL import Image
 from model.inference import VLMChat
 from model.model_vlm import MiniMindVLM, VLMConfig
 
-from conftest import TINY_LLM
+from conftest import TINY_LLM, free_port
 
 openai = pytest.importorskip("openai", reason="pip install openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -31,12 +31,6 @@ LONG = {"messages": HELLO, "max_tokens": 3000, "temperature": 0}  # greedy: the 
 def chat(tower_dir, tokenizer, processor):
     torch.manual_seed(0)
     return VLMChat(MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM)).eval(), tokenizer, processor)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -11,23 +11,16 @@ differently shaped (differently padded) batches.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY_LLM, make_toy_data, read_log, script_flags, write_image
+from conftest import ROOT, TINY_LLM, free_port, make_toy_data, read_log, script_flags, write_image
 
 TIMEOUT = 240
 LOSS_TOL = 1e-4  # measured: ~1.5e-6 (float32); without token weighting the 2-process losses were off by up to 0.07
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(script, args, nproc=1, launcher=None, env=None, check=True):

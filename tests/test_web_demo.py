@@ -2,7 +2,6 @@
 gradio_client (streaming, history, sessions, model switching, bad input) and a real browser."""
 import os
 import shutil
-import socket
 
 import pytest
 import torch
@@ -11,15 +10,9 @@ from PIL import Image
 from model.model_vlm import MiniMindVLM, VLMConfig
 from model.checkpoint import llm_state_dict
 
-from conftest import ROOT, TINY_LLM
+from conftest import ROOT, TINY_LLM, free_port
 
 QUESTION = "What is in the picture?"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

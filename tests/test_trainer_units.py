@@ -1,0 +1,256 @@
+"""The trainer's pieces, imported directly: schedule, token weighting, step counting, resume state,
+checkpoint policy, the tower kept apart from the trained module, and the entry point. No
+subprocesses: the whole file runs in seconds."""
+import contextlib
+import dataclasses
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import trainer
+from conftest import TINY_LLM, make_toy_data
+from dataset.sampler import ResumableBatchSampler
+from model.checkpoint import DiskFullError
+from train_engines import TorchEngine
+
+
+def config(**overrides):
+    """A TrainConfig as main() builds it: the parser's defaults, then these flags."""
+    defaults = dict(epochs=1, batch_size=2, learning_rate=1e-3, max_seq_len=640, from_weight="none", save_weight="unit",
+                    freeze_llm=0, device="cpu", dtype="float32")
+    return trainer.TrainConfig(**vars(trainer.build_parser("test", **{**defaults, **overrides}).parse_args([])))
+
+
+# 1. The learning-rate schedule.
+
+def test_lr_warms_up_linearly_then_follows_a_cosine_down_to_a_tenth():
+    lr, warmup = 1e-3, 0.1
+    assert trainer.lr_at(0.0, lr, warmup) == pytest.approx(lr * 0.01)  # never exactly 0: the first step moves
+    assert trainer.lr_at(0.05, lr, warmup) == pytest.approx(lr / 2)
+    assert trainer.lr_at(warmup, lr, warmup) == pytest.approx(lr)
+    assert trainer.lr_at(0.55, lr, warmup) == pytest.approx(lr * 0.55)  # half-way down the cosine
+    assert trainer.lr_at(1.0, lr, warmup) == pytest.approx(lr / 10)
+    assert trainer.lr_at(1.2, lr, warmup) == pytest.approx(lr / 10)  # past the end it stays at the floor
+    after = [trainer.lr_at(warmup + i / 100 * (1 - warmup), lr, warmup) for i in range(101)]
+    assert all(a >= b for a, b in zip(after, after[1:]))
+
+
+# 2. Token weighting: 2 ranks x 2 micro-batches give the global token mean.
+
+class Output(dict):
+    """What the model's forward returns, as far as token_weighted reads it."""
+    __getattr__ = dict.__getitem__
+
+
+def test_token_weighting_makes_the_rank_averaged_sum_the_global_token_mean():
+    # Per-token losses of each (rank, micro-batch): deliberately uneven token counts.
+    tokens = {(0, 0): [1.0, 2.0, 3.0], (0, 1): [4.0], (1, 0): [5.0, 6.0], (1, 1): [7.0, 8.0, 9.0, 10.0]}
+    world, accumulation = 2, 2
+    step_tokens = sum(len(t) for t in tokens.values())  # the all-reduced count
+    per_rank = [sum(trainer.token_weighted(Output(loss=torch.tensor(t).mean()), len(t), step_tokens, world,
+                                           accumulation)
+                    for (r, _), t in tokens.items() if r == rank)
+                for rank in range(world)]
+    global_mean = sum(sum(t) for t in tokens.values()) / step_tokens
+    assert (sum(per_rank) / world).item() == pytest.approx(global_mean)  # DDP averages over ranks
+    # Plain per-micro-batch means would weigh the lone token of (0, 1) as much as four others.
+    plain = sum(torch.tensor(t).mean() for t in tokens.values()) / len(tokens)
+    assert plain.item() != pytest.approx(global_mean)
+
+
+def test_the_moe_balance_loss_is_averaged_over_micro_batches_not_token_weighted():
+    aux = torch.tensor(0.5)
+    out = Output(loss=torch.tensor(2.0) + aux, aux_loss=aux)
+    loss = trainer.token_weighted(out, n_tokens=3, step_tokens=12, world=2, accumulation_steps=4)
+    assert loss.item() == pytest.approx(2.0 * 3 * 2 / 12 + 0.5 / 4)
+
+
+def test_supervised_tokens_counts_the_shifted_labels():
+    labels = torch.tensor([[5, -100, 7, 8], [-100, -100, 9, -100]])
+    assert trainer.supervised_tokens({"labels": labels}) == 3  # labels[:, 1:]: -100, 7, 8 and -100, 9, -100
+
+
+# 3. Step counting.
+
+def test_micro_batches_group_into_steps_and_a_short_last_group_closes_one():
+    batches = list(range(7))
+    assert list(trainer.optimizer_steps(batches, len(batches), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert list(trainer.optimizer_steps(batches, len(batches), 1)) == [[b] for b in batches]
+    assert list(trainer.optimizer_steps(batches, len(batches), 10)) == [batches]
+
+
+@pytest.mark.parametrize("n, batch, world, accumulation", [(13, 1, 2, 3), (12, 2, 2, 3), (12, 4, 1, 1), (5, 2, 3, 2)])
+def test_total_steps_counts_the_groups_every_rank_steps_through(n, batch, world, accumulation):
+    epochs = 3
+    per_epoch = set()
+    for rank in range(world):
+        sampler = ResumableBatchSampler([1] * n, batch, rank=rank, world_size=world, accumulation_steps=accumulation)
+        sampler.set_epoch(0)
+        per_epoch.add(len(list(trainer.optimizer_steps(sampler, len(sampler), accumulation))))
+    assert len(per_epoch) == 1  # every rank takes the same number of steps (no rank waits in a collective)
+    total = trainer.total_steps(n, batch * world, accumulation, epochs)
+    assert total == per_epoch.pop() * epochs == math.ceil(math.ceil(n / (batch * world)) / accumulation) * epochs
+
+
+# 4. Resume state: RNG streams and the config survive a weights_only round trip.
+
+def draws():
+    return random.random(), np.random.rand(), torch.rand(1).item()
+
+
+def test_rng_streams_round_trip_through_a_weights_only_file(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1)  # leaves a cached gaussian in the python state
+    torch.save({"rng": [trainer.rng_state()]}, tmp_path / "r.pth")
+    expected = draws()
+    trainer.seed_all(9)
+    trainer.set_rng_state(torch.load(tmp_path / "r.pth", weights_only=True)["rng"], rank=0, world=1, seed=0)
+    assert draws() == expected
+
+
+def test_a_world_size_change_reseeds_each_rank_instead():
+    saved = [trainer.rng_state(), trainer.rng_state()]  # by 2 processes
+    trainer.set_rng_state(saved, rank=0, world=1, seed=100)
+    resumed = draws()
+    trainer.seed_all(100)
+    assert resumed == draws()
+
+
+def test_the_config_round_trips_through_a_resume_files_plain_args(tmp_path):
+    cfg = config(deepspeed="ds_config/zero2.json", cache_features="auto", learning_rate=3e-4, max_seq_len=640)
+    torch.save({"args": trainer.plain_args(cfg)}, tmp_path / "r.pth")
+    assert trainer.TrainConfig(**torch.load(tmp_path / "r.pth", weights_only=True)["args"]) == cfg
+
+
+# 5. Checkpoints: the periodic-vs-final policy, and save -> resume in one place.
+
+def test_a_full_disk_only_warns_at_a_periodic_save_and_stops_at_a_final_one(capsys):
+    def full():
+        raise DiskFullError("disk full writing out/x.pth (No space left on device): free space on its disk")
+
+    assert trainer.write_checkpoint(full, periodic=True) is False
+    assert "warning: disk full writing out/x.pth" in capsys.readouterr().out
+    with pytest.raises(DiskFullError, match="continue from the last complete checkpoint with --from_resume 1"):
+        trainer.write_checkpoint(full, periodic=False)
+    assert trainer.write_checkpoint(lambda: None, periodic=True) is True
+
+
+def checkpointer(model, cfg, out):
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine = TorchEngine(model, params, cfg, "cpu", str(out / "unit_64_resume.pth"))
+    return trainer.Checkpointer(engine, str(out / "unit_64.pth"), cfg, trainer.Cluster())
+
+
+def test_a_saved_checkpoint_resumes_weights_state_and_random_streams(tower_dir, tmp_path, capsys):
+    from model.model_vlm import MiniMindVLM, VLMConfig
+    cfg = config(out_dir=str(tmp_path), vision_model_path=tower_dir, **TINY_LLM)
+    torch.manual_seed(0)
+    saver = checkpointer(MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM)), cfg, tmp_path)
+    state = {"epoch": 1, "samples_seen": 4, "step": 5, "wandb_id": None}
+    trainer.seed_all(7)
+    saver.save(state, "stop")
+    expected = draws()
+    assert f"saved {tmp_path / 'unit_64.pth'} and {tmp_path / 'unit_64_resume.pth'}" in capsys.readouterr().out
+    resume = torch.load(tmp_path / "unit_64_resume.pth", weights_only=True)
+    assert trainer.TrainConfig(**resume["args"]) == cfg
+
+    torch.manual_seed(1)  # other initial weights, other random streams: the resume restores both
+    loader = checkpointer(MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM)), cfg, tmp_path)
+    assert loader.resume() == state
+    assert draws() == expected
+    saved, restored = torch.load(tmp_path / "unit_64.pth"), loader.engine.weights()
+    assert saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)
+
+
+def test_resuming_without_a_resume_file_says_so(tower_dir, tmp_path):
+    from model.model_vlm import MiniMindVLM, VLMConfig
+    cfg = config(out_dir=str(tmp_path), vision_model_path=tower_dir, **TINY_LLM)
+    with pytest.raises(FileNotFoundError, match="--from_resume 1 but .*unit_64_resume.pth does not exist"):
+        checkpointer(MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM)), cfg, tmp_path).resume()
+
+
+# 6. The vision tower runs outside the trained module, with the same result.
+
+def test_build_model_keeps_the_frozen_tower_apart_and_its_features_match_the_models_own(tower_dir, tokenizer,
+                                                                                          tiny_vlm):
+    cfg = config(vision_model_path=tower_dir, freeze_llm=1, **TINY_LLM)
+    model, tower = trainer.build_model(cfg, tokenizer, "cpu")
+    assert model.vision_encoder is None and not any(k.startswith("vision_encoder.") for k in model.state_dict())
+    assert not any(p.requires_grad for p in tower.parameters()) and not tower.training
+    trainable = {".".join(n.split(".")[:2]) for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"layers.1", "vision_proj.vision_proj"}  # --freeze_llm 1: last layer + projection
+
+    pixels = torch.randn(2, 3, 224, 224)
+    encoder = trainer.ImageEncoder(tiny_vlm.vision_encoder, contextlib.nullcontext())
+    features = encoder({"pixel_values": pixels}, "cpu")
+    assert torch.equal(features, tiny_vlm.encode_images(pixels))  # [2, image_token_count, C]
+    assert encoder({"pixel_values": torch.zeros(0, 3, 1, 1)}, "cpu") is None  # a batch without images
+
+
+def test_the_forward_with_trainer_encoded_features_gives_the_pixel_forward_loss(tiny_vlm):
+    n = tiny_vlm.config.image_token_count
+    ids = torch.tensor([[1] + [tiny_vlm.config.image_token_id] * n + [5, 6, 7]])
+    pixels = torch.randn(1, 3, 224, 224)
+    features = trainer.ImageEncoder(tiny_vlm.vision_encoder, contextlib.nullcontext())({"pixel_values": pixels}, "cpu")
+    with torch.no_grad():
+        by_pixels = tiny_vlm(input_ids=ids, labels=ids, pixel_values=pixels).loss
+        by_features = tiny_vlm(input_ids=ids, labels=ids, image_features=features).loss
+    assert torch.equal(by_pixels, by_features)
+
+
+def test_the_feature_cache_path_encodes_only_uncached_images(tower_dir, tmp_path, processor, tiny_vlm):
+    from dataset.feature_cache import open_cache_for
+    cache = open_cache_for(tiny_vlm.vision_encoder, processor, str(tmp_path))
+    encoder = trainer.ImageEncoder(tiny_vlm.vision_encoder, contextlib.nullcontext(), cache)
+    pixels = torch.randn(2, 3, 224, 224)
+    cold = encoder({"pixel_values": pixels, "image_keys": ["a", "b"], "cached": [None, None]}, "cpu")
+    warm = encoder({"pixel_values": torch.zeros(0, 3, 224, 224), "image_keys": ["a", "b"],
+                    "cached": [cache.lookup("a"), cache.lookup("b")]}, "cpu")
+    assert len(cache) == 2 and torch.equal(cold, warm)
+
+
+# 7. The entry point: one config object, and how a run ends.
+
+def test_main_hands_train_a_config_and_turns_stops_into_exit_codes(monkeypatch):
+    seen = []
+    monkeypatch.setattr(trainer, "train", seen.append)
+    trainer.main(trainer.build_parser("test", epochs=2), ["--dim", "64", "--use_moe"])
+    (cfg,) = seen
+    assert isinstance(cfg, trainer.TrainConfig) and (cfg.dim, cfg.use_moe, cfg.epochs) == (64, 1, 2)
+    with pytest.raises(dataclasses.FrozenInstanceError):  # read-only: nothing changes the flags mid-run
+        cfg.dim = 32
+
+    def stop(exit_code, message=None):
+        def train(_cfg):
+            raise trainer.StopTraining(message, exit_code)
+        return train
+
+    monkeypatch.setattr(trainer, "train", stop(130))
+    with pytest.raises(SystemExit) as info:
+        trainer.main(trainer.build_parser("test"), [])
+    assert info.value.code == 130
+    monkeypatch.setattr(trainer, "train", stop(1, "3 consecutive non-finite steps"))
+    with pytest.raises(SystemExit, match="^error: 3 consecutive non-finite steps$"):
+        trainer.main(trainer.build_parser("test"), ["--debug"])  # not a traceback: a deliberate stop
+
+
+def test_a_missing_start_weight_is_an_exception_naming_the_file_and_the_fix(tmp_path):
+    cfg = config(out_dir=str(tmp_path), from_weight="pretrain_vlm", dim=64)
+    with pytest.raises(FileNotFoundError, match=r"pretrain_vlm_64.pth not found\. Run train_pretrain_vlm.py first"):
+        trainer.start_weights(cfg)
+
+
+def test_the_toy_data_loads_through_the_trainers_own_data_pieces(tower_dir, tokenizer, processor, tmp_path):
+    data_path, images = make_toy_data(tmp_path, n=6)
+    cfg = config(data_path=data_path, images_path=images, batch_size=2, num_workers=0, accumulation_steps=2)
+    from model.model_vlm import VLMConfig
+    vlm_config = VLMConfig(vision_model_path=tower_dir, image_token_id=3, **TINY_LLM)
+    dataset = trainer.open_dataset(cfg, tokenizer, processor, vlm_config, None, is_main=False)
+    sampler, loader = trainer.build_loader(cfg, dataset, tokenizer.pad_token_id or 0, trainer.Cluster())
+    sampler.set_epoch(0)
+    steps = list(trainer.optimizer_steps(loader, len(sampler), cfg.accumulation_steps))
+    assert [len(s) for s in steps] == [2, 1]  # 3 batches of 2: one full step, one short
+    assert sum(b["n_samples"] for s in steps for b in s) == 6
