@@ -167,10 +167,10 @@ def failing_file(limit):
 
 @pytest.mark.parametrize("limit", [0, 300])  # at once: OSError; after a few bytes: torch's "unexpected pos"
 def test_a_full_disk_removes_the_partial_file_and_names_the_path(tmp_path, monkeypatch, limit):
-    import model.model_vlm as model_vlm
+    import model.checkpoint as checkpoint_module
     path = tmp_path / "w.pth"
     atomic_save({"w": torch.ones(3)}, str(path))
-    monkeypatch.setattr(model_vlm, "open", failing_file(limit), raising=False)
+    monkeypatch.setattr(checkpoint_module, "open", failing_file(limit), raising=False)
     with pytest.raises(DiskFullError, match=f"^disk full writing {re.escape(str(path))} .*free space"):
         atomic_save({"w": torch.zeros(10000)}, str(path))
     assert os.listdir(tmp_path) == ["w.pth"]  # no partial .tmp file left
@@ -224,8 +224,9 @@ def test_weights_of_another_size_name_the_file_and_the_flags(tower_dir, tmp_path
     path = str(tmp_path / "wide.pth")
     wide = MiniMindVLM(VLMConfig(vision_model_path=tower_dir, dim=128, n_layers=2))
     atomic_save({k: v for k, v in wide.state_dict().items() if not k.startswith("vision_encoder.")}, path)
-    expected = (f"{path} does not match the model (check --dim/--n_layers/--use_moe): the file has dim 128, "
-                "2 layers, use_moe 0; the model dim 64, 2 layers, use_moe 0; missing: []; unexpected: []; other shape: [")
+    expected = (f"{path} does not match the model (check --dim/--n_layers/--use_moe): the file has generation "
+                "minimind2, dim 128, 2 layers, use_moe 0, linear projector; the model generation minimind2, dim 64, "
+                "2 layers, use_moe 0, linear projector; missing: []; unexpected: []; other shape: [")
     with pytest.raises(CheckpointError, match=f"^{re.escape(expected)}"):
         load_weights(MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM)), path)
 
@@ -237,14 +238,14 @@ def test_resuming_with_other_model_flags_names_the_resume_file_and_the_flags(toy
     proc = launch("train_pretrain_vlm.py", flags(toy_data, tower_dir, tmp_path, epochs=1, n_layers=3, from_resume=1),
                   check=False)
     assert_one_line_error(proc, f"{resume} (its model weights) does not match the model (check --dim/--n_layers",
-                          "the file has dim 64, 2 layers", "the model dim 64, 3 layers",
+                          "the file has generation minimind2, dim 64, 2 layers", "the model generation minimind2, dim 64, 3 layers",
                           "missing: ['layers.2.")
     # The file names carry --dim, so only a copied (or renamed) resume file meets another --dim.
     shutil.copy(resume, tmp_path / "pretrain_vlm_128_resume.pth")
     proc = launch("train_pretrain_vlm.py", flags(toy_data, tower_dir, tmp_path, epochs=1, dim=128, from_resume=1),
                   check=False)
     assert_one_line_error(proc, "pretrain_vlm_128_resume.pth (its model weights) does not match the model",
-                          "the file has dim 64", "the model dim 128", "other shape: ['")
+                          "the file has generation minimind2, dim 64", "the model generation minimind2, dim 128", "other shape: ['")
 
 
 @pytest.mark.slow
