@@ -21,7 +21,8 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from model.checkpoint import CheckpointError, atomic_save, llm_state_dict, load_weights, read_checkpoint
+from model.checkpoint import (CheckpointError, atomic_save, llm_state_dict, load_weights, read_checkpoint,
+                              to_file_format)
 
 RESUME_KEYS = {"model", "optimizer", "scaler", "rng", "state"}
 RESUME_EXPECTED = ("expected a resume file written by train_pretrain_vlm.py / train_sft_vlm.py: check --out_dir, "
@@ -220,7 +221,7 @@ class DeepSpeedEngine:
             else:
                 value = t.detach().float().cpu()
             out[name] = value
-        return out
+        return to_file_format(out, self.model.config)  # a 2026-generation model saves in the 2026 keys
 
     def resume_exists(self):
         return os.path.isfile(os.path.join(self.resume_path, "latest"))

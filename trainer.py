@@ -40,14 +40,16 @@ from dataset.lm_dataset import VLMDataset, collate_batch
 from dataset.samples import open_source
 from dataset.sampler import ResumableBatchSampler
 from model.chat import resolve_image_token_id
-from model.checkpoint import CheckpointError, DiskFullError, atomic_save, load_weights, weight_name, weight_path
+from model.checkpoint import (CheckpointError, DiskFullError, atomic_save, infer_config_from_state_dict, load_weights,
+                              read_checkpoint, weight_name, weight_path)
 from model.model_minimind import count_llm_params
 from model.model_vlm import MiniMindVLM, VLMConfig, tower_features
 from train_engines import DeepSpeedEngine, TorchEngine
 
 # --- Configuration: the flags, parsed once at the edge into a read-only TrainConfig ---
 
-FREEZE_HELP = "0: projection + whole LLM; 1: projection + last LLM layer; 2: projection only"
+FREEZE_HELP = ("what trains besides the projector: 0: the whole LLM; 1: its last layer; 2: nothing; "
+               "3: its first and last layers (the 2026 release's SFT)")
 
 
 def build_parser(description, **defaults):
@@ -85,7 +87,10 @@ def build_parser(description, **defaults):
     a("--from_weight", help="start from out_dir/{from_weight}_{dim}.pth, a .pth path, or 'none' (random)")
     a("--save_weight", help="weights go to out_dir/{save_weight}_{dim}[_moe].pth")
     switch(a, "--from_resume", 0, help="continue from the resume file")
-    a("--freeze_llm", type=int, choices=[0, 1, 2], help=FREEZE_HELP)
+    a("--freeze_llm", type=int, choices=[0, 1, 2, 3], help=FREEZE_HELP)
+    a("--projector", default="linear", choices=["linear", "mlp"],
+      help="a new projector's kind: linear (one bias-free Linear, the design) or mlp (LayerNorm, Linear, GELU, "
+           "Linear, as the 2026 release); a --from_weight VLM checkpoint brings its own")
     switch(a, "--skip_bad_samples", 0,
            help="skip (and count) malformed samples instead of stopping with an error")
     switch(a, "--group_by_length", 1, help="batch samples of similar length")
@@ -144,6 +149,7 @@ class TrainConfig:
     save_weight: str | None
     from_resume: int
     freeze_llm: int | None
+    projector: str
     skip_bad_samples: int
     group_by_length: int
     pad_to_max_len: int
@@ -531,8 +537,10 @@ def start_weights(cfg):
 
 def set_trainable(model, freeze_llm):
     model.requires_grad_(freeze_llm == 0)
-    if freeze_llm == 1:
+    if freeze_llm in (1, 3):
         model.layers[-1].requires_grad_(True)
+    if freeze_llm == 3:
+        model.layers[0].requires_grad_(True)
     model.vision_proj.requires_grad_(True)
     if model.vision_encoder is not None:
         model.vision_encoder.requires_grad_(False)
@@ -540,14 +548,20 @@ def set_trainable(model, freeze_llm):
 
 def build_model(cfg, tokenizer, device):
     """The VLM to train, on `device`, and its frozen vision tower, taken out of it: the trainer runs
-    the tower itself (ImageEncoder), so no engine wraps, partitions or re-casts it."""
-    config = VLMConfig(dim=cfg.dim, n_layers=cfg.n_layers, use_moe=bool(cfg.use_moe), vocab_size=len(tokenizer),
-                       gradient_checkpointing=bool(cfg.gradient_checkpointing),
+    the tower itself (ImageEncoder), so no engine wraps, partitions or re-casts it. A --from_weight
+    checkpoint decides the generation (2025 or 2026 architecture) and, if it has one, the projector;
+    --dim/--n_layers/--use_moe must match it (a mismatch is an error listing the keys)."""
+    start = start_weights(cfg) if cfg.from_weight and cfg.from_weight != "none" else None
+    sd = read_checkpoint(start) if start else None
+    found = infer_config_from_state_dict(sd, start) if start else {"vocab_size": len(tokenizer)}
+    found.update(dim=cfg.dim, n_layers=cfg.n_layers, use_moe=bool(cfg.use_moe))
+    found.setdefault("projector", cfg.projector)
+    config = VLMConfig(**found, gradient_checkpointing=bool(cfg.gradient_checkpointing),
                        vision_model_path=cfg.vision_model_path,
                        image_token_id=resolve_image_token_id(tokenizer, cfg.image_token_id))
     model = MiniMindVLM(config)
-    if cfg.from_weight and cfg.from_weight != "none":
-        load_weights(model, start_weights(cfg))
+    if start:
+        load_weights(model, sd, start)
     set_trainable(model, cfg.freeze_llm)
     model.to(device)
     # The frozen tower's weights go to the training dtype once: under autocast alone every

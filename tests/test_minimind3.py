@@ -170,3 +170,42 @@ def test_export_to_transformers_and_back_keeps_logits_and_the_2026_keys(tmp_path
     original = torch.load(vlm3_pth, weights_only=True)
     assert sorted(back) == sorted(original)  # the 2026 release's key names
     assert all(torch.allclose(back[k], original[k].float(), atol=1e-3) for k in original)
+
+
+@pytest.mark.slow
+def test_pretrain_then_sft_of_a_2026_model_through_the_real_scripts(tmp_path, tokenizer3_dir, siglip2_dir):
+    """From the 2026 release's LLM-only file: pretrain a fresh MLP projector (LLM frozen), then SFT
+    the projector with the first and last layers (--freeze_llm 3); both save the 2026 key format."""
+    from conftest import make_toy_data, script_flags
+    from test_distributed import launch
+    out = tmp_path / "out"
+    out.mkdir()
+    llm = {k: v for k, v in spec_2026_state_dict().items()}
+    torch.save(llm, out / "llm_128.pth")
+    data = make_toy_data(tmp_path / "data", n=6)
+    common = dict(dim=128, n_layers=2, epochs=1, tokenizer_path=tokenizer3_dir, vision_model_path=siglip2_dir,
+                  max_seq_len=200)
+    launch("train_pretrain_vlm.py", script_flags(data, siglip2_dir, out, from_weight="llm", projector="mlp",
+                                                 freeze_llm=2, **common))
+    pre = torch.load(out / "pretrain_vlm_128.pth", weights_only=True)
+    assert "model.embed_tokens.weight" in pre and "vision_proj.mlp.1.weight" in pre and not any(
+        k.startswith("layers.") for k in pre)
+    assert all(torch.equal(pre[k], llm[k].float()) for k in llm)  # --freeze_llm 2: the LLM is untouched
+    launch("train_sft_vlm.py", script_flags(data, siglip2_dir, out, from_weight="pretrain_vlm", freeze_llm=3,
+                                            learning_rate=1e-2, **common))
+    sft = torch.load(out / "sft_vlm_128.pth", weights_only=True)
+    assert sorted(sft) == sorted(pre)
+    changed = {k.split(".")[2] for k in llm if k.startswith("model.layers.") and not torch.equal(sft[k], pre[k])}
+    assert changed == {"0", "1"} and torch.equal(sft["model.norm.weight"], pre["model.norm.weight"])
+    assert torch.equal(sft["model.embed_tokens.weight"], pre["model.embed_tokens.weight"])
+    assert not torch.equal(sft["vision_proj.mlp.1.weight"], pre["vision_proj.mlp.1.weight"])
+
+
+def test_freeze_llm_3_trains_the_projector_and_the_first_and_last_layers_only():
+    from model.model_vlm import MiniMindVLM, VLMConfig
+    from trainer import set_trainable
+    model = MiniMindVLM(VLMConfig(dim=64, n_layers=4), load_tower=False)
+    set_trainable(model, 3)
+    trainable = {n.split(".")[1] if n.startswith("layers.") else n.split(".")[0]
+                 for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"0", "3", "vision_proj"}
