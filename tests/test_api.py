@@ -18,6 +18,8 @@ from model.checkpoint import llm_state_dict
 
 from conftest import ROOT, TINY_LLM, free_port
 
+pytestmark = pytest.mark.slow  # a live server, one of them the real script in a subprocess
+
 openai = pytest.importorskip("openai", reason="pip install openai")
 MAX_MB = 2
 

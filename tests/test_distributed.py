@@ -19,6 +19,8 @@ import torch
 
 from conftest import ROOT, TINY_LLM, free_port, make_toy_data, read_log, script_flags, write_image
 
+pytestmark = pytest.mark.slow  # every test here runs the scripts under torchrun or DeepSpeed
+
 TIMEOUT = 240
 LOSS_TOL = 1e-4  # measured: ~1.5e-6 (float32); without token weighting the 2-process losses were off by up to 0.07
 

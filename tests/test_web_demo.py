@@ -12,6 +12,8 @@ from model.checkpoint import llm_state_dict
 
 from conftest import ROOT, TINY_LLM, free_port
 
+pytestmark = pytest.mark.slow  # a live Gradio server, and a real browser
+
 QUESTION = "What is in the picture?"
 
 
