@@ -218,7 +218,7 @@ def chat_mode(chat, tokenizer, args):
 
 
 def main(argv=None):
-    from model.inference import VLMChat, add_model_args, load_model
+    from model.inference import InferenceConfig, VLMChat, add_model_args, load_model
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap)
     a = ap.add_argument
@@ -242,7 +242,7 @@ def main(argv=None):
         args.max_new_tokens = 16 if args.bench else 128
 
     try:
-        model, tokenizer, processor = load_model(args)
+        model, tokenizer, processor = load_model(InferenceConfig.from_args(args))
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # CheckpointError is a RuntimeError
         sys.exit(f"error: {e}")
     chat = VLMChat(model, tokenizer, processor, args.open_thinking)

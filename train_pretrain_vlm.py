@@ -1,10 +1,7 @@
-"""Stage 1, caption alignment: teach the projection (and the last LLM layer) to map CLIP patch
-features into the LLM's embedding space, from a pretrained MiniMind LLM (out/lm_512.pth)."""
+"""Stage 1, caption alignment: teach the projection (and the last LLM layer) to map the vision
+tower's patch features into the LLM's embedding space, from a pretrained MiniMind LLM (out/lm_512.pth)."""
 from trainer import build_parser, main
 
 if __name__ == "__main__":
-    parser = build_parser(
-        __doc__, data_path="dataset/pretrain_i2t.parquet",
-        epochs=4, batch_size=16, learning_rate=4e-4, max_seq_len=640,
-        from_weight="lm", save_weight="pretrain_vlm", freeze_llm=1)
-    main(parser)
+    main(build_parser(__doc__, data_path="dataset/pretrain_i2t.parquet", epochs=4, batch_size=16, learning_rate=4e-4,
+                      max_seq_len=640, from_weight="lm", save_weight="pretrain_vlm", freeze_llm=1))

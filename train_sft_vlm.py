@@ -3,8 +3,5 @@ starting from the stage-1 weights (out/pretrain_vlm_512.pth)."""
 from trainer import build_parser, main
 
 if __name__ == "__main__":
-    parser = build_parser(
-        __doc__, data_path="dataset/sft_i2t.parquet",
-        epochs=2, batch_size=8, learning_rate=1e-5, max_seq_len=1536,
-        from_weight="pretrain_vlm", save_weight="sft_vlm", freeze_llm=0)
-    main(parser)
+    main(build_parser(__doc__, data_path="dataset/sft_i2t.parquet", epochs=2, batch_size=8, learning_rate=1e-5,
+                      max_seq_len=1536, from_weight="pretrain_vlm", save_weight="sft_vlm", freeze_llm=0))

@@ -43,7 +43,7 @@ from model.chat import resolve_image_token_id
 from model.checkpoint import (CheckpointError, DiskFullError, atomic_save, infer_config_from_state_dict, load_weights,
                               read_checkpoint, weight_name, weight_path)
 from model.model_minimind import count_llm_params
-from model.model_vlm import MiniMindVLM, VLMConfig, tower_features
+from model.model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig, tower_features
 from train_engines import DeepSpeedEngine, TorchEngine
 
 # --- Configuration: the flags, parsed once at the edge into a read-only TrainConfig ---
@@ -80,7 +80,7 @@ def build_parser(description, **defaults):
     switch(a, "--use_wandb", 0, help="log to Weights & Biases (WANDB_MODE=offline works)")
     a("--wandb_project", default="MiniMind-V")
     a("--seed", type=int, default=42, help="model init and data order")
-    a("--vision_model_path", default="model/vision_model/clip-vit-base-patch16")
+    a("--vision_model_path", default=DEFAULT_VISION_MODEL)
     a("--tokenizer_path", default="model")
     a("--image_token_id", type=int, default=-1,
       help="placeholder id; -1 = <|image_pad|>, or '@' (34) with the released tokenizer")

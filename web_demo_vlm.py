@@ -10,7 +10,8 @@ the first time it is chosen and kept (the last --cache_models of them). Each bro
 own conversation; requests wait in a queue.
 """
 import argparse
-import copy
+import dataclasses
+import functools
 import glob
 import os
 import sys
@@ -29,7 +30,8 @@ import gradio as gr  # noqa: E402
 from model.chat import IMAGE_TAG, ReasoningSplitter  # noqa: E402
 from model.model_minimind import count_llm_params  # noqa: E402
 from dataset.images import open_image  # noqa: E402
-from model.inference import VLMChat, add_model_args, is_hf_dir, load_model, resolve_weight_path  # noqa: E402
+from model.inference import (InferenceConfig, VLMChat, add_model_args, is_hf_dir, load_model,  # noqa: E402
+                             resolve_weight_path)
 
 HINT = "Type a question, and attach pictures with the 📎 button (or drop them on the box)."
 
@@ -58,6 +60,7 @@ class ModelHub:
 
     def __init__(self, args):
         self.args, self.lock, self.cache = args, threading.Lock(), OrderedDict()
+        self.cfg = InferenceConfig.from_args(args)
         self.default = None
         self.choices = self.discover()
 
@@ -97,10 +100,9 @@ class ModelHub:
                 return self.cache[label]
             if label not in self.choices:
                 raise RuntimeError(f"unknown model {label!r}")
-            a = copy.copy(self.args)
-            a.weight = self.choices[label][1]  # a .pth or a transformers-format directory
+            cfg = dataclasses.replace(self.cfg, weight=self.choices[label][1])  # a .pth or a directory
             try:
-                chat = VLMChat(*load_model(a), a.open_thinking)
+                chat = VLMChat(*load_model(cfg), cfg.open_thinking)
             except Exception as e:
                 raise RuntimeError(f"could not load {label}: {e}") from None
             self.cache[label] = chat
@@ -127,79 +129,88 @@ def file_path(f):
     return f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else getattr(f, "path", None))
 
 
+def notice(state, text):
+    """A message in the chat that never reaches the model."""
+    state["display"].append({"role": "assistant", "content": f"⚠️ {text}"})
+    return state["display"], None, state
+
+
+def user_turn(args, state, message):
+    """A submitted message -> (text, images), shown in the chat; or the reason (str) it cannot go
+    to the model: nothing in it, an unreadable picture, or too many pictures."""
+    message = message or {}
+    text = (message.get("text") or "").strip()
+    files = [p for p in map(file_path, message.get("files") or []) if p]
+    if not text and not files:
+        return HINT
+    for p in files:
+        state["display"].append({"role": "user", "content": {"path": p}})
+    if text:
+        state["display"].append({"role": "user", "content": text})
+    images, problems = [], []
+    for p in files:
+        try:
+            images.append(open_image(p, name=os.path.basename(p)))
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        return " ".join(problems) + " Nothing was sent to the model; try again."
+    if len(state["images"]) + len(images) > args.max_images:
+        return (f"Too many images: this conversation would have {len(state['images']) + len(images)}, the limit is "
+                f"{args.max_images} (each takes its run of placeholder tokens in the model's context). Press Clear "
+                "to start a new conversation.")
+    return text, images
+
+
+def respond(args, hub, message, state, temperature, top_p, max_new_tokens):
+    """One turn: the user's message, then the answer streamed into the chat (without the reasoning
+    of an open think block)."""
+    turn = user_turn(args, state, message)
+    if isinstance(turn, str):
+        yield notice(state, turn)
+        return
+    text, images = turn
+    try:
+        chat = hub.get(state["model"])
+    except RuntimeError as e:
+        yield notice(state, str(e))
+        return
+    # The user's own "<image>" text must not be taken for an image slot.
+    content = "\n".join([IMAGE_TAG] * len(images) + ([text.replace(IMAGE_TAG, "[image]")] if text else []))
+    messages = state["messages"] + [{"role": "user", "content": content}]
+    all_images = state["images"] + images
+    max_new_tokens = max(1, min(int(max_new_tokens), 4096))
+    n_prompt = len(chat.encoder.encode_prompt(messages))
+    limit = args.max_seq_len or chat.model.config.max_seq_len
+    if n_prompt + max_new_tokens > limit:
+        yield notice(state, f"The conversation is too long for the model: {n_prompt} prompt tokens + "
+                            f"{max_new_tokens} new ones > {limit}. Press Clear, or lower max new tokens.")
+        return
+    # Commit the turn before streaming, so a Stop keeps the partial answer in the history.
+    answer, display = {"role": "assistant", "content": ""}, state["display"]
+    state["messages"], state["images"] = messages + [answer], all_images
+    display.append({"role": "assistant", "content": ""})
+    yield display, None, state
+    try:
+        splitter = ReasoningSplitter(chat.open_thinking)
+        for piece in chat.stream(messages, all_images, max_new_tokens=max_new_tokens,
+                                 temperature=float(temperature), top_p=float(top_p)):
+            content = "".join(text for kind, text in splitter.feed(piece) if kind == "content")
+            if content:
+                answer["content"] += content
+                display[-1]["content"] = answer["content"]
+                yield display, gr.skip(), state
+    except Exception as e:  # keep the session usable: drop the failed turn
+        state["messages"], state["images"] = messages[:-1], all_images[:len(all_images) - len(images)]
+        display[-1]["content"] = f"⚠️ generation failed: {e}"
+        yield display, gr.skip(), state
+        return
+    if not answer["content"]:
+        display[-1]["content"] = "_(the model ended its answer without text)_"
+        yield display, gr.skip(), state
+
+
 def build_demo(args, hub):
-    limit_tokens = args.max_seq_len
-
-    def notice(state, text):
-        state["display"].append({"role": "assistant", "content": f"⚠️ {text}"})
-        return state["display"], None, state
-
-    def respond(message, state, temperature, top_p, max_new_tokens):
-        message = message or {}
-        text = (message.get("text") or "").strip()
-        files = [p for p in map(file_path, message.get("files") or []) if p]
-        if not text and not files:
-            yield notice(state, HINT)
-            return
-        display = state["display"]
-        for p in files:
-            display.append({"role": "user", "content": {"path": p}})
-        if text:
-            display.append({"role": "user", "content": text})
-        images, problems = [], []
-        for p in files:
-            try:
-                images.append(open_image(p, name=os.path.basename(p)))
-            except ValueError as e:
-                problems.append(str(e))
-        if problems:
-            yield notice(state, " ".join(problems) + " Nothing was sent to the model; try again.")
-            return
-        if len(state["images"]) + len(images) > args.max_images:
-            yield notice(state, f"Too many images: this conversation would have {len(state['images']) + len(images)}, "
-                                f"the limit is {args.max_images} (each takes its run of placeholder tokens in the model's "
-                                "context). "
-                                "Press Clear to start a new conversation.")
-            return
-        try:
-            chat = hub.get(state["model"])
-        except RuntimeError as e:
-            yield notice(state, str(e))
-            return
-        # The user's own "<image>" text must not be taken for an image slot.
-        content = "\n".join([IMAGE_TAG] * len(images) + ([text.replace(IMAGE_TAG, "[image]")] if text else []))
-        messages = state["messages"] + [{"role": "user", "content": content}]
-        all_images = state["images"] + images
-        max_new_tokens = max(1, min(int(max_new_tokens), 4096))
-        n_prompt = len(chat.encoder.encode_prompt(messages))
-        limit = limit_tokens or chat.model.config.max_seq_len
-        if n_prompt + max_new_tokens > limit:
-            yield notice(state, f"The conversation is too long for the model: {n_prompt} prompt tokens + "
-                                f"{max_new_tokens} new ones > {limit}. Press Clear, or lower max new tokens.")
-            return
-        # Commit the turn before streaming, so a Stop keeps the partial answer in the history.
-        answer = {"role": "assistant", "content": ""}
-        state["messages"], state["images"] = messages + [answer], all_images
-        display.append({"role": "assistant", "content": ""})
-        yield display, None, state
-        try:
-            splitter = ReasoningSplitter(chat.open_thinking)  # the answer is shown without its reasoning
-            for piece in chat.stream(messages, all_images, max_new_tokens=max_new_tokens,
-                                     temperature=float(temperature), top_p=float(top_p)):
-                content = "".join(text for kind, text in splitter.feed(piece) if kind == "content")
-                if content:
-                    answer["content"] += content
-                    display[-1]["content"] = answer["content"]
-                    yield display, gr.skip(), state
-        except Exception as e:  # keep the session usable: drop the failed turn
-            state["messages"], state["images"] = messages[:-1], all_images[:len(all_images) - len(images)]
-            display[-1]["content"] = f"⚠️ generation failed: {e}"
-            yield display, gr.skip(), state
-            return
-        if not answer["content"]:
-            display[-1]["content"] = "_(the model ended its answer without text)_"
-            yield display, gr.skip(), state
-
     def clear(state):
         fresh = new_session(state["model"])
         return [], None, fresh
@@ -238,7 +249,7 @@ def build_demo(args, hub):
         gr.Markdown(f"Up to {args.max_images} images per conversation; larger pictures are shrunk first. "
                     "Stop interrupts the answer (what was written stays); Clear starts over.")
 
-        chat_event = textbox.submit(respond, [textbox, state, temperature, top_p, max_new],
+        chat_event = textbox.submit(functools.partial(respond, args, hub), [textbox, state, temperature, top_p, max_new],
                                     [chatbot, textbox, state], api_name="chat",
                                     concurrency_limit=args.concurrency, concurrency_id="generate")
         stop_btn.click(None, None, None, cancels=[chat_event], api_name=False)

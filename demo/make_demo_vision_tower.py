@@ -72,12 +72,14 @@ def build_vision_tower(out_dir, hidden_size=256, num_layers=2, num_heads=4,
 
 def main():
     ap = argparse.ArgumentParser(description="Save a random-init CLIP ViT-B/16-geometry vision tower for the demo.")
-    ap.add_argument("--out_dir", default="model/vision_model/demo-clip-vit-b16", help="where to save model + processor")
-    ap.add_argument("--hidden_size", type=int, default=256, help="token width (real ViT-B/16: 768)")
-    ap.add_argument("--num_layers", type=int, default=2, help="transformer layers (real ViT-B/16: 12)")
-    ap.add_argument("--num_heads", type=int, default=4, help="attention heads (must divide hidden_size)")
-    ap.add_argument("--intermediate_size", type=int, default=None, help="MLP width (default: 4 * hidden_size)")
-    ap.add_argument("--seed", type=int, default=0, help="torch seed for the random weights")
+    add = ap.add_argument
+    add("--out_dir", default="model/vision_model/demo-clip-vit-b16", help="where to save model + processor")
+    for flag, default, what in (("--hidden_size", 256, "token width (real ViT-B/16: 768)"),
+                                ("--num_layers", 2, "transformer layers (real ViT-B/16: 12)"),
+                                ("--num_heads", 4, "attention heads (must divide hidden_size)"),
+                                ("--intermediate_size", None, "MLP width (default: 4 * hidden_size)"),
+                                ("--seed", 0, "torch seed for the random weights")):
+        add(flag, type=int, default=default, help=what)
     a = ap.parse_args()
     build_vision_tower(a.out_dir, a.hidden_size, a.num_layers, a.num_heads, a.intermediate_size, a.seed)
 

@@ -39,7 +39,10 @@ SCALE = 2  # draw at 2x and downsample: cheap anti-aliasing
 COLORS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230),
           "yellow": (240, 205, 20), "purple": (140, 50, 180), "black": (20, 20, 20)}
 SHAPES = ("circle", "square", "triangle", "star")
-SIZES = {"small": 26, "medium": 40, "large": 56}  # bounding-box side in px; a cell is ~74.7 px
+# Bounding-box side in px; a cell is ~74.7 px. The smallest spans 2.5 patches of a ViT-B/16, so
+# its outline, which tells a circle from a square, is legible in the tower's patch tokens.
+SIZES = {"small": 40, "medium": 50, "large": 60}
+JITTER = 5  # px each way: the largest shape stays inside its cell
 CELLS = ("top left", "top", "top right", "left", "center", "right",
          "bottom left", "bottom", "bottom right")
 CELL_PHRASE = {"top": "at the top", "bottom": "at the bottom", "left": "on the left",
@@ -139,8 +142,8 @@ def render(objs, seed):
     for kind, colour, where, sz in objs:
         row, col = divmod(CELLS.index(where), 3)
         # Small jitter so positions are not pixel-identical, but the shape stays inside its cell.
-        cx = ((col + 0.5) * cell + rng.uniform(-6, 6)) * SCALE
-        cy = ((row + 0.5) * cell + rng.uniform(-6, 6)) * SCALE
+        cx = ((col + 0.5) * cell + rng.uniform(-JITTER, JITTER)) * SCALE
+        cy = ((row + 0.5) * cell + rng.uniform(-JITTER, JITTER)) * SCALE
         r = SIZES[sz] / 2 * SCALE
         fill = COLORS[colour]
         if kind == "circle":

@@ -290,7 +290,7 @@ def decode_scenario(a, tower, batch, int8=False):
     return {"ttft_s": ttft, "decode_tokens_per_s": decode, "decode_tokens_per_s_per_row": decode / batch}
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
@@ -321,109 +321,130 @@ def main():
         args.dim, args.n_layers, args.n_images, args.tower, args.seconds, args.compile = 64, 2, 16, "tiny", 0.5, 0
         args.llm_batch, args.max_seq_len, args.typical_len, args.decode_tokens = 2, 128, 64, 8
         args.original_steps, args.loader_rows, args.startup_rows = 2, 32, 5000
-    only = set(args.only.split(",")) if args.only else {"loader", "startup", "train", "llm", "decode"}
-    from make_demo_vision_tower import build_vision_tower
+    return args
 
-    work = tempfile.mkdtemp(prefix="minimind_bench_")
-    tower = os.path.join(work, "tower")
-    if args.tower == "base":
-        build_vision_tower(tower, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, verbose=False)
-    else:
-        build_vision_tower(tower, hidden_size=32, num_layers=1, num_heads=2, verbose=False)
-    dtype = getattr(torch, args.dtype)
-    peaks = [matmul_peak_tflops(args.device, dtype, seconds=0.3 if args.quick else 3.0)]
-    results = {"device": args.device, "dtype": args.dtype, "dim": args.dim, "n_layers": args.n_layers,
-               "threads": torch.get_num_threads(), "loader": {}, "train": {}, "llm_step": {},
-               "decode": {}}
-    print(f"{args.device} {args.dtype}: matmul peak {peaks[0]:.2f} TFLOPS, {torch.get_num_threads()} threads", flush=True)
 
-    if "loader" in only:
-        parquet = make_parquet(os.path.join(work, "loader"), args.loader_rows)
-        for workers in (0, 1, 2):
-            r = loader_scenario(args, tower, parquet, workers)
-            results["loader"][f"{workers} workers"] = r
-            print(f"  loader, parquet, {workers} workers {r['samples_per_s']:9.1f} samples/s", flush=True)
-    if "startup" in only:
-        big = os.path.join(work, "big", "big.parquet")
-        os.makedirs(os.path.dirname(big))
-        t = time.time()
-        size = make_big_parquet(big, args.startup_rows)
-        print(f"  startup: wrote {args.startup_rows} rows, {size / 2**30:.2f} GB of parquet in {time.time() - t:.0f} s",
-              flush=True)
-        results["startup"] = startup_scenario(big, tower)
-        for label, r in results["startup"].items():
-            print(f"  startup, {label:<34} dataset ready in {r['dataset_s']:6.1f} s (process {r['process_s']:.1f} s), "
-                  f"peak RSS {r['peak_rss_mb']:.0f} MB (at the end: {r['rss_anon_mb']} MB private, "
-                  f"{r['rss_file_mb']} MB mapped files)", flush=True)
-        shutil.rmtree(os.path.dirname(big))
-    if "train" in only:
-        data_root = os.path.join(work, "data")
-        make_data(data_root, args.n_images, sft=False)
-        make_data(data_root, args.n_images, sft=True)  # the same images, so SFT's warm cache is warm
-        # (stage, cache, compiled, original-style, label)
-        runs = [("pretrain", False, False, True, "pretrain, original-style"),
-                ("pretrain", False, False, False, "pretrain, cache off"),
-                ("pretrain", True, False, False, "pretrain, cache cold"),
-                ("pretrain", True, False, False, "pretrain, cache warm"),
-                ("sft", False, False, False, "sft, cache off"), ("sft", True, False, False, "sft, cache warm")]
-        if args.compile:
-            runs.append(("pretrain", True, True, False, "pretrain, cache warm, compiled"))
-        for stage, cache, compiled, original, label in runs:
-            r = train_scenario(args, tower, data_root, stage, cache, os.path.join(work, "out"), compiled, original)
-            results["train"][label] = r
-            print(f"  {label:<32} {r['samples_per_s']:7.1f} samples/s {r['tokens_per_s']:8.0f} tok/s "
-                  f"peak {r['peak_mb']:6.0f} MB", flush=True)
-    if "llm" in only:
-        runs = [("dynamic", args.typical_len, False), ("padded", args.max_seq_len, False)]
-        if args.compile:
-            runs.append(("dynamic, compiled", args.typical_len, True))
-        for label, T, compiled in runs:
-            r = llm_step_scenario(args, T, compiled)
-            results["llm_step"][f"{label} (T={T})"] = r
-            print(f"  LLM step, {label} T={T:<5} {r['samples_per_s']:7.1f} samples/s {r['tokens_per_s']:8.0f} tok/s "
-                  f"{r['tflops']:.3f} TFLOPS", flush=True)
-        # MFU against the best peak of the run: measured again right after the LLM steps, so a slow
-        # phase of the machine during the first measurement cannot inflate it.
-        peaks.append(matmul_peak_tflops(args.device, dtype, seconds=0.3 if args.quick else 3.0))
-        for label, r in results["llm_step"].items():
-            r["mfu"] = r["tflops"] / max(peaks)
-            print(f"  MFU, LLM step {label:<28} {r['mfu']:.1%} of {max(peaks):.2f} TFLOPS", flush=True)
-    results["matmul_peak_tflops"], results["matmul_peak_tflops_measurements"] = max(peaks), peaks
-    if "decode" in only:
-        from model.inference import resolve_dtype
-        dtype_name = str(resolve_dtype(args.decode_dtype, args.device)).removeprefix("torch.")
-        int8 = [False, True] if args.device == "cpu" else [False]  # --quantize int8 is CPU-only
-        for batch, quantized in [(b, q) for q in int8 for b in (1, 8)]:
-            label = f"batch {batch}" + (", int8" if quantized else "")
-            r = decode_scenario(args, tower, batch, quantized)
-            results["decode"][label] = r
-            print(f"  decode, {label:<13} ({'int8 weights' if quantized else dtype_name}) time to first token "
-                  f"{r['ttft_s']:.3f} s, {r['decode_tokens_per_s']:7.1f} tok/s "
-                  f"({r['decode_tokens_per_s_per_row']:.1f} per row)", flush=True)
-    results["peak_rss_mb_bench_process"] = peak_memory_mb(args.device)
+def run_loader(args, tower, work, results):
+    parquet = make_parquet(os.path.join(work, "loader"), args.loader_rows)
+    for workers in (0, 1, 2):
+        r = results["loader"][f"{workers} workers"] = loader_scenario(args, tower, parquet, workers)
+        print(f"  loader, parquet, {workers} workers {r['samples_per_s']:9.1f} samples/s", flush=True)
 
-    # Ratios against the reference figures of the original implementation (same machine kind).
-    ratios = {}
-    train = results["train"]
-    if "pretrain, original-style" in train:  # the same run's baseline: immune to machine drift
+
+def run_startup(args, tower, work, results):
+    big = os.path.join(work, "big", "big.parquet")
+    os.makedirs(os.path.dirname(big))
+    t = time.time()
+    size = make_big_parquet(big, args.startup_rows)
+    print(f"  startup: wrote {args.startup_rows} rows, {size / 2**30:.2f} GB of parquet in {time.time() - t:.0f} s",
+          flush=True)
+    results["startup"] = startup_scenario(big, tower)
+    for label, r in results["startup"].items():
+        print(f"  startup, {label:<34} dataset ready in {r['dataset_s']:6.1f} s (process {r['process_s']:.1f} s), "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB (at the end: {r['rss_anon_mb']} MB private, "
+              f"{r['rss_file_mb']} MB mapped files)", flush=True)
+    shutil.rmtree(os.path.dirname(big))
+
+
+def run_train(args, tower, work, results):
+    data_root = os.path.join(work, "data")
+    make_data(data_root, args.n_images, sft=False)
+    make_data(data_root, args.n_images, sft=True)  # the same images, so SFT's warm cache is warm
+    # (stage, cache, compiled, original-style, label)
+    runs = [("pretrain", False, False, True, "pretrain, original-style"),
+            ("pretrain", False, False, False, "pretrain, cache off"),
+            ("pretrain", True, False, False, "pretrain, cache cold"),
+            ("pretrain", True, False, False, "pretrain, cache warm"),
+            ("sft", False, False, False, "sft, cache off"), ("sft", True, False, False, "sft, cache warm")]
+    if args.compile:
+        runs.append(("pretrain", True, True, False, "pretrain, cache warm, compiled"))
+    for stage, cache, compiled, original, label in runs:
+        r = train_scenario(args, tower, data_root, stage, cache, os.path.join(work, "out"), compiled, original)
+        results["train"][label] = r
+        print(f"  {label:<32} {r['samples_per_s']:7.1f} samples/s {r['tokens_per_s']:8.0f} tok/s "
+              f"peak {r['peak_mb']:6.0f} MB", flush=True)
+
+
+def run_llm(args, peaks, results):
+    runs = [("dynamic", args.typical_len, False), ("padded", args.max_seq_len, False)]
+    if args.compile:
+        runs.append(("dynamic, compiled", args.typical_len, True))
+    for label, T, compiled in runs:
+        r = results["llm_step"][f"{label} (T={T})"] = llm_step_scenario(args, T, compiled)
+        print(f"  LLM step, {label} T={T:<5} {r['samples_per_s']:7.1f} samples/s {r['tokens_per_s']:8.0f} tok/s "
+              f"{r['tflops']:.3f} TFLOPS", flush=True)
+    # MFU against the best peak of the run: measured again right after the LLM steps, so a slow
+    # phase of the machine during the first measurement cannot inflate it.
+    peaks.append(matmul_peak_tflops(args.device, getattr(torch, args.dtype), seconds=0.3 if args.quick else 3.0))
+    for label, r in results["llm_step"].items():
+        r["mfu"] = r["tflops"] / max(peaks)
+        print(f"  MFU, LLM step {label:<28} {r['mfu']:.1%} of {max(peaks):.2f} TFLOPS", flush=True)
+
+
+def run_decode(args, tower, results):
+    from model.inference import resolve_dtype
+    dtype_name = str(resolve_dtype(args.decode_dtype, args.device)).removeprefix("torch.")
+    int8 = [False, True] if args.device == "cpu" else [False]  # --quantize int8 is CPU-only
+    for batch, quantized in [(b, q) for q in int8 for b in (1, 8)]:
+        label = f"batch {batch}" + (", int8" if quantized else "")
+        r = results["decode"][label] = decode_scenario(args, tower, batch, quantized)
+        print(f"  decode, {label:<13} ({'int8 weights' if quantized else dtype_name}) time to first token "
+              f"{r['ttft_s']:.3f} s, {r['decode_tokens_per_s']:7.1f} tok/s "
+              f"({r['decode_tokens_per_s_per_row']:.1f} per row)", flush=True)
+
+
+def ratios_to_original(results):
+    """Speed-ups against the original-style baseline of the same run (immune to machine drift), and
+    against the figures measured for the original implementation on this machine kind."""
+    ratios, train, decode = {}, results["train"], results["decode"]
+    if "pretrain, original-style" in train:
         base = train["pretrain, original-style"]["samples_per_s"]
         for label in ("pretrain, cache off", "pretrain, cache cold", "pretrain, cache warm",
                       "pretrain, cache warm, compiled"):
             if label in train:
                 key = label.replace(", ", "_").replace(" ", "_")
                 ratios[f"{key}_vs_original_style_this_run"] = train[label]["samples_per_s"] / base
-    if "pretrain, cache off" in results["train"]:
-        ratios["pretrain_first_epoch_vs_original"] = results["train"]["pretrain, cache cold"]["samples_per_s"] / REFERENCE["pretrain_samples_per_s"]
+    if "pretrain, cache cold" in train:
+        ratios["pretrain_first_epoch_vs_original"] = (train["pretrain, cache cold"]["samples_per_s"]
+                                                      / REFERENCE["pretrain_samples_per_s"])
         for label in ("pretrain, cache warm", "pretrain, cache warm, compiled"):
-            if label in results["train"]:
+            if label in train:
                 key = "pretrain_cached_vs_original" + ("_compiled" if "compiled" in label else "")
-                ratios[key] = results["train"][label]["samples_per_s"] / REFERENCE["pretrain_samples_per_s"]
-    if results["decode"]:
-        for label in ("batch 1", "batch 1, int8"):
-            if label in results["decode"]:
-                key = "decode_vs_original" + ("_int8" if "int8" in label else "")
-                ratios[key] = results["decode"][label]["decode_tokens_per_s"] / REFERENCE["decode_tokens_per_s"]
-    results["vs_original_reference"] = ratios
+                ratios[key] = train[label]["samples_per_s"] / REFERENCE["pretrain_samples_per_s"]
+    for label in ("batch 1", "batch 1, int8"):
+        if label in decode:
+            key = "decode_vs_original" + ("_int8" if "int8" in label else "")
+            ratios[key] = decode[label]["decode_tokens_per_s"] / REFERENCE["decode_tokens_per_s"]
+    return ratios
+
+
+def main():
+    args = parse_args()
+    only = set(args.only.split(",")) if args.only else {"loader", "startup", "train", "llm", "decode"}
+    from make_demo_vision_tower import build_vision_tower
+    work = tempfile.mkdtemp(prefix="minimind_bench_")
+    tower = os.path.join(work, "tower")
+    if args.tower == "base":
+        build_vision_tower(tower, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, verbose=False)
+    else:
+        build_vision_tower(tower, hidden_size=32, num_layers=1, num_heads=2, verbose=False)
+    peaks = [matmul_peak_tflops(args.device, getattr(torch, args.dtype), seconds=0.3 if args.quick else 3.0)]
+    results = {"device": args.device, "dtype": args.dtype, "dim": args.dim, "n_layers": args.n_layers,
+               "threads": torch.get_num_threads(), "loader": {}, "train": {}, "llm_step": {}, "decode": {}}
+    print(f"{args.device} {args.dtype}: matmul peak {peaks[0]:.2f} TFLOPS, {torch.get_num_threads()} threads", flush=True)
+    if "loader" in only:
+        run_loader(args, tower, work, results)
+    if "startup" in only:
+        run_startup(args, tower, work, results)
+    if "train" in only:
+        run_train(args, tower, work, results)
+    if "llm" in only:
+        run_llm(args, peaks, results)
+    results["matmul_peak_tflops"], results["matmul_peak_tflops_measurements"] = max(peaks), peaks
+    if "decode" in only:
+        run_decode(args, tower, results)
+    results["peak_rss_mb_bench_process"] = peak_memory_mb(args.device)
+    results["vs_original_reference"] = ratios = ratios_to_original(results)
     for k, v in ratios.items():
         print(f"  {k}: {v:.1f}x")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

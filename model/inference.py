@@ -1,15 +1,16 @@
 """Loading a trained model for inference and talking to it: shared by eval_vlm.py, the web demo
 and the API server, so they take the same flags and build prompts the same way as training."""
 import argparse
+import dataclasses
 import os
 import sys
 
 import torch
 
 from cli import switch
-from dataset.images import to_pixels, to_rgb
+from dataset.images import load_processor, to_pixels, to_rgb
 from .chat import IMAGE_TAG, ChatEncoder, resolve_image_token_id, split_reasoning
-from .model_vlm import MiniMindVLM, VLMConfig
+from .model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig
 from .checkpoint import infer_config_from_state_dict, load_weights, read_checkpoint, weight_path
 from .quantize import quantize_int8
 
@@ -23,7 +24,7 @@ def add_model_args(parser):
     a("--dim", type=int, default=512, help="checked against (and taken from) the checkpoint")
     a("--n_layers", type=int, default=8, help="checked against (and taken from) the checkpoint")
     switch(a, "--use_moe", 0, help="checked against (and taken from) the checkpoint")
-    a("--vision_model_path", default="model/vision_model/clip-vit-base-patch16")
+    a("--vision_model_path", default=DEFAULT_VISION_MODEL, help="the vision tower's directory (CLIP or SigLIP)")
     a("--tokenizer_path", default="model")
     a("--image_token_id", type=int, default=-1,
       help="placeholder id; -1 = <|image_pad|>, or '@' (34) with the released tokenizer")
@@ -37,6 +38,31 @@ def add_model_args(parser):
       help="int8: the LLM's linear layers get int8 weights (dynamic quantization, CPU only): about 1.5x "
            "faster decoding at batch 1, at the cost of answers that can differ slightly from full precision")
     return parser
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceConfig:
+    """What loading a model for inference needs (add_model_args defines the flags); the scripts
+    build it from their flags with from_args."""
+    weight: str = "sft_vlm"
+    out_dir: str = "out"
+    dim: int = 512
+    n_layers: int = 8
+    use_moe: int = 0
+    vision_model_path: str = DEFAULT_VISION_MODEL
+    tokenizer_path: str = "model"
+    image_token_id: int = -1
+    device: str = "cpu"
+    dtype: str = "auto"
+    open_thinking: int = 0
+    quantize: str = "none"
+
+    @classmethod
+    def from_args(cls, args):
+        if getattr(args, "load", None) is not None:
+            print("note: --load is no longer needed (and will go): a directory given to --weight is read as "
+                  "transformers format, a file as a .pth", file=sys.stderr)
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 def resolve_dtype(name, device):
@@ -59,12 +85,9 @@ def is_hf_dir(weight):
 
 
 def load_model(args):
-    """-> (model in eval mode on args.device, tokenizer, image processor). Raises FileNotFoundError
-    or CheckpointError with a message naming the file and the fix."""
-    from transformers import AutoImageProcessor, AutoTokenizer
-    if getattr(args, "load", None) is not None:
-        print("note: --load is no longer needed (and will go): a directory given to --weight is read as "
-              "transformers format, a file as a .pth", file=sys.stderr)
+    """An InferenceConfig -> (model in eval mode on its device, tokenizer, image processor).
+    Raises FileNotFoundError or CheckpointError with a message naming the file and the fix."""
+    from transformers import AutoTokenizer
     if is_hf_dir(args.weight):
         model, tokenizer = load_hf_dir(args)  # a directory written by scripts/convert_model.py
         vision_path = model.config.vision_model_path  # the tower it attached
@@ -85,7 +108,7 @@ def load_model(args):
         model = MiniMindVLM(config)
         load_weights(model, sd, path)
         vision_path = args.vision_model_path
-    processor = AutoImageProcessor.from_pretrained(vision_path)
+    processor = load_processor(vision_path)
     model = model.to(args.device, resolve_dtype(args.dtype, args.device)).eval()
     if args.quantize == "int8":
         model = quantize_int8(model)

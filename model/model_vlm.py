@@ -14,6 +14,7 @@ from torch import nn
 
 from .model_minimind import MiniMindConfig, MiniMindForCausalLM
 
+DEFAULT_VISION_MODEL = "model/vision_model/clip-vit-base-patch16"  # the design's tower: CLIP ViT-B/16
 VISION_HELP = ("Download CLIP ViT-B/16 into it, e.g. `git clone https://huggingface.co/openai/clip-vit-base-patch16 "
                "model/vision_model/clip-vit-base-patch16` (or the SigLIP2 tower of the 2026 weights, "
                "siglip2-base-p32-256-ve), or build the offline demo tower with "
@@ -23,7 +24,7 @@ VISION_HELP = ("Download CLIP ViT-B/16 into it, e.g. `git clone https://huggingf
 class VLMConfig(MiniMindConfig):
     model_type = "minimind-v"
 
-    def __init__(self, vision_model_path="model/vision_model/clip-vit-base-patch16", image_token_id=3,
+    def __init__(self, vision_model_path=DEFAULT_VISION_MODEL, image_token_id=3,
                  image_token_count=196, projector="linear", proj_bias=False, vision_hidden_size=768, **kwargs):
         if projector not in ("linear", "mlp"):
             raise ValueError(f"projector must be 'linear' or 'mlp', not {projector!r}")

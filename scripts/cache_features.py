@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from dataset.feature_cache import image_key, open_cache_for  # noqa: E402
 from dataset.images import ImageError, load_processor, open_image, to_pixels  # noqa: E402
 from trainer import open_data  # noqa: E402
-from model.model_vlm import load_vision_tower, tower_features  # noqa: E402
+from model.model_vlm import DEFAULT_VISION_MODEL, load_vision_tower, tower_features  # noqa: E402
 
 
 def images_of(source):
@@ -63,7 +63,7 @@ def main():
                                          "a folder or a glob of shards)")
     a("--images_path", help="jsonl only: the folder its image names are relative to")
     a("--cache_dir", default="out/feature_cache", help="the DIR of --cache_features DIR (default: the trainer's)")
-    a("--vision_model_path", default="model/vision_model/clip-vit-base-patch16")
+    a("--vision_model_path", default=DEFAULT_VISION_MODEL)
     a("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
       help="the training run's --dtype: the tower runs in it, and the cache is keyed by it")
     a("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")

@@ -42,7 +42,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa
 
 from model.chat import IMAGE_TAG, ReasoningSplitter  # noqa: E402
 from dataset.images import open_image  # noqa: E402
-from model.inference import VLMChat, add_model_args, is_hf_dir, load_model, resolve_weight_path  # noqa: E402
+from model.inference import (InferenceConfig, VLMChat, add_model_args, is_hf_dir, load_model,  # noqa: E402
+                             resolve_weight_path)
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's own logger: our lines land in the server log, same format
 LOCAL_REFUSED = "local image refused: files must be images inside the folder given to --allow_local_files"
@@ -343,10 +344,142 @@ class JobStream(StreamingResponse):
                 self.on_gone()
 
 
+async def read_body(request, max_mb):
+    """The request body, refused (413) past max_mb before it is all read."""
+    max_bytes = int(max_mb * 1024 * 1024)
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise APIError(f"request body of {int(declared) / 2**20:.1f} MB is larger than the {max_mb:g} MB limit",
+                       status=413, code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise APIError(f"request body is larger than the {max_mb:g} MB limit", status=413,
+                           code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def prepare(raw, engine, args):
+    """Worker thread: raw body -> job. Hostile nesting is a client error, not a crash."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise APIError("the request body is nested too deeply") from None
+    except ValueError as e:  # also UnicodeDecodeError, and integers with too many digits
+        raise APIError(f"the request body is not valid JSON ({e})") from None
+    try:
+        return make_job(body, engine, args)
+    except RecursionError:
+        raise APIError("the request is nested too deeply") from None
+
+
+def make_job(body, engine, args):
+    """A checked request -> the job a worker generates: prompt ids, images and sampling settings."""
+    if not isinstance(body, dict):
+        raise APIError("the request body must be a JSON object")
+    if "messages" not in body:
+        raise APIError("missing required parameter: 'messages'", param="messages")
+    n = body.get("n")
+    if n is not None and (type(n) is not int or n != 1):  # not `in (None, 1)`: True == 1 in Python
+        raise APIError("only n=1 is supported", param="n")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise APIError("'stream' must be true or false", param="stream")
+    temperature = float(number(body, "temperature", args.temperature, 0, 2))
+    top_p = float(number(body, "top_p", args.top_p, 0, 1))
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = number(body, key, None, 1, 1 << 20, integer=True)
+    seed = number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True)
+    messages, images = parse_messages(body["messages"], args.max_images, args.allow_local_files)
+    ids = engine.chat.encoder.encode_prompt(messages)
+    room = engine.max_seq_len - len(ids)
+    if max_tokens is None:
+        max_tokens = min(args.max_tokens, room)
+    if max_tokens < 1 or max_tokens > room:
+        raise APIError(f"the prompt has {len(ids)} tokens; with {max_tokens} new tokens that exceeds the model's "
+                       f"limit of {engine.max_seq_len}", param="messages", code="context_length_exceeded")
+    options = body.get("stream_options") or {}
+    return {"ids": ids, "images": images, "max_tokens": max_tokens, "temperature": temperature,
+            "top_p": top_p if top_p > 0 else 1e-6, "seed": seed, "stream": stream,
+            "include_usage": bool(isinstance(options, dict) and options.get("include_usage")),
+            "cancel": threading.Event()}
+
+
+def gone(rid):
+    log.info("client disconnected: request %s cancelled", rid)
+    return error_response("client disconnected", 499)  # nobody reads it; keeps the access log honest
+
+
+class Answer:
+    """One request's answer, as a whole (complete) or as server-sent events (events)."""
+
+    def __init__(self, job, queue, model_id):
+        self.job, self.queue, self.model_id = job, queue, model_id
+        self.rid, self.now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def usage(self, n):
+        return {"prompt_tokens": len(self.job["ids"]), "completion_tokens": n, "total_tokens": len(self.job["ids"]) + n}
+
+    async def complete(self, request):
+        """The whole answer once generated; the generation is cancelled if the client goes away."""
+        watcher = asyncio.create_task(watch_disconnect(request, self.job, self.queue))
+        pieces = {"content": [], "reasoning": []}
+        try:
+            while True:
+                kind, value = await self.queue.get()
+                if kind in pieces:
+                    pieces[kind].append(value)
+                elif kind == "gone":
+                    return gone(self.rid)
+                elif kind == "error":
+                    return error_response(value, 500, type_="server_error")
+                else:
+                    break
+        finally:
+            watcher.cancel()
+            self.job["cancel"].set()  # whatever happened, the worker has nothing more to do
+        return {"id": self.rid, "object": "chat.completion", "created": self.now, "model": self.model_id,
+                "choices": [{"index": 0, "message": message("".join(pieces["content"]), "".join(pieces["reasoning"])),
+                             "logprobs": None, "finish_reason": value["finish_reason"]}],
+                "usage": self.usage(value["completion_tokens"])}
+
+    def chunk(self, delta, finish=None, usage=None):
+        out = {"id": self.rid, "object": "chat.completion.chunk", "created": self.now, "model": self.model_id,
+               "choices": [] if usage else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        if usage:
+            out["usage"] = usage
+        return f"data: {json.dumps(out, ensure_ascii=False)}\n\n"
+
+    async def events(self):
+        yield self.chunk({"role": "assistant", "content": ""})
+        while True:
+            kind, value = await self.queue.get()
+            if kind == "content":
+                yield self.chunk({"content": value})
+            elif kind == "reasoning":  # as other OpenAI-compatible servers stream a model's thinking
+                yield self.chunk({"reasoning_content": value})
+            elif kind == "error":
+                error = {"error": {"message": value, "type": "server_error", "param": None, "code": None}}
+                yield f"data: {json.dumps(error, ensure_ascii=False)}\n\n"
+                break
+            else:
+                yield self.chunk({}, value["finish_reason"])
+                if self.job["include_usage"]:
+                    yield self.chunk(None, usage=self.usage(value["completion_tokens"]))
+                break
+        yield "data: [DONE]\n\n"
+        self.job["answered"] = True
+
+    def stream(self):
+        return JobStream(self.events(), self.job, lambda: gone(self.rid), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 def create_app(engine: Engine, args, model_id):
     app = FastAPI(title="MiniMind-V OpenAI-compatible API", docs_url=None, redoc_url=None)
     created = int(time.time())
-    max_bytes = int(args.max_request_mb * 1024 * 1024)
     # JSON parsing and image decoding run here, never on the event loop (a few KB of PNG can take seconds
     # to decode), and apart from generation, so a request's images decode while another one generates.
     prepare_pool = ThreadPoolExecutor(2, thread_name_prefix="prepare")
@@ -375,142 +508,27 @@ def create_app(engine: Engine, args, model_id):
                                   param="model", code="model_not_found")
         return {"id": model_id, "object": "model", "created": created, "owned_by": "minimind"}
 
-    async def read_body(request):
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_bytes:
-            raise APIError(f"request body of {int(declared) / 2**20:.1f} MB is larger than the "
-                           f"{args.max_request_mb:g} MB limit", status=413, code="request_too_large")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes:
-                raise APIError(f"request body is larger than the {args.max_request_mb:g} MB limit", status=413,
-                               code="request_too_large")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    def prepare(raw):
-        """Worker thread: raw body -> job. Hostile nesting is a client error, not a crash."""
-        try:
-            body = json.loads(raw)
-        except RecursionError:
-            raise APIError("the request body is nested too deeply") from None
-        except ValueError as e:  # also UnicodeDecodeError, and integers with too many digits
-            raise APIError(f"the request body is not valid JSON ({e})") from None
-        try:
-            return make_job(body)
-        except RecursionError:
-            raise APIError("the request is nested too deeply") from None
-
-    def make_job(body):
-        if not isinstance(body, dict):
-            raise APIError("the request body must be a JSON object")
-        if "messages" not in body:
-            raise APIError("missing required parameter: 'messages'", param="messages")
-        n = body.get("n")
-        if n is not None and (type(n) is not int or n != 1):  # not `in (None, 1)`: True == 1 in Python
-            raise APIError("only n=1 is supported", param="n")
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise APIError("'stream' must be true or false", param="stream")
-        temperature = float(number(body, "temperature", args.temperature, 0, 2))
-        top_p = float(number(body, "top_p", args.top_p, 0, 1))
-        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = number(body, key, None, 1, 1 << 20, integer=True)
-        seed = number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True)
-        messages, images = parse_messages(body["messages"], args.max_images, args.allow_local_files)
-        ids = engine.chat.encoder.encode_prompt(messages)
-        room = engine.max_seq_len - len(ids)
-        if max_tokens is None:
-            max_tokens = min(args.max_tokens, room)
-        if max_tokens < 1 or max_tokens > room:
-            raise APIError(f"the prompt has {len(ids)} tokens; with {max_tokens} new tokens that exceeds the model's "
-                           f"limit of {engine.max_seq_len}", param="messages", code="context_length_exceeded")
-        options = body.get("stream_options") or {}
-        return {"ids": ids, "images": images, "max_tokens": max_tokens, "temperature": temperature,
-                "top_p": top_p if top_p > 0 else 1e-6, "seed": seed, "stream": stream,
-                "include_usage": bool(isinstance(options, dict) and options.get("include_usage")),
-                "cancel": threading.Event()}
-
     async def admitted_job(raw):
         """Take a place in the queue (or 429), then prepare the job off the event loop."""
         engine.admit()
         try:
-            return await asyncio.get_running_loop().run_in_executor(prepare_pool, prepare, raw)
+            return await asyncio.get_running_loop().run_in_executor(prepare_pool, prepare, raw, engine, args)
         except BaseException:
             engine.release()  # no generation follows
             raise
 
-    def gone(rid):
-        log.info("client disconnected: request %s cancelled", rid)
-        return error_response("client disconnected", 499)  # nobody reads it; keeps the access log honest
-
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         try:
-            job = await admitted_job(await read_body(request))
+            job = await admitted_job(await read_body(request, args.max_request_mb))
         except APIError as e:
             return e.response()
         except ClientDisconnect:  # went away while uploading
-            return gone(rid)
+            return gone("(not started)")
         queue = asyncio.Queue()
         engine.start(job, emitter(asyncio.get_running_loop(), queue))
-        usage = lambda n: {"prompt_tokens": len(job["ids"]), "completion_tokens": n,  # noqa: E731
-                           "total_tokens": len(job["ids"]) + n}
-
-        if not job["stream"]:
-            watcher = asyncio.create_task(watch_disconnect(request, job, queue))
-            pieces = {"content": [], "reasoning": []}
-            try:
-                while True:
-                    kind, value = await queue.get()
-                    if kind in pieces:
-                        pieces[kind].append(value)
-                    elif kind == "gone":
-                        return gone(rid)
-                    elif kind == "error":
-                        return error_response(value, 500, type_="server_error")
-                    else:
-                        break
-            finally:
-                watcher.cancel()
-                job["cancel"].set()  # whatever happened, the worker has nothing more to do
-            return {"id": rid, "object": "chat.completion", "created": now, "model": model_id,
-                    "choices": [{"index": 0, "message": message("".join(pieces["content"]),
-                                                                "".join(pieces["reasoning"])),
-                                 "logprobs": None, "finish_reason": value["finish_reason"]}],
-                    "usage": usage(value["completion_tokens"])}
-
-        def chunk(delta, finish=None):
-            return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_id,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-
-        def sse(obj):
-            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-        async def events():
-            yield sse(chunk({"role": "assistant", "content": ""}))
-            while True:
-                kind, value = await queue.get()
-                if kind == "content":
-                    yield sse(chunk({"content": value}))
-                elif kind == "reasoning":  # as other OpenAI-compatible servers stream a model's thinking
-                    yield sse(chunk({"reasoning_content": value}))
-                elif kind == "error":
-                    yield sse({"error": {"message": value, "type": "server_error", "param": None, "code": None}})
-                    break
-                else:
-                    yield sse(chunk({}, value["finish_reason"]))
-                    if job["include_usage"]:
-                        yield sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_id,
-                                   "choices": [], "usage": usage(value["completion_tokens"])})
-                    break
-            yield "data: [DONE]\n\n"
-            job["answered"] = True
-
-        return JobStream(events(), job, lambda: gone(rid), media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        answer = Answer(job, queue, model_id)
+        return answer.stream() if job["stream"] else await answer.complete(request)
 
     return app
 
@@ -519,7 +537,7 @@ def main(argv=None):
     import uvicorn
     args = parse_args(argv)
     try:
-        model, tokenizer, processor = load_model(args)
+        model, tokenizer, processor = load_model(InferenceConfig.from_args(args))
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # CheckpointError is a RuntimeError
         sys.exit(f"error: {e}")
     engine = Engine(VLMChat(model, tokenizer, processor, args.open_thinking), args.max_seq_len, args.max_queue)
