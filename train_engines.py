@@ -6,9 +6,10 @@ deepspeed.initialize, which partitions it (ZeRO 1/2/3), accumulates, clips and k
 weights; resume is DeepSpeed's own checkpoint directory with our state in its client_state.
 
 Both train a module without the vision tower: the trainer runs the frozen tower itself, in the
-engine's `compute_dtype`, and passes its features to the forward. Both write the same `.pth`
-weights (every key but the vision tower's, fp32, released key names), so eval and export do not
-care how a model was trained. The engines take the trainer's TrainConfig (read-only); errors
+engine's `compute_dtype`, and passes its features to the forward. Both give the trainer the same
+`full_state()` (fp32, our key names, LoRA adapters apart), from which it writes the `.pth`
+(released key names, adapters folded in) and the LoRA adapter file, so eval and export do not care
+how a model was trained. The engines take the trainer's TrainConfig (read-only); errors
 are exceptions for trainer.main to report. deepspeed is imported only by DeepSpeedEngine.
 """
 import contextlib
@@ -21,8 +22,8 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from model.checkpoint import (CheckpointError, atomic_save, llm_state_dict, load_weights, read_checkpoint,
-                              to_file_format)
+from model.checkpoint import CheckpointError, atomic_save, llm_state_dict, load_weights, read_checkpoint
+from model.lora import has_lora
 
 RESUME_KEYS = {"model", "optimizer", "scaler", "rng", "state"}
 RESUME_EXPECTED = ("expected a resume file written by train_pretrain_vlm.py / train_sft_vlm.py: check --out_dir, "
@@ -81,15 +82,18 @@ class TorchEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return ok
 
-    def weights(self):
-        return llm_state_dict(self.model)
+    def full_state(self):
+        """Every weight (fp32, CPU) under the model's own key names, LoRA adapters apart."""
+        return {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
 
     def resume_exists(self):
         return os.path.isfile(self.resume_path)
 
     def save_resume(self, extra, is_main):
         if is_main:
-            atomic_save({"model": llm_state_dict(self.model), "optimizer": self.optimizer.state_dict(),
+            # with LoRA, the adapters and their base weights apart (our key names); else the .pth's content
+            weights = self.full_state() if has_lora(self.model) else llm_state_dict(self.model)
+            atomic_save({"model": weights, "optimizer": self.optimizer.state_dict(),
                          "scaler": self.scaler.state_dict(), **extra}, self.resume_path)
 
     def load_resume(self):
@@ -101,7 +105,14 @@ class TorchEngine:
         if missing:
             raise CheckpointError(f"{path} is not a valid resume file: no {sorted(missing)} entries; {RESUME_EXPECTED}")
         # every rank loads it: same weights, whatever the world size
-        load_weights(self.model, ckpt["model"], f"{path} (its model weights)")
+        if has_lora(self.model) or any(".lora_" in k for k in ckpt["model"]):
+            own = {k: v.shape for k, v in self.model.state_dict().items()}
+            if {k: v.shape for k, v in ckpt["model"].items()} != own:
+                raise CheckpointError(f"{path} was saved with other LoRA adapters than this run has (or without); "
+                                      f"resume with the --lora_rank and --lora_targets it was saved with")
+            self.model.load_state_dict(ckpt["model"])
+        else:
+            load_weights(self.model, ckpt["model"], f"{path} (its model weights)")
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])  # full (unsharded) AdamW state: any world size
         except ValueError as e:
@@ -202,9 +213,10 @@ class DeepSpeedEngine:
         self.engine.step()  # clips; skips (and says so) when a gradient is not finite
         return loss_ok and (self.fp16 or self.engine.was_step_applied())  # fp16: overflow is its loss scaler's
 
-    def weights(self):
-        """Full fp32 weights under the released key names, on every rank (collective: call on all).
-        Trainable ones from the optimizer's fp32 master copy, gathered from the ZeRO partitions."""
+    def full_state(self):
+        """Every weight (fp32, CPU) under the model's own key names, LoRA adapters apart, on every rank
+        (collective: call on all). Trainable ones from the optimizer's fp32 master copy, gathered
+        from the ZeRO partitions."""
         from deepspeed.utils import safe_get_full_fp32_param
         out, done = {}, {}
         for name, t in self.model.state_dict(keep_vars=True).items():
@@ -221,7 +233,7 @@ class DeepSpeedEngine:
             else:
                 value = t.detach().float().cpu()
             out[name] = value
-        return to_file_format(out, self.model.config)  # a 2026-generation model saves in the 2026 keys
+        return out
 
     def resume_exists(self):
         return os.path.isfile(os.path.join(self.resume_path, "latest"))

@@ -40,8 +40,9 @@ from dataset.lm_dataset import VLMDataset, collate_batch
 from dataset.samples import open_source
 from dataset.sampler import ResumableBatchSampler
 from model.chat import resolve_image_token_id
-from model.checkpoint import (CheckpointError, DiskFullError, atomic_save, infer_config_from_state_dict, load_weights,
-                              read_checkpoint, weight_name, weight_path)
+from model.checkpoint import (CheckpointError, DiskFullError, atomic_save, infer_config_from_state_dict, llm_state_dict,
+                              load_weights, read_checkpoint, weight_name, weight_path)
+from model.lora import LORA_LAYERS, LoraSettings, adapter_state_dict, add_lora, has_lora, save_adapter
 from model.model_minimind import count_llm_params
 from model.model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig, tower_features
 from train_engines import DeepSpeedEngine, TorchEngine
@@ -49,7 +50,8 @@ from train_engines import DeepSpeedEngine, TorchEngine
 # --- Configuration: the flags, parsed once at the edge into a read-only TrainConfig ---
 
 FREEZE_HELP = ("what trains besides the projector: 0: the whole LLM; 1: its last layer; 2: nothing; "
-               "3: its first and last layers (the 2026 release's SFT)")
+               "3: its first and last layers (the 2026 release's SFT). With --lora_rank, the adapters train, "
+               "0 and 2 add nothing, 1 and 3 also train those layers in full")
 
 
 def build_parser(description, **defaults):
@@ -91,6 +93,14 @@ def build_parser(description, **defaults):
     a("--projector", default="linear", choices=["linear", "mlp"],
       help="a new projector's kind: linear (one bias-free Linear, the design) or mlp (LayerNorm, Linear, GELU, "
            "Linear, as the 2026 release); a --from_weight VLM checkpoint brings its own")
+    a("--lora_rank", type=int, default=0,
+      help="LoRA (peft) adapters of this rank on the LLM's linear layers instead of training them in full "
+           "(0 = off); the projector trains in full. Saves {save_weight}_{dim}_lora.safetensors (small) "
+           "beside the .pth (adapters merged in). Works with DDP and DeepSpeed ZeRO-1/2/3")
+    a("--lora_alpha", type=float, help="LoRA scale numerator: the update is alpha/rank * B @ A (default: 2 x rank)")
+    a("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    a("--lora_targets", default=",".join(LORA_LAYERS),
+      help="which linear layers of every LLM block get adapters: attention wq,wk,wv,wo and FFN w1,w2,w3")
     switch(a, "--skip_bad_samples", 0,
            help="skip (and count) malformed samples instead of stopping with an error")
     switch(a, "--group_by_length", 1, help="batch samples of similar length")
@@ -150,6 +160,10 @@ class TrainConfig:
     from_resume: int
     freeze_llm: int | None
     projector: str
+    lora_rank: int
+    lora_alpha: float | None
+    lora_dropout: float
+    lora_targets: str
     skip_bad_samples: int
     group_by_length: int
     pad_to_max_len: int
@@ -344,6 +358,7 @@ class Checkpointer:
 
     def __init__(self, engine, weights_path, cfg, cluster):
         self.engine, self.weights_path, self.cluster = engine, weights_path, cluster
+        self.adapter_path = weights_path.removesuffix(".pth") + "_lora.safetensors"  # with --lora_rank
         self.args, self.seed = plain_args(cfg), cfg.seed
         self.all_ranks_save = bool(cfg.deepspeed) and cluster.world > 1  # DeepSpeed's checkpoint needs every rank
         self.start_step, self.last = 0, None
@@ -385,7 +400,9 @@ class Checkpointer:
         """Weights + resume file. kind: "periodic" (a full disk only warns), "stop" or "final".
         `rngs`: the RNG streams to save instead of gathering every rank's (after an error, when
         rank 0 saves alone, without collectives: the other ranks may be stuck in one)."""
-        weights = self.engine.weights()  # collective under DeepSpeed (gathers ZeRO partitions)
+        full = self.engine.full_state()  # collective under DeepSpeed (gathers ZeRO partitions)
+        model = self.engine.model
+        weights = llm_state_dict(model, full)  # released key names, LoRA adapters folded in
         resume = {"rng": self.cluster.gather(rng_state()) if rngs is None else rngs,  # collective under DDP
                   "state": dict(state), "args": self.args}
         periodic, saved, is_main = kind == "periodic", [], self.cluster.is_main
@@ -395,6 +412,10 @@ class Checkpointer:
                 raise StopTraining(f"non-finite values in {bad[:3]}: not saving {self.weights_path}")
             if write_checkpoint(lambda: atomic_save(weights, self.weights_path), periodic):
                 saved.append(self.weights_path)
+            if has_lora(model) and write_checkpoint(
+                    lambda: save_adapter(adapter_state_dict(model, full), model.lora_settings, model.config,
+                                         self.adapter_path), periodic):
+                saved.append(self.adapter_path)
         if write_checkpoint(lambda: self.engine.save_resume(resume, is_main), periodic) and kind != "final":
             saved.append(self.engine.resume_path)
         if is_main and saved:
@@ -536,11 +557,16 @@ def start_weights(cfg):
 
 
 def set_trainable(model, freeze_llm):
-    model.requires_grad_(freeze_llm == 0)
+    """--freeze_llm (see FREEZE_HELP); with LoRA adapters, they train and the layers they wrap do not."""
+    lora = has_lora(model)
+    model.requires_grad_(freeze_llm == 0 and not lora)
     if freeze_llm in (1, 3):
         model.layers[-1].requires_grad_(True)
     if freeze_llm == 3:
         model.layers[0].requires_grad_(True)
+    for name, p in model.named_parameters():
+        if lora and ".lora_" in name:
+            p.requires_grad_(True)
     model.vision_proj.requires_grad_(True)
     if model.vision_encoder is not None:
         model.vision_encoder.requires_grad_(False)
@@ -562,6 +588,8 @@ def build_model(cfg, tokenizer, device):
     model = MiniMindVLM(config)
     if start:
         load_weights(model, sd, start)
+    if cfg.lora_rank:
+        add_lora(model, LoraSettings.from_flags(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets))
     set_trainable(model, cfg.freeze_llm)
     model.to(device)
     # The frozen tower's weights go to the training dtype once: under autocast alone every
@@ -703,7 +731,8 @@ def build_run(cfg, cluster):
     if cluster.is_main:
         print(f"{name}: LLM {n_llm / 1e6:.2f}M params, trainable {n_train / 1e6:.2f}M, {len(dataset)} samples, "
               f"world {cluster.world}, device {cluster.device}, {cfg.dtype}"
-              + (f", {cfg.deepspeed}" if cfg.deepspeed else ""))
+              + (f", {cfg.deepspeed}" if cfg.deepspeed else "")
+              + (f", LoRA rank {cfg.lora_rank} on {cfg.lora_targets}" if cfg.lora_rank else ""))
     encoder = ImageEncoder(tower.to(engine.compute_dtype), engine.autocast, cache)
     return Run(cfg, cluster, engine.model, engine, encoder, sampler, loader, checkpointer, logger, state,
                n_samples=len(dataset),

@@ -65,24 +65,26 @@ class ModelHub:
         self.choices = self.discover()
 
     def discover(self):
-        """label -> (load, path). Labels are file / directory names (the full path on a clash)."""
+        """label -> (load, path, lora). Labels are file / directory names (the full path on a clash);
+        the --weight model carries the --lora adapter, named in its label."""
         args, found = self.args, []
         if is_hf_dir(args.weight):
-            found.append((1, args.weight))
+            found.append((1, args.weight, args.lora))
         elif os.path.isfile(resolve_weight_path(args)):
-            found.append((0, resolve_weight_path(args)))
-        found += [(0, p) for p in sorted(glob.glob(os.path.join(args.out_dir, "*.pth")))]
-        found += [(1, d) for d in args.hf_dirs]
+            found.append((0, resolve_weight_path(args), args.lora))
+        found += [(0, p, None) for p in sorted(glob.glob(os.path.join(args.out_dir, "*.pth")))]
+        found += [(1, d, None) for d in args.hf_dirs]
         choices, seen = OrderedDict(), set()
-        for load, path in found:
+        for load, path, lora in found:
             path = os.path.normpath(path)
-            if (load, path) in seen:
+            if (load, path, lora) in seen:
                 continue
-            seen.add((load, path))
-            label = os.path.basename(path) + (" [transformers]" if load == 1 else "")
+            seen.add((load, path, lora))
+            suffix = (" [transformers]" if load == 1 else "") + (f" + {os.path.basename(lora)}" if lora else "")
+            label = os.path.basename(path) + suffix
             if label in choices:
-                label = path + (" [transformers]" if load == 1 else "")
-            choices[label] = (load, path)
+                label = path + suffix
+            choices[label] = (load, path, lora)
         self.default = next(iter(choices), None)
         return choices
 
@@ -100,7 +102,8 @@ class ModelHub:
                 return self.cache[label]
             if label not in self.choices:
                 raise RuntimeError(f"unknown model {label!r}")
-            cfg = dataclasses.replace(self.cfg, weight=self.choices[label][1])  # a .pth or a directory
+            _, weight, lora = self.choices[label]
+            cfg = dataclasses.replace(self.cfg, weight=weight, lora=lora)  # a .pth or a directory
             try:
                 chat = VLMChat(*load_model(cfg), cfg.open_thinking)
             except Exception as e:

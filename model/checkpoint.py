@@ -20,6 +20,8 @@ import re
 
 import torch
 
+from .lora import fold_lora
+
 
 def weight_name(name, dim, use_moe):
     """The file name stem the trainers write and every loader looks up: {name}_{dim}[_moe]."""
@@ -96,11 +98,14 @@ def to_file_format(sd, config):
     return {name_2026(k): _permute_heads(v, inverse) if ROPE_ROWS.search(k) else v for k, v in sd.items()}
 
 
-def llm_state_dict(model):
+def llm_state_dict(model, sd=None):
     """The checkpoint: every key but the vision tower's, fp32, in the key format of the model's
-    generation (the 2025 or the 2026 release's, so it loads into that release's own code too)."""
-    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if not k.startswith("vision_encoder.")}
-    return to_file_format(sd, model.config)
+    generation (the 2025 or the 2026 release's, so it loads into that release's own code too), with
+    any LoRA adapters folded in. `sd` (default: the model's own) supplies the values, under the
+    model's key names (e.g. DeepSpeed's gathered fp32 copy)."""
+    sd = model.state_dict() if sd is None else sd
+    sd = {k: v.detach().float().cpu() for k, v in sd.items() if not k.startswith("vision_encoder.")}
+    return to_file_format(fold_lora(sd, model), model.config)
 
 
 class CheckpointError(RuntimeError):
@@ -135,8 +140,8 @@ def _disk_full(e):
     return None
 
 
-def atomic_save(obj, path):
-    """torch.save to a temp file, fsync, then rename: a kill mid-write never leaves a truncated file
+def atomic_save(obj, path, dump=torch.save):
+    """dump(obj, file) (torch.save) to a temp file, fsync, then rename: a kill mid-write never leaves a truncated file
     under the real name, and the previous good file stays until the new one is complete. A failed
     write removes its temp file (on a full disk it holds the space that is missing); a full disk
     raises DiskFullError naming the path."""
@@ -144,7 +149,7 @@ def atomic_save(obj, path):
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            dump(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -12,6 +12,7 @@ from dataset.images import load_processor, to_pixels, to_rgb
 from .chat import IMAGE_TAG, ChatEncoder, resolve_image_token_id, split_reasoning
 from .model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig
 from .checkpoint import infer_config_from_state_dict, load_weights, read_checkpoint, weight_path
+from .lora import adapter_projector, load_adapter, merge_lora
 from .quantize import quantize_int8
 
 
@@ -34,6 +35,8 @@ def add_model_args(parser):
     switch(a, "--open_thinking", 0,
            help="let the model reason before answering, where the chat template supports it (the 2026 "
                 "release's <think> block); answers are shown without the reasoning")
+    a("--lora", metavar="PATH", help="a LoRA adapter (train_*_vlm.py --lora_rank writes "
+                                     "{save_weight}_{dim}_lora.safetensors) applied to --weight, without merging")
     a("--quantize", default="none", choices=["none", "int8"],
       help="int8: the LLM's linear layers get int8 weights (dynamic quantization, CPU only): about 1.5x "
            "faster decoding at batch 1, at the cost of answers that can differ slightly from full precision")
@@ -56,6 +59,7 @@ class InferenceConfig:
     dtype: str = "auto"
     open_thinking: int = 0
     quantize: str = "none"
+    lora: str | None = None
 
     @classmethod
     def from_args(cls, args):
@@ -97,7 +101,7 @@ def load_model(args):
             raise FileNotFoundError(f"weights {path} not found. Train them (see README) or pass --weight PATH.pth")
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
         sd = read_checkpoint(path)  # weights_only; a file that is not model weights says so, with its path
-        found = infer_config_from_state_dict(sd, path)
+        found = infer_config_from_state_dict({**sd, **adapter_projector(args.lora)}, path)
         for key in ("dim", "n_layers", "use_moe"):
             if int(getattr(args, key)) != int(found[key]):
                 print(f"note: {path} has {key}={int(found[key])} (flag said {getattr(args, key)}); using the checkpoint's")
@@ -108,10 +112,12 @@ def load_model(args):
         model = MiniMindVLM(config)
         load_weights(model, sd, path)
         vision_path = args.vision_model_path
+    if args.lora:
+        load_adapter(model, args.lora)
     processor = load_processor(vision_path)
     model = model.to(args.device, resolve_dtype(args.dtype, args.device)).eval()
     if args.quantize == "int8":
-        model = quantize_int8(model)
+        model = quantize_int8(merge_lora(model))  # int8 layers replace plain Linears: fold the adapters in first
     return model, tokenizer, processor
 
 

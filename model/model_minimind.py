@@ -231,6 +231,12 @@ class MiniMindForCausalLM(PreTrainedModel):
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
 
+    def get_input_embeddings(self):  # what transformers and peft look up (resizing, tied weights)
+        return self.tok_embeddings
+
+    def get_output_embeddings(self):
+        return self.output
+
     def supervised_loss(self, h, targets):
         """[n, D] hidden states of supervised positions, [n] targets -> (logits [n, V], summed CE)."""
         logits = self.output(h)

@@ -13,7 +13,7 @@ import torch
 import trainer
 from conftest import TINY_LLM, make_toy_data
 from dataset.sampler import ResumableBatchSampler
-from model.checkpoint import DiskFullError
+from model.checkpoint import DiskFullError, llm_state_dict
 from train_engines import TorchEngine
 
 
@@ -161,7 +161,7 @@ def test_a_saved_checkpoint_resumes_weights_state_and_random_streams(tower_dir, 
     loader = checkpointer(MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM)), cfg, tmp_path)
     assert loader.resume() == state
     assert draws() == expected
-    saved, restored = torch.load(tmp_path / "unit_64.pth"), loader.engine.weights()
+    saved, restored = torch.load(tmp_path / "unit_64.pth"), llm_state_dict(loader.engine.model)
     assert saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)
 
 

@@ -1,0 +1,49 @@
+"""Merge a LoRA adapter into its base weights: an ordinary .pth in the base's key format.
+
+    python scripts/merge_lora.py --weight out/pretrain_vlm_512.pth \
+        --lora out/sft_vlm_512_lora.safetensors --out out/sft_vlm_merged_512.pth
+
+train_*_vlm.py --lora_rank R already writes the merged .pth beside the adapter; this is for an
+adapter applied to other base weights (the released ones, say), or shared on its own. The
+result loads anywhere a .pth does: eval_vlm.py, the web demo, the API, convert_model.py. No vision
+tower is needed: the adapter's projector decides the projector's shape.
+"""
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from model.checkpoint import (CheckpointError, atomic_save, infer_config_from_state_dict,  # noqa: E402
+                              llm_state_dict, load_weights, read_checkpoint)
+from model.lora import adapter_projector, load_adapter, merge_lora  # noqa: E402
+from model.model_vlm import MiniMindVLM, VLMConfig  # noqa: E402
+
+
+def merge(weight, lora, out):
+    """base .pth + adapter file -> merged .pth at `out` (atomic). Raises CheckpointError/ValueError."""
+    sd = read_checkpoint(weight)
+    found = infer_config_from_state_dict({**sd, **adapter_projector(lora)}, weight)
+    model = MiniMindVLM(VLMConfig(**found), load_tower=False)
+    load_weights(model, sd, weight)
+    merge_lora(load_adapter(model, lora))
+    atomic_save(llm_state_dict(model), out)  # the key format of the base's generation
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weight", required=True, help="the base .pth the adapter was trained on")
+    ap.add_argument("--lora", required=True, help="the adapter: {save_weight}_{dim}_lora.safetensors")
+    ap.add_argument("--out", required=True, help="the merged .pth to write")
+    a = ap.parse_args(argv)
+    try:
+        print(f"wrote {merge(a.weight, a.lora, a.out)}")
+    except (CheckpointError, ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

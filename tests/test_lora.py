@@ -1,0 +1,199 @@
+"""LoRA fine-tuning (peft): what trains, what is saved, and that an adapter applied to its base
+weights gives the same model as its merge, for both model generations."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_LLM, read_log, script_flags
+from model.checkpoint import llm_state_dict, load_weights
+from model.lora import (LORA_LAYERS, LoraSettings, adapter_state_dict, add_lora, load_adapter, merge_lora, plain_key,
+                        save_adapter)
+from model.model_vlm import MiniMindVLM, VLMConfig
+
+GENERATIONS = ["minimind2", "minimind3"]
+
+
+def tiny(tower_dir, generation="minimind2", seed=0, **kw):
+    torch.manual_seed(seed)
+    return MiniMindVLM(VLMConfig(vision_model_path=tower_dir, generation=generation, **TINY_LLM, **kw)).eval()
+
+
+def with_trained_adapters(model, rank=4, targets=LORA_LAYERS):
+    """Adapters as if trained: lora_B is zero at creation (a no-op adapter), so give it values."""
+    add_lora(model, LoraSettings(rank, 2.0 * rank, 0.0, tuple(targets)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(std=0.05)
+    return model
+
+
+def logits(model, tower_dir, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, 6400, (2, 210), generator=g)
+    ids[:, 4:4 + model.config.image_token_count] = model.config.image_token_id
+    with torch.no_grad():
+        return model(ids, pixel_values=torch.randn(2, 3, 224, 224, generator=g)).logits
+
+
+def run_script(script, *args, check=True):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+# 1. Settings and the wrapped layers.
+
+def test_adapters_wrap_every_attention_and_ffn_projection_of_the_llm_only(tower_dir):
+    model = add_lora(tiny(tower_dir), LoraSettings.from_flags(4, None, 0.0, "wq,wk,wv,wo,w1,w2,w3"))
+    wrapped = {n for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+    assert wrapped == {f"layers.{i}.{part}" for i in range(2) for part in
+                       ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                        "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")}
+    assert model.lora_settings.alpha == 8.0  # default: twice the rank
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+
+
+def test_targets_can_be_narrowed_and_unknown_ones_are_refused(tower_dir):
+    model = add_lora(tiny(tower_dir), LoraSettings.from_flags(2, 4, 0.0, "wq,wv"))
+    assert {n.rsplit(".", 1)[1] for n, m in model.named_modules() if hasattr(m, "base_layer")} == {"wq", "wv"}
+    with pytest.raises(ValueError, match="unknown: q_proj"):
+        LoraSettings.from_flags(2, None, 0.0, "wq,q_proj")
+
+
+# 2. Merged and unmerged are the same model.
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_merged_weights_give_the_unmerged_logits(tower_dir, generation):
+    model = with_trained_adapters(tiny(tower_dir, generation))
+    unmerged = logits(model, tower_dir)
+    base = tiny(tower_dir, generation, seed=5)
+    load_weights(base, llm_state_dict(model))  # the .pth a LoRA run writes: adapters folded in
+    assert torch.allclose(logits(base, tower_dir), unmerged, atol=1e-5)
+    assert torch.allclose(logits(merge_lora(model), tower_dir), unmerged, atol=1e-5)
+    assert not any(hasattr(m, "base_layer") for m in model.modules())
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_an_adapter_file_applied_to_its_base_gives_the_trained_model(tower_dir, generation, tmp_path):
+    trained = with_trained_adapters(tiny(tower_dir, generation))
+    base_sd = {plain_key(k): v for k, v in trained.state_dict().items() if ".lora_" not in k}  # the base weights
+    path = str(tmp_path / "a_64_lora.safetensors")
+    save_adapter(adapter_state_dict(trained), trained.lora_settings, trained.config, path)
+    fresh = tiny(tower_dir, generation, seed=9)
+    fresh.load_state_dict(base_sd)
+    load_adapter(fresh, path)
+    assert torch.allclose(logits(fresh, tower_dir), logits(trained, tower_dir), atol=1e-6)
+
+
+def test_an_adapter_for_another_model_size_is_refused_with_both_shapes(tower_dir, tmp_path):
+    trained = with_trained_adapters(tiny(tower_dir))
+    path = str(tmp_path / "a_64_lora.safetensors")
+    save_adapter(adapter_state_dict(trained), trained.lora_settings, trained.config, path)
+    other = MiniMindVLM(VLMConfig(vision_model_path=tower_dir, dim=64, n_layers=3))
+    with pytest.raises(ValueError, match="'n_layers': 2.*'n_layers': 3"):
+        load_adapter(other, path)
+    not_adapter = tmp_path / "x.safetensors"
+    not_adapter.write_bytes(b"junk")
+    with pytest.raises(ValueError, match="is not a safetensors file"):
+        load_adapter(tiny(tower_dir), str(not_adapter))
+
+
+# 3. Through the real scripts.
+
+def sft_flags(data, tower_dir, out, **extra):
+    defaults = dict(from_weight="pretrain_vlm", learning_rate=3e-3, dtype="float32", seed=7, lora_rank=4)
+    return script_flags(data, tower_dir, str(out), **{**defaults, **extra})
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, tower_dir):
+    """A tiny pretrain_vlm_64.pth to fine-tune, and the toy data."""
+    from conftest import make_toy_data
+    root = tmp_path_factory.mktemp("lora")
+    data = make_toy_data(root)
+    run_script("train_pretrain_vlm.py", *script_flags(data, tower_dir, str(root / "out"), from_weight="none",
+                                                      freeze_llm=0, epochs=1, dtype="float32"))
+    return data, root / "out"
+
+
+@pytest.mark.slow
+def test_lora_sft_trains_only_the_adapters_and_the_projector(pretrained, tower_dir):
+    data, out = pretrained
+    proc = run_script("train_sft_vlm.py", *sft_flags(data, tower_dir, out))
+    assert "LoRA rank 4" in proc.stdout and "sft_vlm_64_lora.safetensors" in proc.stdout
+    from safetensors.torch import load_file
+    adapter = load_file(out / "sft_vlm_64_lora.safetensors")
+    n_layers, n_wrapped = 2, 7
+    assert {k for k in adapter if ".lora_" in k} == {
+        f"layers.{i}.{m}.lora_{ab}.weight" for i in range(n_layers) for ab in "AB"
+        for m in ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                  "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")}
+    assert {k for k in adapter if ".lora_" not in k} == {"vision_proj.vision_proj.0.weight"}
+    assert len(adapter) == 2 * n_layers * n_wrapped + 1
+    base, merged = torch.load(out / "pretrain_vlm_64.pth"), torch.load(out / "sft_vlm_64.pth")
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert "vision_proj.vision_proj.0.weight" in changed
+    assert changed - {"vision_proj.vision_proj.0.weight"} == {
+        f"layers.{i}.{m}.weight" for i in range(n_layers)
+        for m in ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                  "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")}  # embeddings and norms untouched
+    log = read_log(out / "sft_vlm_64_log.jsonl")
+    assert log[-1]["loss"] < log[0]["loss"]
+
+
+@pytest.mark.slow
+def test_lora_with_freeze_llm_1_also_trains_the_last_layer_in_full(pretrained, tower_dir, tmp_path):
+    data, out = pretrained
+    run_script("train_sft_vlm.py", *sft_flags(data, tower_dir, out, freeze_llm=1, save_weight="lora_f1", epochs=1))
+    from safetensors.torch import load_file
+    adapter = load_file(out / "lora_f1_64_lora.safetensors")
+    assert {"layers.1.attention_norm.weight", "layers.1.attention.wq.weight"} <= set(adapter)
+    assert not any(k.startswith("layers.0.") and ".lora_" not in k for k in adapter)
+
+
+@pytest.mark.slow
+def test_lora_resume_with_accumulation_reproduces_the_uninterrupted_run(pretrained, tower_dir, tmp_path):
+    data, out = pretrained
+    base = out / "pretrain_vlm_64.pth"
+    args = dict(from_weight=str(base), accumulation_steps=2, batch_size=1, epochs=2)
+    run_script("train_sft_vlm.py", *sft_flags(data, tower_dir, tmp_path / "a", **args))
+    run_script("train_sft_vlm.py", *sft_flags(data, tower_dir, tmp_path / "b", stop_after_steps=5, **args))
+    resumed = run_script("train_sft_vlm.py", *sft_flags(data, tower_dir, tmp_path / "b", from_resume=1, **args))
+    assert "resumed from" in resumed.stdout
+    full, split = read_log(tmp_path / "a" / "sft_vlm_64_log.jsonl"), read_log(tmp_path / "b" / "sft_vlm_64_log.jsonl")
+    assert [r["step"] for r in split] == [r["step"] for r in full] == list(range(1, 13))
+    for a, b in zip(full, split):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5)
+    wrong = run_script("train_sft_vlm.py", *sft_flags(data, tower_dir, tmp_path / "b", from_resume=1, lora_rank=8,
+                                                      **args), check=False)
+    assert wrong.returncode == 1 and "other LoRA adapters" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+@pytest.mark.slow
+def test_merge_script_and_eval_lora_flag_agree_with_the_trained_pth(pretrained, tower_dir, tmp_path):
+    data, out = pretrained
+    run_script("train_sft_vlm.py", *sft_flags(data, tower_dir, out, save_weight="lora_m", epochs=1))
+    merged = tmp_path / "merged_64.pth"
+    run_script("scripts/merge_lora.py", "--weight", out / "pretrain_vlm_64.pth",
+               "--lora", out / "lora_m_64_lora.safetensors", "--out", merged)
+    trained, again = torch.load(out / "lora_m_64.pth"), torch.load(merged)
+    assert trained.keys() == again.keys() and all(torch.allclose(trained[k], again[k], atol=1e-6) for k in trained)
+
+    from model.inference import InferenceConfig, load_model
+    cfg = dict(vision_model_path=tower_dir, dtype="float32", dim=64, n_layers=2)
+    unmerged, _, _ = load_model(InferenceConfig(weight=str(out / "pretrain_vlm_64.pth"),
+                                                lora=str(out / "lora_m_64_lora.safetensors"), **cfg))
+    plain, _, _ = load_model(InferenceConfig(weight=str(merged), **cfg))
+    assert torch.allclose(logits(unmerged, tower_dir), logits(plain, tower_dir), atol=1e-5)
+
+    proc = run_script("eval_vlm.py", "--weight", out / "pretrain_vlm_64.pth", "--lora", out / "lora_m_64_lora.safetensors",
+                      "--vision_model_path", tower_dir, "--dim", 64, "--n_layers", 2, "--bench", data[0],
+                      "--images_path", data[1], "--limit", 4, check=False)
+    assert proc.returncode == 0, proc.stderr
