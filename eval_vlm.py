@@ -1,6 +1,7 @@
 """Talk to, or score, a trained MiniMind-V model. Three modes:
 
-  folder (default)  ask --prompt about every image in --image_dir (or just --image), streaming answers
+  folder (default)  ask --prompt about every image in --image_dir (or just --image, or a --video's
+                    --frames frames, shown with their timestamps), streaming answers
   --chat            a multi-turn terminal conversation about one image (/image PATH, /clear, /quit)
   --bench FILE      greedy exact-match accuracy on SFT-format data (jsonl + images, or parquet); the last line is
                     `accuracy=0.913 n=300`. --blind swaps every image for a blank one: the no-vision baseline.
@@ -20,9 +21,11 @@ from PIL import Image
 from cli import switch
 from dataset.images import ImageError, open_image
 from dataset.samples import open_source
-from model.chat import IMAGE_TAG
+from dataset.video import add_video_args, read_frames
+from model.chat import IMAGE_TAG, VIDEO_TAG, expand_video
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+DEFAULT_PROMPT = "Describe the image."
 BLANK = (128, 128, 128)  # mid-grey is ~CLIP's mean pixel: after normalisation the image is almost all zeros
 
 
@@ -71,6 +74,9 @@ def read_questions(path, images_path=None, limit=0):
     questions = []
     for i in range(min(len(source), limit) if limit else len(source)):
         sample = source.get(i)  # raises SampleError (a ValueError) naming file and row
+        if sample.video is not None:
+            raise ValueError(f"{sample.where}: --bench does not score video samples yet (train on them, or ask "
+                             f"with --video)")
         names = [os.path.basename(s) if isinstance(s, str) else f"embedded image {k + 1}"
                  for k, s in enumerate(sample.images)]
         for j, turn in enumerate(sample.messages):
@@ -147,6 +153,19 @@ def stream_answer(chat, tokenizer, messages, images, args):
 
 def with_tag(prompt):
     return prompt if IMAGE_TAG in prompt else f"{IMAGE_TAG}\n{prompt}"
+
+
+def video_mode(chat, tokenizer, args):
+    """--video: its frames, in time order and with their timestamps, as the images of one prompt."""
+    try:
+        frames, times = read_frames(args.video, args.frames, args.max_video_seconds)
+    except ValueError as e:  # VideoError, or --frames out of range
+        sys.exit(f"error: {e}")
+    prompt = "Describe the video." if args.prompt == DEFAULT_PROMPT else args.prompt.replace(IMAGE_TAG, "")
+    messages = expand_video([{"role": "user", "content": f"{VIDEO_TAG}\n{prompt}"}], times)
+    print(f"[{os.path.basename(args.video)}: {len(frames)} frames at "
+          f"{', '.join(f'{t:.1f}' for t in times)} s] {prompt}", flush=True)
+    stream_answer(chat, tokenizer, messages, frames, args)
 
 
 def folder_mode(chat, tokenizer, args):
@@ -228,7 +247,9 @@ def main(argv=None):
     switch(a, "--stream", 1, help="print answers token by token")
     a("--image_dir", default="images/eval", help="folder mode: every png/jpg/jpeg/webp/bmp, sorted by name")
     a("--image", default=None, help="one image: folder mode answers just it; --chat starts with it")
-    a("--prompt", default="Describe the image.", help="folder mode question; <image>\\n is prepended if absent")
+    a("--prompt", default=DEFAULT_PROMPT, help="folder mode question; <image>\\n is prepended if absent")
+    a("--video", default=None, help="ask --prompt (default: \"Describe the video.\") about a video's frames")
+    add_video_args(ap)
     switch(a, "--chat", 0, help="interactive multi-turn chat")
     a("--bench", default=None, help="SFT-format data to score: a jsonl or parquet (exact match; an optional "
                                     "per-sample \"type\" field or column gives per-type scores)")
@@ -260,6 +281,8 @@ def main(argv=None):
         print(format_summary(summary), flush=True)
     elif args.chat:
         chat_mode(chat, tokenizer, args)
+    elif args.video:
+        video_mode(chat, tokenizer, args)
     else:
         folder_mode(chat, tokenizer, args)
 

@@ -39,6 +39,7 @@ from dataset.feature_cache import encode_with_cache, open_cache_for
 from dataset.lm_dataset import VLMDataset, collate_batch
 from dataset.samples import open_source
 from dataset.sampler import ResumableBatchSampler
+from dataset.video import add_video_args
 from model.chat import resolve_image_token_id
 from model.checkpoint import (CheckpointError, DiskFullError, atomic_save, infer_config_from_state_dict, llm_state_dict,
                               load_weights, read_checkpoint, weight_name, weight_path)
@@ -101,6 +102,7 @@ def build_parser(description, **defaults):
     a("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA input")
     a("--lora_targets", default=",".join(LORA_LAYERS),
       help="which linear layers of every LLM block get adapters: attention wq,wk,wv,wo and FFN w1,w2,w3")
+    add_video_args(p)  # --frames, --max_video_seconds: a sample's "video" becomes that many images
     switch(a, "--skip_bad_samples", 0,
            help="skip (and count) malformed samples instead of stopping with an error")
     switch(a, "--group_by_length", 1, help="batch samples of similar length")
@@ -164,6 +166,8 @@ class TrainConfig:
     lora_alpha: float | None
     lora_dropout: float
     lora_targets: str
+    frames: int  # per video
+    max_video_seconds: float
     skip_bad_samples: int
     group_by_length: int
     pad_to_max_len: int
@@ -644,7 +648,8 @@ def open_data(data_path, images_path, allow_outside_images):
 def open_dataset(cfg, tokenizer, processor, config, cache, is_main):
     dataset = VLMDataset(cfg.data_path, cfg.images_path, tokenizer, processor, config.image_token_id,
                          config.image_token_count, cfg.max_seq_len, bool(cfg.skip_bad_samples), cache,
-                         source=open_data(cfg.data_path, cfg.images_path, bool(cfg.allow_outside_images)))
+                         source=open_data(cfg.data_path, cfg.images_path, bool(cfg.allow_outside_images)),
+                         frames=cfg.frames, max_video_seconds=cfg.max_video_seconds)
     if is_main:
         source = dataset.source
         print(f"{cfg.data_path}: {len(source)} samples" + (f", {source.n_text_only} of them text-only"

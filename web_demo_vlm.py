@@ -3,7 +3,8 @@
     python web_demo_vlm.py --weight sft_vlm --dim 512            # then open http://127.0.0.1:8888
     python web_demo_vlm.py --hf_dirs out/MiniMind2-V-hf          # also offer a transformers-format directory
 
-Attach one or more images and ask; answers stream token by token. The conversation (text and
+Attach one or more images (or a video: its --frames frames, with their times) and ask; answers
+stream token by token. The conversation (text and
 images, each image kept in the turn it was given in) goes back to the model on every turn. The
 model selector lists the .pth files in --out_dir and the --hf_dirs directories; a model is loaded
 the first time it is chosen and kept (the last --cache_models of them). Each browser tab has its
@@ -27,13 +28,14 @@ if ROOT not in sys.path:
 
 import gradio as gr  # noqa: E402
 
-from model.chat import IMAGE_TAG, ReasoningSplitter  # noqa: E402
+from model.chat import IMAGE_TAG, ReasoningSplitter, video_prompt  # noqa: E402
 from model.model_minimind import count_llm_params  # noqa: E402
 from dataset.images import open_image  # noqa: E402
+from dataset.video import VIDEO_EXTS, add_video_args, read_frames  # noqa: E402
 from model.inference import (InferenceConfig, VLMChat, add_model_args, is_hf_dir, load_model,  # noqa: E402
                              resolve_weight_path)
 
-HINT = "Type a question, and attach pictures with the 📎 button (or drop them on the box)."
+HINT = "Type a question, and attach pictures or a video with the 📎 button (or drop them on the box)."
 
 
 def parse_args(argv=None):
@@ -42,8 +44,10 @@ def parse_args(argv=None):
     ap.add_argument("--hf_dirs", nargs="*", default=[], help="transformers-format model directories to offer")
     ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve the local network")
     ap.add_argument("--port", type=int, default=8888)
-    ap.add_argument("--max_images", type=int, default=4, help="images per conversation (each takes the model's "
-                                                            "image_token_count placeholders: 196 for CLIP ViT-B/16)")
+    ap.add_argument("--max_images", type=int, default=8,
+                    help="images per conversation, a video's frames included (each takes the model's "
+                         "image_token_count placeholders: 196 for CLIP ViT-B/16)")
+    add_video_args(ap)  # a video upload becomes --frames images
     ap.add_argument("--max_seq_len", type=int, default=0,
                     help="prompt + answer token limit; 0 = the model's max_seq_len")
     ap.add_argument("--max_file_mb", type=float, default=25, help="largest upload accepted")
@@ -138,9 +142,19 @@ def notice(state, text):
     return state["display"], None, state
 
 
+def read_upload(args, path):
+    """An uploaded file -> (the text standing for it, its images): an image is one <image> slot; a
+    video (by extension) its frames, each on a line with its time, as in training."""
+    name = os.path.basename(path)
+    if path.lower().endswith(VIDEO_EXTS):
+        frames, times = read_frames(path, args.frames, args.max_video_seconds, name=name)
+        return video_prompt(times), frames
+    return IMAGE_TAG, [open_image(path, name=name)]
+
+
 def user_turn(args, state, message):
-    """A submitted message -> (text, images), shown in the chat; or the reason (str) it cannot go
-    to the model: nothing in it, an unreadable picture, or too many pictures."""
+    """A submitted message -> (its content for the model, images), shown in the chat; or the reason
+    (str) it cannot go to the model: nothing in it, an unreadable file, or too many pictures."""
     message = message or {}
     text = (message.get("text") or "").strip()
     files = [p for p in map(file_path, message.get("files") or []) if p]
@@ -150,19 +164,23 @@ def user_turn(args, state, message):
         state["display"].append({"role": "user", "content": {"path": p}})
     if text:
         state["display"].append({"role": "user", "content": text})
-    images, problems = [], []
+    pieces, images, problems = [], [], []
     for p in files:
         try:
-            images.append(open_image(p, name=os.path.basename(p)))
-        except ValueError as e:
+            piece, opened = read_upload(args, p)
+        except ValueError as e:  # ImageError, VideoError
             problems.append(str(e))
+            continue
+        pieces.append(piece)
+        images += opened
     if problems:
         return " ".join(problems) + " Nothing was sent to the model; try again."
     if len(state["images"]) + len(images) > args.max_images:
         return (f"Too many images: this conversation would have {len(state['images']) + len(images)}, the limit is "
-                f"{args.max_images} (each takes its run of placeholder tokens in the model's context). Press Clear "
-                "to start a new conversation.")
-    return text, images
+                f"{args.max_images} (a video counts as its frames; each takes its run of placeholder tokens in the "
+                "model's context). Press Clear to start a new conversation.")
+    # The user's own "<image>" text must not be taken for an image slot.
+    return "\n".join(pieces + ([text.replace(IMAGE_TAG, "[image]")] if text else [])), images
 
 
 def respond(args, hub, message, state, temperature, top_p, max_new_tokens):
@@ -172,14 +190,12 @@ def respond(args, hub, message, state, temperature, top_p, max_new_tokens):
     if isinstance(turn, str):
         yield notice(state, turn)
         return
-    text, images = turn
+    content, images = turn
     try:
         chat = hub.get(state["model"])
     except RuntimeError as e:
         yield notice(state, str(e))
         return
-    # The user's own "<image>" text must not be taken for an image slot.
-    content = "\n".join([IMAGE_TAG] * len(images) + ([text.replace(IMAGE_TAG, "[image]")] if text else []))
     messages = state["messages"] + [{"role": "user", "content": content}]
     all_images = state["images"] + images
     max_new_tokens = max(1, min(int(max_new_tokens), 4096))
@@ -249,7 +265,8 @@ def build_demo(args, hub):
             temperature = gr.Slider(0.0, 1.5, value=args.temperature, step=0.05, label="Temperature (0 = greedy)")
             top_p = gr.Slider(0.05, 1.0, value=args.top_p, step=0.05, label="Top-p")
             max_new = gr.Slider(1, 2048, value=args.max_new_tokens, step=16, label="Max new tokens")
-        gr.Markdown(f"Up to {args.max_images} images per conversation; larger pictures are shrunk first. "
+        gr.Markdown(f"Up to {args.max_images} images per conversation (a video counts as its {args.frames} frames); "
+                    "larger pictures are shrunk first. "
                     "Stop interrupts the answer (what was written stays); Clear starts over.")
 
         chat_event = textbox.submit(functools.partial(respond, args, hub), [textbox, state, temperature, top_p, max_new],

@@ -5,14 +5,17 @@ dataset/images.py. Each `<image>` tag becomes `image_token_count` placeholder to
 embeddings the model overwrites with that image's features. Only assistant content and its
 end-of-turn token are supervised.
 """
+import os
+
 import torch
 from torch.utils.data import Dataset
 
-from model.chat import ChatEncoder
+from model.chat import ChatEncoder, expand_video
 
 from .feature_cache import image_key
 from .images import ImageError, open_image, to_pixels
 from .samples import SampleError, open_source
+from .video import DEFAULT_FRAMES, MAX_VIDEO_SECONDS, VideoError, check_frames, read_frames
 
 
 class VLMDataset(Dataset):
@@ -25,7 +28,7 @@ class VLMDataset(Dataset):
 
     def __init__(self, data_path, images_path, tokenizer, image_processor, image_token_id,
                  image_token_count=196, max_seq_len=640, skip_bad_samples=False, feature_cache=None,
-                 allow_outside_images=False, source=None):
+                 allow_outside_images=False, source=None, frames=DEFAULT_FRAMES, max_video_seconds=MAX_VIDEO_SECONDS):
         self.source = source or open_source(data_path, images_path, allow_outside_images)
         self.path, self.max_seq_len = data_path, max_seq_len
         self.feature_cache = feature_cache  # a FeatureCache: return stored features instead of pixels
@@ -36,7 +39,8 @@ class VLMDataset(Dataset):
                              + (f" ({self.source.n_bad} in all)" if self.source.n_bad > 1 else ""))
         if not len(self.source):
             raise ValueError(f"{data_path}: no usable samples")
-        self.lengths = self.source.lengths(image_token_count)  # for length-grouped batching
+        self.frames, self.max_video_seconds = check_frames(frames), max_video_seconds  # per <video>
+        self.lengths = self.source.lengths(image_token_count, frames)  # for length-grouped batching
 
     @property
     def bad(self):
@@ -56,7 +60,18 @@ class VLMDataset(Dataset):
             sample = self.source.get(i)
         except SampleError as e:
             return self._fail(str(e))
-        ids, labels = self.encoder.encode(sample.messages)
+        cache = self.feature_cache is not None
+        messages, media = sample.messages, sample.images  # media: image paths or bytes, or a video's frames
+        keys = [image_key(src) if cache else None for src in media]
+        if sample.video is not None:  # decoded first: the frames' timestamps are part of the text
+            try:
+                name = os.path.basename(sample.video) if isinstance(sample.video, str) else "the embedded video"
+                media, times = read_frames(sample.video, self.frames, self.max_video_seconds, name=name)
+            except VideoError as e:
+                return self._fail(f"{sample.where}: cannot read video: {e}")
+            messages = expand_video(messages, times)
+            keys = [f"{image_key(sample.video)}#t={t}" if cache else None for t in times]
+        ids, labels = self.encoder.encode(messages)
         if len(ids) > self.max_seq_len:
             cut = self.max_seq_len
             # Cutting must keep every placeholder run whole (else features misalign) and leave
@@ -64,11 +79,10 @@ class VLMDataset(Dataset):
             if self.encoder.image_token_id in ids[cut:] or all(l == -100 for l in labels[1:cut]):
                 return {"skip": f"{sample.where}: {len(ids)} tokens do not fit --max_seq_len {cut}"}
             ids, labels = ids[:cut], labels[:cut]
-        keys = [image_key(src) for src in sample.images] if self.feature_cache is not None else [None] * len(sample.images)
         cached = [self.cached_features(k) for k in keys]
         try:
-            images = [open_image(src, name=f"image {n + 1}") for n, (src, f) in
-                      enumerate(zip(sample.images, cached)) if f is None]
+            images = [m if sample.video is not None else open_image(m, name=f"image {n + 1}")
+                      for n, (m, f) in enumerate(zip(media, cached)) if f is None]
         except ImageError as e:
             return self._fail(f"{sample.where}: cannot read image: {e}")
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),

@@ -4,13 +4,16 @@ jsonl + image folder (the 2025 release, and the easy way to bring your own data)
     {"conversations": [{"role": "user", "content": "<image>\\nWhat is this?"},
                        {"role": "assistant", "content": "A cat."}],
      "image": "a.jpg, b.jpg"}
+  or, for a video: "video": "clip.mp4" and one `<video>` tag (no `<image>` tags) in the text.
 parquet with the images inside (the release since 2025-12), one sample per row:
     conversations  string: the same list of turns, as JSON
     image_bytes    binary (one encoded image) or list<binary> (several)
     type           optional string: the question type a benchmark reports per type
+    video_bytes    optional binary: an encoded video (mp4, webm, ...) for the row's one `<video>` tag
 A path ending in .parquet, a folder of *.parquet shards or a glob of them selects parquet.
 
-Each `<image>` tag, in order, takes the next image. A parquet row without any tag is a text-only
+Each `<image>` tag, in order, takes the next image. A `<video>` tag becomes one `<image>` per
+frame (--frames of them, with their timestamps: dataset/video.py, model.chat.video_prompt). A parquet row without any tag is a text-only
 sample: the release stores an 8x8 placeholder image in such rows, which is ignored.
 
 Both readers give the same `Sample`s: messages, image sources (paths or bytes) and `where`
@@ -27,7 +30,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from model.chat import IMAGE_TAG
+from model.chat import IMAGE_TAG, VIDEO_TAG
+
+from .video import DEFAULT_FRAMES
 ROLES = ("system", "user", "assistant")
 
 
@@ -40,10 +45,12 @@ class Sample(NamedTuple):
     images: list  # one source per tag, in order: a file path (str) or the encoded bytes
     where: str  # "data.jsonl:12" or "data.parquet:row 7"
     type: str = "all"  # a benchmark's question type, if the data gives one
+    video: object = None  # a video's path or bytes, for the conversation's one <video> tag (images is then empty)
 
 
-def check_conversation(conv, n_images):
-    """Raises ValueError saying what is wrong with a list of turns that should go with n_images."""
+def check_conversation(conv, n_images, has_video=False):
+    """Raises ValueError saying what is wrong with a list of turns that should go with n_images
+    (or, has_video, with one video and no images)."""
     if not isinstance(conv, list) or not conv:
         raise ValueError('empty or missing "conversations" list')
     for turn in conv:
@@ -51,7 +58,12 @@ def check_conversation(conv, n_images):
             raise ValueError(f'each turn needs "role" (system/user/assistant) and string "content", got {turn!r:.80}')
     if not any(t["role"] == "assistant" and t["content"].strip() for t in conv):
         raise ValueError("no non-empty assistant turn: nothing to learn from")
-    n_tags = count_tags(conv)
+    n_tags, n_video_tags = count_tags(conv), sum(t["content"].count(VIDEO_TAG) for t in conv)
+    if has_video and (n_video_tags != 1 or n_tags or n_images):
+        raise ValueError(f"a sample with a video needs one {VIDEO_TAG} tag and no images or {IMAGE_TAG} tags; "
+                         f"found {n_video_tags} {VIDEO_TAG}, {n_tags} {IMAGE_TAG} tags and {n_images} images")
+    if not has_video and n_video_tags:
+        raise ValueError(f"{n_video_tags} {VIDEO_TAG} tags but no video")
     if n_tags != n_images:
         raise ValueError(f"{n_tags} {IMAGE_TAG} tags but {n_images} images")
 
@@ -68,7 +80,7 @@ def length_estimate(conv_json_chars, n_images, image_token_count):
 
 
 def parse_line(line):
-    """One jsonl line (str or bytes) -> (messages, image names, type). Raises ValueError."""
+    """One jsonl line (str or bytes) -> (messages, image names, type, video name or None). Raises ValueError."""
     if isinstance(line, bytes):
         try:
             line = line.decode("utf-8")
@@ -85,21 +97,22 @@ def parse_line(line):
         raise ValueError('each line must be a JSON object with "conversations"')
     conv = sample.get("conversations")
     images = [s.strip() for s in str(sample.get("image") or "").split(",") if s.strip()]
-    check_conversation(conv, len(images))
-    return conv, images, str(sample.get("type") or "all")
+    video = str(sample.get("video") or "").strip() or None
+    check_conversation(conv, len(images), video is not None)
+    return conv, images, str(sample.get("type") or "all"), video
 
 
-def resolve_image(images_path, name, allow_outside=False):
+def resolve_image(images_path, name, allow_outside=False, what="image"):
     """The path of an image name from a jsonl, which must stay inside images_path: a name like
     '../x.png' or '/etc/passwd' is refused (a data file should not reach other files on disk)."""
     path = os.path.normpath(os.path.join(images_path, name))
     if not allow_outside:
         root = os.path.normpath(images_path)
         if os.path.isabs(name) or os.path.relpath(path, root).split(os.sep)[0] == os.pardir:
-            raise ValueError(f"image name {name!r} points outside --images_path {images_path} (use names relative "
+            raise ValueError(f"{what} name {name!r} points outside --images_path {images_path} (use names relative "
                              "to that folder, or pass --allow_outside_images 1 if this is intended)")
     if not os.path.isfile(path):
-        raise ValueError(f"image {path} not found (check --images_path)")
+        raise ValueError(f"{what} {path} not found (check --images_path)")
     return path
 
 
@@ -120,13 +133,14 @@ class JsonlSource:
                     continue
                 where = f"{path}:{lineno}"
                 try:
-                    conv, names, kind = parse_line(line)
+                    conv, names, kind, video = parse_line(line)
                     paths = [resolve_image(images_path, n, allow_outside_images) for n in names]
+                    video = video and resolve_image(images_path, video, allow_outside_images, "video")
                 except ValueError as e:
                     self.bad.append(f"{where}: {e}")
                     continue
-                self.n_text_only += not paths
-                self.samples.append(Sample(conv, paths, where, kind))
+                self.n_text_only += not paths and not video
+                self.samples.append(Sample(conv, paths, where, kind, video))
                 lengths.append(len(json.dumps(conv, ensure_ascii=False)))
         self.json_chars = np.array(lengths, dtype=np.int64)
         self.n_bad = len(self.bad)
@@ -137,8 +151,8 @@ class JsonlSource:
     def get(self, i):
         return self.samples[i]
 
-    def lengths(self, image_token_count):
-        n_images = np.array([len(s.images) for s in self.samples], dtype=np.int64)
+    def lengths(self, image_token_count, frames=DEFAULT_FRAMES):
+        n_images = np.array([frames if s.video else len(s.images) for s in self.samples], dtype=np.int64)
         return length_estimate(self.json_chars, n_images, image_token_count)
 
 
@@ -161,7 +175,7 @@ def is_parquet(spec):
                                                                 and ".parquet" in spec)
 
 
-KEEP_COLUMNS = ("conversations", "image_bytes", "type")
+KEEP_COLUMNS = ("conversations", "image_bytes", "type", "video_bytes")  # what the reader uses
 
 
 def arrow_copy(path, cache_dir=None, progress=None):
@@ -208,28 +222,37 @@ class ParquetSource:
     def __init__(self, spec, cache_dir=None, progress=None):
         self.files = parquet_files(spec)
         self.path, self.bad, self.n_bad, self.n_text_only = spec, [], 0, 0
-        self.conv_chunks, self.image_chunks, self.type_chunks = [], [], []  # Arrow arrays, row ranges in order
-        chunk_starts, file_starts, rows, n_images, json_chars = [0], [], [], [], []
+        self.conv_chunks, self.image_chunks, self.type_chunks, self.video_chunks = [], [], [], []  # Arrow arrays
+        chunk_starts, file_starts, rows, n_images, json_chars, has_video = [0], [], [], [], [], []
         for path in self.files:
             table = arrow_copy(path, cache_dir, progress and (lambda d, t, p=path: progress(p, d, t)))
             file_starts.append(chunk_starts[-1])
-            tags, counts, chars = self._add_table(path, table, chunk_starts)
-            bad = (tags < 0) | ((tags > 0) & (tags != counts))  # a text-only row (no tag) ignores its images
+            tags, counts, chars, vtags, video = self._add_table(path, table, chunk_starts)
+            # A text-only row (no tag) ignores its images, and so does a video row.
+            bad_images = ~video & (tags > 0) & (tags != counts)
+            bad_video = (video & ((vtags != 1) | (tags != 0))) | (~video & (vtags > 0))
+            bad = (tags < 0) | bad_images | bad_video
             for row in np.flatnonzero(bad)[:100]:
-                self.bad.append(f"{path}:row {row}: " + ("'conversations' is null" if tags[row] < 0 else
-                                                         f"{tags[row]} {IMAGE_TAG} tags but {counts[row]} images"))
+                self.bad.append(f"{path}:row {row}: " + (
+                    "'conversations' is null" if tags[row] < 0 else
+                    f"{tags[row]} {IMAGE_TAG} tags but {counts[row]} images" if bad_images[row] else
+                    f"a video needs one {VIDEO_TAG} tag and no {IMAGE_TAG} tags, found {vtags[row]} and {tags[row]}"
+                    if video[row] else f"{vtags[row]} {VIDEO_TAG} tags but no video_bytes"))
             self.n_bad += int(bad.sum())
             keep = np.flatnonzero(~bad)
-            self.n_text_only += int((tags[keep] == 0).sum())
+            self.n_text_only += int(((tags[keep] == 0) & ~video[keep]).sum())
             rows.append(keep + file_starts[-1])
             n_images.append(tags[keep])
             json_chars.append(chars[keep])
+            has_video.append(video[keep])
         self.chunk_starts, self.file_starts = np.array(chunk_starts), np.array(file_starts)
         self.rows = np.concatenate(rows)  # [N] global row of each usable sample: numbers, not objects
         self.n_images, self.json_chars = np.concatenate(n_images), np.concatenate(json_chars)
+        self.has_video = np.concatenate(has_video)
 
     def _add_table(self, path, table, chunk_starts):
-        """Keeps the table's column chunks; -> per-row <image> tag count (-1: null), image count, JSON length."""
+        """Keeps the table's column chunks; -> per row: <image> tag count (-1: null), image count, JSON
+        length, <video> tag count, whether it has a video."""
         import pyarrow as pa
         import pyarrow.compute as pc
         conv = table.column("conversations")
@@ -237,6 +260,9 @@ class ParquetSource:
             raise ValueError(f"{path}: column 'conversations' is {conv.type}, expected a JSON string")
         images = table.column("image_bytes") if "image_bytes" in table.column_names else None
         kinds = table.column("type") if "type" in table.column_names else None
+        videos = table.column("video_bytes") if "video_bytes" in table.column_names else None
+        if videos is not None and not (pa.types.is_binary(videos.type) or pa.types.is_large_binary(videos.type)):
+            raise ValueError(f"{path}: column 'video_bytes' is {videos.type}, expected binary")
         if images is None:
             counts = np.zeros(len(table), dtype=np.int64)
         elif pa.types.is_list(images.type) or pa.types.is_large_list(images.type):
@@ -250,10 +276,14 @@ class ParquetSource:
             self.conv_chunks.append(chunk)
             self.image_chunks.append(images.chunk(k) if images is not None else None)
             self.type_chunks.append(kinds.chunk(k) if kinds is not None else None)
+            self.video_chunks.append(videos.chunk(k) if videos is not None else None)
             chunk_starts.append(chunk_starts[-1] + len(chunk))
         tags = pc.fill_null(pc.count_substring(conv, IMAGE_TAG), -1).to_numpy()
         chars = pc.fill_null(pc.utf8_length(conv), 0).to_numpy()
-        return tags, counts, chars
+        vtags = pc.fill_null(pc.count_substring(conv, VIDEO_TAG), 0).to_numpy()
+        video = (pc.fill_null(pc.greater(pc.binary_length(videos), 0), False).to_numpy(zero_copy_only=False)
+                 if videos is not None else np.zeros(len(table), dtype=bool))
+        return tags, counts, chars, vtags, video
 
     def __len__(self):
         return len(self.rows)
@@ -275,21 +305,24 @@ class ParquetSource:
         except (json.JSONDecodeError, RecursionError) as e:
             reason = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
             raise SampleError(f"{where}: 'conversations' is not valid JSON ({reason})") from None
-        n = int(self.n_images[i])
+        n, video = int(self.n_images[i]), None
         images = []
-        if n:
+        if self.has_video[i]:
+            video = self.video_chunks[c][j].as_py()
+        elif n:
             value = self.image_chunks[c][j].as_py()
             images = value if isinstance(value, list) else [value]
         try:
-            check_conversation(conv, len(images))
+            check_conversation(conv, len(images), video is not None)
         except ValueError as e:
             raise SampleError(f"{where}: {e}") from None
         kinds = self.type_chunks[c]
         kind = kinds[j].as_py() if kinds is not None else None
-        return Sample(conv, images, where, str(kind or "all"))
+        return Sample(conv, images, where, str(kind or "all"), video)
 
-    def lengths(self, image_token_count):
-        return length_estimate(self.json_chars, self.n_images, image_token_count)
+    def lengths(self, image_token_count, frames=DEFAULT_FRAMES):
+        n_images = np.where(self.has_video, frames, self.n_images)
+        return length_estimate(self.json_chars, n_images, image_token_count)
 
 
 def open_source(data_path, images_path=None, allow_outside_images=False, cache_dir=None, progress=None):

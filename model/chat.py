@@ -8,6 +8,21 @@ tokenizer (no torch), so an exported transformers directory carries it as it is.
 import re
 
 IMAGE_TAG = "<image>"
+VIDEO_TAG = "<video>"  # one per conversation; becomes one <image> per frame, each with its time
+
+
+def video_prompt(timestamps):
+    """The text a <video> tag becomes: a line per frame, in time order, with its time in seconds,
+    so the model can tell order and pace ("Frame 2 at 1.5s: <image>")."""
+    return "".join(f"Frame {k} at {t:.1f}s: {IMAGE_TAG}\n" for k, t in enumerate(timestamps, 1)).rstrip("\n")
+
+
+def expand_video(messages, timestamps):
+    """The conversation with its one <video> tag replaced by the frames' lines (video_prompt)."""
+    n = sum(m["content"].count(VIDEO_TAG) for m in messages)
+    if n != 1:
+        raise ValueError(f"a conversation with a video needs exactly one {VIDEO_TAG} tag, found {n}")
+    return [{**m, "content": m["content"].replace(VIDEO_TAG, video_prompt(timestamps))} for m in messages]
 
 
 def resolve_image_token_id(tokenizer, image_token_id=-1):

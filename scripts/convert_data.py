@@ -8,7 +8,8 @@
 The parquet schema is the release's: `conversations` (the turns as a JSON string) and
 `image_bytes` (the encoded image, byte for byte as it was on disk). A text-only sample gets the
 release's 8x8 black placeholder image. When a sample has several images, `image_bytes` is a
-list of binaries in every row instead. A per-sample `type` (benchmark data) becomes a column.
+list of binaries in every row instead. A per-sample `type` (benchmark data) becomes a column, and
+a sample's `video` file its `video_bytes` (a video row keeps the placeholder image too).
 Going back, each distinct image is written once, named by a hash of its bytes.
 """
 import argparse
@@ -56,14 +57,16 @@ def to_parquet(source, out):
     samples = [source.get(i) for i in range(len(source))]
     multi = any(len(s.images) > 1 for s in samples)
     typed = any(s.type != "all" for s in samples)
+    videos = any(s.video for s in samples)
     blank = placeholder_jpeg()
     fields = [("conversations", pa.string()), ("image_bytes", pa.list_(pa.binary()) if multi else pa.binary())]
-    schema = pa.schema(fields + ([("type", pa.string())] if typed else []))
+    schema = pa.schema(fields + ([("type", pa.string())] if typed else [])
+                       + ([("video_bytes", pa.binary())] if videos else []))
     n_images, seen, progress = 0, set(), Progress(len(samples), f"writing {out}")
     tmp = f"{out}.tmp{os.getpid()}"
     with pq.ParquetWriter(tmp, schema) as writer:
         for start in range(0, len(samples), BATCH_ROWS):
-            rows = {"conversations": [], "image_bytes": [], "type": []}
+            rows = {"conversations": [], "image_bytes": [], "type": [], "video_bytes": []}
             for s in samples[start:start + BATCH_ROWS]:
                 images = []
                 for path in s.images:
@@ -74,6 +77,11 @@ def to_parquet(source, out):
                 rows["conversations"].append(json.dumps(s.messages, ensure_ascii=False))
                 rows["image_bytes"].append(images if multi else (images[0] if images else blank))
                 rows["type"].append(s.type)
+                if s.video:
+                    with open(s.video, "rb") as f:
+                        rows["video_bytes"].append(f.read())
+                else:
+                    rows["video_bytes"].append(None)
             writer.write_table(pa.table({k: rows[k] for k in schema.names}, schema=schema))
             progress(start + len(rows["conversations"]))
     os.replace(tmp, out)
@@ -111,6 +119,10 @@ def to_jsonl(source, out, images_path, skip_bad):
             record = {"conversations": s.messages}
             if names:
                 record["image"] = ", ".join(names)
+            if s.video:
+                record["video"] = f"{hashlib.blake2b(s.video, digest_size=12).hexdigest()}.video"
+                with open(os.path.join(images_path, record["video"]), "wb") as vid:
+                    vid.write(s.video)
             if s.type != "all":
                 record["type"] = s.type
             f.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -4,7 +4,9 @@
 
 POST /v1/chat/completions takes the OpenAI chat format: `content` is a string or a list of
 {"type": "text", "text": ...} and {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}
-parts; each image becomes an <image> slot where its part stands. `stream: true` answers with
+parts; each image becomes an <image> slot where its part stands. A {"type": "video_url", "video_url":
+{"url": "data:video/mp4;base64,..."}} part becomes its --frames frames, each an image slot after a
+line with its time ("Frame 2 at 1.5s: "), as in training; a frame counts as one of --max_images. `stream: true` answers with
 server-sent events (`data: {chunk}` ... `data: [DONE]`). GET /v1/models lists the model; GET /health
 answers {"status": "ok"}; neither ever waits behind a generation.
 The server never fetches URLs. Local paths / file:// URLs only with --allow_local_files DIR, and only
@@ -16,6 +18,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import functools
 import json
 import logging
 import os
@@ -40,8 +43,9 @@ from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 from starlette.requests import ClientDisconnect  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
-from model.chat import IMAGE_TAG, ReasoningSplitter  # noqa: E402
+from model.chat import IMAGE_TAG, ReasoningSplitter, video_prompt  # noqa: E402
 from dataset.images import open_image  # noqa: E402
+from dataset.video import DEFAULT_FRAMES, MAX_VIDEO_SECONDS, add_video_args, read_frames  # noqa: E402
 from model.inference import (InferenceConfig, VLMChat, add_model_args, is_hf_dir, load_model,  # noqa: E402
                              resolve_weight_path)
 
@@ -55,9 +59,10 @@ def parse_args(argv=None):
     add_model_args(ap)
     ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve the local network")
     ap.add_argument("--port", type=int, default=8998)
-    ap.add_argument("--max_images", type=int, default=4,
-                    help="images per request (each takes the model's image_token_count placeholders: 196 for "
-                         "CLIP ViT-B/16, 64 for SigLIP2)")
+    ap.add_argument("--max_images", type=int, default=8,
+                    help="images per request, a video's frames included (each takes the model's image_token_count "
+                         "placeholders: 196 for CLIP ViT-B/16, 64 for SigLIP2)")
+    add_video_args(ap)  # video_url parts: --frames per video, --max_video_seconds
     ap.add_argument("--max_request_mb", type=float, default=20, help="largest request body accepted")
     ap.add_argument("--allow_local_files", metavar="DIR", default=None,
                     help="also accept image paths / file:// URLs, only of images inside DIR (symlinks resolved "
@@ -95,37 +100,38 @@ def error_response(message, status=400, param=None, code=None, type_="invalid_re
                         status_code=status, headers=headers)
 
 
-def decode_image(url, where, local_root=None):
-    """An image_url value -> RGB PIL image (shrunk to at most 1024 px). Never touches the network;
+def decode_image(url, where, local_root=None, open_file=open_image, kind="image"):
+    """An image_url value -> RGB PIL image (shrunk to at most 1024 px); with open_file a video
+    reader and kind "video", a video_url value -> what it returns. Never touches the network;
     reads local files only inside local_root (a realpath), see open_local_image."""
     if not isinstance(url, str) or not url:
-        raise APIError(f"{where}: image_url.url must be a non-empty string", param=where)
+        raise APIError(f"{where}: {kind}_url.url must be a non-empty string", param=where)
     if not url.startswith("data:"):
         scheme = urlparse(url).scheme.lower()
         if scheme in ("http", "https", "ftp"):
-            raise APIError(f"{where}: this server does not fetch URLs. Send the image inline as a data URL "
-                           "(data:image/png;base64,...)", param=where, code="url_not_allowed")
+            raise APIError(f"{where}: this server does not fetch URLs. Send the {kind} inline as a data URL "
+                           f"(data:{kind}/...;base64,...)", param=where, code="url_not_allowed")
         if scheme not in ("", "file") and not (len(scheme) == 1 and os.name == "nt"):
             raise APIError(f"{where}: unsupported URL scheme '{scheme}': use a data URL", param=where)
         if local_root is None:
             raise APIError(f"{where}: local files are refused (start the server with --allow_local_files DIR to "
-                           "allow images in DIR); send the image inline as a data URL", param=where,
+                           f"allow files in DIR); send the {kind} inline as a data URL", param=where,
                            code="local_files_disabled")
-        return open_local_image(url, scheme, where, local_root)
+        return open_local_image(url, scheme, where, local_root, open_file)
     header, sep, payload = url.partition(",")
     if not sep or not header.endswith(";base64"):
-        raise APIError(f"{where}: expected a base64 data URL like data:image/png;base64,...", param=where)
+        raise APIError(f"{where}: expected a base64 data URL like data:{kind}/...;base64,...", param=where)
     try:
         raw = base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError):
         raise APIError(f"{where}: the data URL is not valid base64", param=where) from None
     try:
-        return open_image(raw, name=f"{where} (data URL)")
-    except ValueError as e:
-        raise APIError(str(e), param=where, code="invalid_image") from None
+        return open_file(raw, name=f"{where} (data URL)")
+    except ValueError as e:  # ImageError, VideoError
+        raise APIError(str(e), param=where, code=f"invalid_{kind}") from None
 
 
-def open_local_image(url, scheme, where, root):
+def open_local_image(url, scheme, where, root, open_file=open_image):
     """A path (relative ones from root) or file:// URL -> image, if it resolves to a regular file inside
     root. Every refusal (outside root, a symlink leading out, missing, a folder, unreadable, not an image)
     gives the same answer, so a client cannot probe which files exist; the reason goes to the log."""
@@ -144,21 +150,24 @@ def open_local_image(url, scheme, where, root):
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 raise ValueError("not a regular file")
-            return open_image(f, name=where)
-    except (OSError, ValueError) as e:  # ImageError is a ValueError
+            return open_file(f, name=where)
+    except (OSError, ValueError) as e:  # ImageError and VideoError are ValueErrors
         log.info("%s: local image %s refused: %s", where, reprlib.repr(url), e)
         raise APIError(f"{where}: {LOCAL_REFUSED}", param=where, code="local_file_refused") from None
 
 
-def parse_messages(messages, max_images, local_root=None):
-    """OpenAI messages -> (our messages with <image> tags, images in tag order)."""
+def parse_messages(messages, max_images, local_root=None, frames=DEFAULT_FRAMES, max_video_seconds=MAX_VIDEO_SECONDS):
+    """OpenAI messages -> (our messages with <image> tags, images in tag order). A video_url part
+    becomes its frames, as images, with the lines giving their times (model.chat.video_prompt)."""
     if not isinstance(messages, list) or not messages:
         raise APIError("'messages' must be a non-empty list", param="messages")
-    n_images = sum(1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
-                   for p in m["content"] if isinstance(p, dict) and p.get("type") == "image_url")
+    kinds = [p.get("type") for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+             for p in m["content"] if isinstance(p, dict)]
+    n_images = kinds.count("image_url") + frames * kinds.count("video_url")  # each frame is an image
     if n_images > max_images:
-        raise APIError(f"{n_images} images in the request; at most {max_images} (each takes a run of placeholder "
-                       "tokens of the model's context)", param="messages", code="too_many_images")
+        raise APIError(f"{n_images} images in the request (a video counts as its {frames} frames); at most "
+                       f"{max_images} (each takes a run of placeholder tokens of the model's context)",
+                       param="messages", code="too_many_images")
     out, images = [], []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
@@ -189,9 +198,18 @@ def parse_messages(messages, max_images, local_root=None):
                     images.append(decode_image(spec.get("url") if isinstance(spec, dict) else spec, pwhere,
                                                local_root))
                     pieces.append(IMAGE_TAG)
+                elif kind == "video_url":
+                    if role != "user":
+                        raise APIError(f"{pwhere}: videos are only accepted in user messages", param=pwhere)
+                    spec = part.get("video_url")
+                    read = functools.partial(read_frames, n=frames, max_seconds=max_video_seconds)
+                    video_frames, times = decode_image(spec.get("url") if isinstance(spec, dict) else spec, pwhere,
+                                                       local_root, read, "video")
+                    images += video_frames
+                    pieces.append(video_prompt(times))
                 else:
                     raise APIError(f"{pwhere}: unsupported content part type {reprlib.repr(kind)} "
-                                   "(use 'text' or 'image_url')", param=pwhere)
+                                   "(use 'text', 'image_url' or 'video_url')", param=pwhere)
             text = "\n".join(pieces)
         else:
             raise APIError(f"{where}.content must be a string or a list of content parts", param=f"{where}.content")
@@ -392,7 +410,8 @@ def make_job(body, engine, args):
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = number(body, key, None, 1, 1 << 20, integer=True)
     seed = number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True)
-    messages, images = parse_messages(body["messages"], args.max_images, args.allow_local_files)
+    messages, images = parse_messages(body["messages"], args.max_images, args.allow_local_files, args.frames,
+                                      args.max_video_seconds)
     ids = engine.chat.encoder.encode_prompt(messages)
     room = engine.max_seq_len - len(ids)
     if max_tokens is None:

@@ -79,6 +79,33 @@ def make_toy_data(root, n=12, text_len=1):
     return str(path), str(images)
 
 
+def frame_colour(i):
+    """The colour of frame i (< 64) of make_video's clips: i in base 4, a digit per channel, 85 levels
+    apart, so video compression cannot blur one frame's colour into another's."""
+    return (85 * (i % 4), 85 * (i // 4 % 4), 85 * (i // 16 % 4))
+
+
+def frame_index(im):
+    """Which make_video frame an image shows (its centre pixel's colour, see frame_colour)."""
+    r, g, b = (round(c / 85) for c in im.convert("RGB").getpixel((im.width // 2, im.height // 2)))
+    return r + 4 * g + 16 * b
+
+
+def make_video(path, n_frames=40, fps=10, size=(64, 48)):
+    """An mp4 (MPEG-4 part 2, in every PyAV wheel) of n_frames solid frames, frame i in frame_colour(i)."""
+    import av
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(n_frames):
+            frame = av.VideoFrame.from_image(Image.new("RGB", size, frame_colour(i)))
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
+
+
 @pytest.fixture
 def toy_data(tmp_path):
     return make_toy_data(tmp_path)

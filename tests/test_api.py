@@ -16,7 +16,7 @@ from PIL import Image
 from model.model_vlm import MiniMindVLM, VLMConfig
 from model.checkpoint import llm_state_dict
 
-from conftest import ROOT, TINY_LLM, free_port
+from conftest import ROOT, TINY_LLM, free_port, make_video
 
 pytestmark = pytest.mark.slow  # a live server, one of them the real script in a subprocess
 
@@ -47,7 +47,7 @@ def server(tower_dir, tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "scripts", "serve_openai_api.py"), "--weight", pth,
          "--vision_model_path", tower_dir, "--device", "cpu", "--dtype", "float32", "--port", str(port),
-         "--max_request_mb", str(MAX_MB), "--max_images", "2"],
+         "--max_request_mb", str(MAX_MB), "--max_images", "2", "--frames", "2"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"HF_HUB_OFFLINE": "1"})
     base = f"http://127.0.0.1:{port}"
     http = httpx.Client(base_url=base, trust_env=False, timeout=60)
@@ -215,3 +215,27 @@ def test_local_files_only_when_allowed(tmp_path):
         decode_image(str(path), "img")
     with pytest.raises(APIError, match="does not fetch URLs"):
         decode_image("https://example.com/a.png", "img", root)
+
+
+def video_question(url, text="What happens?"):
+    return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                         {"type": "text", "text": text}]}]
+
+
+def test_a_video_url_part_becomes_its_frames_and_bad_videos_get_clear_errors(server, client, photo_url, tmp_path):
+    with open(make_video(tmp_path / "clip.mp4"), "rb") as f:
+        clip = f.read()
+    url = "data:video/mp4;base64," + base64.b64encode(clip).decode()
+    r = client.chat.completions.create(model="x", messages=video_question(url), max_tokens=4)
+    text_only = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "What happens?"}],
+                                               max_tokens=3)
+    assert r.choices[0].message.content is not None
+    assert r.usage.prompt_tokens - text_only.usage.prompt_tokens >= 2 * 196  # --frames 2: two images' placeholders
+    post = lambda messages: server["http"].post("/v1/chat/completions", json={"messages": messages})  # noqa: E731
+    with_image = video_question(url)
+    with_image[0]["content"].append({"type": "image_url", "image_url": {"url": photo_url}})
+    assert error_of(post(with_image), 400)["code"] == "too_many_images"  # 2 frames + 1 image > --max_images 2
+    for bad, reason in ((b"not a video at all", "not a video"), (clip[:len(clip) // 2], "truncated")):
+        err = error_of(post(video_question("data:video/mp4;base64," + base64.b64encode(bad).decode())), 400)
+        assert err["code"] == "invalid_video" and reason in err["message"]
+    assert server["proc"].poll() is None

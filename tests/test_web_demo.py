@@ -10,7 +10,7 @@ from PIL import Image
 from model.model_vlm import MiniMindVLM, VLMConfig
 from model.checkpoint import llm_state_dict
 
-from conftest import ROOT, TINY_LLM, free_port
+from conftest import ROOT, TINY_LLM, free_port, make_video
 
 pytestmark = pytest.mark.slow  # a live Gradio server, and a real browser
 
@@ -55,7 +55,7 @@ def server(tower_dir, tmp_path_factory):
     port = free_port()
     args = web_demo_vlm.parse_args(["--weight", "sft_vlm", "--dim", "64", "--out_dir", str(out_dir),
                                     "--vision_model_path", tower_dir, "--device", "cpu", "--dtype", "float32",
-                                    "--hf_dirs", hf_dir, "--port", str(port), "--max_images", "3",
+                                    "--hf_dirs", hf_dir, "--port", str(port), "--max_images", "3", "--frames", "2",
                                     "--max_new_tokens", "40"])
     hub = web_demo_vlm.ModelHub(args)
     calls = []  # (model label, messages, image sizes) of every generation
@@ -135,6 +135,20 @@ def test_an_uploaded_phone_photo_reaches_the_model_upright_as_in_training(server
     c, calls = client(server), server["calls"]
     send(c, QUESTION, [files["phone"]])
     assert calls[-1][2] == [(64, 32)]  # EXIF orientation applied: the same opener as training
+
+
+def test_an_uploaded_video_reaches_the_model_as_its_frames_with_their_times(server, files, tmp_path):
+    c, calls = client(server), server["calls"]
+    send(c, "What happens?", [make_video(tmp_path / "clip.mp4")])
+    _, messages, sizes = calls[-1]
+    assert messages == [{"role": "user", "content": "Frame 1 at 1.0s: <image>\nFrame 2 at 3.0s: <image>\nWhat happens?"}]
+    assert sizes == [(64, 48), (64, 48)]  # --frames 2, the same sampling as eval_vlm.py --video and training
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    final = send(c, "And this?", [str(broken)])[-1]
+    assert "broken.mp4 is not a video" in text_of(final[-1]) and calls[-1][1] == messages  # nothing sent
+    final = send(c, "Too many now?", [files["photo"], files["photo"]])[-1]  # 2 frames + 2 images > 3
+    assert "Too many images" in text_of(final[-1])
 
 
 def test_bad_input_gets_a_message_and_the_session_stays_usable(server, files):

@@ -1,0 +1,131 @@
+"""The one way a video becomes images: N frames, uniformly spread over its length, in time order.
+
+read_frames(source, n) -> (frames, timestamps): PIL images through open_image's rules (RGB, at most
+MAX_IMAGE_SIDE) and the time of each frame in seconds. Frame k is the one on screen at
+(k + 0.5) / n of the duration, the middle of the k-th of n equal segments, so the frames spread
+over the whole clip. Each frame is
+reached by a seek to the keyframe before it, so a long video costs n short decodes, not a full one.
+
+Decoding uses PyAV (FFmpeg's libraries inside the wheel; no system ffmpeg). A file that is not a
+video, a corrupt, truncated or empty one, or one over `max_seconds` raises VideoError (a ValueError)
+with the reason, so training counts it as a bad sample and servers answer 400.
+The prompt that goes with the frames (their timestamps) is model.chat.video_prompt.
+"""
+import io
+import os
+
+from .images import MAX_IMAGE_SIDE
+
+DEFAULT_FRAMES = 8
+MAX_FRAMES = 64
+MAX_VIDEO_SECONDS = 3600.0
+VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
+
+
+class VideoError(ValueError):
+    """A video that cannot be used; the message says why."""
+
+
+def add_video_args(parser):
+    """--frames and --max_video_seconds, for every script that reads videos."""
+    parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES,
+                        help=f"frames taken from a video, uniformly over its length (1-{MAX_FRAMES}); each is one "
+                             f"image in the prompt, with its timestamp")
+    parser.add_argument("--max_video_seconds", type=float, default=MAX_VIDEO_SECONDS,
+                        help="longer videos are refused")
+    return parser
+
+
+def check_frames(n):
+    if not 1 <= n <= MAX_FRAMES:
+        raise ValueError(f"--frames must be between 1 and {MAX_FRAMES}, got {n}")
+    return n
+
+
+def read_frames(source, n=DEFAULT_FRAMES, max_seconds=MAX_VIDEO_SECONDS, name=None):
+    """A path, bytes or file object -> ([n PIL RGB images], [n timestamps in seconds]), in time order
+    (fewer than n when the video has fewer frames)."""
+    import av
+    check_frames(n)
+    label = name or (os.path.basename(source) if isinstance(source, (str, os.PathLike)) else "the video")
+    fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    try:
+        container = av.open(fp, "r")
+    except FileNotFoundError:
+        raise VideoError(f"{label} not found") from None
+    except Exception as e:  # av.error.InvalidDataError and kin: not a container FFmpeg can read
+        raise VideoError(f"{label} is not a video FFmpeg can read, or is truncated ({_reason(e)})") from None
+    with container:
+        if not container.streams.video:
+            raise VideoError(f"{label} has no video stream")
+        if container.format.name == "image2" or container.format.name.endswith("_pipe"):
+            raise VideoError(f"{label} is a still image ({container.format.name}), not a video: send it as an image")
+        stream = container.streams.video[0]
+        if stream.frames and stream.frames < n:
+            n = stream.frames  # a clip shorter than n frames: each of its frames once
+        duration = _duration(container, stream)
+        if duration is not None and duration > max_seconds:
+            raise VideoError(f"{label} lasts {duration:.0f} s, over the limit of {max_seconds:.0f} s "
+                             f"(--max_video_seconds): cut it first")
+        try:
+            if duration:
+                frames = [_frame_at(container, stream, duration * (k + 0.5) / n) for k in range(n)]
+            else:  # no duration in the header (some streams): decode it all, then pick
+                frames = _pick(list(_decode(container, stream, max_seconds, label)), n)
+        except VideoError:
+            raise
+        except Exception as e:
+            raise VideoError(f"{label} is a corrupt or truncated video ({_reason(e)})") from None
+    if not frames or any(f is None for f in frames):
+        got = sum(f is not None for f in frames)
+        raise VideoError(f"{label} has no decodable frames (an empty video)" if not got else
+                         f"{label} is truncated: only {got} of {n} frames could be decoded")
+    images = [_to_image(f) for f in frames]
+    return images, [round(float(f.time), 3) for f in frames]
+
+
+def _reason(e):
+    return str(e).strip() or type(e).__name__
+
+
+def _duration(container, stream):
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / 1_000_000  # av.time_base
+    return None
+
+
+def _frame_at(container, stream, t):
+    """The frame on screen at t seconds: the last one that starts at or before t."""
+    container.seek(int(t / stream.time_base) + (stream.start_time or 0), stream=stream, backward=True)
+    shown = None
+    for frame in container.decode(stream):
+        if frame.time is None:
+            continue
+        if frame.time > t + 1e-6 and shown is not None:
+            break
+        shown = frame
+    return shown
+
+
+def _decode(container, stream, max_seconds, label):
+    for frame in container.decode(stream):
+        if frame.time is not None and frame.time > max_seconds:
+            raise VideoError(f"{label} lasts over the limit of {max_seconds:.0f} s (--max_video_seconds): cut it first")
+        yield frame
+
+
+def _pick(frames, n):
+    """n frames spread as read_frames spreads them, from all the decoded ones."""
+    if not frames:
+        return []
+    return [frames[min(len(frames) - 1, int(len(frames) * (k + 0.5) / n))] for k in range(n)]
+
+
+def _to_image(frame):
+    from .images import to_rgb
+    im = to_rgb(frame.to_image())
+    if max(im.size) > MAX_IMAGE_SIDE:
+        im.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
+    return im
