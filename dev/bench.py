@@ -189,10 +189,11 @@ def loader_scenario(a, tower, parquet, workers):
     return {"samples_per_s": n / (time.perf_counter() - t)}
 
 
-def train_scenario(a, tower, data_root, stage, cache, out_dir, compiled=False, original=False):
-    """Run the real trainer for one epoch in a child process -> samples/s, tokens/s, peak MB.
-    original: configured as the original implementation ran (fp32, every batch padded to
-    --max_seq_len, no length grouping, no cache), for --original_steps steps."""
+def train_scenario(a, tower, data_root, stage, cache, out_dir, compiled=False, original=False, extra=()):
+    """Run the real trainer for one epoch in a child process -> samples/s, tokens/s, peak MB, and
+    its trainable parameters. original: configured as the original implementation ran (fp32, every
+    batch padded to --max_seq_len, no length grouping, no cache), for --original_steps steps.
+    extra: more flags, after (so overriding) these."""
     sft = stage == "sft"
     data = os.path.join(data_root, f"{stage}.jsonl")
     args = ["--data_path", data, "--images_path", os.path.join(data_root, "images"), "--out_dir", out_dir,
@@ -207,6 +208,7 @@ def train_scenario(a, tower, data_root, stage, cache, out_dir, compiled=False, o
         args += ["--use_compile", 1]
     if original:
         args += ["--pad_to_max_len", 1, "--group_by_length", 0, "--stop_after_steps", a.original_steps]
+    args += list(extra)
     script = os.path.join(ROOT, "train_sft_vlm.py" if sft else "train_pretrain_vlm.py")
     code = (f"import sys, runpy, json; sys.argv = {[script] + [str(x) for x in args]!r}; "
             f"sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'dev')!r})\n"
@@ -225,7 +227,9 @@ def train_scenario(a, tower, data_root, stage, cache, out_dir, compiled=False, o
     steps = len(log) - 1
     tok_rate = sum(r["tokens_per_s"] for r in log[1:]) / max(steps, 1)
     peak = float(proc.stdout.rsplit("PEAK_MB", 1)[1].split()[0])  # the trainer's main process
-    return {"samples_per_s": steps * a.batch_size / dt, "tokens_per_s": tok_rate, "peak_mb": peak}
+    trainable = float(proc.stdout.split("trainable ", 1)[1].split("M")[0]) * 1e6  # as the trainer prints it
+    return {"samples_per_s": steps * a.batch_size / dt, "tokens_per_s": tok_rate, "peak_mb": peak,
+            "trainable": trainable}
 
 
 def llm_step_scenario(a, T, compiled=False):

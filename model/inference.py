@@ -2,8 +2,8 @@
 and the API server, so they take the same flags and build prompts the same way as training."""
 import argparse
 import dataclasses
+import logging
 import os
-import sys
 
 import torch
 
@@ -14,6 +14,8 @@ from .model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig
 from .checkpoint import infer_config_from_state_dict, load_weights, read_checkpoint, weight_path
 from .lora import adapter_projector, load_adapter, merge_lora
 from .quantize import quantize_int8
+
+log = logging.getLogger(__name__)  # notes for the user: stderr, as plain lines (logging's last-resort handler)
 
 
 def add_model_args(parser):
@@ -64,8 +66,8 @@ class InferenceConfig:
     @classmethod
     def from_args(cls, args):
         if getattr(args, "load", None) is not None:
-            print("note: --load is no longer needed (and will go): a directory given to --weight is read as "
-                  "transformers format, a file as a .pth", file=sys.stderr)
+            log.warning("note: --load is no longer needed (and will go): a directory given to --weight is read as "
+                        "transformers format, a file as a .pth")
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
@@ -102,9 +104,10 @@ def load_model(args):
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
         sd = read_checkpoint(path)  # weights_only; a file that is not model weights says so, with its path
         found = infer_config_from_state_dict({**sd, **adapter_projector(args.lora)}, path)
-        for key in ("dim", "n_layers", "use_moe"):
-            if int(getattr(args, key)) != int(found[key]):
-                print(f"note: {path} has {key}={int(found[key])} (flag said {getattr(args, key)}); using the checkpoint's")
+        for key in ("dim", "n_layers", "use_moe"):  # a flag set to something else than its default and the file
+            flag = getattr(args, key)
+            if int(flag) != int(found[key]) and flag != getattr(InferenceConfig, key):
+                log.warning(f"note: {path} has {key}={int(found[key])} (flag said {flag}); using the checkpoint's")
         # Generation, sizes and projector as the file says; the tower (its width is checked against the
         # projector's on load) decides the image token count.
         config = VLMConfig(**found, vision_model_path=args.vision_model_path,
