@@ -197,3 +197,21 @@ def test_merge_script_and_eval_lora_flag_agree_with_the_trained_pth(pretrained, 
                       "--vision_model_path", tower_dir, "--dim", 64, "--n_layers", 2, "--bench", data[0],
                       "--images_path", data[1], "--limit", 4, check=False)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_web_demo_offers_the_weight_with_its_adapter_and_loads_it_unmerged(tower_dir, tmp_path):
+    import web_demo_vlm
+    trained = with_trained_adapters(tiny(tower_dir))
+    base = tiny(tower_dir)
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.save(llm_state_dict(base), out / "base_64.pth")
+    adapter = str(tmp_path / "mine_64_lora.safetensors")
+    save_adapter(adapter_state_dict(trained), trained.lora_settings, trained.config, adapter)
+    args = web_demo_vlm.parse_args(["--weight", "base", "--dim", "64", "--n_layers", "2", "--out_dir", str(out),
+                                    "--vision_model_path", tower_dir, "--lora", adapter])
+    hub = web_demo_vlm.ModelHub(args)
+    assert list(hub.choices) == ["base_64.pth + mine_64_lora.safetensors", "base_64.pth"]
+    with_adapter, plain = (hub.get(label).model for label in hub.choices)
+    assert any(hasattr(m, "lora_A") for m in with_adapter.modules())
+    assert not any(hasattr(m, "lora_A") for m in plain.modules())
