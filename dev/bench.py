@@ -27,6 +27,7 @@ Scenarios:
                                 inference dtype and, on CPU, with int8 weights (--quantize int8)
 """
 import argparse
+import glob
 import json
 import os
 import random
@@ -219,9 +220,10 @@ def train_scenario(a, tower, data_root, stage, cache, out_dir, compiled=False, o
     if proc.returncode:
         raise RuntimeError(f"{stage} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     name = "sft_vlm" if sft else "pretrain_vlm"
-    with open(os.path.join(out_dir, f"{name}_{a.dim}_log.jsonl")) as f:
+    log_path = glob.glob(os.path.join(out_dir, f"{name}_{a.dim}*_log.jsonl"))[0]  # _moe_log.jsonl with --use_moe 1
+    with open(log_path) as f:
         log = [json.loads(line) for line in f]
-    os.remove(os.path.join(out_dir, f"{name}_{a.dim}_log.jsonl"))
+    os.remove(log_path)
     # Steady state: from the first logged step to the last (start-up and the first step excluded).
     dt = log[-1]["time"] - log[0]["time"]
     steps = len(log) - 1
