@@ -11,7 +11,7 @@ from cli import switch
 from dataset.images import load_processor, to_pixels, to_rgb
 from .chat import IMAGE_TAG, ChatEncoder, resolve_image_token_id, split_reasoning
 from .model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig
-from .checkpoint import infer_config_from_state_dict, load_weights, read_checkpoint, weight_path
+from .checkpoint import check_state_dict, infer_config_from_state_dict, load_weights, read_checkpoint, weight_path
 from .lora import adapter_projector, load_adapter, merge_lora
 from .quantize import quantize_int8
 
@@ -102,7 +102,7 @@ def load_model(args):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"weights {path} not found. Train them (see README) or pass --weight PATH.pth")
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
-        sd = read_checkpoint(path)  # weights_only; a file that is not model weights says so, with its path
+        sd = check_state_dict(read_checkpoint(path), path)  # weights_only; not model weights: says so, with its path
         found = infer_config_from_state_dict({**sd, **adapter_projector(args.lora)}, path)
         for key in ("dim", "n_layers", "use_moe"):  # a flag set to something else than its default and the file
             flag = getattr(args, key)

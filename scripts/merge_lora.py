@@ -16,15 +16,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from model.checkpoint import (CheckpointError, atomic_save, infer_config_from_state_dict,  # noqa: E402
-                              llm_state_dict, load_weights, read_checkpoint)
+from model.checkpoint import (CheckpointError, atomic_save, check_state_dict,  # noqa: E402
+                              infer_config_from_state_dict, llm_state_dict, load_weights, read_checkpoint)
 from model.lora import adapter_projector, load_adapter, merge_lora  # noqa: E402
 from model.model_vlm import MiniMindVLM, VLMConfig  # noqa: E402
 
 
 def merge(weight, lora, out):
     """base .pth + adapter file -> merged .pth at `out` (atomic). Raises CheckpointError/ValueError."""
-    sd = read_checkpoint(weight)
+    sd = check_state_dict(read_checkpoint(weight), weight)
     found = infer_config_from_state_dict({**sd, **adapter_projector(lora)}, weight)
     model = MiniMindVLM(VLMConfig(**found), load_tower=False)
     load_weights(model, sd, weight)
