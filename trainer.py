@@ -97,7 +97,7 @@ def build_parser(description, **defaults):
     a("--lora_rank", type=int, default=0,
       help="LoRA (peft) adapters of this rank on the LLM's linear layers instead of training them in full "
            "(0 = off); the projector trains in full. Saves {save_weight}_{dim}_lora.safetensors (small) "
-           "beside the .pth (adapters merged in). Works with DDP and DeepSpeed ZeRO-1/2/3")
+           "beside the .pth (adapters merged in). Works with DDP and DeepSpeed (ZeRO-2 and -3 tested)")
     a("--lora_alpha", type=float, help="LoRA scale numerator: the update is alpha/rank * B @ A (default: 2 x rank)")
     a("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA input")
     a("--lora_targets", default=",".join(LORA_LAYERS),
