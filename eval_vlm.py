@@ -161,7 +161,8 @@ def video_mode(chat, tokenizer, args):
         frames, times = read_frames(args.video, args.frames, args.max_video_seconds)
     except ValueError as e:  # VideoError, or --frames out of range
         sys.exit(f"error: {e}")
-    prompt = "Describe the video." if args.prompt == DEFAULT_PROMPT else args.prompt.replace(IMAGE_TAG, "")
+    prompt = ("Describe the video." if args.prompt == DEFAULT_PROMPT else
+              args.prompt.replace(IMAGE_TAG, "").replace(VIDEO_TAG, ""))  # the one tag is ours
     messages = expand_video([{"role": "user", "content": f"{VIDEO_TAG}\n{prompt}"}], times)
     print(f"[{os.path.basename(args.video)}: {len(frames)} frames at "
           f"{', '.join(f'{t:.1f}' for t in times)} s] {prompt}", flush=True)

@@ -37,8 +37,7 @@ def open_image(source, name=None, max_side=MAX_IMAGE_SIDE):
                 if im.width * im.height > MAX_IMAGE_PIXELS:
                     raise Image.DecompressionBombError(im.size)
                 im.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale straight away
-                im = ImageOps.exif_transpose(im)  # decodes the whole image: errors show here
-                im = to_rgb(im)
+                im = to_rgb(ImageOps.exif_transpose(im))  # decodes the whole image: errors show here
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise ImageError(f"{label} has too many pixels (at most {MAX_IMAGE_PIXELS:,}): "
                          "a decompression bomb, or an image to shrink first") from None
@@ -48,6 +47,11 @@ def open_image(source, name=None, max_side=MAX_IMAGE_SIDE):
         raise ImageError(f"{label} is not an image (use a JPEG, PNG, WebP, GIF or BMP picture)") from None
     except Exception as e:  # PIL raises many kinds for bad bytes (OSError, SyntaxError, struct.error, ...)
         raise ImageError(f"{label} is a corrupt or truncated image ({type(e).__name__}: {e})") from None
+    return shrink(im, max_side)
+
+
+def shrink(im, max_side=MAX_IMAGE_SIDE):
+    """At most max_side pixels on the longest side (aspect kept, bicubic): also a video's frames."""
     if max(im.size) > max_side:
         im.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
     return im

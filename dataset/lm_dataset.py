@@ -5,8 +5,6 @@ dataset/images.py. Each `<image>` tag becomes `image_token_count` placeholder to
 embeddings the model overwrites with that image's features. Only assistant content and its
 end-of-turn token are supervised.
 """
-import os
-
 import torch
 from torch.utils.data import Dataset
 
@@ -65,8 +63,7 @@ class VLMDataset(Dataset):
         keys = [image_key(src) if cache else None for src in media]
         if sample.video is not None:  # decoded first: the frames' timestamps are part of the text
             try:
-                name = os.path.basename(sample.video) if isinstance(sample.video, str) else "the embedded video"
-                media, times = read_frames(sample.video, self.frames, self.max_video_seconds, name=name)
+                media, times = read_frames(sample.video, self.frames, self.max_video_seconds)
             except VideoError as e:
                 return self._fail(f"{sample.where}: cannot read video: {e}")
             messages = expand_video(messages, times)

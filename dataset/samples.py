@@ -58,7 +58,7 @@ def check_conversation(conv, n_images, has_video=False):
             raise ValueError(f'each turn needs "role" (system/user/assistant) and string "content", got {turn!r:.80}')
     if not any(t["role"] == "assistant" and t["content"].strip() for t in conv):
         raise ValueError("no non-empty assistant turn: nothing to learn from")
-    n_tags, n_video_tags = count_tags(conv), sum(t["content"].count(VIDEO_TAG) for t in conv)
+    n_tags, n_video_tags = count_tags(conv), count_tags(conv, VIDEO_TAG)
     if has_video and (n_video_tags != 1 or n_tags or n_images):
         raise ValueError(f"a sample with a video needs one {VIDEO_TAG} tag and no images or {IMAGE_TAG} tags; "
                          f"found {n_video_tags} {VIDEO_TAG}, {n_tags} {IMAGE_TAG} tags and {n_images} images")
@@ -68,8 +68,8 @@ def check_conversation(conv, n_images, has_video=False):
         raise ValueError(f"{n_tags} {IMAGE_TAG} tags but {n_images} images")
 
 
-def count_tags(conv):
-    return sum(t["content"].count(IMAGE_TAG) for t in conv)
+def count_tags(conv, tag=IMAGE_TAG):
+    return sum(t["content"].count(tag) for t in conv)
 
 
 def length_estimate(conv_json_chars, n_images, image_token_count):

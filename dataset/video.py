@@ -14,7 +14,7 @@ The prompt that goes with the frames (their timestamps) is model.chat.video_prom
 import io
 import os
 
-from .images import MAX_IMAGE_SIDE
+from .images import shrink, to_rgb
 
 DEFAULT_FRAMES = 8
 MAX_FRAMES = 64
@@ -47,7 +47,7 @@ def read_frames(source, n=DEFAULT_FRAMES, max_seconds=MAX_VIDEO_SECONDS, name=No
     (fewer than n when the video has fewer frames)."""
     import av
     check_frames(n)
-    label = name or (os.path.basename(source) if isinstance(source, (str, os.PathLike)) else "the video")
+    label = name or (os.path.basename(source) if isinstance(source, (str, os.PathLike)) else "the embedded video")
     fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
     try:
         container = av.open(fp, "r")
@@ -80,7 +80,7 @@ def read_frames(source, n=DEFAULT_FRAMES, max_seconds=MAX_VIDEO_SECONDS, name=No
         got = sum(f is not None for f in frames)
         raise VideoError(f"{label} has no decodable frames (an empty video)" if not got else
                          f"{label} is truncated: only {got} of {n} frames could be decoded")
-    images = [_to_image(f) for f in frames]
+    images = [shrink(to_rgb(f.to_image())) for f in frames]  # as open_image leaves a picture
     return images, [round(float(f.time), 3) for f in frames]
 
 
@@ -122,10 +122,3 @@ def _pick(frames, n):
         return []
     return [frames[min(len(frames) - 1, int(len(frames) * (k + 0.5) / n))] for k in range(n)]
 
-
-def _to_image(frame):
-    from .images import to_rgb
-    im = to_rgb(frame.to_image())
-    if max(im.size) > MAX_IMAGE_SIDE:
-        im.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
-    return im
