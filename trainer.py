@@ -46,6 +46,7 @@ from model.checkpoint import (CheckpointError, DiskFullError, atomic_save, infer
 from model.lora import LORA_LAYERS, LoraSettings, adapter_state_dict, add_lora, has_lora, save_adapter
 from model.model_minimind import count_llm_params
 from model.model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig, tower_features
+from model.precision import DTYPES, describe, resolve_dtype, use_tf32
 from train_engines import DeepSpeedEngine, TorchEngine
 
 # --- Configuration: the flags, parsed once at the edge into a read-only TrainConfig ---
@@ -69,8 +70,10 @@ def build_parser(description, **defaults):
     a("--learning_rate", type=float)
     a("--warmup_ratio", type=float, default=0.03, help="fraction of training with linear LR warmup")
     a("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    a("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-      help="autocast dtype; weights stay fp32. float16 adds a GradScaler")
+    a("--dtype", default="auto", choices=DTYPES,
+      help="autocast dtype; weights stay fp32. auto: bfloat16 where the hardware computes it natively (CUDA "
+           "from Ampere on; a CPU with AMX or AVX-512 BF16), else float16 on CUDA and float32 on CPU. "
+           "float16 adds a GradScaler")
     a("--num_workers", type=int, default=2, help="DataLoader workers decoding images")
     a("--accumulation_steps", type=int, default=1, help="micro-steps per optimizer step")
     a("--grad_clip", type=float, default=1.0, help="max gradient norm (0 = no clipping)")
@@ -141,7 +144,7 @@ class TrainConfig:
     learning_rate: float
     warmup_ratio: float
     device: str  # as given; Cluster.device is the one this process uses
-    dtype: str
+    dtype: str  # as given ("auto" too); train() replaces it with the dtype it resolves to
     num_workers: int
     accumulation_steps: int
     grad_clip: float
@@ -862,6 +865,11 @@ def train_epochs(run):
 def train(cfg):
     """A training run, from its config to the final checkpoint."""
     cluster = setup_distributed(cfg)
+    dtype, why = resolve_dtype(cfg.dtype, cluster.device)
+    cfg = dataclasses.replace(cfg, dtype=str(dtype).removeprefix("torch."))
+    use_tf32(cluster.device, dtype)
+    if cluster.is_main:
+        print(describe(dtype, why), flush=True)
     run = build_run(cfg, cluster)
     with run.checkpointer.saving_on_error():
         stopped = train_epochs(run)

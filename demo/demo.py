@@ -66,7 +66,8 @@ def main():
     a("--num_workers", type=int, default=1)
     a("--log_interval", type=int, default=20)
     a("--device", default="cpu")
-    a("--dtype", default="bfloat16")
+    a("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+      help="passed to training (auto: bf16 where the CPU computes it natively, else fp32)")
     a("--seed", type=int, default=0)
     switch(a, "--use_compile", 1, help="torch.compile the LLM blocks: about twice the steps in the same minutes")
     a("--projector", default="linear", choices=["linear", "mlp"], help="the projector kind (passed to training)")

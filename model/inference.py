@@ -12,6 +12,7 @@ from dataset.images import load_processor, to_pixels, to_rgb
 from .chat import IMAGE_TAG, ChatEncoder, resolve_image_token_id, split_reasoning
 from .model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig
 from .checkpoint import check_state_dict, infer_config_from_state_dict, load_weights, read_checkpoint, weight_path
+from .precision import DTYPES, describe, resolve_dtype
 from .lora import adapter_projector, load_adapter, merge_lora
 from .quantize import quantize_int8
 
@@ -32,8 +33,9 @@ def add_model_args(parser):
     a("--image_token_id", type=int, default=-1,
       help="placeholder id; -1 = <|image_pad|>, or '@' (34) with the released tokenizer")
     a("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    a("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-      help="auto: bfloat16 on CUDA (float16 where bf16 is missing), float32 on CPU (faster decoding)")
+    a("--dtype", default="auto", choices=DTYPES,
+      help="auto: bfloat16 where the hardware computes it natively (CUDA from Ampere on; a CPU with AMX or "
+           "AVX-512 BF16), else float16 on CUDA and float32 on CPU")
     switch(a, "--open_thinking", 0,
            help="let the model reason before answering, where the chat template supports it (the 2026 "
                 "release's <think> block); answers are shown without the reasoning")
@@ -69,16 +71,6 @@ class InferenceConfig:
             log.warning("note: --load is no longer needed (and will go): a directory given to --weight is read as "
                         "transformers format, a file as a .pth")
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
-
-
-def resolve_dtype(name, device):
-    if name != "auto":
-        return getattr(torch, name)
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # On CPU, decoding one token at a time is matrix-vector work, where PyTorch's fp32 kernels beat
-    # its bf16 ones (docs/performance.md has the figures).
-    return torch.float32
 
 
 def resolve_weight_path(args):
@@ -118,7 +110,9 @@ def load_model(args):
     if args.lora:
         load_adapter(model, args.lora)
     processor = load_processor(vision_path)
-    model = model.to(args.device, resolve_dtype(args.dtype, args.device)).eval()
+    dtype, why = resolve_dtype(args.dtype, args.device)
+    log.warning(describe(dtype, why))  # a note for the user, like the others here
+    model = model.to(args.device, dtype).eval()
     if args.quantize == "int8":
         model = quantize_int8(merge_lora(model))  # int8 layers replace plain Linears: fold the adapters in first
     return model, tokenizer, processor

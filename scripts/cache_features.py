@@ -26,6 +26,7 @@ from dataset.feature_cache import image_key, open_cache_for  # noqa: E402
 from dataset.images import ImageError, load_processor, open_image, to_pixels  # noqa: E402
 from trainer import open_data  # noqa: E402
 from model.model_vlm import DEFAULT_VISION_MODEL, load_vision_tower, tower_features  # noqa: E402
+from model.precision import DTYPES, describe, resolve_dtype  # noqa: E402
 
 
 def images_of(source):
@@ -64,8 +65,9 @@ def main():
     a("--images_path", help="jsonl only: the folder its image names are relative to")
     a("--cache_dir", default="out/feature_cache", help="the DIR of --cache_features DIR (default: the trainer's)")
     a("--vision_model_path", default=DEFAULT_VISION_MODEL)
-    a("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-      help="the training run's --dtype: the tower runs in it, and the cache is keyed by it")
+    a("--dtype", default="auto", choices=DTYPES,
+      help="the training run's --dtype (auto resolves the same way on the same machine): the tower runs in it, "
+           "and the cache is keyed by it")
     a("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     a("--batch_size", type=int, default=32)
     a("--num_workers", type=int, default=2, help="DataLoader workers decoding images")
@@ -82,7 +84,8 @@ def main():
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 
-    dtype = getattr(torch, args.dtype)
+    dtype, why = resolve_dtype(args.dtype, args.device)
+    print(describe(dtype, why), flush=True)
     # As in the trainer: the frozen tower's weights in the training dtype, then its identity.
     try:
         tower = load_vision_tower(args.vision_model_path).to(args.device, dtype)
