@@ -70,19 +70,23 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(head_dim, max_len, theta):
-    """cos/sin tables [max_len, head_dim // 2], one angle per interleaved (2i, 2i+1) pair."""
+    """RoPE tables [max_len, head_dim] for interleaved (2i, 2i+1) pairs, each turned by angle i of
+    its position: cos has each pair's cosine twice, sin its sine as (-sin, +sin), so that
+    apply_rope is two multiplies and an add."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # [max_len, head_dim/2]
+    return angles.cos().repeat_interleave(2, -1), torch.stack((-angles.sin(), angles.sin()), -1).flatten(-2)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate interleaved pairs: (x[2i], x[2i+1]) of each head turns by angle i of its position.
-    x: [B, H, T, hd], cos/sin: [T, hd/2]. Real arithmetic, so eager and torch.compile run the same
-    code (inductor cannot generate code for complex numbers). The 2026 release pairs i with
-    i + hd/2 instead; its q/k weights are permuted into this layout when loaded."""
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each [B, H, T, hd/2]
-    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
+    """Rotate interleaved pairs: (x[2i], x[2i+1]) -> (x[2i] cos - x[2i+1] sin, x[2i+1] cos + x[2i] sin).
+    x: [B, H, T, hd], cos/sin: [T, hd] from rope_cos_sin, in the compute dtype (the forward casts
+    them once for all layers), as the projections that made x (bf16 under autocast): a few elementwise passes over q and k are a large share of a CPU
+    training step, and fp32 would double their memory traffic. Real arithmetic, so eager and
+    torch.compile run the same code. The 2026 release pairs i with i + hd/2 instead; its q/k
+    weights are permuted into this layout when loaded."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x[2i+1], x[2i]) in each pair
+    return x * cos + swapped * sin
 
 
 class KVCache:
@@ -127,7 +131,7 @@ class Attention(nn.Module):
         can compute all three with one matrix (model/quantize.py)."""
         return self.wq(x), self.wk(x), self.wv(x)
 
-    def forward(self, x, cos, sin, attn_mask, cache: KVCache | None, layer_idx: int):
+    def forward(self, x, cos, sin, attn_mask, cache: KVCache | None, layer_idx: int, causal: bool):
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
         q = self.q_norm(q.reshape(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # [B, H, T, hd]
@@ -136,10 +140,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # [B, KV, S, hd], S = past + T
-        # Without an explicit mask the only masking needed is causal, and only when several queries
-        # are new (a single decode step sees the whole cache). enable_gqa: each group of
-        # n_heads / n_kv_heads query heads shares one key/value head, without copying k and v.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+        # `causal` (no explicit mask, several new queries) is a plain bool decided by the eager caller:
+        # computed here from T it would be symbolic under torch.compile(dynamic=True), which SDPA
+        # refuses, breaking every block into pieces. enable_gqa: each group of n_heads / n_kv_heads
+        # query heads shares one key/value head, without copying k and v.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal,
                                              dropout_p=self.dropout if self.training else 0.0, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -201,8 +206,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = MoEFeedForward(cfg) if cfg.use_moe else FeedForward(cfg)
 
-    def forward(self, x, cos, sin, attn_mask, cache, layer_idx):
-        x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache, layer_idx)
+    def forward(self, x, cos, sin, attn_mask, cache, layer_idx, causal):
+        x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache, layer_idx, causal)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -246,9 +251,11 @@ class MiniMindForCausalLM(PreTrainedModel):
         """What --use_compile 1 compiles: each block, and the head with its loss (one fused pass
         over the [n, V] logits instead of several). The embedding and the image splicing, with
         their data-dependent shapes, stay eager."""
+        # fullgraph: a graph break is an error, not a silent slowdown. The MoE FFN's routing has
+        # data-dependent shapes (which rows go to which expert), so its blocks may break there.
         for layer in self.layers:
-            layer.compile(dynamic=True)
-        self.supervised_loss = torch.compile(self.supervised_loss, dynamic=True)
+            layer.compile(dynamic=True, fullgraph=not self.config.use_moe)
+        self.supervised_loss = torch.compile(self.supervised_loss, dynamic=True, fullgraph=True)
 
     def embed(self, input_ids, **kwargs):
         """Token embeddings [B, T, D]; the VLM subclass overrides this to write image features in."""
@@ -265,12 +272,19 @@ class MiniMindForCausalLM(PreTrainedModel):
         if attention_mask is None and start > 0 and T > 1:  # a multi-token chunk after a cache needs a real mask
             attention_mask = input_ids.new_ones(B, start + T)
         attn_mask = padding_attention_mask(attention_mask, T, start) if attention_mask is not None else None
+        # Without a mask the only masking needed is causal, and only when several queries are new
+        # (a single decode step sees the whole cache).
+        causal = attn_mask is None and T > 1
         h = self.dropout(self.embed(input_ids, **kwargs))  # [B, T, D]
+        device = h.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        cos, sin = cos.to(compute), sin.to(compute)  # the dtype q and k come out of their projections in
         for i, layer in enumerate(self.layers):
             if self.config.gradient_checkpointing and self.training:
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attn_mask, cache, i, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attn_mask, cache, i, causal,
+                                                      use_reentrant=False)
             else:
-                h = layer(h, cos, sin, attn_mask, cache, i)
+                h = layer(h, cos, sin, attn_mask, cache, i, causal)
         if cache is not None:
             cache.pos += T
         h = self.norm(h)

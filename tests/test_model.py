@@ -51,9 +51,14 @@ def test_rope_uses_interleaved_pairs():
     cos, sin = rope_cos_sin(4, 8, 1e6)
     x = torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 1, 1, 4).expand(1, 1, 8, 4)
     out = apply_rope(x, cos, sin)
-    # dims (0, 1) form one complex number: rotating (1, 0) by angle t gives (cos t, sin t)
-    assert torch.allclose(out[0, 0, :, 0], cos[:, 0]) and torch.allclose(out[0, 0, :, 1], sin[:, 0])
+    # dims (0, 1) form one complex number: rotating (1, 0) by angle t (the position, as pair 0's
+    # frequency is 1) gives (cos t, sin t)
+    t = torch.arange(8.0)
+    assert torch.allclose(out[0, 0, :, 0], t.cos(), atol=1e-6) and torch.allclose(out[0, 0, :, 1], t.sin(), atol=1e-6)
     assert torch.all(out[0, 0, :, 2:] == 0)
+    y = torch.tensor([0.0, 1.0, 0.0, 0.0]).view(1, 1, 1, 4).expand(1, 1, 8, 4)  # (0, 1) turns to (-sin t, cos t)
+    out = apply_rope(y, cos, sin)
+    assert torch.allclose(out[0, 0, :, 0], -t.sin(), atol=1e-6) and torch.allclose(out[0, 0, :, 1], t.cos(), atol=1e-6)
 
 
 def test_kv_cache_decoding_equals_full_forward():
