@@ -4,6 +4,9 @@ this file there as it is, next to model_minimind.py, model_vlm.py and chat.py).
     model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
     print(model.chat(PIL.Image.open("cat.jpg"), "What is in the picture?"))
 
+Without a `dtype`, the weights load in the dtype eval_vlm.py's `--dtype auto` picks on the CPU
+(precision.py): bf16 where the CPU computes it natively, else fp32.
+
 The frozen CLIP vision tower is not stored here: it is loaded after the weights, from
 `vision_model_path` (from_pretrained keyword, else config.json's value, tried as given and relative
 to this directory, else a `vision_model` folder inside it).
@@ -15,6 +18,7 @@ import torch
 from .chat import IMAGE_TAG, ChatEncoder
 from .model_minimind import rope_cos_sin
 from .model_vlm import VISION_HELP, MiniMindVLM, VLMConfig, load_vision_tower
+from .precision import resolve_dtype
 
 
 class MiniMindVLMForCausalLM(MiniMindVLM):
@@ -27,6 +31,8 @@ class MiniMindVLMForCausalLM(MiniMindVLM):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, attach_tower=True, **kwargs):
+        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
+            kwargs["dtype"] = resolve_dtype("auto", "cpu")[0]
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         # The RoPE tables are non-persistent buffers: transformers leaves them uninitialised.
         cos, sin = rope_cos_sin(model.config.dim // model.config.n_heads, model.config.max_seq_len,

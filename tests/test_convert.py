@@ -44,9 +44,10 @@ def inputs(tokenizer, processor, photo):
     return torch.tensor([ids]), pixels
 
 
-def load_hf(out):
+def load_hf(out, **kwargs):
+    """fp32, so logits compare with our fp32 model exactly (without a dtype it is --dtype auto's)."""
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    return AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, **{"dtype": torch.float32, **kwargs})
 
 
 @pytest.mark.parametrize("proj_bias", [False, True], ids=["ours", "released-style-bias"])
@@ -114,6 +115,9 @@ def test_missing_vision_tower_is_a_clear_error_and_can_be_overridden(tower_dir, 
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, vision_model_path=tower_dir)
     assert model.vision_encoder is not None and model.config.vision_model_path == tower_dir
+    # without a dtype: what --dtype auto picks on this CPU, for the LLM and the tower alike
+    from model.precision import resolve_dtype
+    assert {p.dtype for p in model.parameters()} == {resolve_dtype("auto", "cpu")[0]}
     # --copy_vision_tower: the tower travels inside the directory, found from any working directory
     out = str(tmp_path / "hf-with-tower")
     convert_main(["--weight", pth, "--out_dir", out, "--vision_model_path", tower_dir, "--copy_vision_tower"])
