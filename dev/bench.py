@@ -5,17 +5,16 @@ anywhere. All figures come from one invocation, so their ratios are trustworthy 
 absolute numbers vary between machines. Each training scenario runs the real trainer in a
 child process, so each one's peak memory is its own.
 
-    python dev/bench.py                       # CPU, bf16, dim 512 / 8 layers, ViT-B/16-sized tower
+    python dev/bench.py                       # CPU, --dtype auto, dim 512 / 8 layers, ViT-B/16-sized tower
     python dev/bench.py --device cuda:0       # the same on a GPU
     python dev/bench.py --quick               # a tiny smoke run
+    python dev/bench.py --reference DIR       # against the original implementation, side by side (reference.py)
 
 Scenarios:
   startup                       opening the training dataset on a 1M-row parquet file, in a fresh process:
                                 first (making the Arrow copy) and later opens: seconds and peak RSS
   loader, N workers             the data pipeline alone on parquet rows of 256x256 JPEGs: read, decode,
                                 preprocess, tokenize, collate (what a training step must never wait for)
-  pretrain, original-style      the baseline, as the original implementation ran: fp32, every batch
-                                padded to --max_seq_len, no length grouping, the tower on every image
   pretrain / sft, cache off     the vision tower encodes every image (first epoch of a plain run)
   pretrain, cache cold          first epoch with --cache_features: encode once and store
   pretrain / sft, cache warm    a later epoch or run: features come from the disk cache
@@ -46,8 +45,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from cli import switch  # noqa: E402
-# The issue's reference figures for the original implementation on a 2-core AMX machine.
-REFERENCE = {"pretrain_samples_per_s": 2.0, "decode_tokens_per_s": 131.0}
 
 
 def peak_memory_mb(device):
@@ -190,25 +187,21 @@ def loader_scenario(a, tower, parquet, workers):
     return {"samples_per_s": n / (time.perf_counter() - t)}
 
 
-def train_scenario(a, tower, data_root, stage, cache, out_dir, compiled=False, original=False, extra=()):
+def train_scenario(a, tower, data_root, stage, cache, out_dir, compiled=False, extra=()):
     """Run the real trainer for one epoch in a child process -> samples/s, tokens/s, peak MB, and
-    its trainable parameters. original: configured as the original implementation ran (fp32, every
-    batch padded to --max_seq_len, no length grouping, no cache), for --original_steps steps.
-    extra: more flags, after (so overriding) these."""
+    its trainable parameters. extra: more flags, after (so overriding) these."""
     sft = stage == "sft"
     data = os.path.join(data_root, f"{stage}.jsonl")
     args = ["--data_path", data, "--images_path", os.path.join(data_root, "images"), "--out_dir", out_dir,
             "--vision_model_path", tower, "--dim", a.dim, "--n_layers", a.n_layers, "--epochs", 1,
             "--batch_size", a.batch_size, "--log_interval", 1, "--save_interval", 10**9,
-            "--num_workers", a.num_workers, "--device", a.device, "--dtype", "float32" if original else a.dtype,
+            "--num_workers", a.num_workers, "--device", a.device, "--dtype", a.dtype,
             "--from_weight", "none",
             "--freeze_llm", 0 if sft else 1, "--max_seq_len", a.max_seq_len, "--learning_rate", 1e-4]
     if cache:
         args += ["--cache_features", os.path.join(data_root, "cache")]
     if compiled:
         args += ["--use_compile", 1]
-    if original:
-        args += ["--pad_to_max_len", 1, "--group_by_length", 0, "--stop_after_steps", a.original_steps]
     args += list(extra)
     script = os.path.join(ROOT, "train_sft_vlm.py" if sft else "train_pretrain_vlm.py")
     code = (f"import sys, runpy, json; sys.argv = {[script] + [str(x) for x in args]!r}; "
@@ -243,7 +236,7 @@ def llm_step_scenario(a, T, compiled=False):
         model.compile_for_training()  # as the trainer's --use_compile 1
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, 6400, (a.llm_batch, T), device=a.device)
-    dtype = getattr(torch, a.dtype)
+    dtype = a.compute_dtype
 
     def step():
         with torch.autocast(a.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
@@ -275,8 +268,9 @@ def decode_scenario(a, tower, batch, int8=False):
     """Prefill (image + prompt) latency to the first token, then decode speed, with the KV cache."""
     from model.model_vlm import MiniMindVLM, VLMConfig
     torch.manual_seed(0)
-    from model.inference import quantize_int8, resolve_dtype
-    dtype = torch.float32 if int8 else resolve_dtype(a.decode_dtype, a.device)  # as eval_vlm.py would use
+    from model.precision import resolve_dtype
+    from model.quantize import quantize_int8
+    dtype = torch.float32 if int8 else resolve_dtype(a.decode_dtype, a.device)[0]  # as eval_vlm.py would use
     model = MiniMindVLM(VLMConfig(dim=a.dim, n_layers=a.n_layers, vision_model_path=tower)).to(a.device, dtype).eval()
     if int8:
         model = quantize_int8(model)  # eval_vlm.py --quantize int8
@@ -300,7 +294,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    a("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    a("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+      help="the training scenarios' --dtype; auto resolves as the trainer does (model/precision.py)")
     a("--dim", type=int, default=512)
     a("--n_layers", type=int, default=8)
     a("--batch_size", type=int, default=8, help="training scenarios' batch")
@@ -312,21 +307,27 @@ def parse_args():
     a("--tower", default="base", choices=["base", "tiny"], help="base: ViT-B/16-sized (768 wide, 12 layers)")
     switch(a, "--compile", 1,
            help="also time warm-cache pretrain and the LLM step under torch.compile (--use_compile 1)")
-    a("--original_steps", type=int, default=10, help="steps of the (slow) original-style baseline")
     a("--decode_tokens", type=int, default=64)
     a("--decode_dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-      help="inference dtype (auto: as eval_vlm.py, float32 on CPU, bfloat16 on CUDA)")
+      help="inference dtype (auto: as eval_vlm.py resolves it)")
     a("--seconds", type=float, default=10.0, help="minimum timing window of the LLM-step scenarios")
     switch(a, "--quick", 0, help="tiny sizes: checks the script, not the machine")
     a("--only", default="", help="comma-separated subset: loader,startup,train,llm,decode")
     a("--loader_rows", type=int, default=512, help="parquet rows of 256x256 JPEGs for the loader scenario")
     a("--startup_rows", type=int, default=1_000_000, help="rows of the big parquet file the startup scenario opens")
     a("--out", default="out/bench.json")
+    a("--reference", metavar="DIR", help="instead: the original implementation in DIR against ours, side by side "
+                                         "(dev/reference.py says what DIR holds)")
+    a("--reference_python", metavar="PATH", help="the Python that runs the original (default: DIR/.venv/bin/python)")
+    a("--rounds", type=int, default=3, help="--reference: rounds of every scenario (medians are reported)")
+    a("--sft_images", type=int, default=64, help="--reference: SFT samples (the original pads each to 1536 tokens)")
     args = p.parse_args()
+    from model.precision import resolve_dtype
+    args.compute_dtype = resolve_dtype(args.dtype, args.device)[0]  # what the steps compute in, and MFU's peak
     if args.quick:
         args.dim, args.n_layers, args.n_images, args.tower, args.seconds, args.compile = 64, 2, 16, "tiny", 0.5, 0
         args.llm_batch, args.max_seq_len, args.typical_len, args.decode_tokens = 2, 128, 64, 8
-        args.original_steps, args.loader_rows, args.startup_rows = 2, 32, 5000
+        args.loader_rows, args.startup_rows = 32, 5000
     return args
 
 
@@ -356,16 +357,15 @@ def run_train(args, tower, work, results):
     data_root = os.path.join(work, "data")
     make_data(data_root, args.n_images, sft=False)
     make_data(data_root, args.n_images, sft=True)  # the same images, so SFT's warm cache is warm
-    # (stage, cache, compiled, original-style, label)
-    runs = [("pretrain", False, False, True, "pretrain, original-style"),
-            ("pretrain", False, False, False, "pretrain, cache off"),
-            ("pretrain", True, False, False, "pretrain, cache cold"),
-            ("pretrain", True, False, False, "pretrain, cache warm"),
-            ("sft", False, False, False, "sft, cache off"), ("sft", True, False, False, "sft, cache warm")]
+    # (stage, cache, compiled, label)
+    runs = [("pretrain", False, False, "pretrain, cache off"),
+            ("pretrain", True, False, "pretrain, cache cold"),
+            ("pretrain", True, False, "pretrain, cache warm"),
+            ("sft", False, False, "sft, cache off"), ("sft", True, False, "sft, cache warm")]
     if args.compile:
-        runs.append(("pretrain", True, True, False, "pretrain, cache warm, compiled"))
-    for stage, cache, compiled, original, label in runs:
-        r = train_scenario(args, tower, data_root, stage, cache, os.path.join(work, "out"), compiled, original)
+        runs.append(("pretrain", True, True, "pretrain, cache warm, compiled"))
+    for stage, cache, compiled, label in runs:
+        r = train_scenario(args, tower, data_root, stage, cache, os.path.join(work, "out"), compiled)
         results["train"][label] = r
         print(f"  {label:<32} {r['samples_per_s']:7.1f} samples/s {r['tokens_per_s']:8.0f} tok/s "
               f"peak {r['peak_mb']:6.0f} MB", flush=True)
@@ -381,15 +381,15 @@ def run_llm(args, peaks, results):
               f"{r['tflops']:.3f} TFLOPS", flush=True)
     # MFU against the best peak of the run: measured again right after the LLM steps, so a slow
     # phase of the machine during the first measurement cannot inflate it.
-    peaks.append(matmul_peak_tflops(args.device, getattr(torch, args.dtype), seconds=0.3 if args.quick else 3.0))
+    peaks.append(matmul_peak_tflops(args.device, args.compute_dtype, seconds=0.3 if args.quick else 3.0))
     for label, r in results["llm_step"].items():
         r["mfu"] = r["tflops"] / max(peaks)
         print(f"  MFU, LLM step {label:<28} {r['mfu']:.1%} of {max(peaks):.2f} TFLOPS", flush=True)
 
 
 def run_decode(args, tower, results):
-    from model.inference import resolve_dtype
-    dtype_name = str(resolve_dtype(args.decode_dtype, args.device)).removeprefix("torch.")
+    from model.precision import resolve_dtype
+    dtype_name = str(resolve_dtype(args.decode_dtype, args.device)[0]).removeprefix("torch.")
     int8 = [False, True] if args.device == "cpu" else [False]  # --quantize int8 is CPU-only
     for batch, quantized in [(b, q) for q in int8 for b in (1, 8)]:
         label = f"batch {batch}" + (", int8" if quantized else "")
@@ -399,33 +399,16 @@ def run_decode(args, tower, results):
               f"({r['decode_tokens_per_s_per_row']:.1f} per row)", flush=True)
 
 
-def ratios_to_original(results):
-    """Speed-ups against the original-style baseline of the same run (immune to machine drift), and
-    against the figures measured for the original implementation on this machine kind."""
-    ratios, train, decode = {}, results["train"], results["decode"]
-    if "pretrain, original-style" in train:
-        base = train["pretrain, original-style"]["samples_per_s"]
-        for label in ("pretrain, cache off", "pretrain, cache cold", "pretrain, cache warm",
-                      "pretrain, cache warm, compiled"):
-            if label in train:
-                key = label.replace(", ", "_").replace(" ", "_")
-                ratios[f"{key}_vs_original_style_this_run"] = train[label]["samples_per_s"] / base
-    if "pretrain, cache cold" in train:
-        ratios["pretrain_first_epoch_vs_original"] = (train["pretrain, cache cold"]["samples_per_s"]
-                                                      / REFERENCE["pretrain_samples_per_s"])
-        for label in ("pretrain, cache warm", "pretrain, cache warm, compiled"):
-            if label in train:
-                key = "pretrain_cached_vs_original" + ("_compiled" if "compiled" in label else "")
-                ratios[key] = train[label]["samples_per_s"] / REFERENCE["pretrain_samples_per_s"]
-    for label in ("batch 1", "batch 1, int8"):
-        if label in decode:
-            key = "decode_vs_original" + ("_int8" if "int8" in label else "")
-            ratios[key] = decode[label]["decode_tokens_per_s"] / REFERENCE["decode_tokens_per_s"]
-    return ratios
-
-
 def main():
     args = parse_args()
+    if args.reference:
+        import reference
+        report = reference.main(args)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.out}")
+        return
     only = set(args.only.split(",")) if args.only else {"loader", "startup", "train", "llm", "decode"}
     from make_demo_vision_tower import build_vision_tower
     work = tempfile.mkdtemp(prefix="minimind_bench_")
@@ -434,10 +417,11 @@ def main():
         build_vision_tower(tower, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, verbose=False)
     else:
         build_vision_tower(tower, hidden_size=32, num_layers=1, num_heads=2, verbose=False)
-    peaks = [matmul_peak_tflops(args.device, getattr(torch, args.dtype), seconds=0.3 if args.quick else 3.0)]
-    results = {"device": args.device, "dtype": args.dtype, "dim": args.dim, "n_layers": args.n_layers,
+    peaks = [matmul_peak_tflops(args.device, args.compute_dtype, seconds=0.3 if args.quick else 3.0)]
+    dtype_name = str(args.compute_dtype).removeprefix("torch.")
+    results = {"device": args.device, "dtype": dtype_name, "dim": args.dim, "n_layers": args.n_layers,
                "threads": torch.get_num_threads(), "loader": {}, "train": {}, "llm_step": {}, "decode": {}}
-    print(f"{args.device} {args.dtype}: matmul peak {peaks[0]:.2f} TFLOPS, {torch.get_num_threads()} threads", flush=True)
+    print(f"{args.device} {dtype_name} ({args.dtype}): matmul peak {peaks[0]:.2f} TFLOPS, {torch.get_num_threads()} threads", flush=True)
     if "loader" in only:
         run_loader(args, tower, work, results)
     if "startup" in only:
@@ -450,9 +434,6 @@ def main():
     if "decode" in only:
         run_decode(args, tower, results)
     results["peak_rss_mb_bench_process"] = peak_memory_mb(args.device)
-    results["vs_original_reference"] = ratios = ratios_to_original(results)
-    for k, v in ratios.items():
-        print(f"  {k}: {v:.1f}x")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
