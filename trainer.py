@@ -45,7 +45,7 @@ from model.checkpoint import (CheckpointError, DiskFullError, atomic_save, infer
                               load_weights, read_checkpoint, weight_name, weight_path)
 from model.lora import LORA_LAYERS, LoraSettings, adapter_state_dict, add_lora, has_lora, save_adapter
 from model.model_minimind import count_llm_params
-from model.model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig, tower_features
+from model.model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig, tower_features, tower_token_count
 from model.precision import DTYPES, describe, resolve_dtype, use_tf32
 from train_engines import DeepSpeedEngine, TorchEngine
 
@@ -110,11 +110,12 @@ def build_parser(description, **defaults):
            help="skip (and count) malformed samples instead of stopping with an error")
     switch(a, "--group_by_length", 1, help="batch samples of similar length")
     switch(a, "--pad_to_max_len", 0,
-           help="pad every batch to --max_seq_len instead of its longest sample: fixed shapes, more work "
-           "(what the original implementation did; scripts/bench.py times it as the baseline)")
-    a("--cache_features", nargs="?", const="auto", default=None, metavar="DIR",
-      help="encode each image once and reuse its frozen features from a disk cache "
-           "(DIR defaults to out_dir/feature_cache); ~300 KB per image at ViT-B/16 width")
+           help="pad every batch to --max_seq_len instead of its longest sample: fixed shapes (as the original "
+           "implementation did), more work")
+    a("--cache_features", nargs="?", const="1", default="0", metavar="0|1|DIR",
+      help="encode each image once and reuse its frozen features from a disk cache: 1 (or bare) in "
+           "out_dir/feature_cache, DIR in DIR, 0 off; ~300 KB per image at ViT-B/16 width, so later epochs "
+           "and runs skip the tower")
     switch(a, "--use_compile", 0,
            help="torch.compile the transformer blocks, the output head with its loss, and the vision tower")
     switch(a, "--gradient_checkpointing", 0,
@@ -174,7 +175,7 @@ class TrainConfig:
     skip_bad_samples: int
     group_by_length: int
     pad_to_max_len: int
-    cache_features: str | None
+    cache_features: str  # "0" off, "1" out_dir/feature_cache, else a folder (see open_feature_cache)
     use_compile: int
     gradient_checkpointing: int
     stop_after_steps: int
@@ -531,6 +532,11 @@ class Meter:
     def reset(self, now):
         self.loss, self.steps, self.samples, self.tokens, self.since = 0.0, 0, 0, 0, now
 
+    def start_clock(self, samples_done):
+        """The ETA's pace counts from here: called after the first step, which also compiles (with
+        --use_compile 1, a minute or more) and starts the loader's workers."""
+        self.t0, self.done_at_t0 = time.time(), samples_done
+
     def add(self, step):
         """A finished step: its samples and tokens count; its loss only if it was applied."""
         self.samples += step.samples
@@ -543,6 +549,8 @@ class Meter:
         """-> loss, lr, rates and ETA (`done` of `total` samples consumed); starts the next window."""
         now = time.time()
         rate = (done - self.done_at_t0) / max(now - self.t0, 1e-9)
+        if done <= self.done_at_t0:  # right after the first step: no pace of our own yet, the window's
+            rate = self.samples / max(now - self.since, 1e-9)
         record = {"loss": self.loss / self.steps, "lr": lr, "samples_per_s": self.samples / (now - self.since),
                   "tokens_per_s": self.tokens / (now - self.since), "eta_s": (total - done) / max(rate, 1e-9),
                   "time": now}
@@ -630,10 +638,16 @@ class ImageEncoder:
 
 
 def open_feature_cache(cfg, tower, processor, is_main):
-    """--cache_features: the disk cache of this tower's features, or None."""
-    if not cfg.cache_features:
+    """--cache_features: the disk cache of this tower's features, or None (0 or 1, or a folder; "auto"
+    and no value are what earlier versions wrote for 1 and 0)."""
+    if cfg.cache_features in (None, "0"):
+        if is_main and cfg.epochs > 1:
+            kb = tower_token_count(tower) * tower.config.hidden_size * 2 / 1024  # fp16 features
+            print(f"tip: --cache_features 1 would run the vision tower once per image and reuse its features in "
+                  f"epochs 2-{cfg.epochs} (about {kb:.0f} KB of disk per image)", flush=True)
         return None
-    cache_dir = os.path.join(cfg.out_dir, "feature_cache") if cfg.cache_features == "auto" else cfg.cache_features
+    cache_dir = (os.path.join(cfg.out_dir, "feature_cache") if cfg.cache_features in ("1", "auto")
+                 else cfg.cache_features)
     cache = open_cache_for(tower, processor, cache_dir)
     if is_main:
         print(f"feature cache {cache.dir}: {len(cache)} images cached")
@@ -840,6 +854,9 @@ def train_epochs(run):
     bad_steps, steps_this_run = 0, 0
     run.checkpointer.begin(state)
     run.model.train()
+    if cfg.use_compile and run.cluster.is_main:
+        print("compiling the model in the first steps (a minute or two on a CPU; later runs reuse the compiled "
+              "code from the cache)", flush=True)
     for epoch in range(state["epoch"], cfg.epochs):
         run.sampler.set_epoch(epoch, state["samples_seen"])
         skipped = []  # this rank's skipped samples in this epoch
@@ -848,6 +865,8 @@ def train_epochs(run):
             step = train_step(run, epoch, micro_batches, signals.received)
             run.checkpointer.step_done(state)
             meter.add(step)
+            if steps_this_run == 0 and bad_steps == 0:  # the first step of this run: compiling is behind us
+                meter.start_clock(run.samples_done(epoch))
             if step.applied:
                 bad_steps, steps_this_run = 0, steps_this_run + 1
                 log_and_save(run, meter, epoch, step.lr)

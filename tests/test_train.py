@@ -24,9 +24,11 @@ def run_script(script, *args, check=True):
 
 def test_two_step_pretrain_then_sft_write_loadable_checkpoints(toy_data, tower_dir, tmp_path):
     out = tmp_path / "out"
-    run_script("train_pretrain_vlm.py", *common(toy_data, tower_dir, out, from_weight="none", epochs=1,
-                                                 batch_size=6, freeze_llm=0))
+    pretrain = run_script("train_pretrain_vlm.py", *common(toy_data, tower_dir, out, from_weight="none", epochs=1,
+                                                            batch_size=6, freeze_llm=0))
     run_script("train_sft_vlm.py", *common(toy_data, tower_dir, out, epochs=1, batch_size=6))
+    from model.precision import describe, resolve_dtype
+    assert describe(*resolve_dtype("auto", "cpu")) in pretrain.stdout.splitlines()  # the default, said once
     for name in ("pretrain_vlm_64", "sft_vlm_64"):
         model = MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM))
         load_weights(model, str(out / f"{name}.pth"))

@@ -24,6 +24,22 @@ def config(**overrides):
     return trainer.TrainConfig(**vars(trainer.build_parser("test", **{**defaults, **overrides}).parse_args([])))
 
 
+def test_cache_features_takes_0_1_or_a_folder(tower_dir, tmp_path, monkeypatch):
+    from dataset.images import load_processor
+    from model.model_vlm import load_vision_tower
+    parser = trainer.build_parser("t")
+    assert parser.parse_args([]).cache_features == "0" and parser.parse_args(["--cache_features"]).cache_features == "1"
+    tower, processor = load_vision_tower(tower_dir), load_processor(tower_dir)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    opened = {flag: trainer.open_feature_cache(config(cache_features=flag, out_dir=str(out)), tower, processor, False)
+              for flag in ("0", "1", str(tmp_path / "mine"))}
+    assert opened["0"] is None
+    assert opened["1"].dir.startswith(str(out / "feature_cache"))
+    assert opened[str(tmp_path / "mine")].dir.startswith(str(tmp_path / "mine"))
+    assert not (tmp_path / "0").exists() and not (tmp_path / "1").exists()  # no folders named after the switch
+
+
 # 1. The learning-rate schedule.
 
 def test_lr_warms_up_linearly_then_follows_a_cosine_down_to_a_tenth():
