@@ -17,6 +17,10 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+# The output's cache field: `cache` from transformers 5 on (the old name there logs a deprecation
+# line between a prompt and its answer), `past_key_values` before.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 # What each released generation sets; a field passed explicitly to MiniMindConfig wins over these.
 GENERATIONS = {
     "minimind2": dict(n_kv_heads=2, norm_eps=1e-5, qk_norm=False, max_seq_len=8192, n_shared_experts=1,
@@ -306,7 +310,7 @@ class MiniMindForCausalLM(PreTrainedModel):
         else:
             # During generation only the last position's logits are needed: skip the [B, T, V] matmul.
             logits = self.output(h[:, -logits_to_keep:] if logits_to_keep else h)  # [B, T, V]
-        out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
         out["aux_loss"] = aux_loss
         return out
 

@@ -135,3 +135,17 @@ def test_streaming_yields_one_token_per_step():
     model = tiny_llm()
     steps = list(model.generate_stream(torch.randint(3, 300, (1, 4)), max_new_tokens=5, eos_token_id=-1))
     assert len(steps) == 5 and all(s.shape == (1,) for s in steps)
+
+
+def test_forward_and_generation_print_no_transformers_deprecation(monkeypatch):
+    """Nothing of transformers' lands between a prompt and its answer (the old name of the output's
+    cache field made it log a deprecation line on every run)."""
+    import transformers.utils.generic as hf_generic
+    said = []
+    monkeypatch.setattr(hf_generic.logger, "warning_once", lambda *args, **kwargs: said.append(args))
+    model = tiny_llm()
+    ids = torch.randint(3, 300, (1, 6))
+    model.generate(ids, max_new_tokens=3)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert said == []
