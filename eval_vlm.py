@@ -19,7 +19,7 @@ from collections import defaultdict
 from PIL import Image
 
 from cli import switch
-from dataset.images import ImageError, open_image
+from model.images import ImageError, open_image
 from dataset.samples import open_source
 from dataset.video import add_video_args, read_frames
 from model.chat import IMAGE_TAG, VIDEO_TAG, expand_video

@@ -43,6 +43,7 @@ from dataset.video import add_video_args
 from model.chat import resolve_image_token_id
 from model.checkpoint import (CheckpointError, DiskFullError, atomic_save, infer_config_from_state_dict, llm_state_dict,
                               load_weights, read_checkpoint, weight_name, weight_path)
+from model.images import load_processor
 from model.lora import LORA_LAYERS, LoraSettings, adapter_state_dict, add_lora, has_lora, save_adapter
 from model.model_minimind import count_llm_params
 from model.model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig, tower_features, tower_token_count
@@ -723,14 +724,14 @@ class Run:
 
 def build_run(cfg, cluster):
     """Model, data, engine, checkpoints and log, and the state the run starts from."""
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP/DeepSpeed broadcast rank 0's anyway)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
     model, tower = build_model(cfg, tokenizer, cluster.device)
     # Per-rank random streams from here on (dropout, DataLoader workers); the data order is not
     # random state but a function of (seed, epoch), see ResumableBatchSampler.
     seed_all(cfg.seed + cluster.rank)
-    processor = AutoImageProcessor.from_pretrained(cfg.vision_model_path)
+    processor = load_processor(cfg.vision_model_path)  # the PIL form, as eval and serving: the same pixels
     cache = open_feature_cache(cfg, tower, processor, cluster.is_main)
     dataset = open_dataset(cfg, tokenizer, processor, model.config, cache, cluster.is_main)
     sampler, loader = build_loader(cfg, dataset, tokenizer.pad_token_id or 0, cluster)

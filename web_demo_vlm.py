@@ -30,7 +30,7 @@ import gradio as gr  # noqa: E402
 
 from model.chat import IMAGE_TAG, ReasoningSplitter, video_prompt  # noqa: E402
 from model.model_minimind import count_llm_params  # noqa: E402
-from dataset.images import open_image  # noqa: E402
+from model.images import open_image  # noqa: E402
 from dataset.video import VIDEO_EXTS, add_video_args, read_frames  # noqa: E402
 from model.inference import (InferenceConfig, VLMChat, add_model_args, is_hf_dir, load_model,  # noqa: E402
                              resolve_weight_path)

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from model.chat import ChatEncoder, expand_video
 
 from .feature_cache import image_key
-from .images import ImageError, open_image, to_pixels
+from model.images import ImageError, open_image, to_pixels
 from .samples import SampleError, open_source
 from .video import DEFAULT_FRAMES, MAX_VIDEO_SECONDS, VideoError, check_frames, read_frames
 

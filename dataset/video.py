@@ -14,7 +14,7 @@ The prompt that goes with the frames (their timestamps) is model.chat.video_prom
 import io
 import os
 
-from .images import shrink, to_rgb
+from model.images import shrink, to_rgb
 
 DEFAULT_FRAMES = 8
 MAX_FRAMES = 64

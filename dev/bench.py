@@ -146,7 +146,7 @@ def startup_scenario(parquet, tower):
     """Seconds and peak RSS of opening the training dataset on a big parquet file, in a fresh process:
     the first time (which makes the Arrow copy) and again (which memory-maps it)."""
     code = (f"import sys, time, resource; sys.path.insert(0, {ROOT!r}); t = time.time()\n"
-            "from transformers import AutoTokenizer\nfrom dataset.images import load_processor\n"
+            "from transformers import AutoTokenizer\nfrom model.images import load_processor\n"
             "from dataset.lm_dataset import VLMDataset\nfrom model.chat import resolve_image_token_id\n"
             f"tok = AutoTokenizer.from_pretrained({os.path.join(ROOT, 'model')!r}); t1 = time.time()\n"
             f"ds = VLMDataset({parquet!r}, None, tok, load_processor({tower!r}), "
@@ -171,7 +171,7 @@ def loader_scenario(a, tower, parquet, workers):
     import functools
     from torch.utils.data import DataLoader
     from transformers import AutoTokenizer
-    from dataset.images import load_processor
+    from model.images import load_processor
     from dataset.lm_dataset import VLMDataset, collate_batch
     from model.chat import resolve_image_token_id
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(ROOT, "model"))

@@ -20,7 +20,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "demo")]
 
-from dataset.images import load_processor, open_image, to_pixels  # noqa: E402
+from model.images import load_processor, open_image, to_pixels  # noqa: E402
 from dataset.samples import open_source  # noqa: E402
 from make_shapes_data import CELL_PHRASE, CELLS, COLORS, IMG, SHAPES  # noqa: E402
 

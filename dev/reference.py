@@ -73,7 +73,7 @@ OURS_DECODE = r"""
 import sys, time, torch
 sys.path.insert(0, ROOT)
 from PIL import Image
-from dataset.images import open_image
+from model.images import open_image
 mode, weights, image, question, n_new, tokenizer_path, tower = sys.argv[1:8]
 n_new = int(n_new)
 messages = [{"role": "user", "content": "<image>\n" + question}]

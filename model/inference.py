@@ -8,7 +8,7 @@ import os
 import torch
 
 from cli import switch
-from dataset.images import load_processor, to_pixels, to_rgb
+from .images import load_processor, to_pixels, to_rgb
 from .chat import IMAGE_TAG, ChatEncoder, resolve_image_token_id, split_reasoning
 from .model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig
 from .checkpoint import check_state_dict, infer_config_from_state_dict, load_weights, read_checkpoint, weight_path
@@ -129,7 +129,7 @@ class VLMChat:
         self.device = next(model.parameters()).device
 
     def pixels(self, images):
-        """PIL images (from dataset.images.open_image, as in training) -> [N, 3, H, W] on the model's device."""
+        """PIL images (from model.images.open_image, as in training) -> [N, 3, H, W] on the model's device."""
         if not images:
             return None
         return to_pixels(self.processor, [to_rgb(im) for im in images]).to(self.device)

@@ -16,6 +16,7 @@ import os
 import torch
 
 from .chat import IMAGE_TAG, ChatEncoder
+from .images import from_pil, load_processor, open_image, to_pixels
 from .model_minimind import rope_cos_sin
 from .model_vlm import VISION_HELP, MiniMindVLM, VLMConfig, load_vision_tower
 from .precision import resolve_dtype
@@ -66,7 +67,7 @@ class MiniMindVLMForCausalLM(MiniMindVLM):
         return self
 
     def _chat_tools(self, tokenizer, processor):
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoTokenizer
         here = self.name_or_path
         if tokenizer is None:
             tokenizer = (getattr(self, "_chat_tokenizer", None)
@@ -76,7 +77,7 @@ class MiniMindVLMForCausalLM(MiniMindVLM):
             processor = getattr(self, "_chat_processor", None)
             if processor is None:
                 has_own = os.path.isfile(os.path.join(here, "preprocessor_config.json"))
-                processor = AutoImageProcessor.from_pretrained(here if has_own else self.config.vision_model_path)
+                processor = load_processor(here if has_own else self.config.vision_model_path)
             self._chat_processor = processor
         return tokenizer, processor
 
@@ -90,10 +91,9 @@ class MiniMindVLMForCausalLM(MiniMindVLM):
         """One answer. image: None, a PIL image or path, or a list of them. messages: a question, or
         [{"role", "content"}, ...] where each <image> tag takes the next image (with no tags, the
         images go in front of the last user message). Tokenizer and processor default to this
-        directory's own."""
-        from PIL import Image
+        directory's own. Images become pixels as in training (images.py: orientation, RGB, size)."""
         images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
-        images = [(Image.open(im) if isinstance(im, (str, os.PathLike)) else im).convert("RGB") for im in images]
+        images = [open_image(im) if isinstance(im, (str, os.PathLike, bytes)) else from_pil(im) for im in images]
         if messages is None:
             messages = "Describe the image."
         if isinstance(messages, str):
@@ -108,7 +108,7 @@ class MiniMindVLMForCausalLM(MiniMindVLM):
         tokenizer, processor = self._chat_tools(tokenizer, processor)
         device = next(self.parameters()).device
         ids = torch.tensor([self.encode_chat(messages, tokenizer)], device=device)
-        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device) if images else None
+        pixel_values = to_pixels(processor, images).to(device) if images else None
         out = self.generate(ids, pixel_values=pixel_values, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                             eos_token_id=tokenizer.eos_token_id)

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from dataset.feature_cache import image_key, open_cache_for  # noqa: E402
-from dataset.images import ImageError, load_processor, open_image, to_pixels  # noqa: E402
+from model.images import ImageError, load_processor, open_image, to_pixels  # noqa: E402
 from trainer import open_data  # noqa: E402
 from model.model_vlm import DEFAULT_VISION_MODEL, load_vision_tower, tower_features  # noqa: E402
 from model.precision import DTYPES, describe, resolve_dtype  # noqa: E402

@@ -9,7 +9,7 @@ writes a self-contained directory that loads offline with
     model.safetensors       LLM + projection; the tied output head is stored once (as tok_embeddings.weight)
     tokenizer files         from --tokenizer_path (chat template included)
     preprocessor_config.json  the CLIP image processor (from --vision_model_path, else standard CLIP settings)
-    model_minimind.py, model_vlm.py, chat.py, precision.py, modeling_minimind_v.py   the modelling code (remote code)
+    model_minimind.py, model_vlm.py, chat.py, images.py, precision.py, modeling_minimind_v.py   the code (remote code)
 
 Import (directory -> .pth in the released key format):
     python scripts/convert_model.py --reverse --weight out/MiniMind2-V-hf --out out/sft_vlm_512.pth
@@ -36,7 +36,7 @@ from model.model_vlm import MiniMindVLM, VLMConfig, load_vision_tower, tower_tok
 
 # The model code an exported directory carries, copied as it is: modeling_minimind_v.py is the
 # transformers entry point (from_pretrained without the tower, then the tower attached; chat()).
-CODE_FILES = ("model_minimind.py", "model_vlm.py", "chat.py", "precision.py", "modeling_minimind_v.py")
+CODE_FILES = ("model_minimind.py", "model_vlm.py", "chat.py", "images.py", "precision.py", "modeling_minimind_v.py")
 AUTO_MAP = {"AutoConfig": "model_vlm.VLMConfig",
             "AutoModelForCausalLM": "modeling_minimind_v.MiniMindVLMForCausalLM"}
 # Standard OpenAI CLIP ViT-B/16 preprocessing, written when the vision directory is not at hand.
@@ -94,7 +94,7 @@ def save_tokenizer(tokenizer_path, tokenizer, out_dir):
 def save_processor(vision_path, out_dir):
     from transformers import CLIPImageProcessor
 
-    from dataset.images import load_processor
+    from model.images import load_processor
     if vision_path and os.path.isfile(os.path.join(vision_path, "preprocessor_config.json")):
         processor = load_processor(vision_path)
     else:

@@ -15,7 +15,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dataset.images import ImageError, open_image  # noqa: E402
+from model.images import ImageError, open_image  # noqa: E402
 from model.chat import ChatEncoder, resolve_image_token_id  # noqa: E402
 from dataset.samples import SampleError, open_source  # noqa: E402
 

@@ -44,7 +44,7 @@ from starlette.requests import ClientDisconnect  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
 from model.chat import IMAGE_TAG, ReasoningSplitter, video_prompt  # noqa: E402
-from dataset.images import open_image  # noqa: E402
+from model.images import open_image  # noqa: E402
 from dataset.video import DEFAULT_FRAMES, MAX_VIDEO_SECONDS, add_video_args, read_frames  # noqa: E402
 from model.inference import (InferenceConfig, VLMChat, add_model_args, is_hf_dir, load_model,  # noqa: E402
                              resolve_weight_path)

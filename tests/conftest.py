@@ -38,7 +38,7 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def processor(tower_dir):
-    from dataset.images import load_processor
+    from model.images import load_processor
     return load_processor(tower_dir)
 
 

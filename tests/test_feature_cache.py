@@ -4,7 +4,7 @@ import time
 
 import torch
 from dataset.feature_cache import FeatureCache, encode_with_cache, image_key, open_cache_for, tower_identity
-from dataset.images import open_image, to_pixels
+from model.images import open_image, to_pixels
 from model.model_vlm import MiniMindVLM, VLMConfig
 
 from conftest import TINY_LLM, write_image

@@ -1,4 +1,4 @@
-"""The one image opener (dataset/images.py): what every path of the repo turns a file or bytes into,
+"""The one image pipeline (model/images.py): what every path of the repo turns a file or bytes into,
 and how a bad image becomes a per-sample error."""
 import io
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset.images import ImageError, open_image, to_pixels
+from model.images import ImageError, open_image, to_pixels
 from dataset.lm_dataset import VLMDataset, collate_batch
 
 IMG = 3
@@ -94,6 +94,47 @@ def test_an_exif_rotated_photo_gives_the_same_pixels_in_training_eval_cache_and_
     assert (training - reference).abs().mean() < 0.1  # upright, not sideways (JPEG rounding aside)
     sideways = to_pixels(processor, [Image.open(tmp_path / "phone.jpg").convert("RGB")])
     assert (training - sideways).abs().mean() > 5 * (training - reference).abs().mean()
+
+
+def test_training_and_the_exported_chat_read_the_same_pixels_as_eval_whatever_backend_transformers_picks(
+        tmp_path, tower_dir, tokenizer, monkeypatch):
+    """transformers picks its torchvision form of an image processor wherever torchvision is installed,
+    and it computes other pixels than the PIL form. Stand in for that form (a processor that
+    normalises differently); training and the exported chat() must still see eval's pixels."""
+    import transformers
+    import trainer
+    from convert_model import export_hf
+    from model.images import load_processor
+    from test_convert import make_checkpoint
+    from test_trainer_units import config
+    real = transformers.AutoImageProcessor.from_pretrained.__func__
+
+    def backend_of_the_machine(cls, path, *args, **kwargs):
+        if kwargs.get("backend") == "pil" or kwargs.get("use_fast") is False:
+            return real(cls, path, *args, **kwargs)
+        return real(cls, path, *args, image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0])
+    monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", classmethod(backend_of_the_machine))
+
+    exif_rotated_jpeg(tmp_path / "phone.jpg")
+    eval_pixels = to_pixels(load_processor(tower_dir), [open_image(str(tmp_path / "phone.jpg"))])
+    data = write_jsonl(tmp_path / "d.jsonl", ["phone.jpg"])
+    run = trainer.build_run(config(data_path=data, images_path=str(tmp_path), vision_model_path=tower_dir, dim=64,
+                                   n_layers=2, num_workers=0, out_dir=str(tmp_path / "out")), trainer.Cluster())
+    assert torch.equal(run.loader.dataset[0]["pixel_values"], eval_pixels)
+
+    make_checkpoint(tower_dir, str(tmp_path / "w.pth"))
+    exported = transformers.AutoModelForCausalLM.from_pretrained(
+        export_hf(str(tmp_path / "w.pth"), str(tmp_path / "hf"), tokenizer.name_or_path, tower_dir),
+        trust_remote_code=True, dtype=torch.float32)
+    seen = {}
+
+    def generate(ids, pixel_values=None, **kwargs):
+        seen["pixels"] = pixel_values
+        return ids
+    monkeypatch.setattr(exported, "generate", generate)
+    for image in (str(tmp_path / "phone.jpg"), Image.open(tmp_path / "phone.jpg")):  # a path, or a PIL image
+        exported.chat(image, "What is it?")
+        assert torch.equal(seen["pixels"], eval_pixels)
 
 
 def test_a_decompression_bomb_in_training_data_is_skipped_with_the_flag_and_stops_without(

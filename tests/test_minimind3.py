@@ -79,7 +79,7 @@ def test_the_think_template_prompts_and_supervises_as_the_release_does(tokenizer
 
 def test_64_placeholders_per_image_with_0_1_and_2_images_per_sample(tmp_path, tokenizer3_dir, siglip2_dir, vlm3_pth):
     from transformers import AutoTokenizer
-    from dataset.images import load_processor
+    from model.images import load_processor
     from dataset.lm_dataset import VLMDataset, collate_batch
     from model.inference import load_model
     for name, colour in (("a.png", "red"), ("b.png", "blue")):
@@ -101,7 +101,7 @@ def test_64_placeholders_per_image_with_0_1_and_2_images_per_sample(tmp_path, to
 
 def test_the_feature_cache_with_a_siglip_tower(tmp_path, siglip2_dir):
     from dataset.feature_cache import encode_with_cache, image_key, open_cache_for
-    from dataset.images import load_processor, open_image, to_pixels
+    from model.images import load_processor, open_image, to_pixels
     from model.model_vlm import MiniMindVLM, VLMConfig
     write_image(tmp_path / "a.png", "red")
     model = MiniMindVLM(VLMConfig(vision_model_path=siglip2_dir, dim=64, n_layers=1, projector="mlp")).eval()
@@ -155,7 +155,7 @@ def test_export_to_transformers_and_back_keeps_logits_and_the_2026_keys(tmp_path
                                                                         vlm3_pth):
     from transformers import AutoModelForCausalLM
     from convert_model import export_hf, import_hf
-    from dataset.images import load_processor, to_pixels
+    from model.images import load_processor, to_pixels
     from model.inference import load_model
     ours, _, _ = load_model(model_args(vlm3_pth, tokenizer3_dir, siglip2_dir, "--dtype", "float32"))
     out = export_hf(vlm3_pth, str(tmp_path / "hf"), tokenizer3_dir, siglip2_dir)

@@ -159,7 +159,7 @@ def test_more_sft_turns_ask_more_questions_never_the_same_thing_twice():
 
 
 def _pixels(d):
-    from dataset.images import load_processor
+    from model.images import load_processor
     proc = load_processor(d)
     img = Image.new("RGB", (224, 224), (240, 240, 240))
     x = proc(images=img, return_tensors="pt")["pixel_values"]

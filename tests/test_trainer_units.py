@@ -25,7 +25,7 @@ def config(**overrides):
 
 
 def test_cache_features_takes_0_1_or_a_folder(tower_dir, tmp_path, monkeypatch):
-    from dataset.images import load_processor
+    from model.images import load_processor
     from model.model_vlm import load_vision_tower
     parser = trainer.build_parser("t")
     assert parser.parse_args([]).cache_features == "0" and parser.parse_args(["--cache_features"]).cache_features == "1"

@@ -1,5 +1,7 @@
-"""The one way an image becomes pixels: training, benchmark, feature cache, web demo and API all
-call `open_image` and then `to_pixels`, so a model sees the same pixels wherever an image comes from.
+"""The one way an image becomes pixels: training, benchmark, feature cache, web demo, API and the
+exported model's chat() all call `open_image`, then `to_pixels` with the processor `load_processor`
+gives, so a model sees the same pixels wherever an image comes from and whether or not torchvision
+is installed. It lives beside the model because it is part of what a model is: an export carries it.
 
 open_image: a path, bytes or file object -> RGB PIL image
   - EXIF orientation applied (a phone photo is upright in training as in serving);
@@ -37,7 +39,7 @@ def open_image(source, name=None, max_side=MAX_IMAGE_SIDE):
                 if im.width * im.height > MAX_IMAGE_PIXELS:
                     raise Image.DecompressionBombError(im.size)
                 im.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale straight away
-                im = to_rgb(ImageOps.exif_transpose(im))  # decodes the whole image: errors show here
+                im = from_pil(im, max_side)  # decodes the whole image: errors show here
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise ImageError(f"{label} has too many pixels (at most {MAX_IMAGE_PIXELS:,}): "
                          "a decompression bomb, or an image to shrink first") from None
@@ -47,7 +49,12 @@ def open_image(source, name=None, max_side=MAX_IMAGE_SIDE):
         raise ImageError(f"{label} is not an image (use a JPEG, PNG, WebP, GIF or BMP picture)") from None
     except Exception as e:  # PIL raises many kinds for bad bytes (OSError, SyntaxError, struct.error, ...)
         raise ImageError(f"{label} is a corrupt or truncated image ({type(e).__name__}: {e})") from None
-    return shrink(im, max_side)
+    return im
+
+
+def from_pil(im, max_side=MAX_IMAGE_SIDE):
+    """A PIL image (decoded or not) -> what open_image gives: upright, RGB, at most max_side."""
+    return shrink(to_rgb(ImageOps.exif_transpose(im)), max_side)
 
 
 def shrink(im, max_side=MAX_IMAGE_SIDE):
