@@ -151,22 +151,25 @@ class MiniMindVLM(MiniMindForCausalLM):
         image of the batch, consumed in placeholder order: row 0's images first, then row 1's, ...
         """
         h = self.tok_embeddings(input_ids)  # [B, T, D]
-        is_image = input_ids == self.config.image_token_id  # [B, T]
         if image_features is None and pixel_values is not None and len(pixel_values):
             image_features = self.encode_images(pixel_values)
-        n_images = 0 if image_features is None else len(image_features)
+        if image_features is None:
+            # No images, so no placeholders: every id is text, the placeholder's too (a typed '@' of
+            # the released tokenizer, or one the model generates while decoding, where this runs
+            # once per token without a check).
+            if self.training:
+                # A batch without images still touches the projection, so DDP finds a gradient for
+                # it on every rank instead of hanging.
+                h = h + 0.0 * sum(p.sum() for p in self.vision_proj.parameters()).to(h.dtype)
+            return h
+        is_image = input_ids == self.config.image_token_id  # [B, T]
+        n_images = len(image_features)
         per_row = is_image.sum(1)
         n_per_image = self.config.image_token_count
         if per_row.sum() != n_images * n_per_image or (per_row % n_per_image).any():
             raise ValueError(
                 f"{per_row.tolist()} image placeholder tokens (id {self.config.image_token_id}) per row, but "
                 f"{n_images} images: each image needs exactly {n_per_image} consecutive placeholders")
-        if n_images:
-            proj_dtype = next(self.vision_proj.parameters()).dtype
-            feats = self.vision_proj(image_features.to(proj_dtype))  # [N, image_token_count, D]
-            h = h.masked_scatter(is_image[..., None], feats.to(h.dtype))
-        elif self.training:
-            # A batch without images still touches the projection, so DDP finds a gradient for it
-            # on every rank instead of hanging.
-            h = h + 0.0 * sum(p.sum() for p in self.vision_proj.parameters()).to(h.dtype)
-        return h
+        proj_dtype = next(self.vision_proj.parameters()).dtype
+        feats = self.vision_proj(image_features.to(proj_dtype))  # [N, image_token_count, D]
+        return h.masked_scatter(is_image[..., None], feats.to(h.dtype))

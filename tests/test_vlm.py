@@ -45,10 +45,31 @@ def test_precomputed_features_give_the_same_logits_as_pixels(tiny_vlm):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("rows,n_pixels", [([1], 2), ([2], 1), ([1], 0)])
+@pytest.mark.parametrize("rows,n_pixels", [([1], 2), ([2], 1), ([0], 1)])
 def test_placeholder_count_must_match_the_images(tiny_vlm, rows, n_pixels):
     with pytest.raises(ValueError, match="placeholder"):
         tiny_vlm(batch_with_images(rows), pixel_values=torch.randn(n_pixels, 3, 224, 224))
+
+
+def test_without_images_a_placeholder_id_is_text(tiny_vlm):
+    """A typed '@' (the released tokenizer's placeholder) in a text-only prompt, or one the model
+    generates after the prompt, embeds as the token it is."""
+    ids = batch_with_images([1])
+    with torch.no_grad():
+        h = tiny_vlm.embed(ids)
+    assert torch.equal(h, tiny_vlm.tok_embeddings(ids))
+
+
+def test_a_model_that_generates_the_placeholder_keeps_generating(tiny_vlm):
+    ids = batch_with_images([1], T=220)
+    hook = tiny_vlm.output.register_forward_hook(  # every step's favourite token: the placeholder
+        lambda module, inputs, logits: logits.index_add(-1, torch.tensor([IMG]), torch.full((*logits.shape[:-1], 1), 1e4)))
+    try:
+        new = list(tiny_vlm.generate_stream(ids, pixel_values=torch.randn(1, 3, 224, 224), max_new_tokens=5,
+                                            eos_token_id=-1))
+    finally:
+        hook.remove()
+    assert [int(t) for t in new] == [IMG] * 5
 
 
 def test_a_broken_placeholder_run_is_an_error(tiny_vlm):
