@@ -44,6 +44,7 @@ from model.chat import resolve_image_token_id
 from model.checkpoint import (CheckpointError, DiskFullError, atomic_save, infer_config_from_state_dict, llm_state_dict,
                               load_weights, read_checkpoint, weight_name, weight_path)
 from model.images import load_processor
+from model.paths import load_tokenizer
 from model.lora import LORA_LAYERS, LoraSettings, adapter_state_dict, add_lora, has_lora, save_adapter
 from model.model_minimind import count_llm_params
 from model.model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig, tower_features, tower_token_count
@@ -724,9 +725,8 @@ class Run:
 
 def build_run(cfg, cluster):
     """Model, data, engine, checkpoints and log, and the state the run starts from."""
-    from transformers import AutoTokenizer
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP/DeepSpeed broadcast rank 0's anyway)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
     model, tower = build_model(cfg, tokenizer, cluster.device)
     # Per-rank random streams from here on (dropout, DataLoader workers); the data order is not
     # random state but a function of (seed, epoch), see ResumableBatchSampler.

@@ -12,6 +12,7 @@ from .images import load_processor, to_pixels, to_rgb
 from .chat import IMAGE_TAG, ChatEncoder, resolve_image_token_id, split_reasoning
 from .model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig
 from .checkpoint import check_state_dict, infer_config_from_state_dict, load_weights, read_checkpoint, weight_path
+from .paths import load_tokenizer
 from .precision import DTYPES, describe, resolve_dtype
 from .lora import adapter_projector, load_adapter, merge_lora
 from .quantize import quantize_int8
@@ -85,7 +86,6 @@ def is_hf_dir(weight):
 def load_model(args):
     """An InferenceConfig -> (model in eval mode on its device, tokenizer, image processor).
     Raises FileNotFoundError or CheckpointError with a message naming the file and the fix."""
-    from transformers import AutoTokenizer
     if is_hf_dir(args.weight):
         model, tokenizer = load_hf_dir(args)  # a directory written by scripts/convert_model.py
         vision_path = model.config.vision_model_path  # the tower it attached
@@ -93,7 +93,7 @@ def load_model(args):
         path = resolve_weight_path(args)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"weights {path} not found. Train them (see README) or pass --weight PATH.pth")
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
+        tokenizer = load_tokenizer(args.tokenizer_path)
         sd = check_state_dict(read_checkpoint(path), path)  # weights_only; not model weights: says so, with its path
         found = infer_config_from_state_dict({**sd, **adapter_projector(args.lora)}, path)
         for key in ("dim", "n_layers", "use_moe"):  # a flag set to something else than its default and the file

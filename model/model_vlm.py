@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .model_minimind import MiniMindConfig, MiniMindForCausalLM
+from .paths import local_path
 
 DEFAULT_VISION_MODEL = "model/vision_model/clip-vit-base-patch16"  # the design's tower: CLIP ViT-B/16
 VISION_HELP = ("Download CLIP ViT-B/16 into it, e.g. `git clone https://huggingface.co/openai/clip-vit-base-patch16 "
@@ -63,6 +64,7 @@ def load_vision_tower(path):
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
     from transformers.utils import logging
     logging.disable_progress_bar()  # a per-tensor loading bar on every start is noise
+    path = local_path(path)  # the default is named relative to the repository
     if not path or not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"No vision model at '{path}' (set --vision_model_path). {VISION_HELP}")
     config = AutoConfig.from_pretrained(path)

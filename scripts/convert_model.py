@@ -9,7 +9,7 @@ writes a self-contained directory that loads offline with
     model.safetensors       LLM + projection; the tied output head is stored once (as tok_embeddings.weight)
     tokenizer files         from --tokenizer_path (chat template included)
     preprocessor_config.json  the CLIP image processor (from --vision_model_path, else standard CLIP settings)
-    model_minimind.py, model_vlm.py, chat.py, images.py, precision.py, modeling_minimind_v.py   the code (remote code)
+    model_minimind.py, model_vlm.py, chat.py, images.py, paths.py, precision.py, modeling_minimind_v.py: the code
 
 Import (directory -> .pth in the released key format):
     python scripts/convert_model.py --reverse --weight out/MiniMind2-V-hf --out out/sft_vlm_512.pth
@@ -33,10 +33,12 @@ from model.inference import add_model_args  # noqa: E402
 from model.checkpoint import (CheckpointError, atomic_save, check_state_dict, infer_config_from_state_dict,  # noqa: E402
                               llm_state_dict, load_weights, read_checkpoint, weight_path)
 from model.model_vlm import MiniMindVLM, VLMConfig, load_vision_tower, tower_token_count  # noqa: E402
+from model.paths import load_tokenizer, local_path  # noqa: E402
 
 # The model code an exported directory carries, copied as it is: modeling_minimind_v.py is the
 # transformers entry point (from_pretrained without the tower, then the tower attached; chat()).
-CODE_FILES = ("model_minimind.py", "model_vlm.py", "chat.py", "images.py", "precision.py", "modeling_minimind_v.py")
+CODE_FILES = ("model_minimind.py", "model_vlm.py", "chat.py", "images.py", "paths.py", "precision.py",
+              "modeling_minimind_v.py")
 AUTO_MAP = {"AutoConfig": "model_vlm.VLMConfig",
             "AutoModelForCausalLM": "modeling_minimind_v.MiniMindVLMForCausalLM"}
 # Standard OpenAI CLIP ViT-B/16 preprocessing, written when the vision directory is not at hand.
@@ -106,8 +108,8 @@ def save_processor(vision_path, out_dir):
 def export_hf(weight, out_dir, tokenizer_path, vision_model_path, image_token_id=-1, copy_tower=False):
     """Our .pth -> a transformers-format directory. Returns the directory. copy_tower: put the CLIP
     tower inside it (as vision_model/) so the directory needs nothing else."""
+    tokenizer_path, vision_model_path = local_path(tokenizer_path), local_path(vision_model_path)
     from safetensors.torch import save_file
-    from transformers import AutoTokenizer
 
     from model.chat import resolve_image_token_id
     try:
@@ -117,7 +119,7 @@ def export_hf(weight, out_dir, tokenizer_path, vision_model_path, image_token_id
         sys.exit(f"error: {e}")
     if "projector" not in found:
         sys.exit(f"error: {weight} has no vision projection (an LLM-only checkpoint): export a VLM checkpoint")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     config = VLMConfig(**found, vision_model_path=vision_model_path,
                        image_token_id=resolve_image_token_id(tokenizer, image_token_id),
                        eos_token_id=tokenizer.eos_token_id,

@@ -17,6 +17,7 @@ sys.path.insert(0, ROOT)
 
 from model.images import ImageError, open_image  # noqa: E402
 from model.chat import ChatEncoder, resolve_image_token_id  # noqa: E402
+from model.paths import load_tokenizer  # noqa: E402
 from dataset.samples import SampleError, open_source  # noqa: E402
 
 
@@ -66,10 +67,9 @@ def main(argv=None):
     p.add_argument("--image_token_id", type=int, default=-1, help="as in training (-1: the tokenizer's)")
     p.add_argument("--image_token_count", type=int, default=196, help="placeholders per image, as in training")
     args = p.parse_args(argv)
-    from transformers import AutoTokenizer
     try:
         source = open_source(args.data_path, args.images_path)
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
+        tokenizer = load_tokenizer(args.tokenizer_path)
         encoder = ChatEncoder(tokenizer, resolve_image_token_id(tokenizer, args.image_token_id),
                               args.image_token_count)
     except (ValueError, OSError) as e:

@@ -1,0 +1,27 @@
+"""Default folders (the tokenizer, the vision tower) are named relative to the repository, so that
+a script started from any folder finds them: a relative path that does not exist from the current
+folder is looked up from the repository's root."""
+import os
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def local_path(path):
+    """`path` as given when it exists (or is absolute); else the same path under the repository's
+    root when that exists; else `path` unchanged, for the caller's error to name."""
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    in_repo = os.path.join(REPO_ROOT, path)
+    return in_repo if os.path.exists(in_repo) else path
+
+
+def load_tokenizer(path):
+    """The tokenizer in a local folder (never a model hub). FileNotFoundError names the folder, the
+    flag and what belongs in it."""
+    from transformers import AutoTokenizer
+    found = local_path(path)
+    if not found or not os.path.isfile(os.path.join(found, "tokenizer_config.json")):
+        raise FileNotFoundError(f"no tokenizer at '{path}' (set --tokenizer_path): a folder with tokenizer.json and "
+                                f"tokenizer_config.json, such as this repository's model/ or the tokenizer of the "
+                                f"released weights you use")
+    return AutoTokenizer.from_pretrained(found)
