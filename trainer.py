@@ -49,6 +49,7 @@ from model.lora import LORA_LAYERS, LoraSettings, adapter_state_dict, add_lora, 
 from model.model_minimind import count_llm_params
 from model.model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig, tower_features, tower_token_count
 from model.precision import DTYPES, describe, resolve_dtype, use_tf32
+from model.record import make_record, resolve_folders, write_record
 from train_engines import DeepSpeedEngine, TorchEngine
 
 # --- Configuration: the flags, parsed once at the edge into a read-only TrainConfig ---
@@ -88,8 +89,10 @@ def build_parser(description, **defaults):
     switch(a, "--use_wandb", 0, help="log to Weights & Biases (WANDB_MODE=offline works)")
     a("--wandb_project", default="MiniMind-V")
     a("--seed", type=int, default=42, help="model init and data order")
-    a("--vision_model_path", default=DEFAULT_VISION_MODEL)
-    a("--tokenizer_path", default="model")
+    a("--vision_model_path", help="the vision tower's directory; default: the one --from_weight's record names, "
+                                   "else " + DEFAULT_VISION_MODEL)
+    a("--tokenizer_path", help="default: the one --from_weight's record names; this repository's 'model' for "
+                               "--from_weight none; a --from_weight without a record (the released weights) needs it")
     a("--image_token_id", type=int, default=-1,
       help="placeholder id; -1 = <|image_pad|>, or '@' (34) with the released tokenizer")
     a("--from_weight", help="start from out_dir/{from_weight}_{dim}.pth, a .pth path, or 'none' (random)")
@@ -160,8 +163,8 @@ class TrainConfig:
     use_wandb: int
     wandb_project: str
     seed: int
-    vision_model_path: str
-    tokenizer_path: str
+    vision_model_path: str | None  # None: --from_weight's record's, else DEFAULT_VISION_MODEL (see train())
+    tokenizer_path: str | None  # None: --from_weight's record's, else "model" with --from_weight none
     image_token_id: int
     from_weight: str | None
     save_weight: str | None
@@ -366,8 +369,8 @@ class Checkpointer:
     stores them: one file, or DeepSpeed's directory), every rank's RNG streams, the progress state
     and the flags. Tensors and plain values only, so a resume file loads with weights_only=True."""
 
-    def __init__(self, engine, weights_path, cfg, cluster):
-        self.engine, self.weights_path, self.cluster = engine, weights_path, cluster
+    def __init__(self, engine, weights_path, cfg, cluster, record):
+        self.engine, self.weights_path, self.cluster, self.record = engine, weights_path, cluster, record
         self.adapter_path = weights_path.removesuffix(".pth") + "_lora.safetensors"  # with --lora_rank
         self.args, self.seed = plain_args(cfg), cfg.seed
         self.all_ranks_save = bool(cfg.deepspeed) and cluster.world > 1  # DeepSpeed's checkpoint needs every rank
@@ -421,6 +424,7 @@ class Checkpointer:
             if bad:  # cannot happen while non-finite steps are skipped; never overwrite good weights with it
                 raise StopTraining(f"non-finite values in {bad[:3]}: not saving {self.weights_path}")
             if write_checkpoint(lambda: atomic_save(weights, self.weights_path), periodic):
+                write_record(self.record, self.weights_path)  # what the weights need: tokenizer, tower, shape
                 saved.append(self.weights_path)
             if has_lora(model) and write_checkpoint(
                     lambda: save_adapter(adapter_state_dict(model, full), model.lora_settings, model.config,
@@ -562,6 +566,11 @@ class Meter:
 
 # --- Building a run: model and tower, data, engine ---
 
+def start_path(cfg):
+    """The --from_weight file to start from (which must exist), or None for random weights."""
+    return start_weights(cfg) if cfg.from_weight and cfg.from_weight != "none" else None
+
+
 def start_weights(cfg):
     """The --from_weight file to start from, which must exist."""
     path = weight_path(cfg.out_dir, cfg.from_weight, cfg.dim, cfg.use_moe)
@@ -594,7 +603,7 @@ def build_model(cfg, tokenizer, device):
     the tower itself (ImageEncoder), so no engine wraps, partitions or re-casts it. A --from_weight
     checkpoint decides the generation (2025 or 2026 architecture) and, if it has one, the projector;
     --dim/--n_layers/--use_moe must match it (a mismatch is an error listing the keys)."""
-    start = start_weights(cfg) if cfg.from_weight and cfg.from_weight != "none" else None
+    start = start_path(cfg)
     sd = read_checkpoint(start) if start else None
     found = infer_config_from_state_dict(sd, start) if start else {"vocab_size": len(tokenizer)}
     found.update(dim=cfg.dim, n_layers=cfg.n_layers, use_moe=bool(cfg.use_moe))
@@ -742,7 +751,8 @@ def build_run(cfg, cluster):
     n_llm, n_train = count_llm_params(model), sum(p.numel() for p in params)  # before ZeRO partitions them
     engine = (DeepSpeedEngine(model, params, cfg, f"{stem}_ds_resume") if cfg.deepspeed else
               TorchEngine(model, params, cfg, cluster.device, f"{stem}_resume.pth"))
-    checkpointer = Checkpointer(engine, f"{stem}.pth", cfg, cluster)
+    record = make_record(model.config, cfg.tokenizer_path, cfg.vision_model_path, start_path(cfg), cfg.data_path)
+    checkpointer = Checkpointer(engine, f"{stem}.pth", cfg, cluster, record)
     if cluster.is_main:
         os.makedirs(cfg.out_dir, exist_ok=True)
         checkpointer.remove_partial_writes()
@@ -886,7 +896,11 @@ def train(cfg):
     """A training run, from its config to the final checkpoint."""
     cluster = setup_distributed(cfg)
     dtype, why = resolve_dtype(cfg.dtype, cluster.device)
-    cfg = dataclasses.replace(cfg, dtype=str(dtype).removeprefix("torch."))
+    # The tokenizer and tower: given, or those --from_weight's record names (see model/record.py).
+    tokenizer_path, tower_path, _ = resolve_folders(start_path(cfg), cfg.tokenizer_path, cfg.vision_model_path,
+                                                    DEFAULT_VISION_MODEL)
+    cfg = dataclasses.replace(cfg, dtype=str(dtype).removeprefix("torch."), tokenizer_path=tokenizer_path,
+                              vision_model_path=tower_path)
     use_tf32(cluster.device, dtype)
     if cluster.is_main:
         print(describe(dtype, why), flush=True)

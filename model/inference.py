@@ -14,6 +14,7 @@ from .model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig
 from .checkpoint import check_state_dict, infer_config_from_state_dict, load_weights, read_checkpoint, weight_path
 from .paths import load_tokenizer
 from .precision import DTYPES, describe, resolve_dtype
+from .record import resolve_folders
 from .lora import adapter_projector, load_adapter, merge_lora
 from .quantize import quantize_int8
 
@@ -29,8 +30,12 @@ def add_model_args(parser):
     a("--dim", type=int, default=512, help="checked against (and taken from) the checkpoint")
     a("--n_layers", type=int, default=8, help="checked against (and taken from) the checkpoint")
     switch(a, "--use_moe", 0, help="checked against (and taken from) the checkpoint")
-    a("--vision_model_path", default=DEFAULT_VISION_MODEL, help="the vision tower's directory (CLIP or SigLIP)")
-    a("--tokenizer_path", default="model")
+    a("--vision_model_path", help="the vision tower's directory (CLIP or SigLIP); default: the one the weights' "
+                                   "record names, else " + DEFAULT_VISION_MODEL)
+    a("--tokenizer_path", help="the tokenizer's directory; default: the one the weights' record names (a .pth "
+                               "without a record, as the released ones, needs it given)")
+    switch(a, "--ignore_record", 0, help="use --tokenizer_path / --vision_model_path even where they differ from "
+                                         "what the weights' record says they were trained with")
     a("--image_token_id", type=int, default=-1,
       help="placeholder id; -1 = <|image_pad|>, or '@' (34) with the released tokenizer")
     a("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
@@ -57,8 +62,9 @@ class InferenceConfig:
     dim: int = 512
     n_layers: int = 8
     use_moe: int = 0
-    vision_model_path: str = DEFAULT_VISION_MODEL
-    tokenizer_path: str = "model"
+    vision_model_path: str | None = None  # None: the record's, else DEFAULT_VISION_MODEL
+    tokenizer_path: str | None = None  # None: the record's (a .pth without one needs it given)
+    ignore_record: int = 0
     image_token_id: int = -1
     device: str = "cpu"
     dtype: str = "auto"
@@ -93,8 +99,10 @@ def load_model(args):
         path = resolve_weight_path(args)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"weights {path} not found. Train them (see README) or pass --weight PATH.pth")
-        tokenizer = load_tokenizer(args.tokenizer_path)
         sd = check_state_dict(read_checkpoint(path), path)  # weights_only; not model weights: says so, with its path
+        tokenizer_path, vision_path, _ = resolve_folders(path, args.tokenizer_path, args.vision_model_path,
+                                                         DEFAULT_VISION_MODEL, args.ignore_record)
+        tokenizer = load_tokenizer(tokenizer_path)
         found = infer_config_from_state_dict({**sd, **adapter_projector(args.lora)}, path)
         for key in ("dim", "n_layers", "use_moe"):  # a flag set to something else than its default and the file
             flag = getattr(args, key)
@@ -102,11 +110,10 @@ def load_model(args):
                 log.warning(f"note: {path} has {key}={int(found[key])} (flag said {flag}); using the checkpoint's")
         # Generation, sizes and projector as the file says; the tower (its width is checked against the
         # projector's on load) decides the image token count.
-        config = VLMConfig(**found, vision_model_path=args.vision_model_path,
+        config = VLMConfig(**found, vision_model_path=vision_path,
                            image_token_id=resolve_image_token_id(tokenizer, args.image_token_id))
         model = MiniMindVLM(config)
         load_weights(model, sd, path)
-        vision_path = args.vision_model_path
     if args.lora:
         load_adapter(model, args.lora)
     processor = load_processor(vision_path)

@@ -29,11 +29,11 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from cli import switch  # noqa: E402
-from model.inference import add_model_args  # noqa: E402
 from model.checkpoint import (CheckpointError, atomic_save, check_state_dict, infer_config_from_state_dict,  # noqa: E402
                               llm_state_dict, load_weights, read_checkpoint, weight_path)
-from model.model_vlm import MiniMindVLM, VLMConfig, load_vision_tower, tower_token_count  # noqa: E402
+from model.model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig, load_vision_tower, tower_token_count  # noqa: E402
 from model.paths import load_tokenizer, local_path  # noqa: E402
+from model.record import RecordError, resolve_folders  # noqa: E402
 
 # The model code an exported directory carries, copied as it is: modeling_minimind_v.py is the
 # transformers entry point (from_pretrained without the tower, then the tower attached; chat()).
@@ -108,6 +108,11 @@ def save_processor(vision_path, out_dir):
 def export_hf(weight, out_dir, tokenizer_path, vision_model_path, image_token_id=-1, copy_tower=False):
     """Our .pth -> a transformers-format directory. Returns the directory. copy_tower: put the CLIP
     tower inside it (as vision_model/) so the directory needs nothing else."""
+    try:  # not given: the folders the weights' record names
+        tokenizer_path, vision_model_path, _ = resolve_folders(weight, tokenizer_path, vision_model_path,
+                                                               DEFAULT_VISION_MODEL)
+    except RecordError as e:
+        sys.exit(f"error: {e}")
     tokenizer_path, vision_model_path = local_path(tokenizer_path), local_path(vision_model_path)
     from safetensors.torch import save_file
 
@@ -181,7 +186,6 @@ def import_hf(hf_dir, out_path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    model_flags = add_model_args(argparse.ArgumentParser(add_help=False))  # the shared defaults
     a = ap.add_argument
     a("--weight", default="sft_vlm",
       help="export: the .pth to convert (a bare name is looked up as out/{weight}_{dim}[_moe].pth); "
@@ -192,9 +196,10 @@ def main(argv=None):
     switch(a, "--reverse", 0, help="directory (--weight) -> .pth (--out)")
     a("--from_hf", default=None, help=argparse.SUPPRESS)  # the old spelling of --reverse --weight DIR
     a("--out", default=None, help="--reverse: the .pth to write")
-    a("--tokenizer_path", default=model_flags.get_default("tokenizer_path"), help="export: the tokenizer to include")
-    a("--vision_model_path", default=model_flags.get_default("vision_model_path"),
-      help="export: the vision tower the directory records (and copies with --copy_vision_tower)")
+    a("--tokenizer_path", help="export: the tokenizer to include (default: the one the .pth's record names)")
+    a("--vision_model_path", help="export: the vision tower the directory records (and copies with "
+                                  "--copy_vision_tower); default: the one the .pth's record names, else "
+                                  + DEFAULT_VISION_MODEL)
     a("--image_token_id", type=int, default=-1, help="placeholder id; -1 = the tokenizer's <|image_pad|>, or '@'")
     switch(a, "--copy_vision_tower", 0,
            help="export: copy the vision tower into DIR/vision_model (a directory that needs nothing else)")

@@ -20,6 +20,7 @@ from model.checkpoint import (CheckpointError, atomic_save, check_state_dict,  #
                               infer_config_from_state_dict, llm_state_dict, load_weights, read_checkpoint)
 from model.lora import adapter_projector, load_adapter, merge_lora  # noqa: E402
 from model.model_vlm import MiniMindVLM, VLMConfig  # noqa: E402
+from model.record import read_record, write_record  # noqa: E402
 
 
 def merge(weight, lora, out):
@@ -30,6 +31,9 @@ def merge(weight, lora, out):
     load_weights(model, sd, weight)
     merge_lora(load_adapter(model, lora))
     atomic_save(llm_state_dict(model), out)  # the key format of the base's generation
+    record = read_record(weight)
+    if record:  # the same tokenizer and tower as the base
+        write_record({**record, "trained_from": os.path.abspath(weight), "lora": os.path.abspath(lora)}, out)
     return out
 
 

@@ -46,7 +46,8 @@ def server(tower_dir, tmp_path_factory):
     log = open(root / "server.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "scripts", "serve_openai_api.py"), "--weight", pth,
-         "--vision_model_path", tower_dir, "--device", "cpu", "--dtype", "float32", "--port", str(port),
+         "--vision_model_path", tower_dir, "--tokenizer_path", "model", "--device", "cpu", "--dtype", "float32",
+         "--port", str(port),
          "--max_request_mb", str(MAX_MB), "--max_images", "2", "--frames", "2"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"HF_HUB_OFFLINE": "1"})
     base = f"http://127.0.0.1:{port}"

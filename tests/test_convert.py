@@ -87,7 +87,7 @@ def test_reverse_conversion_gives_the_original_state_dict(tower_dir, tmp_path):
     pth = str(tmp_path / "w.pth")
     make_checkpoint(tower_dir, pth, proj_bias=True, seed=3)
     out = str(tmp_path / "hf")
-    convert_main(["--weight", pth, "--out_dir", out, "--vision_model_path", tower_dir])
+    convert_main(["--weight", pth, "--out_dir", out, "--vision_model_path", tower_dir, "--tokenizer_path", "model"])
     back = str(tmp_path / "back.pth")
     convert_main(["--reverse", "--weight", out, "--out", back])
     convert_main(["--from_hf", out, "--out", str(tmp_path / "back2.pth")])
@@ -120,7 +120,8 @@ def test_missing_vision_tower_is_a_clear_error_and_can_be_overridden(tower_dir, 
     assert {p.dtype for p in model.parameters()} == {resolve_dtype("auto", "cpu")[0]}
     # --copy_vision_tower: the tower travels inside the directory, found from any working directory
     out = str(tmp_path / "hf-with-tower")
-    convert_main(["--weight", pth, "--out_dir", out, "--vision_model_path", tower_dir, "--copy_vision_tower"])
+    convert_main(["--weight", pth, "--out_dir", out, "--vision_model_path", tower_dir, "--copy_vision_tower",
+                  "--tokenizer_path", "model"])
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["vision_model_path"] == "vision_model"
     monkeypatch.chdir(tmp_path)
@@ -167,7 +168,7 @@ def test_eval_path_load_1_gives_the_same_answers_as_the_pth(tower_dir, photo, tm
     for weight in (pth, out):
         args = add_model_args(argparse.ArgumentParser()).parse_args(
             ["--weight", weight, "--vision_model_path", tower_dir, "--device", "cpu",
-             "--dtype", "float32"])
+             "--dtype", "float32", "--tokenizer_path", "model"])
         chat = VLMChat(*load_model(args))
         conversations = [([{"role": "user", "content": "<image>\nWhat is it?"}], [Image.open(photo)]),
                          ([{"role": "user", "content": "Hello"}], [])]

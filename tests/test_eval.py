@@ -29,7 +29,8 @@ def ckpt(tower_dir, tmp_path_factory):
 
 
 def model_flags(ckpt, tower_dir):
-    return ["--weight", ckpt, "--vision_model_path", tower_dir, "--dim", "64", "--n_layers", "2", "--dtype", "float32"]
+    return ["--weight", ckpt, "--vision_model_path", tower_dir, "--dim", "64", "--n_layers", "2", "--dtype", "float32",
+            "--tokenizer_path", "model"]  # a hand-made .pth has no record of its tokenizer
 
 
 @pytest.fixture(scope="module")

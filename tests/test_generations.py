@@ -319,7 +319,8 @@ def test_load_model_builds_a_2026_vlm_from_the_checkpoint_and_chats(siglip_dir, 
     path = str(tmp_path / "sft_vlm_128.pth")
     torch.save(spec_2026_state_dict(projector_width=SIGLIP_WIDTH), path)
     args = add_model_args(argparse.ArgumentParser()).parse_args(
-        ["--weight", path, "--vision_model_path", siglip_dir, "--device", "cpu", "--dtype", "float32"])
+        ["--weight", path, "--vision_model_path", siglip_dir, "--device", "cpu", "--dtype", "float32",
+         "--tokenizer_path", "model"])
     model, tokenizer, processor = load_model(args)
     cfg = model.config
     assert (cfg.generation, cfg.projector, cfg.n_kv_heads, cfg.image_token_count) == ("minimind3", "mlp", 4, 16)

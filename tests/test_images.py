@@ -119,7 +119,8 @@ def test_training_and_the_exported_chat_read_the_same_pixels_as_eval_whatever_ba
     eval_pixels = to_pixels(load_processor(tower_dir), [open_image(str(tmp_path / "phone.jpg"))])
     data = write_jsonl(tmp_path / "d.jsonl", ["phone.jpg"])
     run = trainer.build_run(config(data_path=data, images_path=str(tmp_path), vision_model_path=tower_dir, dim=64,
-                                   n_layers=2, num_workers=0, out_dir=str(tmp_path / "out")), trainer.Cluster())
+                                   n_layers=2, num_workers=0, out_dir=str(tmp_path / "out"), tokenizer_path="model"),
+                            trainer.Cluster())
     assert torch.equal(run.loader.dataset[0]["pixel_values"], eval_pixels)
 
     make_checkpoint(tower_dir, str(tmp_path / "w.pth"))

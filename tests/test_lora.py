@@ -209,7 +209,7 @@ def test_the_web_demo_offers_the_weight_with_its_adapter_and_loads_it_unmerged(t
     adapter = str(tmp_path / "mine_64_lora.safetensors")
     save_adapter(adapter_state_dict(trained), trained.lora_settings, trained.config, adapter)
     args = web_demo_vlm.parse_args(["--weight", "base", "--dim", "64", "--n_layers", "2", "--out_dir", str(out),
-                                    "--vision_model_path", tower_dir, "--lora", adapter])
+                                    "--vision_model_path", tower_dir, "--lora", adapter, "--tokenizer_path", "model"])
     hub = web_demo_vlm.ModelHub(args)
     assert list(hub.choices) == ["base_64.pth + mine_64_lora.safetensors", "base_64.pth"]
     with_adapter, plain = (hub.get(label).model for label in hub.choices)

@@ -157,7 +157,7 @@ def test_a_full_disk_only_warns_at_a_periodic_save_and_stops_at_a_final_one(caps
 def checkpointer(model, cfg, out):
     params = [p for p in model.parameters() if p.requires_grad]
     engine = TorchEngine(model, params, cfg, "cpu", str(out / "unit_64_resume.pth"))
-    return trainer.Checkpointer(engine, str(out / "unit_64.pth"), cfg, trainer.Cluster())
+    return trainer.Checkpointer(engine, str(out / "unit_64.pth"), cfg, trainer.Cluster(), record={"format": "unit"})
 
 
 def test_a_saved_checkpoint_resumes_weights_state_and_random_streams(tower_dir, tmp_path, capsys):

@@ -54,8 +54,8 @@ def server(tower_dir, tmp_path_factory):
     hf_dir = export_hf(pth, str(root / "tiny-hf"), os.path.join(ROOT, "model"), tower_dir)
     port = free_port()
     args = web_demo_vlm.parse_args(["--weight", "sft_vlm", "--dim", "64", "--out_dir", str(out_dir),
-                                    "--vision_model_path", tower_dir, "--device", "cpu", "--dtype", "float32",
-                                    "--hf_dirs", hf_dir, "--port", str(port), "--max_images", "3", "--frames", "2",
+                                    "--vision_model_path", tower_dir, "--tokenizer_path", "model", "--device", "cpu",
+                                    "--dtype", "float32", "--hf_dirs", hf_dir, "--port", str(port), "--max_images", "3", "--frames", "2",
                                     "--max_new_tokens", "40"])
     hub = web_demo_vlm.ModelHub(args)
     calls = []  # (model label, messages, image sizes) of every generation
