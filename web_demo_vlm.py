@@ -76,7 +76,8 @@ class ModelHub:
             found.append((1, args.weight, args.lora))
         elif os.path.isfile(resolve_weight_path(args)):
             found.append((0, resolve_weight_path(args), args.lora))
-        found += [(0, p, None) for p in sorted(glob.glob(os.path.join(args.out_dir, "*.pth")))]
+        found += [(0, p, None) for p in sorted(glob.glob(os.path.join(args.out_dir, "*.pth")))
+                  if not p.endswith("_resume.pth")]  # a trainer's resume state, not weights to chat with
         found += [(1, d, None) for d in args.hf_dirs]
         choices, seen = OrderedDict(), set()
         for load, path, lora in found:
@@ -285,12 +286,12 @@ def main(argv=None):
     args = parse_args(argv)
     hub = ModelHub(args)
     if hub.default is None:
-        print(f"warning: no model found ({resolve_weight_path(args)} missing, no .pth in {args.out_dir}, no --hf_dirs)")
-    else:
-        try:
-            hub.get(hub.default)  # fail early in the log, and make the first answer fast
-        except RuntimeError as e:
-            print(f"warning: {e}")
+        sys.exit(f"error: no model to serve: {resolve_weight_path(args)} not found, no .pth in {args.out_dir}, no "
+                 f"--hf_dirs. Train one (see README) or pass --weight PATH.pth")
+    try:
+        hub.get(hub.default)  # as eval and the API do: a model that cannot load is an error at once
+    except RuntimeError as e:
+        sys.exit(f"error: {e}")
     demo = build_demo(args, hub)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
     demo.launch(server_name=args.host, server_port=args.port, show_error=True,

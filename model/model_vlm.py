@@ -18,8 +18,8 @@ from .paths import local_path
 DEFAULT_VISION_MODEL = "model/vision_model/clip-vit-base-patch16"  # the design's tower: CLIP ViT-B/16
 VISION_HELP = ("Download CLIP ViT-B/16 into it, e.g. `git clone https://huggingface.co/openai/clip-vit-base-patch16 "
                "model/vision_model/clip-vit-base-patch16` (or the SigLIP2 tower of the 2026 weights, "
-               "siglip2-base-p32-256-ve), or build the offline demo tower with "
-               "`python demo/make_demo_vision_tower.py`.")
+               "siglip2-base-p32-256-ve), or, to try the code without a download, build a random stand-in with "
+               "`python demo/make_demo_vision_tower.py` and pass --vision_model_path model/vision_model/demo-clip-vit-b16.")
 
 
 class VLMConfig(MiniMindConfig):

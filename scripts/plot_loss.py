@@ -42,7 +42,7 @@ def read_log(path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--logs", nargs="+", required=True, help="one or more *_log.jsonl files (globs are expanded)")
-    ap.add_argument("--out", default="images/loss_curves.png")
+    ap.add_argument("--out", default="out/loss_curves.png", help="the picture to write (default: %(default)s)")
     ap.add_argument("--title", default="MiniMind-V training loss")
     args = ap.parse_args(argv)
     # Expand globs ourselves too, so a quoted pattern (or Windows shell) works; a pattern matching

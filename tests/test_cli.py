@@ -35,3 +35,11 @@ def test_no_script_has_an_on_off_flag_that_refuses_either_form(script):
     usage = help_text.split("\n\n")[0]
     assert "{0,1}" not in help_text, "an int 0/1 flag that refuses the bare form"
     assert not re.findall(r"\[--[\w-]+\]", usage), "a store_true flag, which refuses '--flag 1'"
+
+
+def test_every_picture_folder_and_file_the_readme_uses_is_in_the_repository():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    named = set(re.findall(r"\bimages/[\w./-]*\w", readme))
+    assert "images/eval" in named
+    assert [p for p in sorted(named) if not os.path.exists(os.path.join(ROOT, p))] == []

@@ -229,3 +229,27 @@ def test_in_a_real_browser(server, files, tmp_path):
                 shutil.copyfile(shot, os.path.join(ROOT, "images", "web_demo.png"))
         finally:
             browser.close()
+
+
+def test_the_model_list_leaves_out_resume_files(tower_dir, tmp_path):
+    import web_demo_vlm
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.save(llm_state_dict(MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM))), out / "sft_vlm_64.pth")
+    torch.save({"model": {}, "optimizer": {}}, out / "sft_vlm_64_resume.pth")  # what a trainer leaves beside it
+    hub = web_demo_vlm.ModelHub(web_demo_vlm.parse_args(["--weight", "sft_vlm", "--dim", "64", "--out_dir", str(out)]))
+    assert list(hub.choices) == ["sft_vlm_64.pth"]
+
+
+@pytest.mark.parametrize("content", ["none", "broken"])
+def test_without_a_loadable_model_the_demo_does_not_start(tmp_path, content):
+    import web_demo_vlm
+    out = tmp_path / "out"
+    out.mkdir()
+    if content == "broken":
+        (out / "sft_vlm_512.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as stop:
+        web_demo_vlm.main(["--out_dir", str(out), "--tokenizer_path", "model", "--port", str(free_port())])
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    assert ("no model to serve" in message) if content == "none" else ("sft_vlm_512.pth" in message)
