@@ -795,7 +795,7 @@ def forward_backward(run, batch, step_tokens, last_micro):
     engine, device = run.engine, run.cluster.device
     with engine.micro_step(last_micro):
         out = engine.forward(input_ids=batch["input_ids"].to(device), labels=batch["labels"].to(device),
-                             image_features=run.encoder(batch, device))
+                             image_features=run.encoder(batch, device), image_mask=batch["image_mask"].to(device))
         loss = token_weighted(out, supervised_tokens(batch), step_tokens, run.cluster.world, run.cfg.accumulation_steps)
         engine.backward(loss)
     return loss.item()

@@ -200,7 +200,7 @@ def respond(args, hub, message, state, temperature, top_p, max_new_tokens):
     messages = state["messages"] + [{"role": "user", "content": content}]
     all_images = state["images"] + images
     max_new_tokens = max(1, min(int(max_new_tokens), 4096))
-    n_prompt = len(chat.encoder.encode_prompt(messages))
+    n_prompt = len(chat.encoder.encode_prompt(messages)[0])
     limit = args.max_seq_len or chat.model.config.max_seq_len
     if n_prompt + max_new_tokens > limit:
         yield notice(state, f"The conversation is too long for the model: {n_prompt} prompt tokens + "

@@ -68,14 +68,14 @@ class VLMDataset(Dataset):
                 return self._fail(f"{sample.where}: cannot read video: {e}")
             messages = expand_video(messages, times)
             keys = [f"{image_key(sample.video)}#t={t}" if cache else None for t in times]
-        ids, labels = self.encoder.encode(messages)
+        ids, labels, is_image = self.encoder.encode(messages)
         if len(ids) > self.max_seq_len:
             cut = self.max_seq_len
-            # Cutting must keep every placeholder run whole (else features misalign) and leave
+            # Cutting must keep every image's slots whole (else features misalign) and leave
             # something to predict; otherwise the sample is skipped, never silently mangled.
-            if self.encoder.image_token_id in ids[cut:] or all(l == -100 for l in labels[1:cut]):
+            if any(is_image[cut:]) or all(l == -100 for l in labels[1:cut]):
                 return {"skip": f"{sample.where}: {len(ids)} tokens do not fit --max_seq_len {cut}"}
-            ids, labels = ids[:cut], labels[:cut]
+            ids, labels, is_image = ids[:cut], labels[:cut], is_image[:cut]
         cached = [self.cached_features(k) for k in keys]
         try:
             images = [m if sample.video is not None else open_image(m, name=f"image {n + 1}")
@@ -83,6 +83,7 @@ class VLMDataset(Dataset):
         except ImageError as e:
             return self._fail(f"{sample.where}: cannot read image: {e}")
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+                "image_mask": torch.tensor(is_image, dtype=torch.bool),  # the image slots, not typed '@'s
                 "pixel_values": to_pixels(self.processor, images),  # [M, 3, H, W], the uncached images only
                 "image_keys": keys, "cached": cached}
 
@@ -105,17 +106,19 @@ def collate_batch(items, pad_id=0, pad_to=0):
     items = [it for it in items if "skip" not in it]
     if not items:
         items = [{"input_ids": torch.tensor([pad_id]), "labels": torch.tensor([-100]),
-                  "pixel_values": None, "image_keys": [], "cached": []}]
+                  "image_mask": torch.tensor([False]), "pixel_values": None, "image_keys": [], "cached": []}]
     T = max(pad_to, *(len(it["input_ids"]) for it in items))
     pixels = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
     pixels = torch.cat(pixels) if pixels else torch.zeros(0, 3, 1, 1)  # an all-skipped batch has no images
     input_ids = torch.full((len(items), T), pad_id, dtype=torch.long)  # [B, T]
     labels = torch.full((len(items), T), -100, dtype=torch.long)
     attention_mask = torch.zeros((len(items), T), dtype=torch.long)
+    image_mask = torch.zeros((len(items), T), dtype=torch.bool)
     for row, it in enumerate(items):
         n = len(it["input_ids"])
         input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = it["input_ids"], it["labels"], 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+        image_mask[row, :n] = it["image_mask"]
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "image_mask": image_mask,
             "pixel_values": pixels,  # [M, 3, H, W]: the M <= N images not found in the feature cache
             "image_keys": [k for it in items for k in it["image_keys"]],  # N feature-cache keys, placeholder order
             "cached": [f for it in items for f in it["cached"]],  # N cached features or None

@@ -82,17 +82,19 @@ if mode == "eval":
     model, tok, processor = load_model(InferenceConfig(weight=weights, tokenizer_path=tokenizer_path,
                                                        vision_model_path=tower, device="cpu"))
     chat = VLMChat(model, tok, processor)
-    ids = torch.tensor([chat.encoder.encode_prompt(messages)])
+    prompt_ids, is_image = chat.encoder.encode_prompt(messages)
+    ids, mask = torch.tensor([prompt_ids]), torch.tensor([is_image])
     pixels = chat.pixels([open_image(image)])
 else:
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(weights, trust_remote_code=True)
     tok, processor = model._chat_tools(None, None)
-    ids = torch.tensor([model.encode_chat(messages, tok)])
+    prompt_ids, is_image = model.encode_chat(messages, tok)
+    ids, mask = torch.tensor([prompt_ids]), torch.tensor([is_image])
     pixels = processor(images=[Image.open(image).convert("RGB")], return_tensors="pt")["pixel_values"]
 def run(n):
     times, start = [], time.perf_counter()
-    for _ in model.generate_stream(ids, pixel_values=pixels, max_new_tokens=n, eos_token_id=-1):
+    for _ in model.generate_stream(ids, pixel_values=pixels, image_mask=mask, max_new_tokens=n, eos_token_id=-1):
         times.append(time.perf_counter())
     return start, times
 run(4)

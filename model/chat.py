@@ -67,32 +67,40 @@ class ChatEncoder:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def tokenize(self, text):
-        """Text with <image> tags -> ids, each tag becoming image_token_count placeholder ids."""
-        ids = []
+        """Text with <image> tags -> (ids, is_image): each tag becomes image_token_count placeholder
+        ids, marked True in is_image. Only those are image slots: the same id typed in the text (the
+        released tokenizer's '@') stays text."""
+        ids, is_image = [], []
         for i, piece in enumerate(text.split(IMAGE_TAG)):
             if i:
                 ids += [self.image_token_id] * self.image_token_count
-            ids += self.tok.encode(piece, add_special_tokens=False)
-        return ids
+                is_image += [True] * self.image_token_count
+            text_ids = self.tok.encode(piece, add_special_tokens=False)
+            ids += text_ids
+            is_image += [False] * len(text_ids)
+        return ids, is_image
 
     def encode(self, messages):
-        """-> (input_ids, labels). Assistant spans are found in the rendered *text* and tokenized as
-        separate segments, so a label can never be shifted by a BPE merge across the boundary."""
+        """-> (input_ids, labels, is_image). Assistant spans are found in the rendered *text* and
+        tokenized as separate segments, so a label can never be shifted by a BPE merge across the
+        boundary. Image slots are never supervised."""
         text = self.render(messages)
-        ids, labels, pos = [], [], 0
+        ids, labels, is_image, pos = [], [], [], 0
         for m in re.finditer(re.escape(self.assistant_header), text):
             start = m.end()
             end = text.find(self.end_of_turn, start)
             end = len(text) if end < 0 else end + len(self.end_of_turn)
-            prompt, answer = self.tokenize(text[pos:start]), self.tokenize(text[start:end])
+            prompt, prompt_image = self.tokenize(text[pos:start])
+            answer, answer_image = self.tokenize(text[start:end])
             ids += prompt + answer
-            labels += [-100] * len(prompt) + answer
+            labels += [-100] * len(prompt) + [-100 if img else t for t, img in zip(answer, answer_image)]
+            is_image += prompt_image + answer_image
             pos = end
-        tail = self.tokenize(text[pos:])
-        return ids + tail, labels + [-100] * len(tail)
+        tail, tail_image = self.tokenize(text[pos:])
+        return ids + tail, labels + [-100] * len(tail), is_image + tail_image
 
     def encode_prompt(self, messages):
-        """Ids of a conversation plus the assistant header, ready for generation."""
+        """(ids, is_image) of a conversation plus the assistant header, ready for generation."""
         text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                             **self.prompt_options)
         return self.tokenize(text)

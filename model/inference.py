@@ -151,16 +151,19 @@ class VLMChat:
         self.check(messages, images)
         yield from self.stream_ids(self.encoder.encode_prompt(messages), images, **kw)
 
-    def stream_ids(self, prompt_ids, images=(), max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
+    def stream_ids(self, prompt, images=(), max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
                    repetition_penalty=1.0, stats=None):
-        """The answer to an encoded prompt, piece by piece. `stats`, if given, is a dict that gets
-        the number of new tokens ("tokens") and why generation ended ("finish_reason": "stop" at
+        """The answer to an encoded prompt (ids, is_image), piece by piece. `stats`, if given, is a
+        dict that gets the number of new tokens ("tokens") and why generation ended ("finish_reason": "stop" at
         the end-of-turn token, "length" at max_new_tokens), as an OpenAI response reports them."""
         stats = {} if stats is None else stats
         stats.update(tokens=0, finish_reason="length")
+        prompt_ids, is_image = prompt
         ids = torch.tensor([prompt_ids], device=self.device)
+        image_mask = torch.tensor([is_image], device=self.device)
         new, shown = [], ""
-        for tok in self.model.generate_stream(ids, pixel_values=self.pixels(images), max_new_tokens=max_new_tokens,
+        for tok in self.model.generate_stream(ids, pixel_values=self.pixels(images), image_mask=image_mask,
+                                              max_new_tokens=max_new_tokens,
                                               temperature=temperature, top_p=top_p, top_k=top_k,
                                               repetition_penalty=repetition_penalty,
                                               eos_token_id=self.tokenizer.eos_token_id):
@@ -184,12 +187,13 @@ class VLMChat:
         for messages, images in conversations:
             self.check(messages, images)
             prompts.append(self.encoder.encode_prompt(messages))
-        T = max(map(len, prompts))
+        T = max(len(p) for p, _ in prompts)
         pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor([[pad] * (T - len(p)) + p for p in prompts], device=self.device)  # [B, T]
-        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        ids = torch.tensor([[pad] * (T - len(p)) + p for p, _ in prompts], device=self.device)  # [B, T]
+        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p, _ in prompts], device=self.device)
+        image_mask = torch.tensor([[False] * (T - len(p)) + s for p, s in prompts], device=self.device)
         all_images = [im for _, images in conversations for im in images]
-        out = self.model.generate(ids, attention_mask=mask, pixel_values=self.pixels(all_images),
+        out = self.model.generate(ids, attention_mask=mask, pixel_values=self.pixels(all_images), image_mask=image_mask,
                                   max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id, **kw)
         answers = []
         for row in out[:, T:].tolist():

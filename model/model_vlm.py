@@ -146,11 +146,13 @@ class MiniMindVLM(MiniMindForCausalLM):
             raise RuntimeError(f"This model has no vision tower. {VISION_HELP}")
         return tower_features(self.vision_encoder, pixel_values)
 
-    def embed(self, input_ids, pixel_values=None, image_features=None, **_):
-        """Token embeddings with image features written over the placeholder tokens. [B, T, D]
+    def embed(self, input_ids, pixel_values=None, image_features=None, image_mask=None, **_):
+        """Token embeddings with image features written over the image slots. [B, T, D]
 
         pixel_values [N, 3, H, W] (or precomputed image_features [N, image_token_count, C]) hold every
-        image of the batch, consumed in placeholder order: row 0's images first, then row 1's, ...
+        image of the batch, consumed in slot order: row 0's images first, then row 1's, ...
+        image_mask [B, T] (bool) marks the slots, as model/chat.py encoded them, so that the
+        placeholder id typed in text stays text; without it, every placeholder id is a slot.
         """
         h = self.tok_embeddings(input_ids)  # [B, T, D]
         if image_features is None and pixel_values is not None and len(pixel_values):
@@ -164,7 +166,7 @@ class MiniMindVLM(MiniMindForCausalLM):
                 # it on every rank instead of hanging.
                 h = h + 0.0 * sum(p.sum() for p in self.vision_proj.parameters()).to(h.dtype)
             return h
-        is_image = input_ids == self.config.image_token_id  # [B, T]
+        is_image = image_mask.bool() if image_mask is not None else input_ids == self.config.image_token_id  # [B, T]
         n_images = len(image_features)
         per_row = is_image.sum(1)
         n_per_image = self.config.image_token_count

@@ -82,7 +82,7 @@ class MiniMindVLMForCausalLM(MiniMindVLM):
         return tokenizer, processor
 
     def encode_chat(self, messages, tokenizer):
-        """The prompt's ids, as training and eval_vlm.py encode it (model/chat.py)."""
+        """The prompt's (ids, is_image), as training and eval_vlm.py encode it (model/chat.py)."""
         return ChatEncoder(tokenizer, self.config.image_token_id, self.config.image_token_count).encode_prompt(messages)
 
     @torch.inference_mode()
@@ -107,9 +107,10 @@ class MiniMindVLMForCausalLM(MiniMindVLM):
             raise ValueError(f"{n_tags} {IMAGE_TAG} tags in the messages but {len(images)} images")
         tokenizer, processor = self._chat_tools(tokenizer, processor)
         device = next(self.parameters()).device
-        ids = torch.tensor([self.encode_chat(messages, tokenizer)], device=device)
+        prompt_ids, is_image = self.encode_chat(messages, tokenizer)
+        ids = torch.tensor([prompt_ids], device=device)
         pixel_values = to_pixels(processor, images).to(device) if images else None
-        out = self.generate(ids, pixel_values=pixel_values, max_new_tokens=max_new_tokens, temperature=temperature,
+        out = self.generate(ids, pixel_values=pixel_values, image_mask=torch.tensor([is_image], device=device), max_new_tokens=max_new_tokens, temperature=temperature,
                             top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                             eos_token_id=tokenizer.eos_token_id)
         new = out[0, ids.shape[1]:].tolist()

@@ -34,11 +34,10 @@ def spans(ids, labels, image_token_id):
 
 
 def show(sample, encoder, tokenizer):
-    ids, labels = encoder.encode(sample.messages)
+    ids, labels, is_image = encoder.encode(sample.messages)
     n_loss = sum(label != -100 for label in labels)
     print(f"== {sample.where}: {len(ids)} tokens, {n_loss} supervised, {len(sample.images)} image(s)")
-    starts = [i for i, t in enumerate(ids) if t == encoder.image_token_id
-              and (i == 0 or ids[i - 1] != encoder.image_token_id)]
+    starts = [i for i in range(len(ids)) if is_image[i] and (i == 0 or not is_image[i - 1])]
     for k, (source, start) in enumerate(zip(sample.images, starts)):
         name = os.path.basename(source) if isinstance(source, str) else f"{len(source)} embedded bytes"
         try:

@@ -302,7 +302,7 @@ class Engine:
             torch.manual_seed(job["seed"])
         stats, splitter = {}, ReasoningSplitter(self.chat.open_thinking)
         try:
-            for piece in self.chat.stream_ids(job["ids"], job["images"], max_new_tokens=job["max_tokens"],
+            for piece in self.chat.stream_ids(job["prompt"], job["images"], max_new_tokens=job["max_tokens"],
                                               temperature=job["temperature"], top_p=job["top_p"], stats=stats):
                 if job["cancel"].is_set():
                     return None
@@ -412,7 +412,8 @@ def make_job(body, engine, args):
     seed = number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True)
     messages, images = parse_messages(body["messages"], args.max_images, args.allow_local_files, args.frames,
                                       args.max_video_seconds)
-    ids = engine.chat.encoder.encode_prompt(messages)
+    prompt = engine.chat.encoder.encode_prompt(messages)  # (ids, is_image)
+    ids = prompt[0]
     room = engine.max_seq_len - len(ids)
     if max_tokens is None:
         max_tokens = min(args.max_tokens, room)
@@ -420,7 +421,7 @@ def make_job(body, engine, args):
         raise APIError(f"the prompt has {len(ids)} tokens; with {max_tokens} new tokens that exceeds the model's "
                        f"limit of {engine.max_seq_len}", param="messages", code="context_length_exceeded")
     options = body.get("stream_options") or {}
-    return {"ids": ids, "images": images, "max_tokens": max_tokens, "temperature": temperature,
+    return {"ids": ids, "prompt": prompt, "images": images, "max_tokens": max_tokens, "temperature": temperature,
             "top_p": top_p if top_p > 0 else 1e-6, "seed": seed, "stream": stream,
             "include_usage": bool(isinstance(options, dict) and options.get("include_usage")),
             "cancel": threading.Event()}

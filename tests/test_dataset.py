@@ -34,7 +34,7 @@ def conv(*turns, image=None):
 def test_exactly_the_assistant_tokens_and_their_end_token_are_supervised(tokenizer):
     enc = ChatEncoder(tokenizer, IMG, 196)
     msgs = conv("<image>\nWhat color?", "red", "And the shape?", "a big circle")["conversations"]
-    ids, labels = enc.encode(msgs)
+    ids, labels, _ = enc.encode(msgs)
     supervised = [t for t in labels if t != -100]
     expected = (tokenizer.encode("red", add_special_tokens=False) + [2]
                 + tokenizer.encode("a big circle", add_special_tokens=False) + [2])
@@ -51,8 +51,8 @@ def test_exactly_the_assistant_tokens_and_their_end_token_are_supervised(tokeniz
 
 def test_prompt_encoding_ends_with_the_generation_header(tokenizer):
     enc = ChatEncoder(tokenizer, IMG, 196)
-    ids = enc.encode_prompt([{"role": "user", "content": "<image>hi"}])
-    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n") and ids.count(IMG) == 196
+    ids, is_image = enc.encode_prompt([{"role": "user", "content": "<image>hi"}])
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n") and ids.count(IMG) == 196 == sum(is_image)
 
 
 def test_batches_are_padded_to_their_own_longest_sample(tmp_path, tokenizer, processor):

@@ -325,7 +325,7 @@ def test_load_model_builds_a_2026_vlm_from_the_checkpoint_and_chats(siglip_dir, 
     cfg = model.config
     assert (cfg.generation, cfg.projector, cfg.n_kv_heads, cfg.image_token_count) == ("minimind3", "mlp", 4, 16)
     chat = VLMChat(model, tokenizer, processor)
-    ids = chat.encoder.encode_prompt([{"role": "user", "content": "<image>\nWhat is it?"}])
+    ids, _ = chat.encoder.encode_prompt([{"role": "user", "content": "<image>\nWhat is it?"}])
     assert ids.count(cfg.image_token_id) == 16
     answer = chat.answer([{"role": "user", "content": "<image>\nWhat is it?"}], [Image.new("RGB", (80, 50), "red")],
                          max_new_tokens=3)

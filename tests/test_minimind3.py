@@ -70,9 +70,9 @@ def test_the_think_template_prompts_and_supervises_as_the_release_does(tokenizer
     tok = AutoTokenizer.from_pretrained(tokenizer3_dir)
     messages = [{"role": "user", "content": "<image>\nWhat colour?"}, {"role": "assistant", "content": "red"}]
     closed, opened = ChatEncoder(tok, 3, N_TOKENS), ChatEncoder(tok, 3, N_TOKENS, open_thinking=True)
-    assert tok.decode(closed.encode_prompt(messages[:1])).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    assert tok.decode(opened.encode_prompt(messages[:1])).endswith("<|im_start|>assistant\n<think>\n")
-    ids, labels = closed.encode(messages)
+    assert tok.decode(closed.encode_prompt(messages[:1])[0]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert tok.decode(opened.encode_prompt(messages[:1])[0]).endswith("<|im_start|>assistant\n<think>\n")
+    ids, labels, _ = closed.encode(messages)
     assert tok.decode([t for t in labels if t != -100]) == "red<|im_end|>"  # not the think block
     assert ids.count(3) == N_TOKENS
 

@@ -114,7 +114,7 @@ def test_load_model_and_chat_use_196_at_placeholders_per_image(released, tower_d
     chat = VLMChat(model, tokenizer, processor)
     messages = [{"role": "user", "content": "<image>\nWhat is in the picture?"},
                 {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "And here?\n<image>"}]
-    ids = chat.encoder.encode_prompt(messages)
+    ids, _ = chat.encoder.encode_prompt(messages)
     runs = "".join("@" if i == AT else "." for i in ids).split(".")
     assert sorted(len(r) for r in runs if r) == [196, 196]  # two whole runs of 196, nothing else is '@'
     expected = (f"<s>system\n{SYSTEM}</s>\n<s>user\n{'@' * 196}\nWhat is in the picture?</s>\n<s>assistant\n"
@@ -199,7 +199,48 @@ def test_the_exact_released_chat_template(released, tower_dir, tmp_path):
     tok_dir = write_released_tokenizer(str(tmp_path / "tok"), RELEASED_TEMPLATE)
     model, tokenizer, processor = load_model(model_args(path, tok_dir, tower_dir))
     chat = VLMChat(model, tokenizer, processor)
-    ids = chat.encoder.encode_prompt([{"role": "user", "content": "<image>\nhi"}])
+    ids, _ = chat.encoder.encode_prompt([{"role": "user", "content": "<image>\nhi"}])
     assert tokenizer.decode(ids) == f"<s>system\n{SYSTEM}</s>\n<s>user\n{'@' * 196}\nhi</s>\n<s>assistant\n"
-    ids, labels = chat.encoder.encode([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    ids, labels, _ = chat.encoder.encode([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
     assert tokenizer.decode([i for i, l in zip(ids, labels) if l != -100]) == "yo</s>"
+
+
+def test_a_typed_at_sign_is_text_beside_an_image_in_serving_and_training(released, tower_dir, tmp_path):
+    """With the released tokenizer the image placeholder is '@': only the slots the encoder made for
+    an image are image slots; an e-mail address in the same turn is text, answered and trained on."""
+    from PIL import Image
+    from transformers import AutoTokenizer
+    from dataset.lm_dataset import VLMDataset, collate_batch
+    from model.images import load_processor
+    path, tok_dir, _ = released
+    model, tokenizer, processor = load_model(model_args(path, tok_dir, tower_dir))
+    chat = VLMChat(model, tokenizer, processor)
+    messages = [{"role": "user", "content": "<image>\nMail it to user@example.com @ noon"}]
+    ids, is_image = chat.encoder.encode_prompt(messages)
+    assert ids.count(AT) > 196 and sum(is_image) == 196
+    red = Image.new("RGB", (64, 64), "red")
+    assert isinstance(chat.answer(messages, [red], max_new_tokens=3), str)
+    assert len(chat.answer_batch([(messages, [red]), ([{"role": "user", "content": "<image>\nhi"}], [red])],
+                                 max_new_tokens=2)) == 2
+    red.save(tmp_path / "red.png")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "red.png", "conversations": [
+        messages[0], {"role": "assistant", "content": "Sent to user@example.com."}]}) + "\n")
+    dataset = VLMDataset(str(tmp_path / "d.jsonl"), str(tmp_path), AutoTokenizer.from_pretrained(tok_dir),
+                         load_processor(tower_dir), AT, 196)
+    batch = collate_batch([dataset[0]])
+    assert int(batch["image_mask"].sum()) == 196 and int((batch["input_ids"] == AT).sum()) > 196
+    model.train()
+    loss = model(batch["input_ids"], labels=batch["labels"], pixel_values=batch["pixel_values"],
+                 image_mask=batch["image_mask"]).loss
+    assert torch.isfinite(loss)
+
+
+def test_a_typed_image_pad_token_in_our_tokenizer_is_text(tiny_vlm, tokenizer):
+    from model.chat import ChatEncoder
+    encoder = ChatEncoder(tokenizer, 3, 196)
+    ids, is_image = encoder.encode_prompt([{"role": "user", "content": "<image>\nwhat is <|image_pad|>?"}])
+    assert ids.count(3) == 197 and sum(is_image) == 196
+    with torch.no_grad():
+        out = tiny_vlm(torch.tensor([ids]), pixel_values=torch.randn(1, 3, 224, 224),
+                       image_mask=torch.tensor([is_image]))
+    assert torch.isfinite(out.logits).all()
