@@ -40,3 +40,15 @@ def test_bench_reports_mfu_memory_and_decode_figures(tmp_path):
     assert set(report["decode"]) == {"batch 1", "batch 8", "batch 1, int8", "batch 8, int8"}
     assert all(r["ttft_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in report["decode"].values())
     assert "MFU" in proc.stdout and "time to first token" in proc.stdout
+
+
+def test_the_reference_comparison_reports_medians_and_ratios_and_refuses_a_folder_that_is_not_the_original(
+        tmp_path):
+    import reference
+    table = reference.summarize({"pretrain": {"original": [198.0, 199.0, 187.0], "ours": [40.0, 41.0, 39.5]}})
+    assert table["pretrain"]["original"]["median_s"] == 198.0 and table["pretrain"]["ours"]["median_s"] == 40.0
+    assert table["pretrain"]["ours"]["x_original"] == pytest.approx(198.0 / 40.0)
+    assert "| pretrain | ours | 40.0 s | 4.95x |" in reference.format_report(
+        {"rounds": 3, "pretrain_images": 256, "sft_samples": 64, "train": table, "decode": {}})
+    with pytest.raises(SystemExit, match=r"not a runnable copy of the original: no train_pretrain_vlm.py"):
+        reference.check_reference(str(tmp_path), str(tmp_path / "python"))
