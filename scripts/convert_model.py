@@ -33,7 +33,7 @@ from model.checkpoint import (CheckpointError, atomic_save, check_state_dict, in
                               llm_state_dict, load_weights, read_checkpoint, weight_path)
 from model.model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig, load_vision_tower, tower_token_count  # noqa: E402
 from model.paths import load_tokenizer, local_path  # noqa: E402
-from model.record import RecordError, resolve_folders  # noqa: E402
+from model.record import RecordError, make_record, resolve_folders, write_record  # noqa: E402
 
 # The model code an exported directory carries, copied as it is: modeling_minimind_v.py is the
 # transformers entry point (from_pretrained without the tower, then the tower attached; chat()).
@@ -181,6 +181,10 @@ def import_hf(hf_dir, out_path):
     model = MiniMindVLM(VLMConfig(**cfg), load_tower=False)
     load_weights(model, tensors, hf_dir)  # strict: errors list any missing/unexpected key
     atomic_save(llm_state_dict(model), out_path)  # the released layout of the model's generation
+    tower = model.config.vision_model_path or ""  # recorded as given, or relative to the directory
+    if tower and not os.path.isabs(tower) and os.path.isdir(os.path.join(hf_dir, tower)):
+        tower = os.path.join(hf_dir, tower)
+    write_record(make_record(model.config, hf_dir, tower, trained_from=hf_dir), out_path)  # its tokenizer: the dir's
     return out_path
 
 

@@ -93,6 +93,9 @@ def test_reverse_conversion_gives_the_original_state_dict(tower_dir, tmp_path):
     convert_main(["--from_hf", out, "--out", str(tmp_path / "back2.pth")])
     sd, sd2 = torch.load(pth, weights_only=True), torch.load(back, weights_only=True)
     assert list(sd) == list(sd2) and all(torch.equal(sd[k], sd2[k]) and sd2[k].dtype == torch.float32 for k in sd)
+    from model.record import read_record  # the .pth knows its tokenizer (the directory's) and its tower
+    record = read_record(back)
+    assert record["tokenizer"]["path"] == os.path.abspath(out) and record["vision_tower"]["path"] == os.path.abspath(tower_dir)
     assert sd2["output.weight"].data_ptr() == sd2["tok_embeddings.weight"].data_ptr()  # tied, like the release
     assert list(torch.load(str(tmp_path / "back2.pth"), weights_only=True)) == list(sd)
 
