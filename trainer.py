@@ -48,7 +48,7 @@ from model.paths import load_tokenizer
 from model.lora import LORA_LAYERS, LoraSettings, adapter_state_dict, add_lora, has_lora, save_adapter
 from model.model_minimind import count_llm_params
 from model.model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig, tower_features, tower_token_count
-from model.precision import DTYPES, describe, resolve_dtype, use_tf32
+from model.precision import DTYPES, describe, dtype_name, resolve_dtype, use_tf32
 from model.record import make_record, resolve_folders, write_record
 from train_engines import DeepSpeedEngine, TorchEngine
 
@@ -899,7 +899,7 @@ def train(cfg):
     # The tokenizer and tower: given, or those --from_weight's record names (see model/record.py).
     tokenizer_path, tower_path, _ = resolve_folders(start_path(cfg), cfg.tokenizer_path, cfg.vision_model_path,
                                                     DEFAULT_VISION_MODEL)
-    cfg = dataclasses.replace(cfg, dtype=str(dtype).removeprefix("torch."), tokenizer_path=tokenizer_path,
+    cfg = dataclasses.replace(cfg, dtype=dtype_name(dtype), tokenizer_path=tokenizer_path,
                               vision_model_path=tower_path)
     use_tf32(cluster.device, dtype)
     if cluster.is_main:

@@ -388,13 +388,13 @@ def run_llm(args, peaks, results):
 
 
 def run_decode(args, tower, results):
-    from model.precision import resolve_dtype
-    dtype_name = str(resolve_dtype(args.decode_dtype, args.device)[0]).removeprefix("torch.")
+    from model.precision import dtype_name, resolve_dtype
+    decode_dtype = dtype_name(resolve_dtype(args.decode_dtype, args.device)[0])
     int8 = [False, True] if args.device == "cpu" else [False]  # --quantize int8 is CPU-only
     for batch, quantized in [(b, q) for q in int8 for b in (1, 8)]:
         label = f"batch {batch}" + (", int8" if quantized else "")
         r = results["decode"][label] = decode_scenario(args, tower, batch, quantized)
-        print(f"  decode, {label:<13} ({'int8 weights' if quantized else dtype_name}) time to first token "
+        print(f"  decode, {label:<13} ({'int8 weights' if quantized else decode_dtype}) time to first token "
               f"{r['ttft_s']:.3f} s, {r['decode_tokens_per_s']:7.1f} tok/s "
               f"({r['decode_tokens_per_s_per_row']:.1f} per row)", flush=True)
 
@@ -418,10 +418,11 @@ def main():
     else:
         build_vision_tower(tower, hidden_size=32, num_layers=1, num_heads=2, verbose=False)
     peaks = [matmul_peak_tflops(args.device, args.compute_dtype, seconds=0.3 if args.quick else 3.0)]
-    dtype_name = str(args.compute_dtype).removeprefix("torch.")
-    results = {"device": args.device, "dtype": dtype_name, "dim": args.dim, "n_layers": args.n_layers,
+    from model.precision import dtype_name
+    compute_dtype = dtype_name(args.compute_dtype)
+    results = {"device": args.device, "dtype": compute_dtype, "dim": args.dim, "n_layers": args.n_layers,
                "threads": torch.get_num_threads(), "loader": {}, "train": {}, "llm_step": {}, "decode": {}}
-    print(f"{args.device} {dtype_name} ({args.dtype}): matmul peak {peaks[0]:.2f} TFLOPS, {torch.get_num_threads()} threads", flush=True)
+    print(f"{args.device} {compute_dtype} ({args.dtype}): matmul peak {peaks[0]:.2f} TFLOPS, {torch.get_num_threads()} threads", flush=True)
     if "loader" in only:
         run_loader(args, tower, work, results)
     if "startup" in only:

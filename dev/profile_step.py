@@ -37,7 +37,7 @@ def main():
     import trainer
     from bench import make_data
     from make_demo_vision_tower import build_vision_tower
-    from model.precision import resolve_dtype
+    from model.precision import dtype_name, resolve_dtype
     work = tempfile.mkdtemp(prefix="minimind_profile_")
     tower, data = os.path.join(work, "tower"), os.path.join(work, "data")
     build_vision_tower(tower, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, verbose=False)
@@ -54,7 +54,7 @@ def main():
                                   freeze_llm=1 if a.stage == "pretrain" else 0)
     cfg = trainer.TrainConfig(**vars(parser.parse_args(flags + ["--out_dir", os.path.join(work, "out"),
                                                                   "--num_workers", "0", "--dtype", a.dtype])))
-    cfg = dataclasses.replace(cfg, dtype=str(resolve_dtype(cfg.dtype, "cpu")[0]).removeprefix("torch."),
+    cfg = dataclasses.replace(cfg, dtype=dtype_name(resolve_dtype(cfg.dtype, "cpu")[0]),
                               tokenizer_path="model")
     run = trainer.build_run(cfg, trainer.Cluster())
     run.model.train()

@@ -177,7 +177,8 @@ def decode_runs(a, ref, python, data, work):
     """Three decoders -> (command, cwd) each, from the original's SFT weights."""
     weights = os.path.join(ref, "out/sft_vlm_512.pth")
     image, question = os.path.join(data, "images", "0.jpg"), "What is in the picture?"
-    tokenizer, tower = os.path.join(ref, "model/minimind_tokenizer"), os.path.join(ref, "model/vision_model/clip-vit-base-patch16")
+    tokenizer = os.path.join(ref, "model/minimind_tokenizer")
+    tower = os.path.join(ref, "model/vision_model/clip-vit-base-patch16")
     export = os.path.join(work, "export")
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts/convert_model.py"), "--weight", weights,
                     "--out_dir", export, "--tokenizer_path", tokenizer, "--vision_model_path", tower],
@@ -222,7 +223,8 @@ def main(a):
     for r in range(a.rounds):
         for stage, by_name in runs.items():  # pretrain first: the original's SFT starts from its output
             names = list(by_name) if r % 2 == 0 else list(by_name)[::-1]  # who goes first alternates
-            if stage == "sft" and "original" in names and not os.path.exists(os.path.join(ref, "out/pretrain_vlm_512.pth")):
+            started = os.path.exists(os.path.join(ref, "out/pretrain_vlm_512.pth"))
+            if stage == "sft" and "original" in names and not started:
                 raise RuntimeError("the original's pretrain wrote no out/pretrain_vlm_512.pth")
             for name in names:
                 cmd, cwd = by_name[name]

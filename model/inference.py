@@ -154,8 +154,9 @@ class VLMChat:
     def stream_ids(self, prompt, images=(), max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
                    repetition_penalty=1.0, stats=None):
         """The answer to an encoded prompt (ids, is_image), piece by piece. `stats`, if given, is a
-        dict that gets the number of new tokens ("tokens") and why generation ended ("finish_reason": "stop" at
-        the end-of-turn token, "length" at max_new_tokens), as an OpenAI response reports them."""
+        dict that gets the number of new tokens ("tokens") and why generation ended
+        ("finish_reason": "stop" at the end-of-turn token, "length" at max_new_tokens), as an
+        OpenAI response reports them."""
         stats = {} if stats is None else stats
         stats.update(tokens=0, finish_reason="length")
         prompt_ids, is_image = prompt
@@ -193,7 +194,7 @@ class VLMChat:
         mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p, _ in prompts], device=self.device)
         image_mask = torch.tensor([[False] * (T - len(p)) + s for p, s in prompts], device=self.device)
         all_images = [im for _, images in conversations for im in images]
-        out = self.model.generate(ids, attention_mask=mask, pixel_values=self.pixels(all_images), image_mask=image_mask,
+        out = self.model.generate(ids, attention_mask=mask, image_mask=image_mask, pixel_values=self.pixels(all_images),
                                   max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id, **kw)
         answers = []
         for row in out[:, T:].tolist():

@@ -85,8 +85,9 @@ def rope_cos_sin(head_dim, max_len, theta):
 def apply_rope(x, cos, sin):
     """Rotate interleaved pairs: (x[2i], x[2i+1]) -> (x[2i] cos - x[2i+1] sin, x[2i+1] cos + x[2i] sin).
     x: [B, H, T, hd], cos/sin: [T, hd] from rope_cos_sin, in the compute dtype (the forward casts
-    them once for all layers), as the projections that made x (bf16 under autocast): a few elementwise passes over q and k are a large share of a CPU
-    training step, and fp32 would double their memory traffic. Real arithmetic, so eager and
+    them once for all layers), as the projections that made x (bf16 under autocast): a few
+    elementwise passes over q and k are a large share of a CPU training step, and fp32 would
+    double their memory traffic. Real arithmetic, so eager and
     torch.compile run the same code. The 2026 release pairs i with i + hd/2 instead; its q/k
     weights are permuted into this layout when loaded."""
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x[2i+1], x[2i]) in each pair

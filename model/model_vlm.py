@@ -19,7 +19,8 @@ DEFAULT_VISION_MODEL = "model/vision_model/clip-vit-base-patch16"  # the design'
 VISION_HELP = ("Download CLIP ViT-B/16 into it, e.g. `git clone https://huggingface.co/openai/clip-vit-base-patch16 "
                "model/vision_model/clip-vit-base-patch16` (or the SigLIP2 tower of the 2026 weights, "
                "siglip2-base-p32-256-ve), or, to try the code without a download, build a random stand-in with "
-               "`python demo/make_demo_vision_tower.py` and pass --vision_model_path model/vision_model/demo-clip-vit-b16.")
+               "`python demo/make_demo_vision_tower.py` and pass "
+               "--vision_model_path model/vision_model/demo-clip-vit-b16.")
 
 
 class VLMConfig(MiniMindConfig):
@@ -166,7 +167,7 @@ class MiniMindVLM(MiniMindForCausalLM):
                 # it on every rank instead of hanging.
                 h = h + 0.0 * sum(p.sum() for p in self.vision_proj.parameters()).to(h.dtype)
             return h
-        is_image = image_mask.bool() if image_mask is not None else input_ids == self.config.image_token_id  # [B, T]
+        is_image = input_ids == self.config.image_token_id if image_mask is None else image_mask.bool()  # [B, T]
         n_images = len(image_features)
         per_row = is_image.sum(1)
         n_per_image = self.config.image_token_count

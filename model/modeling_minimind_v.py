@@ -110,7 +110,8 @@ class MiniMindVLMForCausalLM(MiniMindVLM):
         prompt_ids, is_image = self.encode_chat(messages, tokenizer)
         ids = torch.tensor([prompt_ids], device=device)
         pixel_values = to_pixels(processor, images).to(device) if images else None
-        out = self.generate(ids, pixel_values=pixel_values, image_mask=torch.tensor([is_image], device=device), max_new_tokens=max_new_tokens, temperature=temperature,
+        out = self.generate(ids, pixel_values=pixel_values, image_mask=torch.tensor([is_image], device=device),
+                            max_new_tokens=max_new_tokens, temperature=temperature,
                             top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                             eos_token_id=tokenizer.eos_token_id)
         new = out[0, ids.shape[1]:].tolist()

@@ -42,9 +42,14 @@ def resolve_dtype(name, device):
     return torch.float32, f"auto: the CPU ({platform.machine()}) has no native bf16, where bf16 is slower than fp32"
 
 
+def dtype_name(dtype):
+    """torch.bfloat16 -> "bfloat16", as --dtype spells it."""
+    return str(dtype).removeprefix("torch.")
+
+
 def describe(dtype, why):
     """The one line a script prints about its choice."""
-    return f"dtype {str(dtype).removeprefix('torch.')} ({why})"
+    return f"dtype {dtype_name(dtype)} ({why})"
 
 
 def use_tf32(device, dtype):

@@ -95,17 +95,16 @@ def resolve_folders(weights_path, tokenizer_path, vision_model_path, default_tow
     folders = []
     for flag, given, kind, names in (("--tokenizer_path", tokenizer_path, "tokenizer", TOKENIZER_FILES),
                                      ("--vision_model_path", vision_model_path, "vision_tower", TOWER_FILES)):
-        recorded = record[kind]
+        recorded, what = record[kind], kind.replace("_", " ")
+        trained_with = f"{weights_path} was trained with the {what} at {recorded['path']}"
         if given is None:
             if not os.path.isdir(recorded["path"]):
-                raise RecordError(f"{weights_path} was trained with the {kind.replace('_', ' ')} at {recorded['path']}, "
-                                  f"which is not there any more: pass {flag} (the same files)")
+                raise RecordError(f"{trained_with}, which is not there any more: pass {flag} (the same files)")
             folders.append(recorded["path"])
         else:
             found = files_hash(local_path(given), names)
             if recorded["sha256"] and found != recorded["sha256"]:
-                raise RecordError(f"{weights_path} was trained with the {kind.replace('_', ' ')} at {recorded['path']}, "
-                                  f"but {flag} {given} holds another one; pass the recorded one (or drop {flag}), "
-                                  f"or --ignore_record 1 to use it anyway")
+                raise RecordError(f"{trained_with}, but {flag} {given} holds another one; pass the recorded one "
+                                  f"(or drop {flag}), or --ignore_record 1 to use it anyway")
             folders.append(given)
     return folders[0], folders[1], record

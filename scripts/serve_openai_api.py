@@ -421,7 +421,7 @@ def make_job(body, engine, args):
         raise APIError(f"the prompt has {len(ids)} tokens; with {max_tokens} new tokens that exceeds the model's "
                        f"limit of {engine.max_seq_len}", param="messages", code="context_length_exceeded")
     options = body.get("stream_options") or {}
-    return {"ids": ids, "prompt": prompt, "images": images, "max_tokens": max_tokens, "temperature": temperature,
+    return {"prompt": prompt, "images": images, "max_tokens": max_tokens, "temperature": temperature,
             "top_p": top_p if top_p > 0 else 1e-6, "seed": seed, "stream": stream,
             "include_usage": bool(isinstance(options, dict) and options.get("include_usage")),
             "cancel": threading.Event()}
@@ -440,7 +440,8 @@ class Answer:
         self.rid, self.now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def usage(self, n):
-        return {"prompt_tokens": len(self.job["ids"]), "completion_tokens": n, "total_tokens": len(self.job["ids"]) + n}
+        n_prompt = len(self.job["prompt"][0])
+        return {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}
 
     async def complete(self, request):
         """The whole answer once generated; the generation is cancelled if the client goes away."""

@@ -35,8 +35,8 @@ def test_bench_reports_mfu_memory_and_decode_figures(tmp_path):
     # the figures exist and are positive; how large they are depends on the machine, not on the code
     steps = report["llm_step"]
     assert len(steps) == 2 and all(r["mfu"] > 0 and r["tokens_per_s"] > 0 for r in steps.values())
-    from model.precision import resolve_dtype
-    assert report["dtype"] == str(resolve_dtype("auto", "cpu")[0]).removeprefix("torch.")  # the peak's dtype
+    from model.precision import dtype_name, resolve_dtype
+    assert report["dtype"] == dtype_name(resolve_dtype("auto", "cpu")[0])  # the peak's dtype
     assert set(report["decode"]) == {"batch 1", "batch 8", "batch 1, int8", "batch 8, int8"}
     assert all(r["ttft_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in report["decode"].values())
     assert "MFU" in proc.stdout and "time to first token" in proc.stdout
