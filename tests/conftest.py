@@ -1,8 +1,11 @@
 """Shared fixtures: everything is built locally (tiny CLIP tower, toy images, tiny LLM configs)."""
+import contextlib
 import json
 import os
 import socket
+import subprocess
 import sys
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -54,6 +57,43 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def api_server(flags, log_path, cwd=ROOT):
+    """scripts/serve_openai_api.py as a subprocess on a free port, once it answers /v1/models:
+    yields (base URL, an httpx client on it, the process); stopped on exit."""
+    import httpx
+    port = free_port()
+    log = open(log_path, "w+")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "serve_openai_api.py"),
+                             *map(str, flags), "--port", str(port)],
+                            cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    base = f"http://127.0.0.1:{port}"
+    http = httpx.Client(base_url=base, trust_env=False, timeout=60)
+    try:
+        deadline = time.time() + 90
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-3000:]}")
+            try:
+                if http.get("/v1/models").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.time() > deadline:
+                pytest.fail("server not ready in 90 s")
+            time.sleep(0.3)
+        yield base, http, proc
+    finally:
+        http.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
 
 
 def write_image(path, color, size=(64, 48)):

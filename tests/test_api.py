@@ -3,10 +3,8 @@ through the official openai client (and raw httpx for requests a client would ne
 import base64
 import io
 import os
-import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
@@ -16,7 +14,7 @@ from PIL import Image
 from model.model_vlm import MiniMindVLM, VLMConfig
 from model.checkpoint import llm_state_dict
 
-from conftest import ROOT, TINY_LLM, free_port, make_video
+from conftest import ROOT, TINY_LLM, api_server, make_video
 
 pytestmark = pytest.mark.slow  # a live server, one of them the real script in a subprocess
 
@@ -42,39 +40,10 @@ def server(tower_dir, tmp_path_factory):
     torch.manual_seed(0)
     pth = str(root / "sft_vlm_64.pth")
     torch.save(llm_state_dict(MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM))), pth)
-    port = free_port()
-    log = open(root / "server.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "scripts", "serve_openai_api.py"), "--weight", pth,
-         "--vision_model_path", tower_dir, "--tokenizer_path", "model", "--device", "cpu", "--dtype", "float32",
-         "--port", str(port),
-         "--max_request_mb", str(MAX_MB), "--max_images", "2", "--frames", "2"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"HF_HUB_OFFLINE": "1"})
-    base = f"http://127.0.0.1:{port}"
-    http = httpx.Client(base_url=base, trust_env=False, timeout=60)
-    try:
-        deadline = time.time() + 90
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-3000:]}")
-            try:
-                if http.get("/v1/models").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline:
-                pytest.fail("server not ready in 90 s")
-            time.sleep(0.3)
+    with api_server(["--weight", pth, "--vision_model_path", tower_dir, "--tokenizer_path", "model",
+                     "--device", "cpu", "--dtype", "float32", "--max_request_mb", MAX_MB, "--max_images", 2,
+                     "--frames", 2], root / "server.log") as (base, http, proc):
         yield {"base": base, "http": http, "proc": proc}
-    finally:
-        http.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """A checkpoint knows what it is: the record beside every .pth we write names its tokenizer and
 tower (with a hash of their files), its shape and its origin, and every entry point reads it."""
 import argparse
+import base64
+import io
 import json
 import os
 import shutil
@@ -11,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TINY_LLM, script_flags
+from conftest import ROOT, TINY_LLM, api_server, script_flags
 from model.checkpoint import llm_state_dict
 from model.model_vlm import MiniMindVLM, VLMConfig
 from model.record import RecordError, make_record, read_record, record_path, resolve_folders, write_record
@@ -59,14 +61,32 @@ def test_the_weights_alone_answer_through_eval_from_another_folder(trained, tmp_
     assert proc.stdout.strip()
 
 
-def test_the_web_demo_and_the_api_load_the_weights_alone(trained):
+def test_the_web_demo_answers_with_the_weights_alone_from_another_folder(trained, tmp_path, monkeypatch):
     import web_demo_vlm
-    from model.inference import InferenceConfig, load_model
     pth, tower_dir = trained
-    model, tokenizer, _ = load_model(InferenceConfig(weight=pth))  # what the API does with --weight alone
-    assert model.config.dim == 64 and os.path.samefile(model.config.vision_model_path, tower_dir)
-    hub = web_demo_vlm.ModelHub(web_demo_vlm.parse_args(["--weight", pth]))
-    assert hub.get(next(iter(hub.choices))).model.config.n_layers == 2
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "red.png")
+    args = web_demo_vlm.parse_args(["--weight", pth, "--device", "cpu"])
+    hub = web_demo_vlm.ModelHub(args)
+    label = next(iter(hub.choices))
+    assert hub.get(label).model.config.n_layers == 2
+    assert os.path.samefile(hub.get(label).model.config.vision_model_path, tower_dir)
+    state = web_demo_vlm.new_session(label)
+    *_, (display, _, state) = web_demo_vlm.respond(
+        args, hub, {"text": "What colour?", "files": [str(tmp_path / "red.png")]}, state, 0.0, 1.0, 3)
+    assert state["messages"][-1]["role"] == "assistant" and not display[-1]["content"].startswith("⚠️")
+
+
+def test_the_api_answers_with_the_weights_alone_from_another_folder(trained, tmp_path):
+    pth, _ = trained
+    png = io.BytesIO()
+    Image.new("RGB", (64, 48), "red").save(png, "PNG")
+    image = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    with api_server(["--weight", pth, "--device", "cpu"], tmp_path / "server.log", cwd=tmp_path) as (_, http, _):
+        reply = http.post("/v1/chat/completions", json={"max_tokens": 3, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "What colour?"}]}]})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["role"] == "assistant"
 
 
 def test_another_tokenizer_or_tower_than_the_recorded_one_is_refused_naming_both(trained, tmp_path, tower_dir):

@@ -235,6 +235,29 @@ def test_a_typed_at_sign_is_text_beside_an_image_in_serving_and_training(release
     assert torch.isfinite(loss)
 
 
+def test_a_model_that_emits_the_at_placeholder_keeps_generating(released, tower_dir):
+    """A generated '@' is text: decoding never counts placeholders again, so a model pushed to emit
+    nothing but '@' answers with it, alone and in a batch, with and without an image."""
+    from PIL import Image
+    path, tok_dir, _ = released
+    model, tokenizer, processor = load_model(model_args(path, tok_dir, tower_dir))
+
+    def favour_at(module, inputs, logits):  # [B, T, V]
+        logits[..., AT] += 1e4
+        return logits
+    hook = model.output.register_forward_hook(favour_at)
+    try:
+        chat = VLMChat(model, tokenizer, processor)
+        red = Image.new("RGB", (64, 64), "red")
+        ask = [{"role": "user", "content": "<image>\nMail user@example.com"}]
+        assert chat.answer(ask, [red], max_new_tokens=6) == "@" * 6
+        assert chat.answer([{"role": "user", "content": "hi"}], max_new_tokens=6) == "@" * 6
+        assert chat.answer_batch([(ask, [red]), ([{"role": "user", "content": "hi @"}], [])],
+                                 max_new_tokens=4) == ["@" * 4] * 2
+    finally:
+        hook.remove()
+
+
 def test_a_typed_image_pad_token_in_our_tokenizer_is_text(tiny_vlm, tokenizer):
     from model.chat import ChatEncoder
     encoder = ChatEncoder(tokenizer, 3, 196)
