@@ -1,9 +1,13 @@
 """The offline demo end to end at toy size, and the benchmark script's report shape.
 (Accuracy is the demo's job to show, not a test's: a few steps learn nothing.)"""
-import pytest
+import glob
 import json
+import re
+import shlex
 import subprocess
 import sys
+
+import pytest
 
 from conftest import ROOT
 
@@ -23,6 +27,17 @@ def test_tiny_demo_runs_every_stage_and_writes_the_results_file(tmp_path):
     assert results["n"] == 10 and set(results["per_type"]) <= {"color", "shape", "position", "count", "exists"}
     assert 0 < results["train_seconds"] <= results["total_seconds"]
     assert len(results["samples"]) == 3 and "held-out answers:" in proc.stdout
+
+    # The README's commands on the demo's model work as written (at this test's paths and size).
+    with open(f"{ROOT}/README.md") as f:
+        commands = re.findall(r"python [^`\n]*(?:out|dataset)/demo[^`\n]*", f.read())
+    assert len(commands) >= 3
+    for command in commands:
+        command = (command.split(" #")[0].replace("out/demo", str(tmp_path / "out"))
+                   .replace("dataset/demo", str(tmp_path / "data")).replace("sft_vlm_256", "sft_vlm_64"))
+        argv = [a for word in shlex.split(command)[1:] for a in (sorted(glob.glob(word)) if "*" in word else [word])]
+        run = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, command + "\n" + run.stdout[-2000:] + run.stderr[-2000:]
 
 
 def test_bench_reports_mfu_memory_and_decode_figures(tmp_path):
