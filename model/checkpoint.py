@@ -21,6 +21,7 @@ import re
 import torch
 
 from .lora import fold_lora
+from .paths import local_path
 
 
 def weight_name(name, dim, use_moe):
@@ -29,10 +30,11 @@ def weight_name(name, dim, use_moe):
 
 
 def weight_path(out_dir, name, dim, use_moe):
-    """A .pth path as given, or a name: out_dir/{name}_{dim}[_moe].pth."""
+    """A .pth path as given, or a name: out_dir/{name}_{dim}[_moe].pth (a relative out_dir that does
+    not hold it is looked up in the repository too, see local_path)."""
     if name.endswith(".pth") or os.sep in name:
         return name
-    return os.path.join(out_dir, weight_name(name, dim, use_moe) + ".pth")
+    return local_path(os.path.join(out_dir, weight_name(name, dim, use_moe) + ".pth"))
 
 
 # Our (2025) name -> the 2026 release's, for each part of a dotted key; every other part is shared.

@@ -108,6 +108,8 @@ def save_processor(vision_path, out_dir):
 def export_hf(weight, out_dir, tokenizer_path, vision_model_path, image_token_id=-1, copy_tower=False):
     """Our .pth -> a transformers-format directory. Returns the directory. copy_tower: put the CLIP
     tower inside it (as vision_model/) so the directory needs nothing else."""
+    if not os.path.isfile(weight):
+        sys.exit(f"error: weights {weight} not found: pass --weight PATH.pth (or a name in out/, e.g. sft_vlm)")
     try:  # not given: the folders the weights' record names
         tokenizer_path, vision_model_path, _ = resolve_folders(weight, tokenizer_path, vision_model_path,
                                                                DEFAULT_VISION_MODEL)

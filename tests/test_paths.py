@@ -36,3 +36,18 @@ def test_the_default_tower_path_is_found_from_another_folder(tower_dir, tmp_path
     assert load_vision_tower("model/vision_model/tower").config.hidden_size > 0
     with pytest.raises(FileNotFoundError, match="--vision_model_path"):
         load_vision_tower("model/vision_model/missing")
+
+
+def test_a_weight_name_is_found_in_the_repositorys_out_from_another_folder(tmp_path, monkeypatch):
+    from model.checkpoint import weight_path
+    repo, here = tmp_path / "repo", tmp_path / "here"
+    (repo / "out").mkdir(parents=True)
+    (repo / "out" / "sft_vlm_512.pth").write_bytes(b"")
+    here.mkdir()
+    monkeypatch.setattr(paths, "REPO_ROOT", str(repo))
+    monkeypatch.chdir(here)
+    assert weight_path("out", "sft_vlm", 512, 0) == str(repo / "out" / "sft_vlm_512.pth")
+    assert weight_path("out", "sft_vlm", 768, 0) == "out/sft_vlm_768.pth"  # nowhere: named as given
+    (here / "out").mkdir()
+    (here / "out" / "sft_vlm_512.pth").write_bytes(b"")
+    assert weight_path("out", "sft_vlm", 512, 0) == "out/sft_vlm_512.pth"  # the current folder's wins
