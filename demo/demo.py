@@ -2,7 +2,9 @@
 show that it really sees. Run it as `bash demo/demo.sh` (which calls this file).
 
   1. generate the "shapes world" data (dataset/demo/)
-  2. build a randomly initialised CLIP tower with ViT-B/16 geometry (out/demo/vision_tower)
+  2. train the vision tower on the pretrain captions, then freeze it (out/demo/vision_tower): a CLIP
+     ViT of ViT-B/16 geometry learns to see this world, as the real CLIP was pretrained on the world's
+     images (demo/train_demo_tower.py)
   3. pretrain on captions; with no pretrained LLM offline, the whole LLM is trained (--freeze_llm 0)
   4. SFT on short questions and answers
   5. score the held-out split with the images, then with blank images ("blind")
@@ -56,6 +58,8 @@ def main():
     a("--out_dir", default="out/demo")
     a("--n_train", type=int, default=9000, help="training images (one caption and one Q&A sample each)")
     a("--n_test", type=int, default=300, help="held-out questions")
+    a("--tower_steps", type=int, default=800,
+      help="steps that teach the vision tower this world before the VLM is built on it (0: a random tower)")
     a("--dim", type=int, default=256)
     a("--n_layers", type=int, default=4)
     a("--pretrain_epochs", type=int, default=2)
@@ -80,8 +84,14 @@ def main():
     run(["demo/make_shapes_data.py", "--out_dir", args.data_dir, "--seed", str(args.seed),
          "--n_train", str(args.n_train), "--n_test", str(args.n_test)])
 
-    step(2, "build the demo vision tower (random CLIP, ViT-B/16 geometry: 224 px, patch 16, 196 tokens)")
-    run(["demo/make_demo_vision_tower.py", "--out_dir", args.tower_dir])
+    if args.tower_steps:
+        step(2, f"train the vision tower on the captions, {args.tower_steps} steps (CLIP, ViT-B/16 geometry: "
+                "224 px, patch 16, 196 tokens), then freeze it")
+        run(["demo/train_demo_tower.py", "--data_dir", args.data_dir, "--out_dir", args.tower_dir,
+             "--steps", str(args.tower_steps), "--seed", str(args.seed), "--dtype", args.dtype])
+    else:
+        step(2, "build an untrained vision tower (random CLIP, ViT-B/16 geometry), frozen as it is")
+        run(["demo/make_demo_vision_tower.py", "--out_dir", args.tower_dir, "--seed", str(args.seed)])
 
     t_train = time.time()
     step(3, f"pretrain: captions, LLM {args.dim}x{args.n_layers} trained from scratch with the projection")

@@ -28,40 +28,50 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def build_vision_tower(out_dir, hidden_size=256, num_layers=2, num_heads=4,
-                       intermediate_size=None, seed=0, full_clip=False, verbose=True, position_std=1.0):
-    """Save a random-init CLIP vision tower (or full CLIP model) and its processor to out_dir.
-
-    Returns the number of parameters of the vision tower.
-    """
-    vision_cfg = dict(hidden_size=hidden_size, intermediate_size=intermediate_size or 4 * hidden_size,
-                      num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                      image_size=224, patch_size=16, num_channels=3, projection_dim=hidden_size)
+def make_vision_tower(hidden_size=256, num_layers=2, num_heads=4, intermediate_size=None, seed=0,
+                      position_std=1.0):
+    """A random-init CLIPVisionModel of ViT-B/16 geometry and the standard CLIP image processor."""
     torch.manual_seed(seed)  # same seed -> same weights
-    model = CLIPVisionModel(CLIPVisionConfig(**vision_cfg))
+    model = CLIPVisionModel(CLIPVisionConfig(**vision_config(hidden_size, num_layers, num_heads, intermediate_size)))
     # The default init (std 0.02) makes the position embeddings ~40x smaller than a patch's content
     # embedding (~0.9 here), so identical background patches would look the same wherever they are.
     # A trained ViT's position embeddings are of the same order as the content; match that, so
     # the patch tokens say where they are and "top left" is learnable.
     with torch.no_grad():
         getattr(model, "vision_model", model).embeddings.position_embedding.weight.normal_(0.0, position_std)
+    # The same preprocessing as real CLIP: resize the short side to 224, centre-crop 224x224, normalise.
+    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                                   do_resize=True, do_center_crop=True, do_normalize=True,
+                                   image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3)  # 3 = bicubic
+    return model.eval(), processor
+
+
+def vision_config(hidden_size, num_layers, num_heads, intermediate_size=None):
+    return dict(hidden_size=hidden_size, intermediate_size=intermediate_size or 4 * hidden_size,
+                num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                image_size=224, patch_size=16, num_channels=3, projection_dim=hidden_size)
+
+
+def build_vision_tower(out_dir, hidden_size=256, num_layers=2, num_heads=4,
+                       intermediate_size=None, seed=0, full_clip=False, verbose=True, position_std=1.0):
+    """Save a random-init CLIP vision tower (or full CLIP model) and its processor to out_dir.
+
+    Returns the number of parameters of the vision tower.
+    """
+    model, processor = make_vision_tower(hidden_size, num_layers, num_heads, intermediate_size, seed, position_std)
     n_params = sum(p.numel() for p in model.parameters())
     if full_clip:
         text_cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                         vocab_size=1000, max_position_embeddings=77, projection_dim=hidden_size,
                         bos_token_id=0, eos_token_id=1, pad_token_id=1)
-        full = CLIPModel(CLIPConfig(text_config=text_cfg, vision_config=vision_cfg, projection_dim=hidden_size))
+        full = CLIPModel(CLIPConfig(text_config=text_cfg, projection_dim=hidden_size,
+                                    vision_config=vision_config(hidden_size, num_layers, num_heads, intermediate_size)))
         # Same vision weights as the vision-only tower of this seed, so both layouts give identical features.
         # (transformers 5 flattened CLIPVisionModel; older versions wrap it in .vision_model.)
         full.vision_model.load_state_dict(getattr(model, "vision_model", model).state_dict())
-        model = full
-    model.eval()
+        model = full.eval()
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
-    # The same preprocessing as real CLIP: resize the short side to 224, centre-crop 224x224, normalise.
-    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
-                                   do_resize=True, do_center_crop=True, do_normalize=True,
-                                   image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3)  # 3 = bicubic
     processor.save_pretrained(out_dir)
     if verbose:
         kind = "full CLIPModel" if full_clip else "CLIPVisionModel"

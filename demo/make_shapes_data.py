@@ -28,6 +28,7 @@ import glob
 import json
 import os
 import random
+import re
 import time
 from collections import Counter
 
@@ -108,6 +109,20 @@ def caption(objs):
     body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     head = "There is 1 shape" if len(objs) == 1 else f"There are {len(objs)} shapes"
     return f"{head}: {body}."
+
+
+PHRASE_TO_CELL = {CELL_PHRASE.get(c, f"at the {c}"): c for c in CELLS}
+
+
+def parse_caption(text):
+    """A caption -> its objects [(shape, colour, cell, size)], the inverse of caption(): what the
+    words of a caption say is where, for the demo tower's training and the probes."""
+    found = []
+    for size, colour, shape, phrase in re.findall(r"a (\w+) (\w+) (\w+) ((?:at the|on the|in the) [\w ]+?)(?=,| and |\.$)",
+                                                  text):
+        if size in SIZES and colour in COLORS and shape in SHAPES and phrase in PHRASE_TO_CELL:
+            found.append((shape, colour, PHRASE_TO_CELL[phrase], size))
+    return found
 
 
 def shape_points(kind, cx, cy, r):

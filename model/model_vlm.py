@@ -106,13 +106,15 @@ def tower_token_count(tower):
     return (tower.config.image_size // tower.config.patch_size) ** 2
 
 
-@torch.no_grad()
 def tower_features(tower, pixel_values):
-    """The frozen tower's last-layer patch tokens: [N, 3, H, W] -> [N, n_patches, C]. CLIP puts a CLS
+    """The tower's last-layer patch tokens: [N, 3, H, W] -> [N, n_patches, C]. CLIP puts a CLS
     token before the patches, which is dropped; SigLIP has none, so every token is kept. (SigLIP's
-    last_hidden_state is after its post-layernorm, CLIP's before: each as its release used it.)"""
+    last_hidden_state is after its post-layernorm, CLIP's before: each as its release used it.)
+    A frozen tower runs without autograd; one with trainable parameters (the demo trains its own) with."""
     tower_dtype = next(tower.parameters()).dtype
-    tokens = tower(pixel_values=pixel_values.to(tower_dtype)).last_hidden_state  # [N, n_prefix + n_patches, C]
+    trainable = torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())
+    with torch.set_grad_enabled(trainable):
+        tokens = tower(pixel_values=pixel_values.to(tower_dtype)).last_hidden_state  # [N, n_prefix + n_patches, C]
     return tokens[:, tokens.shape[1] - tower_token_count(tower):]
 
 

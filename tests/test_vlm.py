@@ -173,3 +173,21 @@ def test_int8_quantization_fuses_and_covers_the_llm_only_and_stays_close_to_full
     assert (int8.argmax(-1) == full.argmax(-1)).float().mean().item() > 0.9
     with pytest.raises(ValueError, match="float32"):
         quantize_int8(copy.deepcopy(tiny_vlm).to(torch.bfloat16))
+
+
+def test_a_frozen_tower_runs_without_autograd_and_a_trainable_one_passes_gradients():
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from model.model_vlm import tower_features
+    tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=32, patch_size=16))
+    pixels = torch.randn(2, 3, 32, 32)
+    tower.requires_grad_(False)
+    assert not tower_features(tower, pixels).requires_grad  # frozen: no graph kept
+    tower.requires_grad_(True)
+    tokens = tower_features(tower, pixels)  # [2, 4, 32]
+    assert tokens.shape == (2, 4, 32) and tokens.requires_grad
+    tokens.sum().backward()
+    assert tower.embeddings.patch_embedding.weight.grad is not None
+    with torch.no_grad():
+        assert not tower_features(tower, pixels).requires_grad

@@ -1,0 +1,186 @@
+"""Teach the demo's vision tower to see the shapes world, before any VLM is built on it.
+
+The real MiniMind-V freezes a CLIP tower that was pretrained on the world's images, so every patch
+token already says what object is there. A random tower passes each 16x16 patch on almost
+linearly: the colour survives, but the shape of an object is spread over the edges of several
+patches, and only a nonlinear readout across them finds it. So the demo does what the real system
+did, at its own scale: it pretrains its tower on its own world, then freezes it.
+
+The objective reads the caption off the image. The captions name every object's colour, shape,
+size and grid cell ("a small red circle at the top left"). Linear heads on every patch token predict
+the colour and shape of the object in that token's grid cell, or that the cell is empty.
+Labels are the captions' words only (no masks or boxes), and the heads are thrown away: what is
+kept is a tower whose patch tokens carry the object under them, which the VLM's projection then
+reads linearly. The tower is saved with save_pretrained beside its image processor, like any tower.
+
+    python demo/train_demo_tower.py --data_dir dataset/demo --out_dir out/demo/vision_tower
+"""
+import argparse
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "demo")]
+
+from make_demo_vision_tower import make_vision_tower  # noqa: E402
+from make_shapes_data import CELLS, COLORS, IMG, SHAPES, parse_caption  # noqa: E402
+
+# Each head also has "nothing here" (index 0), for an empty cell. (Size is in the captions too, but
+# no question asks it.)
+HEADS = {"colour": ["none", *COLORS], "shape": ["none", *SHAPES]}
+
+
+def cell_pooling(grid=14):
+    """[9, grid*grid]: row k averages the patch tokens whose centre lies in grid cell k."""
+    pool = torch.zeros(len(CELLS), grid * grid)
+    for r in range(grid):
+        for c in range(grid):
+            y, x = ((i + 0.5) * IMG / grid for i in (r, c))
+            pool[int(y // (IMG / 3)) * 3 + int(x // (IMG / 3)), r * grid + c] = 1
+    return pool / pool.sum(1, keepdim=True)
+
+
+def cell_labels(objs):
+    """A caption's objects -> {head: [9] class indices}, 0 where a cell is empty."""
+    labels = {head: [0] * len(CELLS) for head in HEADS}
+    for shape, colour, cell, _ in objs:
+        labels["colour"][CELLS.index(cell)] = HEADS["colour"].index(colour)
+        labels["shape"][CELLS.index(cell)] = HEADS["shape"].index(shape)
+    return labels
+
+
+def read_captions(data_dir):
+    """[(image path, objects)] from the demo's pretrain captions, read as training reads them."""
+    from dataset.samples import open_source
+    source = open_source(os.path.join(data_dir, "pretrain.jsonl"), os.path.join(data_dir, "images"))
+    items = []
+    for i in range(len(source)):
+        sample = source.get(i)
+        items.append((sample.images[0], parse_caption(sample.messages[-1]["content"])))
+    return items
+
+
+class CellReader(torch.nn.Module):
+    """The tower plus linear heads that read the colour and shape of a cell's object from a token."""
+
+    def __init__(self, tower):
+        super().__init__()
+        width = tower.config.hidden_size
+        self.tower = tower
+        self.heads = torch.nn.ModuleDict({h: torch.nn.Linear(width, len(v)) for h, v in HEADS.items()})
+        pool = cell_pooling(tower.config.image_size // tower.config.patch_size)
+        self.register_buffer("pool", pool)  # [9, 196]
+        self.register_buffer("cell_of_patch", pool.argmax(0))  # [196]
+
+    def forward(self, pixels, per_cell=False):
+        """[B, 3, 224, 224] -> {head: [B, 196, classes]}, or with per_cell the heads on each cell's
+        mean token, [B, 9, classes] (how the held-out accuracy is read)."""
+        from model.model_vlm import tower_features
+        tokens = tower_features(self.tower, pixels)  # [B, 196, C]
+        if per_cell:
+            tokens = self.pool @ tokens  # [9, 196] @ [B, 196, C] -> [B, 9, C]
+        return {h: head(tokens) for h, head in self.heads.items()}
+
+
+def train_tower(items, steps, batch_size=32, lr=3e-4, seed=0, dtype=torch.float32, log=print, **tower_kw):
+    """-> (tower, processor, held-out accuracy per head on occupied cells). items: [(image, objects)]."""
+    from model.images import open_image, to_pixels
+    tower, processor = make_vision_tower(seed=seed, **tower_kw)
+    reader = CellReader(tower.train().requires_grad_(True))
+    n_eval = min(256, len(items) // 10)
+    train, held_out = items[n_eval:], items[:n_eval]
+    # The fresh heads learn faster than the tower under them; a warm-up and clipping keep the ViT,
+    # trained from scratch, from diverging early.
+    opt = torch.optim.AdamW([{"params": reader.tower.parameters(), "base_lr": lr},
+                             {"params": reader.heads.parameters(), "base_lr": 10 * lr}], weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed)
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+
+    def batch(rows):
+        pixels = to_pixels(processor, [open_image(path) for path, _ in rows])  # as training will see them
+        labels = [cell_labels(objs) for _, objs in rows]
+        return pixels, {h: torch.tensor([l[h] for l in labels]) for h in HEADS}  # [B, 9] each
+
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        schedule = min(1.0, step / 50) * min(1.0, 4 * (1 - step / steps) + 0.1)  # warm-up, flat, decay over the last quarter
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * schedule
+        pixels, labels = batch([train[int(i)] for i in torch.randint(len(train), (batch_size,), generator=gen)])
+        with autocast:
+            logits = reader(pixels)  # {head: [B, 196, classes]}
+        loss = sum(F.cross_entropy(logits[h].float().flatten(0, 1), labels[h][:, reader.cell_of_patch].flatten())
+                   for h in HEADS)  # every token: its cell's label
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(reader.parameters(), 1.0)
+        opt.step()
+        if step % 20 == 0 or step == steps:
+            rate = step / (time.time() - t0)
+            log(f"tower step {step}/{steps} loss {loss.item():.3f}, {rate:.1f} steps/s, "
+                f"eta {(steps - step) / rate:.0f}s")
+    reader.eval()
+    correct, total = {h: 0 for h in HEADS}, 0
+    with torch.no_grad(), autocast:
+        for b in range(0, len(held_out), 64):
+            pixels, labels = batch(held_out[b:b + 64])
+            logits = reader(pixels, per_cell=True)
+            occupied = labels["shape"] > 0
+            total += int(occupied.sum())
+            for h in HEADS:
+                correct[h] += int(((logits[h].argmax(-1) == labels[h]) & occupied).sum())
+    accuracy = {h: correct[h] / max(total, 1) for h in HEADS}
+    return tower.eval().requires_grad_(False), processor, accuracy
+
+
+def save_tower(tower, processor, out_dir):
+    """save_pretrained into a sibling folder, then swap it in: a killed run leaves the old tower whole."""
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tower.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--data_dir", default="dataset/demo", help="the demo data (demo/make_shapes_data.py): its pretrain captions")
+    a("--out_dir", default="out/demo/vision_tower", help="where the trained tower and its processor go")
+    a("--steps", type=int, default=800, help="optimizer steps")
+    a("--batch_size", type=int, default=32)
+    a("--learning_rate", type=float, default=3e-4, help="the tower's peak (its heads: 10x)")
+    a("--hidden_size", type=int, default=256, help="token width (real ViT-B/16: 768)")
+    a("--num_layers", type=int, default=2, help="transformer layers (real ViT-B/16: 12)")
+    a("--num_heads", type=int, default=4)
+    a("--seed", type=int, default=0)
+    a("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+      help="autocast dtype on the CPU (auto: bf16 where the CPU computes it natively)")
+    args = p.parse_args()
+    from model.precision import describe, resolve_dtype
+    dtype, why = resolve_dtype(args.dtype, "cpu")
+    print(describe(dtype, why), flush=True)
+    try:
+        items = read_captions(args.data_dir)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}: generate the demo data first (python demo/make_shapes_data.py --out_dir "
+                 f"{args.data_dir}) or pass --data_dir")
+    t0 = time.time()
+    tower, processor, accuracy = train_tower(
+        items, args.steps, args.batch_size, args.learning_rate, args.seed, dtype,
+        log=lambda s: print(s, flush=True), hidden_size=args.hidden_size, num_layers=args.num_layers,
+        num_heads=args.num_heads)
+    save_tower(tower, processor, args.out_dir)
+    print(f"trained the tower in {time.time() - t0:.0f}s on {len(items)} captioned images; held-out occupied "
+          f"cells read right: " + ", ".join(f"{h} {v:.3f}" for h, v in accuracy.items()) + f" -> {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()
