@@ -37,6 +37,17 @@ def run(cmd):
     subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
 
 
+def make_tower(a):
+    if a.tower_steps:
+        step(2, f"train the vision tower on the captions, {a.tower_steps} steps (CLIP, ViT-B/16 geometry: "
+                "224 px, patch 16, 196 tokens), then freeze it")
+        run(["demo/train_demo_tower.py", "--data_dir", a.data_dir, "--out_dir", a.tower_dir,
+             "--steps", str(a.tower_steps), "--seed", str(a.seed), "--dtype", a.dtype])
+    else:
+        step(2, "build an untrained vision tower (random CLIP, ViT-B/16 geometry), frozen as it is")
+        run(["demo/make_demo_vision_tower.py", "--out_dir", a.tower_dir, "--seed", str(a.seed)])
+
+
 def train_args(a, stage):
     data = os.path.join(a.data_dir, f"{stage}.jsonl")
     epochs, lr = (a.pretrain_epochs, a.pretrain_lr) if stage == "pretrain" else (a.sft_epochs, a.sft_lr)
@@ -84,14 +95,7 @@ def main():
     run(["demo/make_shapes_data.py", "--out_dir", args.data_dir, "--seed", str(args.seed),
          "--n_train", str(args.n_train), "--n_test", str(args.n_test)])
 
-    if args.tower_steps:
-        step(2, f"train the vision tower on the captions, {args.tower_steps} steps (CLIP, ViT-B/16 geometry: "
-                "224 px, patch 16, 196 tokens), then freeze it")
-        run(["demo/train_demo_tower.py", "--data_dir", args.data_dir, "--out_dir", args.tower_dir,
-             "--steps", str(args.tower_steps), "--seed", str(args.seed), "--dtype", args.dtype])
-    else:
-        step(2, "build an untrained vision tower (random CLIP, ViT-B/16 geometry), frozen as it is")
-        run(["demo/make_demo_vision_tower.py", "--out_dir", args.tower_dir, "--seed", str(args.seed)])
+    make_tower(args)
 
     t_train = time.time()
     step(3, f"pretrain: captions, LLM {args.dim}x{args.n_layers} trained from scratch with the projection")

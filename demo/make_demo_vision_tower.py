@@ -7,12 +7,11 @@ written with ``save_pretrained`` next to a standard ``CLIPImageProcessor``, so
 ``CLIPVisionModel.from_pretrained(dir)`` and ``AutoImageProcessor.from_pretrained(dir)``
 load it just like a real CLIP checkpoint.
 
-The tower is never trained. A frozen random ViT is still a usable feature
-extractor for flat coloured shapes: the patch embedding is a random linear
-projection of each 16x16 pixel patch, and the residual stream carries it
-through the few randomly initialised layers, so the colour, shape and position
-of each object survive in the patch tokens. Keep it shallow (the default is 2
-layers). Every extra random layer mixes the tokens a bit more.
+This script's tower is untrained (`demo/demo.py --tower_steps 0`, and the tests' stand-in);
+`demo/train_demo_tower.py` starts from it and teaches it the demo's world. A frozen random ViT still
+passes on each 16x16 patch almost linearly, so colour and position survive in the patch tokens, but
+the shape of an object, spread over the edges of several patches, is readable only nonlinearly.
+Keep it shallow (the default is 2 layers): every extra random layer mixes the tokens a bit more.
 
 ``build_vision_tower(..., full_clip=True)`` saves a full ``CLIPModel`` (vision tower plus a tiny
 text tower) instead, so the tests can check the loader against both kinds of directory.

@@ -122,6 +122,9 @@ def parse_caption(text):
                                                   text):
         if size in SIZES and colour in COLORS and shape in SHAPES and phrase in PHRASE_TO_CELL:
             found.append((shape, colour, PHRASE_TO_CELL[phrase], size))
+    head = re.match(r"There (?:is|are) (\d+) shapes?:", text)
+    if not head or int(head.group(1)) != len(found):  # a cell read as empty would teach a wrong label
+        raise ValueError(f"not a shapes-world caption (read {len(found)} objects): {text!r}")
     return found
 
 

@@ -30,6 +30,8 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "demo")]
 
 from make_demo_vision_tower import make_vision_tower  # noqa: E402
 from make_shapes_data import CELLS, COLORS, IMG, SHAPES, parse_caption  # noqa: E402
+from model.images import open_image, to_pixels  # noqa: E402
+from model.model_vlm import tower_features  # noqa: E402
 
 # Each head also has "nothing here" (index 0), for an empty cell. (Size is in the captions too, but
 # no question asks it.)
@@ -59,10 +61,15 @@ def read_captions(data_dir):
     """[(image path, objects)] from the demo's pretrain captions, read as training reads them."""
     from dataset.samples import open_source
     source = open_source(os.path.join(data_dir, "pretrain.jsonl"), os.path.join(data_dir, "images"))
+    if source.n_bad:  # the demo's own captions: a bad line means the data is not the demo's
+        raise ValueError(f"{source.bad[0]} ({source.n_bad} bad lines)")
     items = []
     for i in range(len(source)):
         sample = source.get(i)
-        items.append((sample.images[0], parse_caption(sample.messages[-1]["content"])))
+        try:
+            items.append((sample.images[0], parse_caption(sample.messages[-1]["content"])))
+        except ValueError as e:
+            raise ValueError(f"{sample.where}: {e}") from None
     return items
 
 
@@ -81,7 +88,6 @@ class CellReader(torch.nn.Module):
     def forward(self, pixels, per_cell=False):
         """[B, 3, 224, 224] -> {head: [B, 196, classes]}, or with per_cell the heads on each cell's
         mean token, [B, 9, classes] (how the held-out accuracy is read)."""
-        from model.model_vlm import tower_features
         tokens = tower_features(self.tower, pixels)  # [B, 196, C]
         if per_cell:
             tokens = self.pool @ tokens  # [9, 196] @ [B, 196, C] -> [B, 9, C]
@@ -90,7 +96,6 @@ class CellReader(torch.nn.Module):
 
 def train_tower(items, steps, batch_size=32, lr=3e-4, seed=0, dtype=torch.float32, log=print, **tower_kw):
     """-> (tower, processor, held-out accuracy per head on occupied cells). items: [(image, objects)]."""
-    from model.images import open_image, to_pixels
     tower, processor = make_vision_tower(seed=seed, **tower_kw)
     reader = CellReader(tower.train().requires_grad_(True))
     n_eval = min(256, len(items) // 10)
@@ -167,11 +172,13 @@ def main():
     from model.precision import describe, resolve_dtype
     dtype, why = resolve_dtype(args.dtype, "cpu")
     print(describe(dtype, why), flush=True)
+    fix = f"generate the demo data (python demo/make_shapes_data.py --out_dir {args.data_dir}) or pass --data_dir"
+    if not os.path.isfile(os.path.join(args.data_dir, "pretrain.jsonl")):
+        sys.exit(f"error: no {os.path.join(args.data_dir, 'pretrain.jsonl')}: {fix}")
     try:
         items = read_captions(args.data_dir)
-    except FileNotFoundError as e:
-        sys.exit(f"error: {e}: generate the demo data first (python demo/make_shapes_data.py --out_dir "
-                 f"{args.data_dir}) or pass --data_dir")
+    except ValueError as e:
+        sys.exit(f"error: {e}: {fix}")
     t0 = time.time()
     tower, processor, accuracy = train_tower(
         items, args.steps, args.batch_size, args.learning_rate, args.seed, dtype,

@@ -5,6 +5,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import importlib.util
 import json
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -129,6 +130,15 @@ def test_types_and_answers(data_dir):
     plans = shapes.plan_split(random.Random(3), 1000, "train")
     answers = Counter(a for p in plans for t, (_, a) in zip(p["types"], p["turns"]) if t == "exists")
     assert 0.4 < answers["yes"] / (answers["yes"] + answers["no"]) < 0.6
+
+
+def test_a_caption_reads_back_to_its_objects_and_a_caption_missing_one_is_refused():
+    rng = random.Random(0)
+    for _ in range(500):
+        objs = shapes.random_layout(rng, rng.randint(1, 3))
+        assert sorted(shapes.parse_caption(shapes.caption(objs))) == sorted(objs)
+    with pytest.raises(ValueError, match="read 1 objects"):
+        shapes.parse_caption("There are 2 shapes: a small red star at the top left.")
 
 
 def test_questions_only_about_unique_subjects():
