@@ -25,7 +25,8 @@ def test_on_off_flags_accept_the_bare_form_and_0_or_1():
 
 @pytest.mark.parametrize("script", ["train_pretrain_vlm.py", "train_sft_vlm.py", "eval_vlm.py", "web_demo_vlm.py",
                                     "scripts/serve_openai_api.py", "scripts/convert_model.py",
-                                    "scripts/convert_data.py", "dev/bench.py", "demo/make_demo_vision_tower.py"])
+                                    "scripts/convert_data.py", "dev/bench.py", "demo/make_demo_vision_tower.py",
+                                    "demo/train_demo_tower.py", "demo/demo.py"])
 @pytest.mark.slow
 def test_no_script_has_an_on_off_flag_that_refuses_either_form(script):
     # store_true flags refuse "--flag 1"; int 0/1 flags without nargs="?" refuse the bare "--flag".
