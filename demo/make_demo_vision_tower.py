@@ -28,10 +28,11 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def make_vision_tower(hidden_size=256, num_layers=2, num_heads=4, intermediate_size=None, seed=0,
-                      position_std=1.0):
+                      position_std=1.0, patch_size=16):
     """A random-init CLIPVisionModel of ViT-B/16 geometry and the standard CLIP image processor."""
     torch.manual_seed(seed)  # same seed -> same weights
-    model = CLIPVisionModel(CLIPVisionConfig(**vision_config(hidden_size, num_layers, num_heads, intermediate_size)))
+    model = CLIPVisionModel(CLIPVisionConfig(**vision_config(hidden_size, num_layers, num_heads, intermediate_size,
+                                                                  patch_size)))
     # The default init (std 0.02) makes the position embeddings ~40x smaller than a patch's content
     # embedding (~0.9 here), so identical background patches would look the same wherever they are.
     # A trained ViT's position embeddings are of the same order as the content; match that, so
@@ -45,10 +46,10 @@ def make_vision_tower(hidden_size=256, num_layers=2, num_heads=4, intermediate_s
     return model.eval(), processor
 
 
-def vision_config(hidden_size, num_layers, num_heads, intermediate_size=None):
+def vision_config(hidden_size, num_layers, num_heads, intermediate_size=None, patch_size=16):
     return dict(hidden_size=hidden_size, intermediate_size=intermediate_size or 4 * hidden_size,
                 num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                image_size=224, patch_size=16, num_channels=3, projection_dim=hidden_size)
+                image_size=224, patch_size=patch_size, num_channels=3, projection_dim=hidden_size)
 
 
 def build_vision_tower(out_dir, hidden_size=256, num_layers=2, num_heads=4,

@@ -165,6 +165,7 @@ def main():
     a("--hidden_size", type=int, default=256, help="token width (real ViT-B/16: 768)")
     a("--num_layers", type=int, default=2, help="transformer layers (real ViT-B/16: 12)")
     a("--num_heads", type=int, default=4)
+    a("--patch_size", type=int, default=16, help="16: 196 tokens per image (ViT-B/16); 32: 49 (ViT-B/32)")
     a("--seed", type=int, default=0)
     a("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
       help="autocast dtype on the CPU (auto: bf16 where the CPU computes it natively)")
@@ -183,7 +184,7 @@ def main():
     tower, processor, accuracy = train_tower(
         items, args.steps, args.batch_size, args.learning_rate, args.seed, dtype,
         log=lambda s: print(s, flush=True), hidden_size=args.hidden_size, num_layers=args.num_layers,
-        num_heads=args.num_heads)
+        num_heads=args.num_heads, patch_size=args.patch_size)
     save_tower(tower, processor, args.out_dir)
     print(f"trained the tower in {time.time() - t0:.0f}s on {len(items)} captioned images; held-out occupied "
           f"cells read right: " + ", ".join(f"{h} {v:.3f}" for h, v in accuracy.items()) + f" -> {args.out_dir}")
