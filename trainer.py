@@ -683,7 +683,34 @@ def open_dataset(cfg, tokenizer, processor, config, cache, is_main):
         print(f"{cfg.data_path}: {len(source)} samples" + (f", {source.n_text_only} of them text-only"
                                                              if source.n_text_only else "")
               + (f"; skipped {source.n_bad} bad ones, e.g. {source.bad[0]}" if source.n_bad else ""), flush=True)
+    check_lengths(dataset, is_main)
     return dataset
+
+
+SKIP_WARNING = 0.02  # the share of samples too long for --max_seq_len that is worth a warning up front
+
+
+def check_lengths(dataset, is_main):
+    """Before the first step, not after an epoch: data of which training would skip every sample
+    (too long for --max_seq_len, or unreadable) is an error, and more than SKIP_WARNING of it
+    skipped for its length a warning, with the --max_seq_len that would keep it."""
+    check, limit = dataset.check_lengths(), dataset.max_seq_len
+    spread = "" if check.checked == check.of else f" checked (spread over the {check.of})"
+    if not check.lengths:
+        raise ValueError(f"{dataset.path}: no usable samples: all {check.checked}{spread} cannot be read, "
+                         f"e.g. {check.bad[0]}")
+    longest, median = max(check.lengths), int(np.median(check.lengths))
+    keep = (f"{longest} keeps them whole" if median == longest else
+            f"{longest} keeps them all whole, {median} half of them")
+    if len(check.too_long) == len(check.lengths):
+        raise ValueError(f"{dataset.path}: no sample fits --max_seq_len {limit}: all {len(check.lengths)}{spread} "
+                         f"would be cut inside an image or before their answer, so training would skip every one, "
+                         f"e.g. {check.too_long[0]}. Raise --max_seq_len: {keep}")
+    share = len(check.too_long) / len(check.lengths)
+    if is_main and share > SKIP_WARNING:
+        print(f"warning: {share:.0%} of the samples ({len(check.too_long)} of {len(check.lengths)}{spread}) do not "
+              f"fit --max_seq_len {limit} and will be skipped, e.g. {check.too_long[0]}; --max_seq_len {keep}",
+              flush=True)
 
 
 def ignore_sigint(_worker_id):

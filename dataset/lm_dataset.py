@@ -5,6 +5,9 @@ dataset/images.py. Each `<image>` tag becomes `image_token_count` placeholder to
 embeddings the model overwrites with that image's features. Only assistant content and its
 end-of-turn token are supervised.
 """
+from typing import NamedTuple
+
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -14,6 +17,26 @@ from .feature_cache import image_key
 from model.images import ImageError, open_image, to_pixels
 from .samples import SampleError, open_source
 from .video import DEFAULT_FRAMES, MAX_VIDEO_SECONDS, VideoError, check_frames, read_frames
+
+
+def fit_length(ids, labels, is_image, max_seq_len):
+    """A tokenized sample as training uses it: whole, or cut to max_seq_len; None when it has to be
+    skipped. A cut must keep every image's slots whole (else features misalign) and leave something
+    to predict: a sample is skipped, never silently mangled."""
+    if len(ids) <= max_seq_len:
+        return ids, labels, is_image
+    if any(is_image[max_seq_len:]) or all(label == -100 for label in labels[1:max_seq_len]):
+        return None
+    return ids[:max_seq_len], labels[:max_seq_len], is_image[:max_seq_len]
+
+
+class LengthCheck(NamedTuple):
+    """What tokenizing the samples found (VLMDataset.check_lengths)."""
+    checked: int  # samples tokenized: all, or an even spread over a large dataset
+    of: int  # samples in the dataset
+    lengths: list  # the token count of every checked sample that could be read
+    too_long: list  # "where: N tokens" of those training skips: they do not fit max_seq_len
+    bad: list  # "where: reason" of those that cannot be read (skipped with skip_bad_samples)
 
 
 class VLMDataset(Dataset):
@@ -36,7 +59,8 @@ class VLMDataset(Dataset):
             raise ValueError(f"{self.source.bad[0]}. Fix it, or pass --skip_bad_samples 1 to skip such samples"
                              + (f" ({self.source.n_bad} in all)" if self.source.n_bad > 1 else ""))
         if not len(self.source):
-            raise ValueError(f"{data_path}: no usable samples")
+            raise ValueError(f"{data_path}: no usable samples" + (f": all {self.source.n_bad} are bad, e.g. "
+                                                                  f"{self.source.bad[0]}" if self.source.n_bad else ""))
         self.frames, self.max_video_seconds = check_frames(frames), max_video_seconds  # per <video>
         self.lengths = self.source.lengths(image_token_count, frames)  # for length-grouped batching
 
@@ -68,14 +92,11 @@ class VLMDataset(Dataset):
                 return self._fail(f"{sample.where}: cannot read video: {e}")
             messages = expand_video(messages, times)
             keys = [f"{image_key(sample.video)}#t={t}" if cache else None for t in times]
-        ids, labels, is_image = self.encoder.encode(messages)
-        if len(ids) > self.max_seq_len:
-            cut = self.max_seq_len
-            # Cutting must keep every image's slots whole (else features misalign) and leave
-            # something to predict; otherwise the sample is skipped, never silently mangled.
-            if any(is_image[cut:]) or all(l == -100 for l in labels[1:cut]):
-                return {"skip": f"{sample.where}: {len(ids)} tokens do not fit --max_seq_len {cut}"}
-            ids, labels, is_image = ids[:cut], labels[:cut], is_image[:cut]
+        encoded = self.encoder.encode(messages)
+        fitted = fit_length(*encoded, self.max_seq_len)
+        if fitted is None:
+            return {"skip": f"{sample.where}: {len(encoded[0])} tokens do not fit --max_seq_len {self.max_seq_len}"}
+        ids, labels, is_image = fitted
         cached = [self.cached_features(k) for k in keys]
         try:
             images = [m if sample.video is not None else open_image(m, name=f"image {n + 1}")
@@ -86,6 +107,32 @@ class VLMDataset(Dataset):
                 "image_mask": torch.tensor(is_image, dtype=torch.bool),  # the image slots, not typed '@'s
                 "pixel_values": to_pixels(self.processor, images),  # [M, 3, H, W], the uncached images only
                 "image_keys": keys, "cached": cached}
+
+    def check_lengths(self, max_checked=2000):
+        """Which samples would training skip for not fitting max_seq_len? Tokenizes them as
+        __getitem__ does, all of them or max_checked spread evenly over a larger dataset (2000 take
+        about a second), without opening an image or a video (a video counts as `frames` frames).
+        `lengths`, the sampler's index, cannot answer this: it estimates from the text's size, good
+        enough for batching, but a character can be a token or a third of one. -> LengthCheck.
+        A sample that cannot be read is an error as in training, unless skip_bad_samples."""
+        n = len(self)
+        picks = range(n) if n <= max_checked else np.linspace(0, n - 1, max_checked).round().astype(int)
+        lengths, too_long, bad = [], [], []
+        for i in picks:
+            try:
+                sample = self.source.get(int(i))
+            except SampleError as e:
+                self._fail(str(e))  # raises, unless bad samples are skipped
+                bad.append(str(e))
+                continue
+            messages = sample.messages
+            if sample.video is not None:  # the frames' lines, timed as if one a second
+                messages = expand_video(messages, [float(t) for t in range(self.frames)])
+            encoded = self.encoder.encode(messages)
+            lengths.append(len(encoded[0]))
+            if fit_length(*encoded, self.max_seq_len) is None:
+                too_long.append(f"{sample.where}: {len(encoded[0])} tokens")
+        return LengthCheck(len(picks), n, lengths, too_long, bad)
 
     def cached_features(self, key):
         if self.feature_cache is None:

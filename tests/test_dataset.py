@@ -96,6 +96,26 @@ def test_truncation_keeps_image_runs_whole_or_skips(tmp_path, tokenizer, process
     assert batch["n_samples"] == 1 and len(batch["skipped"]) == 1
 
 
+def test_the_length_check_finds_the_samples_training_would_skip_without_opening_an_image(tmp_path, tokenizer,
+                                                                                          processor):
+    write_image(tmp_path / "a.png", "red")
+    path = write_jsonl(tmp_path, [conv("<image>q", "word " * 100, image="a.png"),  # cut after the image: kept
+                                  conv("q " * 50 + "<image>", "a", image="a.png"),  # the cut would split the image
+                                  conv("<image>q", "a", image="a.png")])  # fits whole
+    ds = make_dataset(path, str(tmp_path), tokenizer, processor, max_seq_len=230)
+    (tmp_path / "a.png").unlink()  # tokenizing is all it takes: no image is opened
+    check = ds.check_lengths()
+    assert (check.checked, check.of, check.too_long) == (3, 3, [f"{path}:2: {check.lengths[1]} tokens"])
+    assert check.lengths[0] > 230 and check.lengths[2] < 230
+    assert "skip" in ds[1] and str(check.lengths[1]) in ds[1]["skip"]  # the same verdict and count as training's
+
+
+def test_the_length_check_of_a_large_dataset_tokenizes_an_even_spread_of_it(tmp_path, tokenizer, processor):
+    path = write_jsonl(tmp_path, [conv(f"question {i}", "answer") for i in range(50)])
+    check = make_dataset(path, str(tmp_path), tokenizer, processor).check_lengths(max_checked=10)
+    assert (check.checked, check.of, len(check.lengths), check.too_long) == (10, 50, 10, [])
+
+
 def test_an_all_skipped_batch_still_yields_a_step(tmp_path):
     batch = collate_batch([{"skip": "too long"}])
     assert batch["input_ids"].shape == (1, 1) and (batch["labels"] == -100).all() and batch["n_samples"] == 0

@@ -73,15 +73,30 @@ def test_missing_start_weights_explain_how_to_get_them(toy_data, tower_dir, tmp_
     assert proc.returncode != 0 and "Run train_pretrain_vlm.py first" in proc.stderr
 
 
-def test_skipped_samples_are_counted_and_reported(tower_dir, tmp_path):
+def test_samples_too_long_are_announced_before_training_and_counted_after_each_epoch(tower_dir, tmp_path):
     from conftest import make_toy_data
-    data, images = make_toy_data(tmp_path, n=6, text_len=150)  # ~150 extra tokens per sample
+    long_data, _ = make_toy_data(tmp_path, n=6, text_len=150)  # ~150 extra tokens per sample
+    long_lines = open(long_data).read()
+    data, images = make_toy_data(tmp_path, n=6)  # short ones, with the same image names
     with open(data, "a") as f:
-        f.write("{broken\n")
+        f.write(long_lines + "{broken\n")
     proc = run_script("train_sft_vlm.py", *common((data, images), tower_dir, tmp_path / "out", from_weight="none",
                                                    max_seq_len=300, epochs=1, skip_bad_samples=1))
-    assert "skipped 1 bad ones" in proc.stdout and ":7: not valid JSON" in proc.stdout
+    assert "skipped 1 bad ones" in proc.stdout and ":13: not valid JSON" in proc.stdout
+    warning = proc.stdout.find("warning: 50% of the samples (6 of 12) do not fit --max_seq_len 300")
+    assert 0 <= warning < proc.stdout.find("epoch 1 step 1/")  # at the start, not only at the end
     assert "epoch 1: skipped 6 samples" in proc.stdout and "do not fit --max_seq_len 300" in proc.stdout
+
+
+def test_data_of_which_no_sample_fits_stops_before_the_first_step_with_one_line(tower_dir, tmp_path):
+    from conftest import make_toy_data
+    data = make_toy_data(tmp_path, n=6, text_len=150)
+    proc = run_script("train_sft_vlm.py", *common(data, tower_dir, tmp_path / "out", from_weight="none",
+                                                   max_seq_len=100, epochs=1), check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert last.startswith(f"error: {data[0]}: no sample fits --max_seq_len 100") and "Raise --max_seq_len" in last
+    assert "step 1/" not in proc.stdout and not list((tmp_path / "out").glob("*.pth"))  # nothing trained or saved
 
 
 def test_feature_cache_gives_the_same_run_cold_and_warm(toy_data, tower_dir, tmp_path):

@@ -270,3 +270,38 @@ def test_the_toy_data_loads_through_the_trainers_own_data_pieces(tower_dir, toke
     steps = list(trainer.optimizer_steps(loader, len(sampler), cfg.accumulation_steps))
     assert [len(s) for s in steps] == [2, 1]  # 3 batches of 2: one full step, one short
     assert sum(b["n_samples"] for s in steps for b in s) == 6
+
+
+# 8. Data that would train on nothing stops before the first step; data that loses much says so then.
+
+def open_toy_dataset(tmp_path, tower_dir, tokenizer, processor, n_long, n_short, max_seq_len, is_main=True):
+    from model.model_vlm import VLMConfig
+    lines = ""
+    for n, text_len in ((n_long, 150), (n_short, 1)):  # ~150 extra tokens, or 1; both name images 0.png...
+        if n:
+            path, images = make_toy_data(tmp_path, n=n, text_len=text_len)
+            lines += open(path).read()
+    data = tmp_path / "data.jsonl"
+    data.write_text(lines)
+    cfg = config(data_path=str(data), images_path=images, max_seq_len=max_seq_len)
+    vlm_config = VLMConfig(vision_model_path=tower_dir, image_token_id=3, **TINY_LLM)
+    return trainer.open_dataset(cfg, tokenizer, processor, vlm_config, None, is_main=is_main)
+
+
+def test_data_of_which_no_sample_fits_max_seq_len_is_an_error_naming_the_file_and_the_flag(tower_dir, tokenizer,
+                                                                                          processor, tmp_path):
+    with pytest.raises(ValueError) as error:
+        open_toy_dataset(tmp_path, tower_dir, tokenizer, processor, n_long=4, n_short=0, max_seq_len=100)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'data.jsonl'}: no sample fits --max_seq_len 100: all 4 would be cut")
+    assert "Raise --max_seq_len: " in message and "\n" not in message
+
+
+def test_data_that_would_lose_more_than_a_few_percent_to_max_seq_len_says_so_before_training(
+        tower_dir, tokenizer, processor, tmp_path, capsys):
+    dataset = open_toy_dataset(tmp_path, tower_dir, tokenizer, processor, n_long=3, n_short=9, max_seq_len=300)
+    out = capsys.readouterr().out
+    assert "warning: 25% of the samples (3 of 12) do not fit --max_seq_len 300 and will be skipped" in out
+    assert f"--max_seq_len {max(dataset.check_lengths().lengths)} keeps them all whole" in out  # and what to pass
+    open_toy_dataset(tmp_path / "fits", tower_dir, tokenizer, processor, n_long=0, n_short=12, max_seq_len=300)
+    assert "warning" not in capsys.readouterr().out
