@@ -512,10 +512,11 @@ class Logger:
     def log(self, record):
         if not self.enabled:
             return
-        eta = time.strftime("%H:%M:%S", time.gmtime(record["eta_s"]))
+        timing = ("first step of the run, not timed" if record["eta_s"] is None else
+                  f"{record['samples_per_s']:.1f} samples/s {record['tokens_per_s']:.0f} tok/s "
+                  f"eta {time.strftime('%H:%M:%S', time.gmtime(record['eta_s']))}")
         print(f"epoch {record['epoch']} step {record['step']}/{record['total_steps']} loss {record['loss']:.4f} "
-              f"lr {record['lr']:.2e} {record['samples_per_s']:.1f} samples/s {record['tokens_per_s']:.0f} tok/s "
-              f"eta {eta}", flush=True)
+              f"lr {record['lr']:.2e} {timing}", flush=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
@@ -528,38 +529,41 @@ class Logger:
 
 
 class Meter:
-    """What a log line reports: the mean loss and the throughput (all ranks) since the previous
-    line, and the time left at the pace of this run so far."""
+    """What a log line reports: the mean loss since the previous line, the throughput (all ranks)
+    since then, and the time left at the pace of this run so far. The run's first step is left out
+    of throughput and pace: it compiles the model (--use_compile 1: a minute or more) and starts the
+    loader's workers, and counted, it would put an ETA of many minutes on a run of seconds. Until a
+    later step has been timed, both are None. `clock` is time.time, or a stand-in in tests."""
 
-    def __init__(self, samples_done):
-        self.t0, self.done_at_t0 = time.time(), samples_done
-        self.reset(time.time())
+    def __init__(self, clock=time.time):
+        self.clock, self.t0, self.done_at_t0 = clock, None, 0  # t0: when the first step ended
+        self.reset(clock())
 
     def reset(self, now):
         self.loss, self.steps, self.samples, self.tokens, self.since = 0.0, 0, 0, 0, now
 
-    def start_clock(self, samples_done):
-        """The ETA's pace counts from here: called after the first step, which also compiles (with
-        --use_compile 1, a minute or more) and starts the loader's workers."""
-        self.t0, self.done_at_t0 = time.time(), samples_done
-
-    def add(self, step):
-        """A finished step: its samples and tokens count; its loss only if it was applied."""
-        self.samples += step.samples
-        self.tokens += step.tokens
+    def add(self, step, done):
+        """A finished step (`done`: samples consumed once it ended): its samples and tokens count,
+        unless it was the run's first; its loss only if it was applied."""
         if step.applied:
             self.loss += step.loss
             self.steps += 1
+        if self.t0 is None:  # the first step: the clock starts now
+            self.t0 = self.since = self.clock()
+            self.done_at_t0 = done
+            return
+        self.samples += step.samples
+        self.tokens += step.tokens
 
     def report(self, lr, done, total):
         """-> loss, lr, rates and ETA (`done` of `total` samples consumed); starts the next window."""
-        now = time.time()
-        rate = (done - self.done_at_t0) / max(now - self.t0, 1e-9)
-        if done <= self.done_at_t0:  # right after the first step: no pace of our own yet, the window's
-            rate = self.samples / max(now - self.since, 1e-9)
-        record = {"loss": self.loss / self.steps, "lr": lr, "samples_per_s": self.samples / (now - self.since),
-                  "tokens_per_s": self.tokens / (now - self.since), "eta_s": (total - done) / max(rate, 1e-9),
-                  "time": now}
+        now = self.clock()
+        timed = self.t0 is not None and done > self.done_at_t0 and now > self.since
+        rate = (done - self.done_at_t0) / (now - self.t0) if timed else None
+        record = {"loss": self.loss / self.steps, "lr": lr,
+                  "samples_per_s": self.samples / (now - self.since) if timed else None,
+                  "tokens_per_s": self.tokens / (now - self.since) if timed else None,
+                  "eta_s": (total - done) / max(rate, 1e-9) if timed else None, "time": now}
         self.reset(now)
         return record
 
@@ -888,13 +892,13 @@ def train_epochs(run):
     early, right after a step: "interrupted" (a signal on any rank) or "stopped early"
     (--stop_after_steps)."""
     cfg, state = run.cfg, run.state
-    signals, meter = StopSignals(), Meter(run.samples_done(state["epoch"]))
+    signals, meter = StopSignals(), Meter()
     bad_steps, steps_this_run = 0, 0
     run.checkpointer.begin(state)
     run.model.train()
     if cfg.use_compile and run.cluster.is_main:
-        print("compiling the model in the first steps (a minute or two on a CPU; later runs reuse the compiled "
-              "code from the cache)", flush=True)
+        print("compiling the model in the first step (about a minute, once: later runs reuse the compiled code "
+              "from the cache); the rate and ETA leave that step out", flush=True)
     for epoch in range(state["epoch"], cfg.epochs):
         run.sampler.set_epoch(epoch, state["samples_seen"])
         skipped = []  # this rank's skipped samples in this epoch
@@ -902,9 +906,7 @@ def train_epochs(run):
             skipped += [s for batch in micro_batches for s in batch["skipped"]]
             step = train_step(run, epoch, micro_batches, signals.received)
             run.checkpointer.step_done(state)
-            meter.add(step)
-            if steps_this_run == 0 and bad_steps == 0:  # the first step of this run: compiling is behind us
-                meter.start_clock(run.samples_done(epoch))
+            meter.add(step, run.samples_done(epoch))
             if step.applied:
                 bad_steps, steps_this_run = 0, steps_this_run + 1
                 log_and_save(run, meter, epoch, step.lr)

@@ -305,3 +305,56 @@ def test_data_that_would_lose_more_than_a_few_percent_to_max_seq_len_says_so_bef
     assert f"--max_seq_len {max(dataset.check_lengths().lengths)} keeps them all whole" in out  # and what to pass
     open_toy_dataset(tmp_path / "fits", tower_dir, tokenizer, processor, n_long=0, n_short=12, max_seq_len=300)
     assert "warning" not in capsys.readouterr().out
+
+
+# 9. The rate and the ETA leave out the run's first step, which compiles (--use_compile 1) and starts up.
+
+class Clock:
+    """A stand-in for time.time that moves only when the test says: nothing depends on this machine's speed."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_the_first_step_is_left_out_of_the_rate_and_the_eta():
+    clock = Clock()
+    meter = trainer.Meter(clock)
+    step = trainer.Step(loss=2.0, lr=1e-3, applied=True, stop=False, samples=4, tokens=400)
+    clock.now += 60  # the first step compiles for a minute
+    meter.add(step, done=4)
+    clock.now += 1  # then a step a second
+    meter.add(step, done=8)
+    clock.now += 1
+    meter.add(step, done=12)
+    record = meter.report(1e-3, done=12, total=40)
+    assert record["loss"] == 2.0  # the first step's loss counts: only its time is not representative
+    assert record["samples_per_s"] == 4.0 and record["tokens_per_s"] == 400.0  # 8 samples in 2 s, not 12 in 62
+    assert record["eta_s"] == 7.0  # 28 samples left at 4 a second (counting the compile, it would be 2.4 minutes)
+
+
+def test_a_log_line_right_after_the_first_step_has_no_rate_or_eta_yet(tmp_path, capsys):
+    clock = Clock()
+    meter = trainer.Meter(clock)
+    clock.now += 60
+    meter.add(trainer.Step(loss=2.0, lr=1e-3, applied=True, stop=False, samples=4, tokens=400), done=4)
+    record = meter.report(1e-3, done=4, total=40)
+    assert record["loss"] == 2.0 and record["samples_per_s"] is record["tokens_per_s"] is record["eta_s"] is None
+    logger = trainer.Logger(config(), str(tmp_path / "log.jsonl"), None, enabled=True)
+    logger.log({"epoch": 1, "step": 1, "total_steps": 10, **record})
+    assert "step 1/10 loss 2.0000 lr 1.00e-03 first step of the run, not timed" in capsys.readouterr().out
+
+
+def test_a_compiled_run_says_it_is_compiling_before_its_first_step(tower_dir, tmp_path, monkeypatch, capsys):
+    from model.model_vlm import MiniMindVLM
+    monkeypatch.setattr(MiniMindVLM, "compile_for_training", lambda self: None)  # what it says, not the minute
+    data_path, images = make_toy_data(tmp_path, n=4)
+    cfg = config(data_path=data_path, images_path=images, out_dir=str(tmp_path / "out"), vision_model_path=tower_dir,
+                 tokenizer_path="model", num_workers=0, log_interval=1, use_compile=1, **TINY_LLM)
+    trainer.train_epochs(trainer.build_run(cfg, trainer.Cluster()))
+    out = capsys.readouterr().out
+    assert 0 <= out.find("compiling the model in the first step (about a minute, once") < out.find("step 1/2")
+    assert "step 1/2 loss" in out and "first step of the run, not timed" in out.split("step 2/2")[0]
+    assert "samples/s" in out.split("step 2/2")[1] and "eta 00:00:00" in out.split("step 2/2")[1]
