@@ -6,7 +6,8 @@
 Attach one or more images (or a video: its --frames frames, with their times) and ask; answers
 stream token by token. The conversation (text and
 images, each image kept in the turn it was given in) goes back to the model on every turn. The
-model selector lists the .pth files in --out_dir and the --hf_dirs directories; a model is loaded
+model selector lists the weights in --out_dir (.pth files, not the trainer's resume files) and the
+--hf_dirs directories; a model is loaded
 the first time it is chosen and kept (the last --cache_models of them). Each browser tab has its
 own conversation; requests wait in a queue.
 """
@@ -33,7 +34,7 @@ from model.model_minimind import count_llm_params  # noqa: E402
 from model.images import open_image  # noqa: E402
 from dataset.video import VIDEO_EXTS, add_video_args, read_frames  # noqa: E402
 from model.inference import (InferenceConfig, VLMChat, add_model_args, is_hf_dir, load_model,  # noqa: E402
-                             resolve_weight_path)
+                             missing_weights, resolve_weight_path)
 
 HINT = "Type a question, and attach pictures or a video with the 📎 button (or drop them on the box)."
 
@@ -276,8 +277,10 @@ def build_demo(args, hub):
         stop_btn.click(None, None, None, cancels=[chat_event], api_name=False)
         clear_btn.click(clear, [state], [chatbot, textbox, state], cancels=[chat_event], api_name="clear")
         chatbot.clear(clear, [state], [chatbot, textbox, state], cancels=[chat_event], api_name=False)
-        model_box.change(select_model, [model_box, state], [status, state, model_box], api_name="select_model",
-                         concurrency_limit=1, concurrency_id="load")
+        # A pick by the user, not any change: after a failed load, select_model puts the list back to the
+        # model in use, and a .change would take that for a new pick whose status replaces the error at once.
+        model_box.input(select_model, [model_box, state], [status, state, model_box], api_name="select_model",
+                        concurrency_limit=1, concurrency_id="load")
         demo.load(on_load, [state], [model_box, status], api_name=False)
     return demo
 
@@ -285,9 +288,8 @@ def build_demo(args, hub):
 def main(argv=None):
     args = parse_args(argv)
     hub = ModelHub(args)
-    if hub.default is None:
-        sys.exit(f"error: no model to serve: {resolve_weight_path(args)} not found, no .pth in {args.out_dir}, no "
-                 f"--hf_dirs. Train one (see README) or pass --weight PATH.pth")
+    if hub.default is None:  # nothing to offer: the --weight it looked for is missing, as eval_vlm.py says
+        sys.exit(f"error: {missing_weights(resolve_weight_path(args))}")
     try:
         hub.get(hub.default)  # as eval and the API do: a model that cannot load is an error at once
     except RuntimeError as e:

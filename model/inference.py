@@ -84,6 +84,11 @@ def resolve_weight_path(args):
     return weight_path(args.out_dir, args.weight, args.dim, args.use_moe)
 
 
+def missing_weights(path):
+    """The error for weights that are not there, as every script that loads a model words it."""
+    return FileNotFoundError(f"weights {path} not found. Train them (see README) or pass --weight PATH.pth")
+
+
 def is_hf_dir(weight):
     """A transformers-format directory (scripts/convert_model.py) rather than a .pth or a name."""
     return os.path.isdir(weight)
@@ -98,7 +103,7 @@ def load_model(args):
     else:
         path = resolve_weight_path(args)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"weights {path} not found. Train them (see README) or pass --weight PATH.pth")
+            raise missing_weights(path)
         sd = check_state_dict(read_checkpoint(path), path)  # weights_only; not model weights: says so, with its path
         tokenizer_path, vision_path, _ = resolve_folders(path, args.tokenizer_path, args.vision_model_path,
                                                          DEFAULT_VISION_MODEL, args.ignore_record)

@@ -231,6 +231,26 @@ def test_in_a_real_browser(server, files, tmp_path):
             browser.close()
 
 
+def test_in_a_real_browser_a_model_that_cannot_load_leaves_its_error_on_screen(server):
+    if not os.path.exists(BROWSER):
+        pytest.skip(f"{BROWSER} not installed (apt-get install -y chromium)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=BROWSER, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.goto(server["url"])
+            page.get_by_label("Model").click()
+            page.get_by_role("option", name="broken_64.pth").click()
+            page.get_by_text("could not load broken_64.pth").wait_for(timeout=20000)
+            # The list goes back to the model in use; that is no new pick, whose status would replace the error.
+            page.wait_for_timeout(3000)
+            assert "could not load broken_64.pth" in page.inner_text("body")
+            assert page.get_by_label("Model").input_value() == server["pth_label"]
+        finally:
+            browser.close()
+
+
 def test_the_model_list_leaves_out_resume_files(tower_dir, tmp_path):
     import web_demo_vlm
     out = tmp_path / "out"
@@ -243,13 +263,21 @@ def test_the_model_list_leaves_out_resume_files(tower_dir, tmp_path):
 
 @pytest.mark.parametrize("content", ["none", "broken"])
 def test_without_a_loadable_model_the_demo_does_not_start(tmp_path, content):
+    import eval_vlm
     import web_demo_vlm
     out = tmp_path / "out"
     out.mkdir()
     if content == "broken":
         (out / "sft_vlm_512.pth").write_bytes(b"not a checkpoint")
+    flags = ["--out_dir", str(out), "--tokenizer_path", "model"]
     with pytest.raises(SystemExit) as stop:
-        web_demo_vlm.main(["--out_dir", str(out), "--tokenizer_path", "model", "--port", str(free_port())])
+        web_demo_vlm.main(flags + ["--port", str(free_port())])
     message = str(stop.value.code)
     assert message.startswith("error: ") and "\n" not in message
-    assert ("no model to serve" in message) if content == "none" else ("sft_vlm_512.pth" in message)
+    if content == "none":  # no model at all: the very line eval_vlm.py gives
+        with pytest.raises(SystemExit) as eval_stop:
+            eval_vlm.main(flags)
+        assert message == str(eval_stop.value.code) == f"error: weights {out / 'sft_vlm_512.pth'} not found. " \
+                                                       "Train them (see README) or pass --weight PATH.pth"
+    else:
+        assert "sft_vlm_512.pth" in message
