@@ -190,6 +190,18 @@ def test_chat_keeps_history_and_only_the_first_turn_has_the_image_tag(chat, tmp_
         eval_vlm.chat_mode(chat, chat.tokenizer, argparse.Namespace(image=str(tmp_path / "nope.png")))
 
 
+def test_the_readmes_folder_mode_command_answers_about_every_picture_in_images_eval(chat, monkeypatch, capsys):
+    # README: `python eval_vlm.py --weight sft_vlm --image_dir images/eval`, from the repository's root.
+    monkeypatch.chdir(ROOT)
+    args = argparse.Namespace(image=None, image_dir="images/eval", prompt="What shapes do you see?", max_new_tokens=2,
+                              temperature=0.0, top_p=1.0, stream=1)
+    eval_vlm.folder_mode(chat, chat.tokenizer, args)  # exits on an unreadable picture
+    pictures = sorted(f for f in os.listdir("images/eval") if f.lower().endswith(eval_vlm.IMAGE_EXTS))
+    assert len(pictures) >= 3 and all(os.path.getsize(os.path.join("images/eval", f)) < 40_000 for f in pictures)
+    headers = re.findall(r"^\[(\S+)\] What shapes do you see\?$", capsys.readouterr().out, re.M)
+    assert headers == pictures
+
+
 # ----------------------------------------------------------------------------- the real script
 
 @pytest.mark.slow
