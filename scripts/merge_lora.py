@@ -23,9 +23,32 @@ from model.model_vlm import MiniMindVLM, VLMConfig  # noqa: E402
 from model.record import read_record, write_record  # noqa: E402
 
 
+def projector_shapes(sd):
+    return {k: tuple(v.shape) for k, v in sd.items() if k.startswith("vision_proj.")}  # the same names in both releases
+
+
+def check_projector(weight, sd, lora):
+    """The adapter brings the projector it trained, for the vision tower it trained with. Base weights
+    whose own projector is of another kind or for another tower width were used with another tower:
+    merged, the result would need the adapter's tower but record the base's. Only other base weights
+    fix that (the model's loader would blame the tower, which this script does not take)."""
+    ours, theirs = projector_shapes(sd), projector_shapes(adapter_projector(lora))
+    if not ours or not theirs or ours == theirs:
+        return
+    key = min(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    shape = {name: list(shapes[key]) if key in shapes else "absent" for name, shapes in (("a", theirs), ("w", ours))}
+    base = read_record(lora.removesuffix("_lora.safetensors") + ".pth") or {}  # the run that wrote the adapter
+    example = (f", e.g. {base['trained_from']}, which its training run started from" if base.get("trained_from")
+               else ", e.g. the .pth its training run started from (its --from_weight)")
+    raise ValueError(f"--lora {lora} does not fit --weight {weight}: {key} is {shape['a']} in the adapter, "
+                     f"{shape['w']} in the weights (a projector of another kind, or for another vision tower); pass "
+                     f"as --weight base weights whose projector is like the adapter's{example}")
+
+
 def merge(weight, lora, out):
     """base .pth + adapter file -> merged .pth at `out` (atomic). Raises CheckpointError/ValueError."""
     sd = check_state_dict(read_checkpoint(weight), weight)
+    check_projector(weight, sd, lora)
     found = infer_config_from_state_dict({**sd, **adapter_projector(lora)}, weight)
     model = MiniMindVLM(VLMConfig(**found), load_tower=False)
     load_weights(model, sd, weight)

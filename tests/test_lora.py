@@ -105,6 +105,29 @@ def test_an_adapter_for_another_model_size_is_refused_with_both_shapes(tower_dir
         load_adapter(tiny(tower_dir), str(not_adapter))
 
 
+def test_merging_onto_base_weights_for_another_tower_names_the_fix_merge_lora_has(tower_dir, tmp_path):
+    import merge_lora
+    from model.record import make_record, write_record
+    trained = with_trained_adapters(tiny(tower_dir))  # for the test tower's 32-wide features
+    trained.vision_proj.requires_grad_(True)  # as training leaves it: the adapter file brings the projector
+    adapter = str(tmp_path / "sft_64_lora.safetensors")
+    save_adapter(adapter_state_dict(trained), trained.lora_settings, trained.config, adapter)
+    other = tmp_path / "other_64.pth"  # the same LLM shape, its projector for CLIP's 768-wide features
+    torch.save(llm_state_dict(MiniMindVLM(VLMConfig(**TINY_LLM), load_tower=False)), other)
+    flags = ["--weight", str(other), "--lora", adapter, "--out", str(tmp_path / "merged_64.pth")]
+    with pytest.raises(SystemExit) as stop:
+        merge_lora.main(flags)
+    message = str(stop.value.code)
+    assert message.startswith(f"error: --lora {adapter} does not fit --weight {other}: ")
+    assert "[64, 32] in the adapter, [64, 768] in the weights" in message
+    assert "--vision_model_path" not in message  # merge_lora.py has no such flag: the fix is other --weight
+    # When the run that wrote the adapter left its record, the message names the weights it started from.
+    write_record(make_record(trained.config, "model", tower_dir, trained_from=str(tmp_path / "pretrain_64.pth")),
+                 str(tmp_path / "sft_64.pth"))
+    with pytest.raises(SystemExit, match=f"e.g. {tmp_path / 'pretrain_64.pth'}, which its training run started"):
+        merge_lora.main(flags)
+
+
 # 3. Through the real scripts.
 
 def sft_flags(data, tower_dir, out, **extra):
