@@ -16,11 +16,13 @@ from .model_minimind import MiniMindConfig, MiniMindForCausalLM
 from .paths import local_path
 
 DEFAULT_VISION_MODEL = "model/vision_model/clip-vit-base-patch16"  # the design's tower: CLIP ViT-B/16
-VISION_HELP = ("Download CLIP ViT-B/16 into it, e.g. `git clone https://huggingface.co/openai/clip-vit-base-patch16 "
-               "model/vision_model/clip-vit-base-patch16` (or the SigLIP2 tower of the 2026 weights, "
-               "siglip2-base-p32-256-ve), or, to try the code without a download, build a random stand-in with "
-               "`python demo/make_demo_vision_tower.py` and pass "
-               "--vision_model_path model/vision_model/demo-clip-vit-b16.")
+def vision_help(path):
+    """How to put a vision tower in `path`, the folder that was looked in: the commands write there,
+    so what failed works as it was after either."""
+    return (f"Get CLIP ViT-B/16 with `git clone https://huggingface.co/openai/clip-vit-base-patch16 {path}` (or the "
+            f"SigLIP2 tower of the 2026 weights, siglip2-base-p32-256-ve), or, to try the code without a download, "
+            f"write a random stand-in there with `python demo/make_demo_vision_tower.py --out_dir {path}` (remove it "
+            f"before getting the real one).")
 
 
 class VLMConfig(MiniMindConfig):
@@ -67,12 +69,13 @@ def load_vision_tower(path):
     logging.disable_progress_bar()  # a per-tensor loading bar on every start is noise
     path = local_path(path)  # the default is named relative to the repository
     if not path or not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"No vision model at '{path}' (set --vision_model_path). {VISION_HELP}")
+        raise FileNotFoundError(f"No vision model at '{path}' (set --vision_model_path). "
+                                f"{vision_help(path or DEFAULT_VISION_MODEL)}")
     config = AutoConfig.from_pretrained(path)
     vision_config = getattr(config, "vision_config", config)  # a full CLIP/SigLIP holds a text tower too
     if not hasattr(vision_config, "patch_size") or type(vision_config) not in MODEL_MAPPING:
-        raise ValueError(f"'{path}' holds a {config.model_type} model, not a vision tower (CLIP or SigLIP). "
-                         f"{VISION_HELP}")
+        raise ValueError(f"'{path}' holds a {config.model_type} model, not a vision tower (CLIP or SigLIP): set "
+                         f"--vision_model_path to a tower's folder")
     cls = MODEL_MAPPING[type(vision_config)]  # CLIPVisionConfig -> CLIPVisionModel, SiglipVisionConfig -> ...
     tower = cls.from_pretrained(path) if vision_config is config else _vision_half(cls, path, config)
     tower.requires_grad_(False)
@@ -146,7 +149,7 @@ class MiniMindVLM(MiniMindForCausalLM):
     def encode_images(self, pixel_values):
         """[N, 3, H, W] -> patch features [N, image_token_count, C], in the tower's dtype (it follows the model)."""
         if self.vision_encoder is None:
-            raise RuntimeError(f"This model has no vision tower. {VISION_HELP}")
+            raise RuntimeError(f"This model has no vision tower. {vision_help(self.config.vision_model_path)}")
         return tower_features(self.vision_encoder, pixel_values)
 
     def embed(self, input_ids, pixel_values=None, image_features=None, image_mask=None, **_):

@@ -18,7 +18,7 @@ import torch
 from .chat import IMAGE_TAG, ChatEncoder
 from .images import from_pil, load_processor, open_image, to_pixels
 from .model_minimind import rope_cos_sin
-from .model_vlm import VISION_HELP, MiniMindVLM, VLMConfig, load_vision_tower
+from .model_vlm import MiniMindVLM, VLMConfig, load_vision_tower, vision_help
 from .precision import resolve_dtype
 
 
@@ -54,7 +54,7 @@ class MiniMindVLMForCausalLM(MiniMindVLM):
                 return path
         raise FileNotFoundError(
             f"No CLIP vision model for this MiniMind-V: looked in {candidates}. Pass "
-            f"from_pretrained(..., vision_model_path=DIR) or put CLIP ViT-B/16 at '{recorded}'. {VISION_HELP}")
+            f"from_pretrained(..., vision_model_path=DIR). {vision_help(next(c for c in candidates if c))}")
 
     def attach_vision_tower(self, path):
         tower = load_vision_tower(path)

@@ -1,5 +1,7 @@
 """MiniMind-V: where image features go, the frozen tower, and strict checkpoint loading."""
 import os
+import re
+import sys
 
 import pytest
 import torch
@@ -107,9 +109,19 @@ def test_loads_a_full_clip_directory_and_a_vision_only_one(tmp_path):
         assert model.encode_images(torch.randn(1, 3, 224, 224)).shape == (1, 196, 32)
 
 
-def test_missing_vision_directory_says_where_to_get_clip(tmp_path):
-    with pytest.raises(FileNotFoundError, match="clip-vit-base-patch16"):
-        MiniMindVLM(VLMConfig(vision_model_path=str(tmp_path / "nope"), **TINY_LLM))
+def test_missing_vision_directory_says_where_to_get_clip_with_commands_that_write_where_it_looked(tmp_path,
+                                                                                                  monkeypatch):
+    import make_demo_vision_tower
+    path = str(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError) as error:
+        MiniMindVLM(VLMConfig(vision_model_path=path, **TINY_LLM))
+    message = str(error.value)
+    assert f"git clone https://huggingface.co/openai/clip-vit-base-patch16 {path}`" in message
+    command = re.search(r"`python (demo/make_demo_vision_tower.py .*?)`", message).group(1).split()
+    assert command == ["demo/make_demo_vision_tower.py", "--out_dir", path]
+    monkeypatch.setattr(sys, "argv", command)
+    make_demo_vision_tower.main()  # the stand-in, where the loader looks: the same call now works
+    assert MiniMindVLM(VLMConfig(vision_model_path=path, **TINY_LLM)).vision_encoder is not None
 
 
 def test_checkpoints_never_contain_the_tower_and_load_strictly(tiny_vlm, tower_dir, tmp_path):
