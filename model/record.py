@@ -77,13 +77,15 @@ def read_record(weights_path):
     return record
 
 
-def resolve_folders(weights_path, tokenizer_path, vision_model_path, default_tower, ignore_record=False):
+def resolve_folders(weights_path, tokenizer_path, vision_model_path, default_tower, ignore_record=None):
     """The tokenizer and tower folders to use with `weights_path` (None: a model trained from nothing),
     from the flags (None when not given) and the weights' record -> (tokenizer_path, tower_path, record).
 
     A flag not given takes the record's folder; one given must hold what the record says (same file
     hashes) unless ignore_record. Without a record, the weights came from elsewhere (the released
-    ones), so the tokenizer must be given: this repository's would give its ids other meanings."""
+    ones), so the tokenizer must be given: this repository's would give its ids other meanings.
+    ignore_record is None for a caller without --ignore_record (training, convert_model.py): its
+    refusal then names only the flags it has."""
     record = read_record(weights_path) if weights_path else None
     if record is None or ignore_record:
         if tokenizer_path is None and weights_path and record is None:
@@ -105,6 +107,7 @@ def resolve_folders(weights_path, tokenizer_path, vision_model_path, default_tow
             found = files_hash(local_path(given), names)
             if recorded["sha256"] and found != recorded["sha256"]:
                 raise RecordError(f"{trained_with}, but {flag} {given} holds another one; pass the recorded one "
-                                  f"(or drop {flag}), or --ignore_record 1 to use it anyway")
+                                  f"(or drop {flag})" + ("" if ignore_record is None else
+                                                         ", or --ignore_record 1 to use it anyway"))
             folders.append(given)
     return folders[0], folders[1], record

@@ -4,6 +4,7 @@ subprocesses: the whole file runs in seconds."""
 import contextlib
 import dataclasses
 import math
+import os
 import random
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import trainer
-from conftest import TINY_LLM, make_toy_data
+from conftest import ROOT, TINY_LLM, make_toy_data
 from dataset.sampler import ResumableBatchSampler
 from model.checkpoint import DiskFullError, llm_state_dict
 from train_engines import TorchEngine
@@ -257,6 +258,26 @@ def test_a_missing_start_weight_is_an_exception_naming_the_file_and_the_fix(tmp_
     cfg = config(out_dir=str(tmp_path), from_weight="pretrain_vlm", dim=64)
     with pytest.raises(FileNotFoundError, match=r"pretrain_vlm_64.pth not found\. Run train_pretrain_vlm.py first"):
         trainer.start_weights(cfg)
+
+
+def test_a_tokenizer_other_than_the_start_weights_record_names_is_refused_with_the_fixes_training_has(
+        tower_dir, tmp_path):
+    import shutil
+    from model.model_vlm import VLMConfig
+    from model.record import RecordError, make_record, write_record
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pretrain_vlm_64.pth").write_bytes(b"")  # the record is read first: the weights are not opened
+    write_record(make_record(VLMConfig(**TINY_LLM), "model", tower_dir), str(out / "pretrain_vlm_64.pth"))
+    other = tmp_path / "tokenizer"
+    shutil.copytree(os.path.join(ROOT, "model"), other, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    with open(other / "tokenizer_config.json", "a") as f:
+        f.write("\n")  # other bytes: another tokenizer as far as the record can tell
+    cfg = config(out_dir=str(out), from_weight="pretrain_vlm", tokenizer_path=str(other), **TINY_LLM)
+    with pytest.raises(RecordError) as error:
+        trainer.train(cfg)
+    assert str(error.value).endswith(f"but --tokenizer_path {other} holds another one; pass the recorded one (or drop "
+                                     f"--tokenizer_path)")  # no --ignore_record: the train scripts have no such flag
 
 
 def test_the_toy_data_loads_through_the_trainers_own_data_pieces(tower_dir, tokenizer, processor, tmp_path):
