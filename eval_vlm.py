@@ -66,9 +66,9 @@ def read_questions(path, images_path=None, limit=0):
     turn, so a multi-turn sample is scored turn by turn, never on its own earlier mistakes.
     The data is jsonl + images or parquet, read by the training data reader (dataset/samples.py)."""
     try:
-        source = open_source(path, images_path)
+        source = open_source(path, images_path, path_flag="--bench")
     except FileNotFoundError as e:
-        raise ValueError(str(e).replace("data file", "benchmark file").replace("--data_path", "--bench")) from None
+        raise ValueError(str(e)) from None
     if source.n_bad:
         raise ValueError(source.bad[0])
     questions = []

@@ -102,15 +102,18 @@ def parse_line(line):
     return conv, images, str(sample.get("type") or "all"), video
 
 
-def resolve_image(images_path, name, allow_outside=False, what="image"):
+def resolve_image(images_path, name, allow_outside=None, what="image"):
     """The path of an image name from a jsonl, which must stay inside images_path: a name like
-    '../x.png' or '/etc/passwd' is refused (a data file should not reach other files on disk)."""
+    '../x.png' or '/etc/passwd' is refused (a data file should not reach other files on disk).
+    allow_outside: True lets it; False refuses, naming --allow_outside_images; None (the default, for
+    the scripts without that flag) refuses without naming it."""
     path = os.path.normpath(os.path.join(images_path, name))
     if not allow_outside:
         root = os.path.normpath(images_path)
         if os.path.isabs(name) or os.path.relpath(path, root).split(os.sep)[0] == os.pardir:
             raise ValueError(f"{what} name {name!r} points outside --images_path {images_path} (use names relative "
-                             "to that folder, or pass --allow_outside_images 1 if this is intended)")
+                             "to that folder" + ("" if allow_outside is None else
+                                                 ", or pass --allow_outside_images 1 if this is intended") + ")")
     if not os.path.isfile(path):
         raise ValueError(f"{what} {path} not found (check --images_path)")
     return path
@@ -120,9 +123,9 @@ class JsonlSource:
     """Samples of a jsonl file whose image names are relative to images_path. Every line is checked
     here; bad ones are listed in `bad` ("where: reason") and left out of the samples."""
 
-    def __init__(self, path, images_path, allow_outside_images=False):
+    def __init__(self, path, images_path, allow_outside_images=None, path_flag="--data_path"):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"data file {path} not found (set --data_path)")
+            raise FileNotFoundError(f"data file {path} not found" + (f" (set {path_flag})" if path_flag else ""))
         if images_path is None:
             images_path = os.path.dirname(path)
         self.path, self.bad, self.n_text_only = path, [], 0  # bad: "where: reason", one per bad line
@@ -156,8 +159,9 @@ class JsonlSource:
         return length_estimate(self.json_chars, n_images, image_token_count)
 
 
-def parquet_files(spec):
-    """A .parquet file, a folder of them, or a glob -> sorted file list."""
+def parquet_files(spec, path_flag="--data_path"):
+    """A .parquet file, a folder of them, or a glob -> sorted file list. path_flag: the argument the
+    caller took `spec` from, for the error to name (None: a positional one, left unnamed)."""
     if os.path.isdir(spec):
         files = sorted(glob.glob(os.path.join(spec, "*.parquet")))
     elif any(c in spec for c in "*?["):
@@ -165,8 +169,8 @@ def parquet_files(spec):
     else:
         files = [spec] if os.path.isfile(spec) else []
     if not files:
-        raise FileNotFoundError(f"no parquet files at {spec} (set --data_path to a .parquet file, a folder of "
-                                "them, or a glob like 'data/*.parquet')")
+        raise FileNotFoundError(f"no parquet files at {spec} ({f'set {path_flag} to ' if path_flag else 'give '}a "
+                                "parquet file, a folder of them, or a glob like 'data/*.parquet')")
     return files
 
 
@@ -219,8 +223,8 @@ def arrow_copy(path, cache_dir=None, progress=None):
 class ParquetSource:
     """Samples of one or more parquet files in the released schema, read from memory-mapped Arrow."""
 
-    def __init__(self, spec, cache_dir=None, progress=None):
-        self.files = parquet_files(spec)
+    def __init__(self, spec, cache_dir=None, progress=None, path_flag="--data_path"):
+        self.files = parquet_files(spec, path_flag)
         self.path, self.bad, self.n_bad, self.n_text_only = spec, [], 0, 0
         self.conv_chunks, self.image_chunks, self.type_chunks, self.video_chunks = [], [], [], []  # Arrow arrays
         chunk_starts, file_starts, rows, n_images, json_chars, has_video = [0], [], [], [], [], []
@@ -325,8 +329,11 @@ class ParquetSource:
         return length_estimate(self.json_chars, n_images, image_token_count)
 
 
-def open_source(data_path, images_path=None, allow_outside_images=False, cache_dir=None, progress=None):
-    """The reader for data_path: parquet (by extension, folder or glob) or jsonl."""
+def open_source(data_path, images_path=None, allow_outside_images=None, cache_dir=None, progress=None,
+                path_flag="--data_path"):
+    """The reader for data_path: parquet (by extension, folder or glob) or jsonl. Its errors name the
+    flags a caller has: path_flag, the argument data_path came from (None: a positional one), and
+    --allow_outside_images unless allow_outside_images is None (see resolve_image)."""
     if data_path and is_parquet(data_path):
-        return ParquetSource(data_path, cache_dir, progress)
-    return JsonlSource(data_path, images_path, allow_outside_images)
+        return ParquetSource(data_path, cache_dir, progress, path_flag)
+    return JsonlSource(data_path, images_path, allow_outside_images, path_flag)

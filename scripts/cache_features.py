@@ -77,7 +77,7 @@ def main():
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
 
     try:  # data errors first: they cost nothing to find
-        source = open_data(args.data_path, args.images_path, False)
+        source = open_data(args.data_path, args.images_path, None)  # None: it has no --allow_outside_images
         if source.n_bad:
             raise ValueError(f"{source.bad[0]}" + (f" ({source.n_bad} bad samples in all)" if source.n_bad > 1 else ""))
         where = images_of(source)

@@ -67,7 +67,7 @@ def main(argv=None):
     p.add_argument("--image_token_count", type=int, default=196, help="placeholders per image, as in training")
     args = p.parse_args(argv)
     try:
-        source = open_source(args.data_path, args.images_path)
+        source = open_source(args.data_path, args.images_path, path_flag=None)  # a positional argument
         tokenizer = load_tokenizer(args.tokenizer_path)
         encoder = ChatEncoder(tokenizer, resolve_image_token_id(tokenizer, args.image_token_id),
                               args.image_token_count)

@@ -171,3 +171,27 @@ def test_image_names_that_leave_the_image_folder_are_refused(tmp_path, tokenizer
         VLMDataset(data, str(images), tokenizer, processor, IMG, 196)
     allowed = VLMDataset(data, str(images), tokenizer, processor, IMG, 196, allow_outside_images=True)
     assert allowed[0]["pixel_values"].shape[0] == 1
+
+
+def test_scripts_without_allow_outside_images_refuse_such_names_without_offering_that_flag(tmp_path):
+    import eval_vlm
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "outside.png")
+    (tmp_path / "images").mkdir()
+    data = write_jsonl(tmp_path / "d.jsonl", ["../outside.png"])
+    with pytest.raises(ValueError) as error:  # eval_vlm.py --bench, as convert_data.py and cache_features.py read it
+        eval_vlm.read_questions(data, str(tmp_path / "images"))
+    assert "points outside --images_path" in str(error.value) and "--allow_outside_images" not in str(error.value)
+
+
+def test_a_missing_data_file_is_named_with_the_argument_each_script_took_it_from(tmp_path):
+    import eval_vlm
+    import inspect_data
+    missing = str(tmp_path / "nope.jsonl")
+    with pytest.raises(ValueError, match=r"data file .*nope.jsonl not found \(set --bench\)$"):
+        eval_vlm.read_questions(missing)
+    with pytest.raises(SystemExit) as stop:
+        inspect_data.main([missing])  # a positional argument: no flag to name
+    assert str(stop.value.code) == f"error: data file {missing} not found"
+    with pytest.raises(SystemExit) as stop:
+        inspect_data.main([str(tmp_path / "shards/*.parquet")])
+    assert "--data_path" not in str(stop.value.code) and "give a parquet file" in str(stop.value.code)
