@@ -35,7 +35,8 @@ def read_log(path):
                 points.pop()
             points.append((step, loss))
     if not points:
-        raise ValueError(f"log file {path} is empty (no step was logged yet: lower --log_interval?)")
+        raise ValueError(f"log file {path} is empty (no step was logged yet: the train scripts log every "
+                         f"--log_interval steps)")
     return [p[0] for p in points], [p[1] for p in points]
 
 
