@@ -44,3 +44,14 @@ def test_every_picture_folder_and_file_the_readme_uses_is_in_the_repository():
     named = set(re.findall(r"\bimages/[\w./-]*\w", readme))
     assert "images/eval" in named
     assert [p for p in sorted(named) if not os.path.exists(os.path.join(ROOT, p))] == []
+
+
+def test_loss_curves_go_under_out_by_default_and_in_the_readme_never_over_the_tracked_figure(tmp_path, monkeypatch):
+    import plot_loss
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        commands = [line for line in f if "plot_loss.py" in line]
+    assert commands and all(re.search(r"--out out/\S+\.png", c) for c in commands)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sft_vlm_64_log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    plot_loss.main(["--logs", "sft_vlm_64_log.jsonl"])
+    assert (tmp_path / "out" / "loss_curves.png").is_file() and not (tmp_path / "images").exists()
