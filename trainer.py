@@ -696,12 +696,12 @@ SKIP_WARNING = 0.02  # the share of samples too long for --max_seq_len that is w
 
 def check_lengths(dataset, is_main):
     """Before the first step, not after an epoch: data of which training would skip every sample
-    (too long for --max_seq_len, or unreadable) is an error, and more than SKIP_WARNING of it
+    (too long for --max_seq_len, or bad: no answer, JSON that does not parse) is an error, and more than SKIP_WARNING of it
     skipped for its length a warning, with the --max_seq_len that would keep it."""
     check, limit = dataset.check_lengths(), dataset.max_seq_len
     spread = "" if check.checked == check.of else f" checked (spread over the {check.of})"
     if not check.lengths:
-        raise ValueError(f"{dataset.path}: no usable samples: all {check.checked}{spread} cannot be read, "
+        raise ValueError(f"{dataset.path}: no usable samples: all {check.checked}{spread} are bad, "
                          f"e.g. {check.bad[0]}")
     longest, median = max(check.lengths), int(np.median(check.lengths))
     keep = (f"{longest} keeps them whole" if median == longest else

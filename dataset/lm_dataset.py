@@ -36,7 +36,7 @@ class LengthCheck(NamedTuple):
     of: int  # samples in the dataset
     lengths: list  # the token count of every checked sample that could be read
     too_long: list  # "where: N tokens" of those training skips: they do not fit max_seq_len
-    bad: list  # "where: reason" of those that cannot be read (skipped with skip_bad_samples)
+    bad: list  # "where: reason" of the bad ones (no answer, JSON that does not parse), with skip_bad_samples
 
 
 class VLMDataset(Dataset):
@@ -109,12 +109,12 @@ class VLMDataset(Dataset):
                 "image_keys": keys, "cached": cached}
 
     def check_lengths(self, max_checked=2000):
-        """Which samples would training skip for not fitting max_seq_len? Tokenizes them as
+        """Which samples would training skip for not fitting max_seq_len, or as bad? Tokenizes them as
         __getitem__ does, all of them or max_checked spread evenly over a larger dataset (2000 take
         about a second), without opening an image or a video (a video counts as `frames` frames).
         `lengths`, the sampler's index, cannot answer this: it estimates from the text's size, good
         enough for batching, but a character can be a token or a third of one. -> LengthCheck.
-        A sample that cannot be read is an error as in training, unless skip_bad_samples."""
+        A bad sample is an error as in training, unless skip_bad_samples."""
         n = len(self)
         picks = range(n) if n <= max_checked else np.linspace(0, n - 1, max_checked).round().astype(int)
         lengths, too_long, bad = [], [], []

@@ -111,6 +111,16 @@ def test_bad_rows_name_file_and_row_or_are_skipped_and_counted(tmp_path, tokeniz
     assert batch["n_samples"] == 2 and len(skipped) == 1 and "d.parquet:row 1: " in skipped[0]
 
 
+def test_rows_without_an_answer_stop_training_before_its_first_step(tmp_path, tokenizer, processor):
+    import trainer
+    no_answer = (json.dumps([{"role": "user", "content": "<image>what?"}]), jpeg_bytes("red"))
+    path = write_parquet(tmp_path / "d.parquet", [no_answer] * 3)  # only a row's use parses its JSON
+    with pytest.raises(ValueError, match=r"d.parquet:row 0: no non-empty assistant turn.*--skip_bad_samples 1"):
+        trainer.check_lengths(dataset(path, tokenizer, processor), is_main=False)
+    with pytest.raises(ValueError, match=r"d.parquet: no usable samples: all 3 are bad, e.g. .*row 0: no non-empty"):
+        trainer.check_lengths(dataset(path, tokenizer, processor, skip_bad_samples=True), is_main=False)
+
+
 def test_a_file_without_the_conversations_column_is_refused_by_name(tmp_path, tokenizer, processor):
     path = tmp_path / "d.parquet"
     pq.write_table(pa.table({"text": ["hi"]}), path)

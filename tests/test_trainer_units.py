@@ -318,6 +318,18 @@ def test_data_of_which_no_sample_fits_max_seq_len_is_an_error_naming_the_file_an
     assert "Raise --max_seq_len: " in message and "\n" not in message
 
 
+def test_data_without_an_answer_to_learn_is_an_error_even_when_bad_samples_are_skipped(tower_dir, tokenizer,
+                                                                                      processor, tmp_path):
+    from model.model_vlm import VLMConfig
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"conversations": [{"role": "user", "content": "hi"}]}\n' * 3)
+    cfg = config(data_path=str(data), skip_bad_samples=1)
+    with pytest.raises(ValueError, match=rf"^{data}: no usable samples: all 3 are bad, e.g. {data}:1: no non-empty "
+                                         "assistant turn"):
+        trainer.open_dataset(cfg, tokenizer, processor, VLMConfig(vision_model_path=tower_dir, image_token_id=3,
+                                                                  **TINY_LLM), None, is_main=False)
+
+
 def test_data_that_would_lose_more_than_a_few_percent_to_max_seq_len_says_so_before_training(
         tower_dir, tokenizer, processor, tmp_path, capsys):
     dataset = open_toy_dataset(tmp_path, tower_dir, tokenizer, processor, n_long=3, n_short=9, max_seq_len=300)
