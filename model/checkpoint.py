@@ -258,13 +258,14 @@ def _describe(found):
             f"use_moe {int(found['use_moe'])}" + (f", {found['projector']} projector" if "projector" in found else ""))
 
 
-def load_weights(model, path_or_sd, name=None):
+def load_weights(model, path_or_sd, name=None, fix="check --dim/--n_layers/--use_moe"):
     """Strict load of a .pth (LLM-only or VLM, either release's key format, any float dtype: cast
     to the model's), or of a state dict read from the file `name`; only the vision tower's keys,
     which no checkpoint stores, and the projection of an LLM-only checkpoint may be absent. Anything
     else that is missing, unexpected or of another shape is a CheckpointError naming the file and
-    listing the keys in the file's own names; a projector made for another tower width says which
-    width it needs."""
+    listing the keys in the file's own names, and `fix`, what the caller's user can do about it (the
+    default names the flags of the scripts that build the model from them); a projector made for
+    another tower width says which width it needs."""
     if isinstance(path_or_sd, str):
         name = name or path_or_sd
         path_or_sd = read_checkpoint(path_or_sd)
@@ -290,7 +291,7 @@ def load_weights(model, path_or_sd, name=None):
         if getattr(cfg, "projector", None):
             model_found["projector"] = cfg.projector
         raise CheckpointError(
-            f"{name} does not match the model (check --dim/--n_layers/--use_moe): the file has {_describe(found)}; "
+            f"{name} does not match the model ({fix}): the file has {_describe(found)}; "
             f"the model {_describe(model_found)}; missing: {_some(missing)}; unexpected: {_some(unexpected)}"
             + (f"; other shape: {_some(reshaped)}" if reshaped else ""))
     # strict=False: strictness was checked above, with the tower (and an LLM-only file's projector) allowed out

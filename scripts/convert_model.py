@@ -181,7 +181,10 @@ def import_hf(hf_dir, out_path):
     tensors = {k: v for k, v in tensors.items() if not k.startswith("vision_encoder.")}
     tensors.setdefault("output.weight", tensors["tok_embeddings.weight"])
     model = MiniMindVLM(VLMConfig(**cfg), load_tower=False)
-    load_weights(model, tensors, hf_dir)  # strict: errors list any missing/unexpected key
+    try:  # strict: errors list any missing/unexpected key
+        load_weights(model, tensors, hf_dir, fix="its config.json does not describe its model.safetensors")
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
     atomic_save(llm_state_dict(model), out_path)  # the released layout of the model's generation
     tower = model.config.vision_model_path or ""  # recorded as given, or relative to the directory
     if tower and not os.path.isabs(tower) and os.path.isdir(os.path.join(hf_dir, tower)):

@@ -100,6 +100,20 @@ def test_reverse_conversion_gives_the_original_state_dict(tower_dir, tmp_path):
     assert list(torch.load(str(tmp_path / "back2.pth"), weights_only=True)) == list(sd)
 
 
+def test_reverse_conversion_of_a_directory_whose_config_does_not_describe_its_weights_says_so(tower_dir, tmp_path):
+    pth = str(tmp_path / "w.pth")
+    make_checkpoint(tower_dir, pth)
+    out = tmp_path / "hf"
+    convert_main(["--weight", pth, "--out_dir", str(out), "--vision_model_path", tower_dir, "--tokenizer_path", "model"])
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "n_layers": 3}))  # edited by hand: one layer too many
+    with pytest.raises(SystemExit) as stop:
+        convert_main(["--reverse", "--weight", str(out), "--out", str(tmp_path / "back.pth")])
+    message = str(stop.value.code)  # one line, not a traceback, and no --n_layers: convert_model.py has none
+    assert message.startswith(f"error: {out} does not match the model (its config.json does not describe its "
+                              f"model.safetensors): the file has ") and "--n_layers" not in message
+
+
 def test_moe_checkpoint_converts(tower_dir, tmp_path):
     pth = str(tmp_path / "moe.pth")
     original = make_checkpoint(tower_dir, pth, use_moe=True)
