@@ -17,7 +17,6 @@ import os
 import warnings
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 MAX_IMAGE_SIDE = 1024
@@ -103,4 +102,5 @@ def empty_pixels(processor):
     if shape is None:
         shape = processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")["pixel_values"].shape[1:]
         processor._pixel_shape = shape
+    import torch  # only here: scripts load this module before parsing their flags (--help without torch)
     return torch.zeros(0, *shape)

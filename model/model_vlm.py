@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 from .model_minimind import MiniMindConfig, MiniMindForCausalLM
-from .paths import local_path
+from .paths import DEFAULT_VISION_MODEL, local_path
 
-DEFAULT_VISION_MODEL = "model/vision_model/clip-vit-base-patch16"  # the design's tower: CLIP ViT-B/16
 VISION_HELP = ("Download CLIP ViT-B/16 into it, e.g. `git clone https://huggingface.co/openai/clip-vit-base-patch16 "
                "model/vision_model/clip-vit-base-patch16` (or the SigLIP2 tower of the 2026 weights, "
                "siglip2-base-p32-256-ve), or, to try the code without a download, build a random stand-in with "
