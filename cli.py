@@ -16,11 +16,14 @@ DTYPE_HELP = ("auto: bfloat16 where the hardware computes it natively (CUDA from
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """The description as written, and every option's default after its help, unless the help says
-    it in its own words (a default of None means "decided at run time": the help says how)."""
+    it in its own words (a default of None means "decided at run time": the help says how), or
+    "(required)"."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default:" in text or action.default is None or action.required:
+        if action.required and action.option_strings:
+            return text + " (required)"
+        if "default:" in text or action.default is None:
             return text
         return super()._get_help_string(action)
 

@@ -22,7 +22,8 @@ def build_parser(description, **defaults):
                           "schema: a .parquet file, a folder of them or a glob (images inside)")
     a("--images_path", help="jsonl only: the folder its image names are relative to (default: the jsonl's folder)")
     switch(a, "--allow_outside_images", 0,
-           help="let jsonl image names leave --images_path ('../x.png', absolute paths); off, such a name is a bad sample")
+           help="let jsonl image names leave --images_path ('../x.png', absolute paths); off, such a name is a bad "
+                "sample")
     a("--max_seq_len", type=int, help="longer samples are truncated (never inside an image) or skipped")
     add_video_args(data)  # --frames, --max_video_seconds: a sample's "video" becomes that many images
     switch(a, "--skip_bad_samples", 0,

@@ -16,11 +16,14 @@ Keep it shallow (the default is 2 layers): every extra random layer mixes the to
 ``build_vision_tower(..., full_clip=True)`` saves a full ``CLIPModel`` (vision tower plus a tiny
 text tower) instead, so the tests can check the loader against both kinds of directory.
 """
-import argparse
 import os
+import sys
 
-import torch
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from cli import make_parser  # noqa: E402
 
 # The standard OpenAI CLIP normalisation constants.
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -30,6 +33,8 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 def make_vision_tower(hidden_size=256, num_layers=2, num_heads=4, intermediate_size=None, seed=0,
                       position_std=1.0, patch_size=16):
     """A random-init CLIPVisionModel of ViT-B/16 geometry and the standard CLIP image processor."""
+    import torch  # here: the --help of this script and of train_demo_tower.py answers without torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
     torch.manual_seed(seed)  # same seed -> same weights
     model = CLIPVisionModel(CLIPVisionConfig(**vision_config(hidden_size, num_layers, num_heads, intermediate_size,
                                                                   patch_size)))
@@ -61,6 +66,7 @@ def build_vision_tower(out_dir, hidden_size=256, num_layers=2, num_heads=4,
     model, processor = make_vision_tower(hidden_size, num_layers, num_heads, intermediate_size, seed, position_std)
     n_params = sum(p.numel() for p in model.parameters())
     if full_clip:
+        from transformers import CLIPConfig, CLIPModel
         text_cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                         vocab_size=1000, max_position_embeddings=77, projection_dim=hidden_size,
                         bos_token_id=0, eos_token_id=1, pad_token_id=1)
@@ -81,7 +87,7 @@ def build_vision_tower(out_dir, hidden_size=256, num_layers=2, num_heads=4,
 
 
 def main():
-    ap = argparse.ArgumentParser(description="Save a random-init CLIP ViT-B/16-geometry vision tower for the demo.")
+    ap = make_parser("Save a random-init CLIP ViT-B/16-geometry vision tower for the demo.")
     add = ap.add_argument
     add("--out_dir", default="model/vision_model/demo-clip-vit-b16", help="where to save model + processor")
     for flag, default, what in (("--hidden_size", 256, "token width (real ViT-B/16: 768)"),

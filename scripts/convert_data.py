@@ -12,7 +12,6 @@ list of binaries in every row instead. A per-sample `type` (benchmark data) beco
 a sample's `video` file its `video_bytes` (a video row keeps the placeholder image too).
 Going back, each distinct image is written once, named by a hash of its bytes.
 """
-import argparse
 import hashlib
 import io
 import json
@@ -24,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from dataset.samples import JsonlSource, SampleError, is_parquet, open_source  # noqa: E402
-from cli import switch  # noqa: E402
+from cli import make_parser, switch  # noqa: E402
 
 BATCH_ROWS = 1024  # rows per parquet row group / write
 
@@ -143,9 +142,10 @@ def disk_size(*paths):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--data_path", required=True, help="a .jsonl (-> parquet) or parquet file/folder/glob (-> jsonl)")
-    p.add_argument("--images_path", help="the jsonl's image folder: read from (to parquet) or written to (to jsonl)")
+    p.add_argument("--images_path", help="the jsonl's image folder: read from (to parquet) or written to (to jsonl) "
+                                         "(default: to jsonl, {out}_images beside it)")
     p.add_argument("--out", required=True, help="the .parquet or .jsonl file to write")
     switch(p.add_argument, "--skip_bad_samples", 0,
            help="leave out (and count) bad lines or rows instead of stopping at the first")

@@ -26,12 +26,41 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from cli import make_parser, switch  # noqa: E402
+from model.paths import DEFAULT_VISION_MODEL  # noqa: E402
+
+
+def build_parser():
+    ap = make_parser(__doc__)
+    a = ap.add_argument_group("what to convert").add_argument
+    a("--weight", default="sft_vlm",
+      help="export: the .pth to convert (a bare name is looked up as out/{weight}_{dim}[_moe].pth); "
+           "--reverse: the transformers-format directory")
+    a("--dim", type=int, default=512, help="for looking up a bare --weight name")
+    switch(a, "--use_moe", 0, help="for looking up a bare --weight name")
+    switch(a, "--reverse", 0, help="directory (--weight) -> .pth (--out)")
+    a("--from_hf", default=None, help=argparse.SUPPRESS)  # the old spelling of --reverse --weight DIR
+    a("--out_dir", default=None, help="export: the transformers-format directory to write (required)")
+    a("--out", default=None, help="--reverse: the .pth to write (required)")
+    a = ap.add_argument_group("export (.pth -> directory)").add_argument
+    a("--tokenizer_path", help="the tokenizer to include (default: the one the .pth's record names)")
+    a("--vision_model_path", help="the vision tower the directory records (and copies with "
+                                  "--copy_vision_tower); default: the one the .pth's record names, else "
+                                  + DEFAULT_VISION_MODEL)
+    a("--image_token_id", type=int, default=-1, help="placeholder id; -1 = the tokenizer's <|image_pad|>, or '@'")
+    switch(a, "--copy_vision_tower", 0,
+           help="copy the vision tower into DIR/vision_model (a directory that needs nothing else)")
+    return ap
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and a mistyped flag answer here, before torch loads (seconds)
+
 import torch  # noqa: E402
 
-from cli import switch  # noqa: E402
 from model.checkpoint import (CheckpointError, atomic_save, check_state_dict, infer_config_from_state_dict,  # noqa: E402
                               llm_state_dict, load_weights, read_checkpoint, weight_path)
-from model.model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig, load_vision_tower, tower_token_count  # noqa: E402
+from model.model_vlm import MiniMindVLM, VLMConfig, load_vision_tower, tower_token_count  # noqa: E402
 from model.paths import load_tokenizer, local_path  # noqa: E402
 from model.record import RecordError, make_record, resolve_folders, write_record  # noqa: E402
 
@@ -191,24 +220,7 @@ def import_hf(hf_dir, out_path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = ap.add_argument
-    a("--weight", default="sft_vlm",
-      help="export: the .pth to convert (a bare name is looked up as out/{weight}_{dim}[_moe].pth); "
-           "--reverse: the transformers-format directory")
-    a("--dim", type=int, default=512, help="for looking up a bare --weight name")
-    switch(a, "--use_moe", 0, help="for looking up a bare --weight name")
-    a("--out_dir", default=None, help="export: the transformers-format directory to write")
-    switch(a, "--reverse", 0, help="directory (--weight) -> .pth (--out)")
-    a("--from_hf", default=None, help=argparse.SUPPRESS)  # the old spelling of --reverse --weight DIR
-    a("--out", default=None, help="--reverse: the .pth to write")
-    a("--tokenizer_path", help="export: the tokenizer to include (default: the one the .pth's record names)")
-    a("--vision_model_path", help="export: the vision tower the directory records (and copies with "
-                                  "--copy_vision_tower); default: the one the .pth's record names, else "
-                                  + DEFAULT_VISION_MODEL)
-    a("--image_token_id", type=int, default=-1, help="placeholder id; -1 = the tokenizer's <|image_pad|>, or '@'")
-    switch(a, "--copy_vision_tower", 0,
-           help="export: copy the vision tower into DIR/vision_model (a directory that needs nothing else)")
+    ap = build_parser()
     a = ap.parse_args(argv)
     if a.from_hf:
         print("note: --from_hf DIR is now spelled --reverse --weight DIR", file=sys.stderr)
