@@ -10,6 +10,8 @@ from model.paths import DEFAULT_VISION_MODEL
 from model.precision import DTYPES
 
 DEVICE_HELP = "auto: cuda:0 where CUDA is available, else cpu; or a device such as cuda:1 or cpu"
+# dataset.samples.default_images_path says why
+IMAGES_PATH_DEFAULT = "the images/ folder beside the jsonl, else the jsonl's own folder"
 DTYPE_HELP = ("auto: bfloat16 where the hardware computes it natively (CUDA from Ampere on; a CPU with AMX or "
               "AVX-512 BF16), else float16 on CUDA and float32 on CPU")
 

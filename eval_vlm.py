@@ -17,7 +17,7 @@ from collections import defaultdict
 
 from PIL import Image
 
-from cli import add_model_args, make_parser, switch
+from cli import IMAGES_PATH_DEFAULT, add_model_args, make_parser, switch
 from model.images import ImageError, open_image
 from dataset.samples import open_source
 from dataset.video import add_video_args, read_frames
@@ -258,7 +258,7 @@ def build_parser():
     a = ap.add_argument_group("benchmark (--bench)").add_argument
     a("--bench", default=None, help="SFT-format data to score: a jsonl or parquet (exact match; an optional "
                                     "per-sample \"type\" field or column gives per-type scores) (default: none)")
-    a("--images_path", default=None, help="--bench with a jsonl: its image folder (default: images/ next to it)")
+    a("--images_path", default=None, help=f"--bench with a jsonl: its image folder (default: {IMAGES_PATH_DEFAULT})")
     switch(a, "--blind", 0, help="--bench with every image replaced by a blank one")
     a("--limit", type=int, default=0, help="--bench: first N samples only (0 = all)")
     a("--batch_size", type=int, default=32, help="--bench questions per generation batch")
@@ -278,9 +278,8 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     chat = VLMChat(model, tokenizer, processor, args.open_thinking)
     if args.bench:
-        images_path = args.images_path or os.path.join(os.path.dirname(args.bench), "images")  # ignored for parquet
         try:
-            summary, rows = run_benchmark(chat, args.bench, images_path, args.blind, args.limit,
+            summary, rows = run_benchmark(chat, args.bench, args.images_path, args.blind, args.limit,
                                           args.batch_size, args.max_new_tokens)
         except ValueError as e:
             sys.exit(f"error: {e}")

@@ -3,7 +3,7 @@ train_sft_vlm.py: each calls `build_parser(...)` with its stage's defaults, pars
 imports trainer.py (torch and the rest), so --help and a mistyped flag answer at once."""
 import dataclasses
 
-from cli import DEVICE_HELP, DTYPE_HELP, make_parser, switch
+from cli import DEVICE_HELP, DTYPE_HELP, IMAGES_PATH_DEFAULT, make_parser, switch
 from dataset.video import add_video_args
 from model.lora import LORA_LAYERS
 from model.paths import DEFAULT_VISION_MODEL
@@ -20,7 +20,7 @@ def build_parser(description, **defaults):
     a = data.add_argument
     a("--data_path", help="training data: a .jsonl file (with --images_path), or parquet in the released "
                           "schema: a .parquet file, a folder of them or a glob (images inside)")
-    a("--images_path", help="jsonl only: the folder its image names are relative to (default: the jsonl's folder)")
+    a("--images_path", help=f"jsonl only: the folder its image names are relative to (default: {IMAGES_PATH_DEFAULT})")
     switch(a, "--allow_outside_images", 0,
            help="let jsonl image names leave --images_path ('../x.png', absolute paths); off, such a name is a bad "
                 "sample")

@@ -18,7 +18,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cli import DEVICE_HELP, make_parser  # noqa: E402
+from cli import DEVICE_HELP, IMAGES_PATH_DEFAULT, make_parser  # noqa: E402
 from model.paths import DEFAULT_VISION_MODEL  # noqa: E402
 from model.precision import DTYPES, describe, resolve_device, resolve_dtype  # noqa: E402
 
@@ -28,7 +28,7 @@ def build_parser():
     a = p.add_argument_group("data").add_argument
     a("--data_path", required=True, help="the training data whose images to encode: a jsonl, or parquet (a file, "
                                          "a folder or a glob of shards)")
-    a("--images_path", help="jsonl only: the folder its image names are relative to (default: the jsonl's folder)")
+    a("--images_path", help=f"jsonl only: the folder its image names are relative to (default: {IMAGES_PATH_DEFAULT})")
     a("--num_workers", type=int, default=2, help="DataLoader workers decoding images")
     a = p.add_argument_group("the tower, as training runs it").add_argument
     a("--vision_model_path", default=DEFAULT_VISION_MODEL, help="the training run's vision tower")

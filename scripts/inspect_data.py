@@ -14,7 +14,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cli import make_parser  # noqa: E402
+from cli import IMAGES_PATH_DEFAULT, make_parser  # noqa: E402
 from model.images import ImageError, open_image  # noqa: E402
 from model.chat import ChatEncoder, resolve_image_token_id  # noqa: E402
 from model.paths import load_tokenizer  # noqa: E402
@@ -59,7 +59,7 @@ def show(sample, encoder, tokenizer):
 def build_parser():
     p = make_parser(__doc__)
     p.add_argument("data_path", help="a .jsonl, or parquet: a file, a folder of them or a glob")
-    p.add_argument("--images_path", help="jsonl only: its image folder (default: the jsonl's folder)")
+    p.add_argument("--images_path", help=f"jsonl only: its image folder (default: {IMAGES_PATH_DEFAULT})")
     p.add_argument("--n", type=int, default=5, help="how many samples to show")
     p.add_argument("--start", type=int, default=0, help="the first sample to show")
     p.add_argument("--tokenizer_path", default="model", help="the tokenizer to render the text with")
