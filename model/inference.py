@@ -187,7 +187,7 @@ def load_hf_dir(args):
     path = args.weight
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} is not a transformers-format model directory (no config.json). Make one "
-                                f"with `python scripts/convert_model.py --weight X.pth --out_dir {path}`")
+                                f"with `python scripts/convert_model.py --weight X.pth --out {path}`")
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         recorded = json.load(f).get("vision_model_path") or ""
     default = inspect.signature(VLMConfig.__init__).parameters["vision_model_path"].default

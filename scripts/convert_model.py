@@ -1,7 +1,7 @@
 """Convert MiniMind-V weights between our .pth format and a transformers-format directory.
 
 Export (.pth -> directory):
-    python scripts/convert_model.py --weight out/sft_vlm_512.pth --out_dir out/MiniMind2-V-hf
+    python scripts/convert_model.py --weight out/sft_vlm_512.pth --out out/MiniMind2-V-hf
 writes a self-contained directory that loads offline with
     AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
     config.json             VLMConfig with auto_map, vision_model_path recorded (the CLIP tower itself
@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from cli import make_parser, switch  # noqa: E402
+from cli import make_parser, old_spelling, switch  # noqa: E402
 from model.paths import DEFAULT_VISION_MODEL  # noqa: E402
 
 
@@ -40,8 +40,9 @@ def build_parser():
     switch(a, "--use_moe", 0, help="for looking up a bare --weight name")
     switch(a, "--reverse", 0, help="directory (--weight) -> .pth (--out)")
     a("--from_hf", default=None, help=argparse.SUPPRESS)  # the old spelling of --reverse --weight DIR
-    a("--out_dir", default=None, help="export: the transformers-format directory to write (required)")
-    a("--out", default=None, help="--reverse: the .pth to write (required)")
+    a("--out", default=None, help="what to write: export, the transformers-format directory; --reverse, the .pth "
+                                  "(required)")
+    old_spelling(a, "--out_dir", "--out")  # the export's former flag (elsewhere --out_dir is where weights are read)
     a = ap.add_argument_group("export (.pth -> directory)").add_argument
     a("--tokenizer_path", help="the tokenizer to include (default: the one the .pth's record names)")
     a("--vision_model_path", help="the vision tower the directory records (and copies with "
@@ -231,12 +232,12 @@ def main(argv=None):
         import_hf(src, a.out)
         print(f"wrote {a.out} from {src}")
         return
-    if not a.out_dir:
-        ap.error("export needs --out_dir DIR (or use --reverse --weight DIR --out X.pth)")
+    if not a.out:
+        ap.error("export needs --out DIR (or use --reverse --weight DIR --out X.pth)")
     weight = weight_path("out", a.weight, a.dim, a.use_moe)
-    export_hf(weight, a.out_dir, a.tokenizer_path, a.vision_model_path, a.image_token_id, a.copy_vision_tower)
-    print(f"wrote {a.out_dir}: load it with AutoModelForCausalLM.from_pretrained('{a.out_dir}', "
-          f"trust_remote_code=True), or eval_vlm.py / web_demo_vlm.py --weight {a.out_dir}")
+    export_hf(weight, a.out, a.tokenizer_path, a.vision_model_path, a.image_token_id, a.copy_vision_tower)
+    print(f"wrote {a.out}: load it with AutoModelForCausalLM.from_pretrained('{a.out}', "
+          f"trust_remote_code=True), or eval_vlm.py / web_demo_vlm.py --weight {a.out}")
 
 
 if __name__ == "__main__":

@@ -58,7 +58,9 @@ def show(sample, encoder, tokenizer):
 
 def build_parser():
     p = make_parser(__doc__)
-    p.add_argument("data_path", help="a .jsonl, or parquet: a file, a folder of them or a glob")
+    p.add_argument("data_path", nargs="?", help="a .jsonl, or parquet: a file, a folder of them or a glob")
+    p.add_argument("--data_path", dest="data_path_flag", metavar="DATA_PATH",
+                   help="the same, spelled as the other scripts take it (default: none)")
     p.add_argument("--images_path", help=f"jsonl only: its image folder (default: {IMAGES_PATH_DEFAULT})")
     p.add_argument("--n", type=int, default=5, help="how many samples to show")
     p.add_argument("--start", type=int, default=0, help="the first sample to show")
@@ -69,7 +71,13 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.data_path and args.data_path_flag and args.data_path != args.data_path_flag:
+        p.error(f"two data paths: {args.data_path} and --data_path {args.data_path_flag}")
+    args.data_path = args.data_path or args.data_path_flag
+    if not args.data_path:
+        p.error("which data? give its path (or --data_path PATH)")
     try:
         source = open_source(args.data_path, args.images_path)
         tokenizer = load_tokenizer(args.tokenizer_path)

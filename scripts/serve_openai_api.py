@@ -36,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from cli import add_model_args, make_parser  # noqa: E402
+from cli import add_model_args, make_parser, old_spelling  # noqa: E402
 from dataset.video import DEFAULT_FRAMES, MAX_VIDEO_SECONDS, add_video_args, read_frames  # noqa: E402
 from model.chat import IMAGE_TAG, ReasoningSplitter, video_prompt  # noqa: E402
 from model.images import open_image  # noqa: E402
@@ -64,7 +64,8 @@ def parse_args(argv=None):
     a("--max_seq_len", type=int, default=0, help="prompt + answer token limit; 0 = the model's max_seq_len")
     a = ap.add_argument_group("generation", "for a request that does not set max_tokens, temperature, "
                                             "top_p").add_argument
-    a("--max_tokens", type=int, default=512, help="answer length limit")
+    a("--max_new_tokens", type=int, default=512, help="answer length limit")
+    old_spelling(a, "--max_tokens", "--max_new_tokens", type=int)  # its former name (a request's field keeps it)
     a("--temperature", type=float, default=0.85, help="0 = greedy")
     a("--top_p", type=float, default=0.85, help="nucleus sampling: the smallest set of tokens with this much "
                                                 "probability")
@@ -424,7 +425,7 @@ def make_job(body, engine, args):
     ids = prompt[0]
     room = engine.max_seq_len - len(ids)
     if max_tokens is None:
-        max_tokens = min(args.max_tokens, room)
+        max_tokens = min(args.max_new_tokens, room)
     if max_tokens < 1 or max_tokens > room:
         raise APIError(f"the prompt has {len(ids)} tokens; with {max_tokens} new tokens that exceeds the model's "
                        f"limit of {engine.max_seq_len}", param="messages", code="context_length_exceeded")

@@ -116,6 +116,16 @@ def test_no_script_has_an_on_off_flag_that_refuses_either_form(helps, script):
     assert not re.findall(r"\[--[\w-]+\]", usage), "a store_true flag, which refuses '--flag 1'"
 
 
+def test_old_spellings_of_renamed_flags_still_work_but_are_not_listed(helps):
+    import convert_model
+    import serve_openai_api
+    assert serve_openai_api.parse_args(["--max_tokens", "7"]).max_new_tokens == 7  # eval's and the web demo's name
+    assert serve_openai_api.parse_args([]).max_new_tokens == 512
+    assert convert_model.build_parser().parse_args(["--out_dir", "hf"]).out == "hf"  # a destination: --out
+    assert "--max_tokens" not in helps["scripts/serve_openai_api.py"][0]
+    assert "--out_dir" not in helps["scripts/convert_model.py"][0]
+
+
 def readme_commands():
     """(script, [flags]) of every command the README shows: its ```bash blocks and `inline` commands.
     bash demo/demo.sh passes its flags to demo/demo.py."""

@@ -203,6 +203,8 @@ def test_inspect_data_shows_samples_as_the_model_sees_them(tmp_path, capsys):
                                                   ("not json", b"x")])
     main([path, "--n", "5"])
     out = capsys.readouterr().out
+    main(["--data_path", path, "--n", "5"])  # the other scripts' name for it
+    assert capsys.readouterr().out == out
     assert "d.parquet: 2 samples" in out and "d.parquet:row 0: " in out
     assert "image 1 (" in out and ": 40x30, placeholders at tokens 4..199" in out
     assert "<image x196>\nWhat color?" in out and "[[red<|im_end|>]]" in out  # only the answer is supervised
