@@ -11,7 +11,7 @@ size and grid cell ("a small red circle at the top left"). Linear heads on every
 the colour and shape of the object in that token's grid cell, or that the cell is empty.
 Labels are the captions' words only (no masks or boxes), and the heads are thrown away: what is
 kept is a tower whose patch tokens carry the object under them, which the VLM's projection then
-reads linearly. The tower is saved with save_pretrained beside its image processor, like any tower.
+reads linearly. The tower is saved as save_pretrained saves it, beside its image processor, like any tower.
 
     python demo/train_demo_tower.py --data_dir dataset/demo --out_dir out/demo/vision_tower
 """
@@ -53,7 +53,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from make_demo_vision_tower import make_vision_tower  # noqa: E402
+from make_demo_vision_tower import make_vision_tower, write_tower  # noqa: E402
 from make_shapes_data import CELLS, COLORS, IMG, SHAPES, parse_caption  # noqa: E402
 from model.images import open_image, to_pixels  # noqa: E402
 from model.model_vlm import tower_features  # noqa: E402
@@ -170,11 +170,10 @@ def train_tower(items, steps, batch_size=32, lr=3e-4, seed=0, dtype=torch.float3
 
 
 def save_tower(tower, processor, out_dir):
-    """save_pretrained into a sibling folder, then swap it in: a killed run leaves the old tower whole."""
+    """Written into a sibling folder, then swapped in: a killed run leaves the old tower whole."""
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tower.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
+    write_tower(tower, processor, tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
 

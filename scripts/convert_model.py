@@ -124,14 +124,12 @@ def save_tokenizer(tokenizer_path, tokenizer, out_dir):
 
 
 def save_processor(vision_path, out_dir):
-    from transformers import CLIPImageProcessor
-
-    from model.images import load_processor
+    from model.images import clip_processor, load_processor
     if vision_path and os.path.isfile(os.path.join(vision_path, "preprocessor_config.json")):
         processor = load_processor(vision_path)
     else:
         print(f"note: no image processor at '{vision_path}'; writing the standard CLIP ViT-B/16 one")
-        processor = CLIPImageProcessor(**CLIP_PROCESSOR)
+        processor = clip_processor(**CLIP_PROCESSOR)
     processor.save_pretrained(out_dir)
 
 
