@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from cli import add_model_args, make_parser  # noqa: E402
+from cli import add_model_args, make_parser, switch  # noqa: E402
 from dataset.video import VIDEO_EXTS, add_video_args, read_frames  # noqa: E402
 from model.chat import IMAGE_TAG, ReasoningSplitter, video_prompt  # noqa: E402
 from model.images import open_image  # noqa: E402
@@ -43,6 +43,7 @@ def parse_args(argv=None):
     a = ap.add_argument_group("serving").add_argument
     a("--host", default="127.0.0.1", help="0.0.0.0 to serve the local network")
     a("--port", type=int, default=8888, help="the port to listen on")
+    switch(a, "--share", 0, help="also serve on a temporary public gradio.live link (needs the internet)")
     a("--concurrency", type=int, default=1, help="generations running at once (others queue)")
     a("--max_file_mb", type=float, default=25, help="largest upload accepted")
     limits = ap.add_argument_group("limits")
@@ -304,8 +305,11 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     demo = build_demo(args, hub)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
-    demo.launch(server_name=args.host, server_port=args.port, show_error=True,
-                max_file_size=f"{args.max_file_mb}mb", inbrowser=False)
+    # quiet: gradio's own start lines end with a hint to edit launch() for a public link, which is --share here
+    demo.launch(server_name=args.host, server_port=args.port, show_error=True, share=bool(args.share), quiet=True,
+                max_file_size=f"{args.max_file_mb}mb", inbrowser=False, prevent_thread_lock=True)
+    print(f"web demo at {demo.local_url}" + (f" and {demo.share_url}" if demo.share_url else ""), flush=True)
+    demo.block_thread()
 
 
 if __name__ == "__main__":
