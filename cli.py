@@ -17,9 +17,9 @@ DTYPE_HELP = ("auto: bfloat16 where the hardware computes it natively (CUDA from
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The description as written, and every option's default after its help, unless the help says
-    it in its own words (a default of None means "decided at run time": the help says how), or
-    "(required)"."""
+    """The description as written, and after each option's help its default: "(default: X)", or
+    "(required)", or nothing where the help says "default: ..." in its own words (as it must for a
+    default of None, which the script decides at run time)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
