@@ -8,7 +8,6 @@
 
 Scoring is importable (normalize, score, run_benchmark) so other scripts and the tests share it.
 """
-import argparse
 import json
 import os
 import sys
@@ -18,7 +17,7 @@ from collections import defaultdict
 
 from PIL import Image
 
-from cli import switch
+from cli import IMAGES_PATH_DEFAULT, add_model_args, make_parser, switch
 from model.images import ImageError, open_image
 from dataset.samples import open_source
 from dataset.video import add_video_args, read_frames
@@ -237,29 +236,39 @@ def chat_mode(chat, tokenizer, args):
         messages.append({"role": "assistant", "content": answer})
 
 
-def main(argv=None):
-    from model.inference import InferenceConfig, VLMChat, add_model_args, load_model
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    ap = make_parser(__doc__)
     add_model_args(ap)
-    a = ap.add_argument
-    a("--max_new_tokens", type=int, default=None, help="default: 128, or 16 with --bench (short answers)")
+    a = ap.add_argument_group("generation").add_argument
+    a("--max_new_tokens", type=int, default=None, help="answer length limit; default: 128, or 16 with --bench "
+                                                       "(short answers)")
     a("--temperature", type=float, default=0.0, help="0 = greedy (folder/chat; --bench is always greedy)")
-    a("--top_p", type=float, default=0.85)
+    a("--top_p", type=float, default=0.85, help="nucleus sampling: the smallest set of tokens with this much "
+                                                "probability (with --temperature > 0)")
     switch(a, "--stream", 1, help="print answers token by token")
+    inputs = ap.add_argument_group("folder and chat modes")
+    a = inputs.add_argument
     a("--image_dir", default="images/eval", help="folder mode: every png/jpg/jpeg/webp/bmp, sorted by name")
-    a("--image", default=None, help="one image: folder mode answers just it; --chat starts with it")
+    a("--image", default=None, help="one image: folder mode answers just it; --chat starts with it (default: none)")
     a("--prompt", default=DEFAULT_PROMPT, help="folder mode question; <image>\\n is prepended if absent")
-    a("--video", default=None, help="ask --prompt (default: \"Describe the video.\") about a video's frames")
-    add_video_args(ap)
+    a("--video", default=None, help="ask --prompt (whose default becomes \"Describe the video.\") about a video's "
+                                    "frames (default: none)")
+    add_video_args(inputs)
     switch(a, "--chat", 0, help="interactive multi-turn chat")
+    a = ap.add_argument_group("benchmark (--bench)").add_argument
     a("--bench", default=None, help="SFT-format data to score: a jsonl or parquet (exact match; an optional "
-                                    "per-sample \"type\" field or column gives per-type scores)")
-    a("--images_path", default=None, help="--bench with a jsonl: its image folder (default: images/ next to it)")
+                                    "per-sample \"type\" field or column gives per-type scores) (default: none)")
+    a("--images_path", default=None, help=f"--bench with a jsonl: its image folder (default: {IMAGES_PATH_DEFAULT})")
     switch(a, "--blind", 0, help="--bench with every image replaced by a blank one")
     a("--limit", type=int, default=0, help="--bench: first N samples only (0 = all)")
     a("--batch_size", type=int, default=32, help="--bench questions per generation batch")
-    a("--out", default=None, help="--bench: write summary + per-question rows to this JSON file")
-    args = ap.parse_args(argv)
+    a("--out", default=None, help="--bench: write summary + per-question rows to this JSON file (default: none)")
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from model.inference import InferenceConfig, VLMChat, load_model  # torch: after the flags, so --help is at once
     if args.max_new_tokens is None:
         args.max_new_tokens = 16 if args.bench else 128
 
@@ -269,9 +278,8 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     chat = VLMChat(model, tokenizer, processor, args.open_thinking)
     if args.bench:
-        images_path = args.images_path or os.path.join(os.path.dirname(args.bench), "images")  # ignored for parquet
         try:
-            summary, rows = run_benchmark(chat, args.bench, images_path, args.blind, args.limit,
+            summary, rows = run_benchmark(chat, args.bench, args.images_path, args.blind, args.limit,
                                           args.batch_size, args.max_new_tokens)
         except ValueError as e:
             sys.exit(f"error: {e}")

@@ -1,8 +1,8 @@
 """Training loop shared by train_pretrain_vlm.py and train_sft_vlm.py.
 
 The two stages differ only in data, defaults and what is trainable, so both scripts call
-`build_parser(...)` with their defaults and then `main(parser)`, which turns the flags into a
-TrainConfig and runs `train(cfg)`:
+train_config's `build_parser(...)` with their defaults and parse their flags into a TrainConfig
+before importing this module (torch: seconds), then `run(cfg)`, which runs `train(cfg)`:
 
     cluster = setup_distributed(cfg)    # one process, torchrun (DDP) or the deepspeed launcher
     run = build_run(cfg, cluster)       # model and tower, data, engine, checkpointer, logger, state
@@ -11,10 +11,9 @@ TrainConfig and runs `train(cfg)`:
 
 CPU or CUDA, plain or DeepSpeed (--deepspeed, see train_engines.py), all go through the same loop.
 Checkpoints and resume files are written atomically, and SIGINT/SIGTERM or an error in the loop
-save a resume checkpoint. Errors are exceptions; main() ends a run that fails with one meant for
+save a resume checkpoint. Errors are exceptions; run() ends a run that fails with one meant for
 the user with one line `error: ...` (--debug or MINIMIND_DEBUG=1 for the traceback).
 """
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -34,160 +33,24 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from cli import switch
 from dataset.feature_cache import encode_with_cache, open_cache_for
 from dataset.lm_dataset import VLMDataset, collate_batch
 from dataset.samples import open_source
 from dataset.sampler import ResumableBatchSampler
-from dataset.video import add_video_args
 from model.chat import resolve_image_token_id
 from model.checkpoint import (CheckpointError, DiskFullError, atomic_save, infer_config_from_state_dict, llm_state_dict,
                               load_weights, read_checkpoint, weight_name, weight_path)
 from model.images import load_processor
 from model.paths import load_tokenizer
-from model.lora import LORA_LAYERS, LoraSettings, adapter_state_dict, add_lora, has_lora, save_adapter
+from model.lora import LoraSettings, adapter_state_dict, add_lora, has_lora, save_adapter
 from model.model_minimind import count_llm_params
 from model.model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig, tower_features, tower_token_count
-from model.precision import DTYPES, describe, dtype_name, resolve_dtype, use_tf32
+from model.precision import describe, dtype_name, resolve_device, resolve_dtype, use_tf32
 from model.record import make_record, resolve_folders, write_record
+from train_config import TrainConfig, build_parser, parse  # noqa: F401 (build_parser: trainer.main's callers)
 from train_engines import DeepSpeedEngine, TorchEngine
 
-# --- Configuration: the flags, parsed once at the edge into a read-only TrainConfig ---
-
-FREEZE_HELP = ("what trains besides the projector: 0: the whole LLM; 1: its last layer; 2: nothing; "
-               "3: its first and last layers (the 2026 release's SFT). With --lora_rank, the adapters train, "
-               "0 and 2 add nothing, 1 and 3 also train those layers in full")
-
-
-def build_parser(description, **defaults):
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--data_path", help="training data: a .jsonl file (with --images_path), or parquet in the released "
-                          "schema: a .parquet file, a folder of them or a glob (images inside)")
-    a("--images_path", help="jsonl only: the folder its image names are relative to")
-    switch(a, "--allow_outside_images", 0,
-           help="let jsonl image names leave --images_path ('../x.png', absolute paths); off, such a name is a bad sample")
-    a("--out_dir", default="out", help="where weights, resume files and logs go")
-    a("--epochs", type=int)
-    a("--batch_size", type=int, help="samples per process per micro-step")
-    a("--learning_rate", type=float)
-    a("--warmup_ratio", type=float, default=0.03, help="fraction of training with linear LR warmup")
-    a("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    a("--dtype", default="auto", choices=DTYPES,
-      help="autocast dtype; weights stay fp32. auto: bfloat16 where the hardware computes it natively (CUDA "
-           "from Ampere on; a CPU with AMX or AVX-512 BF16), else float16 on CUDA and float32 on CPU. "
-           "float16 adds a GradScaler")
-    a("--num_workers", type=int, default=2, help="DataLoader workers decoding images")
-    a("--accumulation_steps", type=int, default=1, help="micro-steps per optimizer step")
-    a("--grad_clip", type=float, default=1.0, help="max gradient norm (0 = no clipping)")
-    a("--log_interval", type=int, default=50, help="optimizer steps between log lines")
-    a("--save_interval", type=int, default=500, help="optimizer steps between checkpoints")
-    a("--dim", type=int, default=512)
-    a("--n_layers", type=int, default=8)
-    a("--max_seq_len", type=int, help="longer samples are truncated (never inside an image) or skipped")
-    switch(a, "--use_moe", 0, help="mixture-of-experts FFN")
-    switch(a, "--use_wandb", 0, help="log to Weights & Biases (WANDB_MODE=offline works)")
-    a("--wandb_project", default="MiniMind-V")
-    a("--seed", type=int, default=42, help="model init and data order")
-    a("--vision_model_path", help="the vision tower's directory; default: the one --from_weight's record names, "
-                                   "else " + DEFAULT_VISION_MODEL)
-    a("--tokenizer_path", help="default: the one --from_weight's record names; this repository's 'model' for "
-                               "--from_weight none; a --from_weight without a record (the released weights) needs it")
-    a("--image_token_id", type=int, default=-1,
-      help="placeholder id; -1 = <|image_pad|>, or '@' (34) with the released tokenizer")
-    a("--from_weight", help="start from out_dir/{from_weight}_{dim}.pth, a .pth path, or 'none' (random)")
-    a("--save_weight", help="weights go to out_dir/{save_weight}_{dim}[_moe].pth")
-    switch(a, "--from_resume", 0, help="continue from the resume file")
-    a("--freeze_llm", type=int, choices=[0, 1, 2, 3], help=FREEZE_HELP)
-    a("--projector", default="linear", choices=["linear", "mlp"],
-      help="a new projector's kind: linear (one bias-free Linear, the design) or mlp (LayerNorm, Linear, GELU, "
-           "Linear, as the 2026 release); a --from_weight VLM checkpoint brings its own")
-    a("--lora_rank", type=int, default=0,
-      help="LoRA (peft) adapters of this rank on the LLM's linear layers instead of training them in full "
-           "(0 = off); the projector trains in full. Saves {save_weight}_{dim}_lora.safetensors (small) "
-           "beside the .pth (adapters merged in). Works with DDP and DeepSpeed (ZeRO-2 and -3 tested)")
-    a("--lora_alpha", type=float, help="LoRA scale numerator: the update is alpha/rank * B @ A (default: 2 x rank)")
-    a("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA input")
-    a("--lora_targets", default=",".join(LORA_LAYERS),
-      help="which linear layers of every LLM block get adapters: attention wq,wk,wv,wo and FFN w1,w2,w3")
-    add_video_args(p)  # --frames, --max_video_seconds: a sample's "video" becomes that many images
-    switch(a, "--skip_bad_samples", 0,
-           help="skip (and count) malformed samples instead of stopping with an error")
-    switch(a, "--group_by_length", 1, help="batch samples of similar length")
-    switch(a, "--pad_to_max_len", 0,
-           help="pad every batch to --max_seq_len instead of its longest sample: fixed shapes (as the original "
-           "implementation did), more work")
-    a("--cache_features", nargs="?", const="1", default="0", metavar="0|1|DIR",
-      help="encode each image once and reuse its frozen features from a disk cache: 1 (or bare) in "
-           "out_dir/feature_cache, DIR in DIR, 0 off; ~300 KB per image at ViT-B/16 width, so later epochs "
-           "and runs skip the tower")
-    switch(a, "--use_compile", 0,
-           help="torch.compile the transformer blocks, the output head with its loss, and the vision tower")
-    switch(a, "--gradient_checkpointing", 0,
-           help="recompute activations in backward: less memory (e.g. dim 768 on a small GPU), ~30%% slower")
-    a("--stop_after_steps", type=int, default=0,
-      help="stop after this many optimizer steps with a resume file (0 = run to the end); the LR "
-           "schedule is unchanged, so a run can be split into time slots")
-    a("--deepspeed", metavar="CONFIG", help="train through DeepSpeed with this JSON config, e.g. "
-      "ds_config/zero2.json; its \"auto\" values come from our flags")
-    a("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher (LOCAL_RANK works too)")
-    switch(a, "--debug", 0, help="on an error, show the full traceback instead of one line "
-                                           "(MINIMIND_DEBUG=1 does the same)")
-    p.set_defaults(**defaults)
-    return p
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """The training flags, as build_parser defines them (help, defaults), read-only. On/off flags
-    are the ints 0 and 1, as the command line gives them."""
-    data_path: str | None
-    images_path: str | None
-    allow_outside_images: int
-    out_dir: str
-    epochs: int
-    batch_size: int  # per process and micro-step
-    learning_rate: float
-    warmup_ratio: float
-    device: str  # as given; Cluster.device is the one this process uses
-    dtype: str  # as given ("auto" too); train() replaces it with the dtype it resolves to
-    num_workers: int
-    accumulation_steps: int
-    grad_clip: float
-    log_interval: int
-    save_interval: int
-    dim: int
-    n_layers: int
-    max_seq_len: int | None
-    use_moe: int
-    use_wandb: int
-    wandb_project: str
-    seed: int
-    vision_model_path: str | None  # None: --from_weight's record's, else DEFAULT_VISION_MODEL (see train())
-    tokenizer_path: str | None  # None: --from_weight's record's, else "model" with --from_weight none
-    image_token_id: int
-    from_weight: str | None
-    save_weight: str | None
-    from_resume: int
-    freeze_llm: int | None
-    projector: str
-    lora_rank: int
-    lora_alpha: float | None
-    lora_dropout: float
-    lora_targets: str
-    frames: int  # per video
-    max_video_seconds: float
-    skip_bad_samples: int
-    group_by_length: int
-    pad_to_max_len: int
-    cache_features: str  # "0" off, "1" out_dir/feature_cache, else a folder (see open_feature_cache)
-    use_compile: int
-    gradient_checkpointing: int
-    stop_after_steps: int
-    deepspeed: str | None
-    local_rank: int
-    debug: int
-
+# --- Configuration: the flags (train_config.py), parsed once at the edge into a read-only TrainConfig ---
 
 def plain_args(cfg):
     """The config as saved in a resume file: plain values only (see rng_state)."""
@@ -587,7 +450,7 @@ def start_weights(cfg):
 
 
 def set_trainable(model, freeze_llm):
-    """--freeze_llm (see FREEZE_HELP); with LoRA adapters, they train and the layers they wrap do not."""
+    """--freeze_llm (see train_config.FREEZE_HELP); with LoRA adapters, they train and the layers they wrap do not."""
     lora = has_lora(model)
     model.requires_grad_(freeze_llm == 0 and not lora)
     if freeze_llm in (1, 3):
@@ -923,6 +786,7 @@ def train_epochs(run):
 
 def train(cfg):
     """A training run, from its config to the final checkpoint."""
+    cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
     cluster = setup_distributed(cfg)
     dtype, why = resolve_dtype(cfg.dtype, cluster.device)
     # The tokenizer and tower: given, or those --from_weight's record names (see model/record.py).
@@ -966,10 +830,14 @@ def error_message(e):
 
 
 def main(parser, argv=None):
-    """The train scripts' entry: the flags become a TrainConfig, then train. A run that fails with
+    """The flags (argv, default sys.argv) become a TrainConfig, then run."""
+    run(parse(parser, argv))
+
+
+def run(cfg):
+    """The train scripts' entry, once their flags are parsed: train. A run that fails with
     a USER_ERRORS error ends with the line `error: <message>` (exit code 1); --debug or
     MINIMIND_DEBUG=1 shows the traceback instead. A StopTraining ends it with its own code."""
-    cfg = TrainConfig(**vars(parser.parse_args(argv)))
     try:
         train(cfg)
     except StopTraining as e:

@@ -11,7 +11,6 @@ model selector lists the weights in --out_dir (.pth files, not the trainer's res
 the first time it is chosen and kept (the last --cache_models of them). Each browser tab has its
 own conversation; requests wait in a queue.
 """
-import argparse
 import dataclasses
 import functools
 import glob
@@ -27,37 +26,50 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import gradio as gr  # noqa: E402
-
-from model.chat import IMAGE_TAG, ReasoningSplitter, video_prompt  # noqa: E402
-from model.model_minimind import count_llm_params  # noqa: E402
-from model.images import open_image  # noqa: E402
+from cli import add_model_args, make_parser, switch  # noqa: E402
 from dataset.video import VIDEO_EXTS, add_video_args, read_frames  # noqa: E402
-from model.inference import (InferenceConfig, VLMChat, add_model_args, is_hf_dir, load_model,  # noqa: E402
-                             missing_weights, resolve_weight_path)
+from model.chat import IMAGE_TAG, ReasoningSplitter, video_prompt  # noqa: E402
+from model.images import open_image  # noqa: E402
 
 HINT = "Type a question, and attach pictures or a video with the 📎 button (or drop them on the box)."
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="MiniMind-V web demo (Gradio)")
+    ap = make_parser("MiniMind-V web demo (Gradio)")
     add_model_args(ap)
-    ap.add_argument("--hf_dirs", nargs="*", default=[], help="transformers-format model directories to offer")
-    ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve the local network")
-    ap.add_argument("--port", type=int, default=8888)
-    ap.add_argument("--max_images", type=int, default=8,
-                    help="images per conversation, a video's frames included (each takes the model's "
-                         "image_token_count placeholders: 196 for CLIP ViT-B/16)")
-    add_video_args(ap)  # a video upload becomes --frames images
-    ap.add_argument("--max_seq_len", type=int, default=0,
-                    help="prompt + answer token limit; 0 = the model's max_seq_len")
-    ap.add_argument("--max_file_mb", type=float, default=25, help="largest upload accepted")
-    ap.add_argument("--max_new_tokens", type=int, default=512, help="default of the slider")
-    ap.add_argument("--temperature", type=float, default=0.85, help="default of the slider")
-    ap.add_argument("--top_p", type=float, default=0.85, help="default of the slider")
-    ap.add_argument("--concurrency", type=int, default=1, help="generations running at once (others queue)")
-    ap.add_argument("--cache_models", type=int, default=3, help="loaded models kept in memory")
+    a = ap.add_argument_group("model list").add_argument
+    a("--hf_dirs", nargs="*", default=[], help="transformers-format model directories to offer besides the "
+                                               ".pth files in --out_dir (default: none)")
+    a("--cache_models", type=int, default=3, help="loaded models kept in memory")
+    a = ap.add_argument_group("serving").add_argument
+    a("--host", default="127.0.0.1", help="0.0.0.0 to serve the local network")
+    a("--port", type=int, default=8888, help="the port to listen on")
+    switch(a, "--share", 0, help="also serve on a temporary public gradio.live link (needs the internet)")
+    a("--concurrency", type=int, default=1, help="generations running at once (others queue)")
+    a("--max_file_mb", type=float, default=25, help="largest upload accepted")
+    limits = ap.add_argument_group("limits")
+    a = limits.add_argument
+    a("--max_images", type=int, default=8,
+      help="images per conversation, a video's frames included (each takes the model's "
+           "image_token_count placeholders: 196 for CLIP ViT-B/16)")
+    add_video_args(limits)  # a video upload becomes --frames images
+    a("--max_seq_len", type=int, default=0, help="prompt + answer token limit; 0 = the model's max_seq_len")
+    a = ap.add_argument_group("generation", "the sliders' starting values").add_argument
+    a("--max_new_tokens", type=int, default=512, help="answer length limit")
+    a("--temperature", type=float, default=0.85, help="0 = greedy")
+    a("--top_p", type=float, default=0.85, help="nucleus sampling: the smallest set of tokens with this much "
+                                                "probability")
     return ap.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and a mistyped flag answer here, before gradio and torch load (seconds)
+
+import gradio as gr  # noqa: E402
+
+from model.model_minimind import count_llm_params  # noqa: E402
+from model.inference import (InferenceConfig, VLMChat, is_hf_dir, load_model, missing_weights,  # noqa: E402
+                             resolve_weight_path)
 
 
 class ModelHub:
@@ -296,8 +308,11 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     demo = build_demo(args, hub)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
-    demo.launch(server_name=args.host, server_port=args.port, show_error=True,
-                max_file_size=f"{args.max_file_mb}mb", inbrowser=False)
+    # quiet: gradio's own start lines end with a hint to edit launch() for a public link, which is --share here
+    demo.launch(server_name=args.host, server_port=args.port, show_error=True, share=bool(args.share), quiet=True,
+                max_file_size=f"{args.max_file_mb}mb", inbrowser=False, prevent_thread_lock=True)
+    print(f"web demo at {demo.local_url}" + (f" and {demo.share_url}" if demo.share_url else ""), flush=True)
+    demo.block_thread()
 
 
 if __name__ == "__main__":

@@ -119,15 +119,26 @@ def resolve_image(images_path, name, allow_outside=None, what="image"):
     return path
 
 
+def default_images_path(data_path):
+    """Where a jsonl's image names are looked up when no images_path is given: the `images` folder
+    beside it (the layout of the demo's data, of eval's benchmarks and of what convert_data.py
+    writes: one image folder beside the jsonl files that name its images), or, where there is
+    none, the jsonl's own folder."""
+    folder = os.path.dirname(data_path)
+    images = os.path.join(folder, "images")
+    return images if os.path.isdir(images) else folder
+
+
 class JsonlSource:
-    """Samples of a jsonl file whose image names are relative to images_path. Every line is checked
-    here; bad ones are listed in `bad` ("where: reason") and left out of the samples."""
+    """Samples of a jsonl file whose image names are relative to images_path (None: see
+    default_images_path). Every line is checked here; bad ones are listed in `bad` ("where:
+    reason") and left out of the samples."""
 
     def __init__(self, path, images_path, allow_outside_images=None, path_flag="--data_path"):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"data file {path} not found" + (f" (set {path_flag})" if path_flag else ""))
         if images_path is None:
-            images_path = os.path.dirname(path)
+            images_path = default_images_path(path)
         self.path, self.bad, self.n_text_only = path, [], 0  # bad: "where: reason", one per bad line
         self.samples, lengths = [], []
         with open(path, "rb") as f:

@@ -24,7 +24,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cli import switch  # noqa: E402
+from cli import add_model_args, make_parser, switch  # noqa: E402
 
 
 def step(n, title):
@@ -63,29 +63,32 @@ def train_args(a, stage):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--data_dir", default="dataset/demo")
-    a("--out_dir", default="out/demo")
+    p = make_parser(__doc__)
+    a = p.add_argument_group("data").add_argument
+    a("--data_dir", default="dataset/demo", help="where the shapes world is written")
     a("--n_train", type=int, default=9000, help="training images (one caption and one Q&A sample each)")
     a("--n_test", type=int, default=300, help="held-out questions")
+    a = p.add_argument_group("model").add_argument
     a("--tower_steps", type=int, default=800,
       help="steps that teach the vision tower this world before the VLM is built on it (0: a random tower)")
-    a("--dim", type=int, default=256)
-    a("--n_layers", type=int, default=4)
-    a("--pretrain_epochs", type=int, default=1)
-    a("--sft_epochs", type=int, default=1)
-    a("--pretrain_lr", type=float, default=2e-3)
-    a("--sft_lr", type=float, default=1e-3)
-    a("--batch_size", type=int, default=16)
-    a("--num_workers", type=int, default=1)
-    a("--log_interval", type=int, default=20)
-    a("--device", default="cpu")
+    a("--dim", type=int, default=256, help="the LLM's width (trained from scratch)")
+    a("--n_layers", type=int, default=4, help="the LLM's layers")
+    a("--projector", default="linear", choices=["linear", "mlp"], help="the projector kind (passed to training)")
+    a = p.add_argument_group("training").add_argument
+    a("--pretrain_epochs", type=int, default=1, help="epochs of captions")
+    a("--sft_epochs", type=int, default=1, help="epochs of questions")
+    a("--pretrain_lr", type=float, default=2e-3, help="pretraining's learning rate")
+    a("--sft_lr", type=float, default=1e-3, help="SFT's learning rate")
+    a("--batch_size", type=int, default=16, help="samples per step")
+    a("--num_workers", type=int, default=1, help="DataLoader workers decoding images")
+    a("--device", default="cpu", help="passed to training and scoring (the demo is sized for a CPU)")
     a("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
       help="passed to training (auto: bf16 where the CPU computes it natively, else fp32)")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="the world's, the tower's and training's seed")
     switch(a, "--use_compile", 1, help="torch.compile the LLM blocks: about twice the steps in the same minutes")
-    a("--projector", default="linear", choices=["linear", "mlp"], help="the projector kind (passed to training)")
+    a = p.add_argument_group("output").add_argument
+    a("--out_dir", default="out/demo", help="weights, logs, the tower and results.json")
+    a("--log_interval", type=int, default=20, help="optimizer steps between training's log lines")
     a("--samples", type=int, default=6, help="held-out answers to print")
     args = p.parse_args()
     args.tower_dir = os.path.join(args.out_dir, "vision_tower")
@@ -106,7 +109,7 @@ def main():
 
     step(5, "score the held-out split, with the images and blind (blank images)")
     from eval_vlm import run_benchmark
-    from model.inference import InferenceConfig, VLMChat, add_model_args, load_model
+    from model.inference import InferenceConfig, VLMChat, load_model
     model_args = add_model_args(argparse.ArgumentParser()).parse_args(
         ["--weight", "sft_vlm", "--out_dir", args.out_dir, "--dim", str(args.dim), "--n_layers", str(args.n_layers),
          "--vision_model_path", args.tower_dir, "--device", args.device])

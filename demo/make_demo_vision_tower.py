@@ -3,7 +3,7 @@
 The real CLIP ViT-B/16 cannot be downloaded in an offline sandbox. This script
 saves a stand-in with the same interface: ViT-B/16 geometry (224x224 input,
 16x16 patches, so 196 patch tokens + CLS) but a smaller width and depth. It is
-written with ``save_pretrained`` next to a standard ``CLIPImageProcessor``, so
+written as ``save_pretrained`` writes it, next to a standard ``CLIPImageProcessor``, so
 ``CLIPVisionModel.from_pretrained(dir)`` and ``AutoImageProcessor.from_pretrained(dir)``
 load it just like a real CLIP checkpoint.
 
@@ -16,11 +16,14 @@ Keep it shallow (the default is 2 layers): every extra random layer mixes the to
 ``build_vision_tower(..., full_clip=True)`` saves a full ``CLIPModel`` (vision tower plus a tiny
 text tower) instead, so the tests can check the loader against both kinds of directory.
 """
-import argparse
 import os
+import sys
 
-import torch
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from cli import make_parser  # noqa: E402
 
 # The standard OpenAI CLIP normalisation constants.
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -30,6 +33,10 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 def make_vision_tower(hidden_size=256, num_layers=2, num_heads=4, intermediate_size=None, seed=0,
                       position_std=1.0, patch_size=16):
     """A random-init CLIPVisionModel of ViT-B/16 geometry and the standard CLIP image processor."""
+    import torch  # here: the --help of this script and of train_demo_tower.py answers without torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from model.images import clip_processor
     torch.manual_seed(seed)  # same seed -> same weights
     model = CLIPVisionModel(CLIPVisionConfig(**vision_config(hidden_size, num_layers, num_heads, intermediate_size,
                                                                   patch_size)))
@@ -40,7 +47,7 @@ def make_vision_tower(hidden_size=256, num_layers=2, num_heads=4, intermediate_s
     with torch.no_grad():
         getattr(model, "vision_model", model).embeddings.position_embedding.weight.normal_(0.0, position_std)
     # The same preprocessing as real CLIP: resize the short side to 224, centre-crop 224x224, normalise.
-    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+    processor = clip_processor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
                                    do_resize=True, do_center_crop=True, do_normalize=True,
                                    image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3)  # 3 = bicubic
     return model.eval(), processor
@@ -61,6 +68,7 @@ def build_vision_tower(out_dir, hidden_size=256, num_layers=2, num_heads=4,
     model, processor = make_vision_tower(hidden_size, num_layers, num_heads, intermediate_size, seed, position_std)
     n_params = sum(p.numel() for p in model.parameters())
     if full_clip:
+        from transformers import CLIPConfig, CLIPModel
         text_cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                         vocab_size=1000, max_position_embeddings=77, projection_dim=hidden_size,
                         bos_token_id=0, eos_token_id=1, pad_token_id=1)
@@ -70,9 +78,7 @@ def build_vision_tower(out_dir, hidden_size=256, num_layers=2, num_heads=4,
         # (transformers 5 flattened CLIPVisionModel; older versions wrap it in .vision_model.)
         full.vision_model.load_state_dict(getattr(model, "vision_model", model).state_dict())
         model = full.eval()
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    write_tower(model, processor, out_dir)
     if verbose:
         kind = "full CLIPModel" if full_clip else "CLIPVisionModel"
         print(f"saved random-init {kind} (hidden {hidden_size}, {num_layers} layers, {num_heads} heads) "
@@ -80,8 +86,22 @@ def build_vision_tower(out_dir, hidden_size=256, num_layers=2, num_heads=4,
     return n_params
 
 
+def write_tower(model, processor, out_dir):
+    """What model.save_pretrained and processor.save_pretrained write (config.json, model.safetensors,
+    preprocessor_config.json), without the former's unwrapping of distributed wrappers, which imports
+    deepspeed where it is installed (and so prints its accelerator warning) for a model it never wraps."""
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    model.config.architectures = [type(model).__name__]
+    model.config.dtype = next(model.parameters()).dtype
+    model.config.save_pretrained(out_dir)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out_dir, "model.safetensors"),
+              metadata={"format": "pt"})
+    processor.save_pretrained(out_dir)
+
+
 def main():
-    ap = argparse.ArgumentParser(description="Save a random-init CLIP ViT-B/16-geometry vision tower for the demo.")
+    ap = make_parser("Save a random-init CLIP ViT-B/16-geometry vision tower for the demo.")
     add = ap.add_argument
     add("--out_dir", default="model/vision_model/demo-clip-vit-b16", help="where to save model + processor")
     for flag, default, what in (("--hidden_size", 256, "token width (real ViT-B/16: 768)"),

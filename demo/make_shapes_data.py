@@ -23,17 +23,20 @@ Design choices:
 * Everything is deterministic: all randomness comes from ``random.Random``
   instances derived from the seeds, and each image is drawn from its own seed.
 """
-import argparse
 import glob
 import json
 import os
 import random
 import re
+import sys
 import time
 from collections import Counter
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cli import make_parser  # noqa: E402
 
 IMG = 224
 SCALE = 2  # draw at 2x and downsample: cheap anti-aliasing
@@ -271,7 +274,7 @@ def generate(out_dir="dataset/demo", seed=0, n_train=3000, n_test=300, test_seed
 
 
 def main():
-    ap = argparse.ArgumentParser(description="Generate the shapes-world demo dataset (MiniMind-V jsonl + images).")
+    ap = make_parser("Generate the shapes-world demo dataset (MiniMind-V jsonl + images).")
     ap.add_argument("--out_dir", default="dataset/demo", help="output directory (gets images/ and *.jsonl)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the training split")
     ap.add_argument("--n_train", type=int, default=3000, help="number of training images (1 caption + 1 SFT sample each)")

@@ -11,24 +11,49 @@ size and grid cell ("a small red circle at the top left"). Linear heads on every
 the colour and shape of the object in that token's grid cell, or that the cell is empty.
 Labels are the captions' words only (no masks or boxes), and the heads are thrown away: what is
 kept is a tower whose patch tokens carry the object under them, which the VLM's projection then
-reads linearly. The tower is saved with save_pretrained beside its image processor, like any tower.
+reads linearly. The tower is saved as save_pretrained saves it, beside its image processor, like any tower.
 
     python demo/train_demo_tower.py --data_dir dataset/demo --out_dir out/demo/vision_tower
 """
-import argparse
 import math
 import os
 import shutil
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "demo")]
 
-from make_demo_vision_tower import make_vision_tower  # noqa: E402
+from cli import make_parser  # noqa: E402
+
+
+def build_parser():
+    p = make_parser(__doc__)
+    a = p.add_argument_group("data and output").add_argument
+    a("--data_dir", default="dataset/demo", help="the demo data (demo/make_shapes_data.py): its pretrain captions")
+    a("--out_dir", default="out/demo/vision_tower", help="where the trained tower and its processor go")
+    a = p.add_argument_group("the tower").add_argument
+    a("--hidden_size", type=int, default=256, help="token width (real ViT-B/16: 768)")
+    a("--num_layers", type=int, default=2, help="transformer layers (real ViT-B/16: 12)")
+    a("--num_heads", type=int, default=4, help="attention heads (must divide hidden_size)")
+    a("--patch_size", type=int, default=16, help="16: 196 tokens per image (ViT-B/16); 32: 49 (ViT-B/32)")
+    a = p.add_argument_group("training").add_argument
+    a("--steps", type=int, default=800, help="optimizer steps")
+    a("--batch_size", type=int, default=32, help="images per step")
+    a("--learning_rate", type=float, default=3e-4, help="the tower's peak (its heads: 10x)")
+    a("--seed", type=int, default=0, help="weights and data order")
+    a("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+      help="autocast dtype on the CPU (auto: bf16 where the CPU computes it natively)")
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and a mistyped flag answer here, before torch loads (seconds)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from make_demo_vision_tower import make_vision_tower, write_tower  # noqa: E402
 from make_shapes_data import CELLS, COLORS, IMG, SHAPES, parse_caption  # noqa: E402
 from model.images import open_image, to_pixels  # noqa: E402
 from model.model_vlm import tower_features  # noqa: E402
@@ -145,31 +170,16 @@ def train_tower(items, steps, batch_size=32, lr=3e-4, seed=0, dtype=torch.float3
 
 
 def save_tower(tower, processor, out_dir):
-    """save_pretrained into a sibling folder, then swap it in: a killed run leaves the old tower whole."""
+    """Written into a sibling folder, then swapped in: a killed run leaves the old tower whole."""
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tower.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
+    write_tower(tower, processor, tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--data_dir", default="dataset/demo", help="the demo data (demo/make_shapes_data.py): its pretrain captions")
-    a("--out_dir", default="out/demo/vision_tower", help="where the trained tower and its processor go")
-    a("--steps", type=int, default=800, help="optimizer steps")
-    a("--batch_size", type=int, default=32)
-    a("--learning_rate", type=float, default=3e-4, help="the tower's peak (its heads: 10x)")
-    a("--hidden_size", type=int, default=256, help="token width (real ViT-B/16: 768)")
-    a("--num_layers", type=int, default=2, help="transformer layers (real ViT-B/16: 12)")
-    a("--num_heads", type=int, default=4)
-    a("--patch_size", type=int, default=16, help="16: 196 tokens per image (ViT-B/16); 32: 49 (ViT-B/32)")
-    a("--seed", type=int, default=0)
-    a("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-      help="autocast dtype on the CPU (auto: bf16 where the CPU computes it natively)")
-    args = p.parse_args()
+    args = build_parser().parse_args()
     from model.precision import describe, resolve_dtype
     dtype, why = resolve_dtype(args.dtype, "cpu")
     print(describe(dtype, why), flush=True)

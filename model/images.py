@@ -17,7 +17,6 @@ import os
 import warnings
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 MAX_IMAGE_SIDE = 1024
@@ -88,6 +87,17 @@ def load_processor(path):
     return AutoImageProcessor.from_pretrained(path, use_fast=False)
 
 
+def clip_processor(**settings):
+    """A CLIP image processor made from its settings, in the same PIL/numpy form (transformers 5 names
+    that form CLIPImageProcessorPil; its plain name there wants torchvision and warns without it).
+    It saves as a CLIPImageProcessor, which load_processor reads back."""
+    try:
+        from transformers import CLIPImageProcessorPil as processor_class
+    except ImportError:  # transformers 4: the plain class is the PIL one
+        from transformers import CLIPImageProcessor as processor_class
+    return processor_class(**settings)
+
+
 def to_pixels(processor, images):
     """RGB PIL images -> the tower's input [N, 3, H, W] (float32), through its image processor.
     No images gives [0, 3, H, W], so a batch can always concatenate its images."""
@@ -103,4 +113,5 @@ def empty_pixels(processor):
     if shape is None:
         shape = processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")["pixel_values"].shape[1:]
         processor._pixel_shape = shape
+    import torch  # only here: scripts load this module before parsing their flags (--help without torch)
     return torch.zeros(0, *shape)

@@ -1,19 +1,18 @@
 """Loading a trained model for inference and talking to it: shared by eval_vlm.py, the web demo
 and the API server, so they take the same flags and build prompts the same way as training."""
-import argparse
 import dataclasses
 import logging
 import os
 
 import torch
 
-from cli import switch
+from cli import add_model_args  # noqa: F401 (the flags InferenceConfig holds; imported from here by callers)
 from .images import load_processor, to_pixels, to_rgb
 from .chat import IMAGE_TAG, ChatEncoder, resolve_image_token_id, split_reasoning
 from .model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig
 from .checkpoint import check_state_dict, infer_config_from_state_dict, load_weights, read_checkpoint, weight_path
 from .paths import load_tokenizer
-from .precision import DTYPES, describe, resolve_dtype
+from .precision import describe, resolve_device, resolve_dtype
 from .record import resolve_folders
 from .lora import adapter_projector, load_adapter, merge_lora
 from .quantize import quantize_int8
@@ -21,41 +20,9 @@ from .quantize import quantize_int8
 log = logging.getLogger(__name__)  # notes for the user: stderr, as plain lines (logging's last-resort handler)
 
 
-def add_model_args(parser):
-    a = parser.add_argument
-    a("--weight", default="sft_vlm", help="a .pth path, a name (out_dir/{weight}_{dim}[_moe].pth), or a "
-                                          "transformers-format directory (scripts/convert_model.py)")
-    a("--load", type=int, choices=[0, 1], default=None, help=argparse.SUPPRESS)  # old; the path tells now
-    a("--out_dir", default="out", help="where named weights are looked up")
-    a("--dim", type=int, default=512, help="checked against (and taken from) the checkpoint")
-    a("--n_layers", type=int, default=8, help="checked against (and taken from) the checkpoint")
-    switch(a, "--use_moe", 0, help="checked against (and taken from) the checkpoint")
-    a("--vision_model_path", help="the vision tower's directory (CLIP or SigLIP); default: the one the weights' "
-                                   "record names, else " + DEFAULT_VISION_MODEL)
-    a("--tokenizer_path", help="the tokenizer's directory; default: the one the weights' record names (a .pth "
-                               "without a record, as the released ones, needs it given)")
-    switch(a, "--ignore_record", 0, help="use --tokenizer_path / --vision_model_path even where they differ from "
-                                         "what the weights' record says they were trained with")
-    a("--image_token_id", type=int, default=-1,
-      help="placeholder id; -1 = <|image_pad|>, or '@' (34) with the released tokenizer")
-    a("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    a("--dtype", default="auto", choices=DTYPES,
-      help="auto: bfloat16 where the hardware computes it natively (CUDA from Ampere on; a CPU with AMX or "
-           "AVX-512 BF16), else float16 on CUDA and float32 on CPU")
-    switch(a, "--open_thinking", 0,
-           help="let the model reason before answering, where the chat template supports it (the 2026 "
-                "release's <think> block); answers are shown without the reasoning")
-    a("--lora", metavar="PATH", help="a LoRA adapter (train_*_vlm.py --lora_rank writes "
-                                     "{save_weight}_{dim}_lora.safetensors) applied to --weight, without merging")
-    a("--quantize", default="none", choices=["none", "int8"],
-      help="int8: the LLM's linear layers get int8 weights (dynamic quantization, CPU only): about 1.5x "
-           "faster decoding at batch 1, at the cost of answers that can differ slightly from full precision")
-    return parser
-
-
 @dataclasses.dataclass(frozen=True)
 class InferenceConfig:
-    """What loading a model for inference needs (add_model_args defines the flags); the scripts
+    """What loading a model for inference needs (cli.add_model_args defines the flags); the scripts
     build it from their flags with from_args."""
     weight: str = "sft_vlm"
     out_dir: str = "out"
@@ -66,7 +33,7 @@ class InferenceConfig:
     tokenizer_path: str | None = None  # None: the record's (a .pth without one needs it given)
     ignore_record: int = 0
     image_token_id: int = -1
-    device: str = "cpu"
+    device: str = "auto"  # see resolve_device
     dtype: str = "auto"
     open_thinking: int = 0
     quantize: str = "none"
@@ -122,9 +89,10 @@ def load_model(args):
     if args.lora:
         load_adapter(model, args.lora)
     processor = load_processor(vision_path)
-    dtype, why = resolve_dtype(args.dtype, args.device)
+    device = resolve_device(args.device)
+    dtype, why = resolve_dtype(args.dtype, device)
     log.warning(describe(dtype, why))  # a note for the user, like the others here
-    model = model.to(args.device, dtype).eval()
+    model = model.to(device, dtype).eval()
     if args.quantize == "int8":
         model = quantize_int8(merge_lora(model))  # int8 layers replace plain Linears: fold the adapters in first
     return model, tokenizer, processor
@@ -224,7 +192,7 @@ def load_hf_dir(args):
     path = args.weight
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} is not a transformers-format model directory (no config.json). Make one "
-                                f"with `python scripts/convert_model.py --weight X.pth --out_dir {path}`")
+                                f"with `python scripts/convert_model.py --weight X.pth --out {path}`")
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         recorded = json.load(f).get("vision_model_path") or ""
     default = inspect.signature(VLMConfig.__init__).parameters["vision_model_path"].default

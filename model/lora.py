@@ -11,14 +11,13 @@ and `lora_B`), so the model keeps its class and forward. What the rest of the re
   trainable), in this repo's module names, with its LoRA settings in the file's metadata;
 - merge_lora(model): fold the adapters in place and unwrap the layers (for int8, or to save).
 
-peft is imported only when a model gets adapters.
+peft is imported only when a model gets adapters, torch only where used: the trainers' flags take
+LORA_LAYERS from here before torch loads.
 """
 import dataclasses
 import json
 import os
 import re
-
-import torch
 
 LORA_LAYERS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # attention and SwiGLU projections, both generations
 FORMAT = "minimind-lora"
@@ -158,17 +157,18 @@ def load_adapter(model, path):
     return model
 
 
-@torch.no_grad()
 def merge_lora(model):
     """Fold every adapter into its base layer and put the plain nn.Linear back -> model."""
+    import torch
     if not has_lora(model):
         return model
-    folded = fold_lora(model.state_dict(), model)
-    for name in lora_layers(model):
-        parent, _, child = name.rpartition(".")
-        layer = getattr(model.get_submodule(parent), child)
-        setattr(model.get_submodule(parent), child, layer.base_layer)
-        layer.base_layer.weight.copy_(folded[f"{name}.weight"])
+    with torch.no_grad():
+        folded = fold_lora(model.state_dict(), model)
+        for name in lora_layers(model):
+            parent, _, child = name.rpartition(".")
+            layer = getattr(model.get_submodule(parent), child)
+            setattr(model.get_submodule(parent), child, layer.base_layer)
+            layer.base_layer.weight.copy_(folded[f"{name}.weight"])
     model.lora_settings = None
     for attr in ("peft_config", "_hf_peft_config_loaded"):  # what peft set on the instance
         model.__dict__.pop(attr, None)

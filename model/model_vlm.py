@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from .model_minimind import MiniMindConfig, MiniMindForCausalLM
-from .paths import local_path
+from .paths import DEFAULT_VISION_MODEL, local_path
 
-DEFAULT_VISION_MODEL = "model/vision_model/clip-vit-base-patch16"  # the design's tower: CLIP ViT-B/16
+
 def vision_help(path):
     """How to put a vision tower in `path`, the folder that was looked in: the commands write there,
     so what failed works as it was after either."""

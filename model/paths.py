@@ -4,6 +4,7 @@ folder is looked up from the repository's root."""
 import os
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_VISION_MODEL = "model/vision_model/clip-vit-base-patch16"  # the design's tower: CLIP ViT-B/16
 
 
 def local_path(path):

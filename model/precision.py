@@ -7,13 +7,22 @@ with AVX2 only, most laptops). So `auto` asks the hardware:
         GradScaler);
   CPU:  bf16 with AMX or AVX-512 BF16 instructions, else fp32.
 docs/performance.md has the measurements behind this rule.
+
+torch is imported inside the functions: the scripts build their flags (DTYPES) before torch
+loads, so that --help answers at once.
 """
 import functools
 import platform
 
-import torch
-
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def resolve_device(name):
+    """--device: 'auto' -> 'cuda:0' where CUDA is available, else 'cpu'; any other name as given."""
+    if name != "auto":
+        return name
+    import torch
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,6 +39,7 @@ def cpu_bf16_instructions():
 
 def resolve_dtype(name, device):
     """'auto' (or an explicit name) and a device string -> (torch dtype, why, in a few words)."""
+    import torch
     if name != "auto":
         return getattr(torch, name), "as asked"
     if str(device).startswith("cuda"):
@@ -55,6 +65,7 @@ def describe(dtype, why):
 def use_tf32(device, dtype):
     """fp32 on a CUDA card: let its matmuls and convolutions use TF32 tensor cores (10-bit mantissa
     products, fp32 accumulation), as PyTorch did by default before 1.12. A no-op on CPU."""
+    import torch
     if str(device).startswith("cuda") and dtype == torch.float32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -11,7 +11,6 @@ embedded twice, in the pretrain and the SFT file, is encoded once). Under torchr
 It costs about 300 KB per image at ViT-B/16 width (196 x 768 fp16): about 180 GB for the
 released pretrain set.
 """
-import argparse
 import os
 import sys
 import time
@@ -19,14 +18,41 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from cli import DEVICE_HELP, IMAGES_PATH_DEFAULT, make_parser  # noqa: E402
+from model.paths import DEFAULT_VISION_MODEL  # noqa: E402
+from model.precision import DTYPES, describe, resolve_device, resolve_dtype  # noqa: E402
+
+
+def build_parser():
+    p = make_parser(__doc__)
+    a = p.add_argument_group("data").add_argument
+    a("--data_path", required=True, help="the training data whose images to encode: a jsonl, or parquet (a file, "
+                                         "a folder or a glob of shards)")
+    a("--images_path", help=f"jsonl only: the folder its image names are relative to (default: {IMAGES_PATH_DEFAULT})")
+    a("--num_workers", type=int, default=2, help="DataLoader workers decoding images")
+    a = p.add_argument_group("the tower, as training runs it").add_argument
+    a("--vision_model_path", default=DEFAULT_VISION_MODEL, help="the training run's vision tower")
+    a("--dtype", default="auto", choices=DTYPES,
+      help="the training run's --dtype (auto resolves the same way on the same machine): the tower runs in it, "
+           "and the cache is keyed by it")
+    a("--device", default="auto", help=DEVICE_HELP)
+    a("--batch_size", type=int, default=32, help="images per tower call")
+    a = p.add_argument_group("output").add_argument
+    a("--cache_dir", default="out/feature_cache", help="the DIR of the trainers' --cache_features DIR (out/"
+                                                       "feature_cache is where their --cache_features 1 looks)")
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and a mistyped flag answer here, before torch loads (seconds)
+
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from dataset.feature_cache import image_key, open_cache_for  # noqa: E402
 from model.images import ImageError, load_processor, open_image, to_pixels  # noqa: E402
 from trainer import open_data  # noqa: E402
-from model.model_vlm import DEFAULT_VISION_MODEL, load_vision_tower, tower_features  # noqa: E402
-from model.precision import DTYPES, describe, resolve_dtype  # noqa: E402
+from model.model_vlm import load_vision_tower, tower_features  # noqa: E402
 
 
 def images_of(source):
@@ -58,20 +84,8 @@ class Pixels(Dataset):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--data_path", required=True, help="the training data whose images to encode: a jsonl, or parquet (a file, "
-                                         "a folder or a glob of shards)")
-    a("--images_path", help="jsonl only: the folder its image names are relative to")
-    a("--cache_dir", default="out/feature_cache", help="the DIR of --cache_features DIR (default: the trainer's)")
-    a("--vision_model_path", default=DEFAULT_VISION_MODEL)
-    a("--dtype", default="auto", choices=DTYPES,
-      help="the training run's --dtype (auto resolves the same way on the same machine): the tower runs in it, "
-           "and the cache is keyed by it")
-    a("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    a("--batch_size", type=int, default=32)
-    a("--num_workers", type=int, default=2, help="DataLoader workers decoding images")
-    args = p.parse_args()
+    args = build_parser().parse_args()
+    args.device = resolve_device(args.device)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if args.device.startswith("cuda") and world > 1:
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"

@@ -3,7 +3,7 @@
     # jsonl + image folder -> parquet with the images inside (the release's schema)
     python scripts/convert_data.py --data_path my_data.jsonl --images_path my_images --out my_data.parquet
     # parquet -> jsonl + image folder (to look at the images, or edit the data by hand)
-    python scripts/convert_data.py --data_path sft_i2t.parquet --out sft.jsonl --images_path sft_images
+    python scripts/convert_data.py --data_path sft_i2t.parquet --out sft.jsonl   # images to images/ beside it
 
 The parquet schema is the release's: `conversations` (the turns as a JSON string) and
 `image_bytes` (the encoded image, byte for byte as it was on disk). A text-only sample gets the
@@ -12,7 +12,6 @@ list of binaries in every row instead. A per-sample `type` (benchmark data) beco
 a sample's `video` file its `video_bytes` (a video row keeps the placeholder image too).
 Going back, each distinct image is written once, named by a hash of its bytes.
 """
-import argparse
 import hashlib
 import io
 import json
@@ -24,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from dataset.samples import JsonlSource, SampleError, is_parquet, open_source  # noqa: E402
-from cli import switch  # noqa: E402
+from cli import IMAGES_PATH_DEFAULT, make_parser, switch  # noqa: E402
 
 BATCH_ROWS = 1024  # rows per parquet row group / write
 
@@ -143,9 +142,11 @@ def disk_size(*paths):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--data_path", required=True, help="a .jsonl (-> parquet) or parquet file/folder/glob (-> jsonl)")
-    p.add_argument("--images_path", help="the jsonl's image folder: read from (to parquet) or written to (to jsonl)")
+    p.add_argument("--images_path", help="the jsonl's image folder: read from (to parquet; default: "
+                                         f"{IMAGES_PATH_DEFAULT}) or written to (to jsonl; default: the images/ "
+                                         "folder beside --out, where the trainers will look for them)")
     p.add_argument("--out", required=True, help="the .parquet or .jsonl file to write")
     switch(p.add_argument, "--skip_bad_samples", 0,
            help="leave out (and count) bad lines or rows instead of stopping at the first")
@@ -153,10 +154,8 @@ def main(argv=None):
     parquet_in = is_parquet(args.data_path)
     if parquet_in == args.out.endswith(".parquet"):
         sys.exit("error: convert jsonl -> .parquet or parquet -> .jsonl: --out must be of the other format")
-    if not parquet_in and not args.images_path:
-        sys.exit("error: --images_path: the folder the jsonl's image names are relative to")
     if parquet_in and not args.images_path:
-        args.images_path = os.path.splitext(args.out)[0] + "_images"
+        args.images_path = os.path.join(os.path.dirname(args.out), "images")
     try:
         source = open_source(args.data_path, args.images_path) if parquet_in else JsonlSource(args.data_path,
                                                                                                 args.images_path)

@@ -1,7 +1,7 @@
 """Convert MiniMind-V weights between our .pth format and a transformers-format directory.
 
 Export (.pth -> directory):
-    python scripts/convert_model.py --weight out/sft_vlm_512.pth --out_dir out/MiniMind2-V-hf
+    python scripts/convert_model.py --weight out/sft_vlm_512.pth --out out/MiniMind2-V-hf
 writes a self-contained directory that loads offline with
     AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
     config.json             VLMConfig with auto_map, vision_model_path recorded (the CLIP tower itself
@@ -26,12 +26,42 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from cli import make_parser, old_spelling, switch  # noqa: E402
+from model.paths import DEFAULT_VISION_MODEL  # noqa: E402
+
+
+def build_parser():
+    ap = make_parser(__doc__)
+    a = ap.add_argument_group("what to convert").add_argument
+    a("--weight", default="sft_vlm",
+      help="export: the .pth to convert (a bare name is looked up as out/{weight}_{dim}[_moe].pth); "
+           "--reverse: the transformers-format directory")
+    a("--dim", type=int, default=512, help="for looking up a bare --weight name")
+    switch(a, "--use_moe", 0, help="for looking up a bare --weight name")
+    switch(a, "--reverse", 0, help="directory (--weight) -> .pth (--out)")
+    a("--from_hf", default=None, help=argparse.SUPPRESS)  # the old spelling of --reverse --weight DIR
+    a("--out", default=None, help="what to write: export, the transformers-format directory; --reverse, the .pth "
+                                  "(required)")
+    old_spelling(a, "--out_dir", "--out")  # the export's former flag (elsewhere --out_dir is where weights are read)
+    a = ap.add_argument_group("export (.pth -> directory)").add_argument
+    a("--tokenizer_path", help="the tokenizer to include (default: the one the .pth's record names)")
+    a("--vision_model_path", help="the vision tower the directory records (and copies with "
+                                  "--copy_vision_tower); default: the one the .pth's record names, else "
+                                  + DEFAULT_VISION_MODEL)
+    a("--image_token_id", type=int, default=-1, help="placeholder id; -1 = the tokenizer's <|image_pad|>, or '@'")
+    switch(a, "--copy_vision_tower", 0,
+           help="copy the vision tower into DIR/vision_model (a directory that needs nothing else)")
+    return ap
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and a mistyped flag answer here, before torch loads (seconds)
+
 import torch  # noqa: E402
 
-from cli import switch  # noqa: E402
 from model.checkpoint import (CheckpointError, atomic_save, check_state_dict, infer_config_from_state_dict,  # noqa: E402
                               llm_state_dict, load_weights, read_checkpoint, weight_path)
-from model.model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig, load_vision_tower, tower_token_count  # noqa: E402
+from model.model_vlm import MiniMindVLM, VLMConfig, load_vision_tower, tower_token_count  # noqa: E402
 from model.paths import load_tokenizer, local_path  # noqa: E402
 from model.record import RecordError, make_record, resolve_folders, write_record  # noqa: E402
 
@@ -94,14 +124,12 @@ def save_tokenizer(tokenizer_path, tokenizer, out_dir):
 
 
 def save_processor(vision_path, out_dir):
-    from transformers import CLIPImageProcessor
-
-    from model.images import load_processor
+    from model.images import clip_processor, load_processor
     if vision_path and os.path.isfile(os.path.join(vision_path, "preprocessor_config.json")):
         processor = load_processor(vision_path)
     else:
         print(f"note: no image processor at '{vision_path}'; writing the standard CLIP ViT-B/16 one")
-        processor = CLIPImageProcessor(**CLIP_PROCESSOR)
+        processor = clip_processor(**CLIP_PROCESSOR)
     processor.save_pretrained(out_dir)
 
 
@@ -194,24 +222,7 @@ def import_hf(hf_dir, out_path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = ap.add_argument
-    a("--weight", default="sft_vlm",
-      help="export: the .pth to convert (a bare name is looked up as out/{weight}_{dim}[_moe].pth); "
-           "--reverse: the transformers-format directory")
-    a("--dim", type=int, default=512, help="for looking up a bare --weight name")
-    switch(a, "--use_moe", 0, help="for looking up a bare --weight name")
-    a("--out_dir", default=None, help="export: the transformers-format directory to write")
-    switch(a, "--reverse", 0, help="directory (--weight) -> .pth (--out)")
-    a("--from_hf", default=None, help=argparse.SUPPRESS)  # the old spelling of --reverse --weight DIR
-    a("--out", default=None, help="--reverse: the .pth to write")
-    a("--tokenizer_path", help="export: the tokenizer to include (default: the one the .pth's record names)")
-    a("--vision_model_path", help="export: the vision tower the directory records (and copies with "
-                                  "--copy_vision_tower); default: the one the .pth's record names, else "
-                                  + DEFAULT_VISION_MODEL)
-    a("--image_token_id", type=int, default=-1, help="placeholder id; -1 = the tokenizer's <|image_pad|>, or '@'")
-    switch(a, "--copy_vision_tower", 0,
-           help="export: copy the vision tower into DIR/vision_model (a directory that needs nothing else)")
+    ap = build_parser()
     a = ap.parse_args(argv)
     if a.from_hf:
         print("note: --from_hf DIR is now spelled --reverse --weight DIR", file=sys.stderr)
@@ -222,12 +233,12 @@ def main(argv=None):
         import_hf(src, a.out)
         print(f"wrote {a.out} from {src}")
         return
-    if not a.out_dir:
-        ap.error("export needs --out_dir DIR (or use --reverse --weight DIR --out X.pth)")
+    if not a.out:
+        ap.error("export needs --out DIR (or use --reverse --weight DIR --out X.pth)")
     weight = weight_path("out", a.weight, a.dim, a.use_moe)
-    export_hf(weight, a.out_dir, a.tokenizer_path, a.vision_model_path, a.image_token_id, a.copy_vision_tower)
-    print(f"wrote {a.out_dir}: load it with AutoModelForCausalLM.from_pretrained('{a.out_dir}', "
-          f"trust_remote_code=True), or eval_vlm.py / web_demo_vlm.py --weight {a.out_dir}")
+    export_hf(weight, a.out, a.tokenizer_path, a.vision_model_path, a.image_token_id, a.copy_vision_tower)
+    print(f"wrote {a.out}: load it with AutoModelForCausalLM.from_pretrained('{a.out}', "
+          f"trust_remote_code=True), or eval_vlm.py / web_demo_vlm.py --weight {a.out}")
 
 
 if __name__ == "__main__":

@@ -8,13 +8,13 @@ and the rendered chat text with the supervised tokens (those the loss is compute
 [[ and ]]. A run of image placeholders is shown as <image x196>. A bad sample is reported with
 its reason, as training would report it, and the next one is shown.
 """
-import argparse
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from cli import IMAGES_PATH_DEFAULT, make_parser  # noqa: E402
 from model.images import ImageError, open_image  # noqa: E402
 from model.chat import ChatEncoder, resolve_image_token_id  # noqa: E402
 from model.paths import load_tokenizer  # noqa: E402
@@ -56,16 +56,28 @@ def show(sample, encoder, tokenizer):
     print(text.rstrip("\n") + "\n")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data_path", help="a .jsonl, or parquet: a file, a folder of them or a glob")
-    p.add_argument("--images_path", help="jsonl only: its image folder (default: the jsonl's folder)")
+def build_parser():
+    p = make_parser(__doc__)
+    p.add_argument("data_path", nargs="?", help="a .jsonl, or parquet: a file, a folder of them or a glob")
+    p.add_argument("--data_path", dest="data_path_flag", metavar="DATA_PATH",
+                   help="the same, spelled as the other scripts take it (default: none)")
+    p.add_argument("--images_path", help=f"jsonl only: its image folder (default: {IMAGES_PATH_DEFAULT})")
     p.add_argument("--n", type=int, default=5, help="how many samples to show")
     p.add_argument("--start", type=int, default=0, help="the first sample to show")
-    p.add_argument("--tokenizer_path", default="model")
+    p.add_argument("--tokenizer_path", default="model", help="the tokenizer to render the text with")
     p.add_argument("--image_token_id", type=int, default=-1, help="as in training (-1: the tokenizer's)")
     p.add_argument("--image_token_count", type=int, default=196, help="placeholders per image, as in training")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
+    if args.data_path and args.data_path_flag and args.data_path != args.data_path_flag:
+        p.error(f"two data paths: {args.data_path} and --data_path {args.data_path_flag}")
+    args.data_path = args.data_path or args.data_path_flag
+    if not args.data_path:
+        p.error("which data? give its path (or --data_path PATH)")
     try:
         source = open_source(args.data_path, args.images_path, path_flag=None)  # a positional argument
         tokenizer = load_tokenizer(args.tokenizer_path)

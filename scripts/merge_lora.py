@@ -8,13 +8,26 @@ adapter applied to other base weights (the released ones, say), or shared on its
 result loads anywhere a .pth does: eval_vlm.py, the web demo, the API, convert_model.py. No vision
 tower is needed: the adapter's projector decides the projector's shape.
 """
-import argparse
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from cli import make_parser  # noqa: E402
+
+
+def build_parser():
+    ap = make_parser(__doc__)
+    ap.add_argument("--weight", required=True, help="the base .pth the adapter was trained on")
+    ap.add_argument("--lora", required=True, help="the adapter: {save_weight}_{dim}_lora.safetensors")
+    ap.add_argument("--out", required=True, help="the merged .pth to write")
+    return ap
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and a mistyped flag answer here, before torch loads (seconds)
 
 from model.checkpoint import (CheckpointError, atomic_save, check_state_dict,  # noqa: E402
                               infer_config_from_state_dict, llm_state_dict, load_weights, read_checkpoint)
@@ -61,11 +74,7 @@ def merge(weight, lora, out):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weight", required=True, help="the base .pth the adapter was trained on")
-    ap.add_argument("--lora", required=True, help="the adapter: {save_weight}_{dim}_lora.safetensors")
-    ap.add_argument("--out", required=True, help="the merged .pth to write")
-    a = ap.parse_args(argv)
+    a = build_parser().parse_args(argv)
     try:
         print(f"wrote {merge(a.weight, a.lora, a.out)}")
     except (CheckpointError, ValueError, OSError) as e:

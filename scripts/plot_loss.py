@@ -4,16 +4,16 @@
 
 One curve per file, labelled by file name; x = optimizer step, y = loss (mean over the log interval).
 """
-import argparse
 import glob
 import json
 import os
 import sys
 
-import matplotlib
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
-matplotlib.use("Agg")  # no display needed: we only write a file
-import matplotlib.pyplot as plt  # noqa: E402
+from cli import make_parser  # noqa: E402
 
 
 def read_log(path):
@@ -41,11 +41,14 @@ def read_log(path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = make_parser(__doc__)
     ap.add_argument("--logs", nargs="+", required=True, help="one or more *_log.jsonl files (globs are expanded)")
-    ap.add_argument("--out", default="out/loss_curves.png", help="the picture to write (default: %(default)s)")
-    ap.add_argument("--title", default="MiniMind-V training loss")
+    ap.add_argument("--out", default="out/loss_curves.png", help="the picture to write")
+    ap.add_argument("--title", default="MiniMind-V training loss", help="the picture's title")
     args = ap.parse_args(argv)
+    import matplotlib  # after the flags: --help does not wait for it
+    matplotlib.use("Agg")  # no display needed: we only write a file
+    import matplotlib.pyplot as plt
     # Expand globs ourselves too, so a quoted pattern (or Windows shell) works; a pattern matching
     # nothing is kept as is and then reported as a missing file.
     paths = [p for pattern in args.logs for p in (sorted(glob.glob(pattern)) or [pattern])]

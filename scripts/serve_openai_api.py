@@ -14,7 +14,6 @@ for images inside DIR (after resolving symlinks); every refused local file gets 
 One generation runs at a time (the model is shared); up to --max_queue other requests wait, more get
 HTTP 429. A generation stops when its client disconnects, streaming or not.
 """
-import argparse
 import asyncio
 import base64
 import binascii
@@ -37,44 +36,39 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-from fastapi import FastAPI, Request  # noqa: E402
-from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
-from starlette.requests import ClientDisconnect  # noqa: E402
-from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
-
+from cli import add_model_args, make_parser, old_spelling  # noqa: E402
+from dataset.video import DEFAULT_FRAMES, MAX_VIDEO_SECONDS, add_video_args, read_frames  # noqa: E402
 from model.chat import IMAGE_TAG, ReasoningSplitter, video_prompt  # noqa: E402
 from model.images import open_image  # noqa: E402
-from dataset.video import DEFAULT_FRAMES, MAX_VIDEO_SECONDS, add_video_args, read_frames  # noqa: E402
-from model.inference import (InferenceConfig, VLMChat, add_model_args, is_hf_dir, load_model,  # noqa: E402
-                             resolve_weight_path)
-
-log = logging.getLogger("uvicorn.error")  # uvicorn's own logger: our lines land in the server log, same format
-LOCAL_REFUSED = "local image refused: files must be images inside the folder given to --allow_local_files"
-POLL = 0.1  # seconds between checks that a waiting client is still there / a waiting job still wanted
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="OpenAI-compatible API server for MiniMind-V")
+    ap = make_parser("OpenAI-compatible API server for MiniMind-V")
     add_model_args(ap)
-    ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve the local network")
-    ap.add_argument("--port", type=int, default=8998)
-    ap.add_argument("--max_images", type=int, default=8,
-                    help="images per request, a video's frames included (each takes the model's image_token_count "
-                         "placeholders: 196 for CLIP ViT-B/16, 64 for SigLIP2)")
-    add_video_args(ap)  # video_url parts: --frames per video, --max_video_seconds
-    ap.add_argument("--max_request_mb", type=float, default=20, help="largest request body accepted")
-    ap.add_argument("--allow_local_files", metavar="DIR", default=None,
-                    help="also accept image paths / file:// URLs, only of images inside DIR (symlinks resolved "
-                         "first; relative paths are taken from DIR). Off: only data: URLs")
-    ap.add_argument("--max_queue", type=int, default=16,
-                    help="generation requests that may wait for the model at once (default %(default)s); more get "
-                         "HTTP 429 (retry later)")
-    ap.add_argument("--max_seq_len", type=int, default=0, help="prompt + answer token limit; 0 = the model's")
-    ap.add_argument("--max_tokens", type=int, default=512, help="answer length when a request gives none")
-    ap.add_argument("--temperature", type=float, default=0.85, help="when a request gives none")
-    ap.add_argument("--top_p", type=float, default=0.85, help="when a request gives none")
-    ap.add_argument("--model_name", default=None, help="the model id reported (default: the weight's name)")
+    a = ap.add_argument_group("serving").add_argument
+    a("--model_name", default=None, help="the model id reported (default: the weight's name)")
+    a("--host", default="127.0.0.1", help="0.0.0.0 to serve the local network")
+    a("--port", type=int, default=8998, help="the port to listen on")
+    a("--max_queue", type=int, default=16,
+      help="generation requests that may wait for the model at once; more get HTTP 429 (retry later)")
+    a("--max_request_mb", type=float, default=20, help="largest request body accepted")
+    a("--allow_local_files", metavar="DIR", default=None,
+      help="also accept image paths / file:// URLs, only of images inside DIR (symlinks resolved "
+           "first; relative paths are taken from DIR) (default: off, only data: URLs)")
+    limits = ap.add_argument_group("limits")
+    a = limits.add_argument
+    a("--max_images", type=int, default=8,
+      help="images per request, a video's frames included (each takes the model's image_token_count "
+           "placeholders: 196 for CLIP ViT-B/16, 64 for SigLIP2)")
+    add_video_args(limits)  # video_url parts: --frames per video, --max_video_seconds
+    a("--max_seq_len", type=int, default=0, help="prompt + answer token limit; 0 = the model's max_seq_len")
+    a = ap.add_argument_group("generation", "for a request that does not set max_tokens, temperature, "
+                                            "top_p").add_argument
+    a("--max_new_tokens", type=int, default=512, help="answer length limit")
+    old_spelling(a, "--max_tokens", "--max_new_tokens", type=int)  # its former name (a request's field keeps it)
+    a("--temperature", type=float, default=0.85, help="0 = greedy")
+    a("--top_p", type=float, default=0.85, help="nucleus sampling: the smallest set of tokens with this much "
+                                                "probability")
     args = ap.parse_args(argv)
     if args.max_queue < 0:
         ap.error("--max_queue must be 0 or more")
@@ -83,6 +77,21 @@ def parse_args(argv=None):
             ap.error(f"--allow_local_files: {args.allow_local_files} is not a folder")
         args.allow_local_files = os.path.realpath(args.allow_local_files)  # the root paths are checked against
     return args
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and a mistyped flag answer here, before torch and the server's libraries load (seconds)
+
+import torch  # noqa: E402
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
+from starlette.requests import ClientDisconnect  # noqa: E402
+from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
+from model.inference import InferenceConfig, VLMChat, is_hf_dir, load_model, resolve_weight_path  # noqa: E402
+
+log = logging.getLogger("uvicorn.error")  # uvicorn's own logger: our lines land in the server log, same format
+LOCAL_REFUSED = "local image refused: files must be images inside the folder given to --allow_local_files"
+POLL = 0.1  # seconds between checks that a waiting client is still there / a waiting job still wanted
 
 
 class APIError(Exception):
@@ -416,7 +425,7 @@ def make_job(body, engine, args):
     ids = prompt[0]
     room = engine.max_seq_len - len(ids)
     if max_tokens is None:
-        max_tokens = min(args.max_tokens, room)
+        max_tokens = min(args.max_new_tokens, room)
     if max_tokens < 1 or max_tokens > room:
         raise APIError(f"the prompt has {len(ids)} tokens; with {max_tokens} new tokens that exceeds the model's "
                        f"limit of {engine.max_seq_len}", param="messages", code="context_length_exceeded")

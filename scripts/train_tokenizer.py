@@ -14,15 +14,21 @@ byte-identical tokenizer.json.
 
 $ python scripts/train_tokenizer.py --out_dir model --vocab_size 6400
 """
-import argparse
 import ast
 import itertools
 import json
 import os
+import sys
 import sysconfig
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+
+from cli import make_parser  # noqa: E402
 
 # ids 0..3 follow from the order here; <|image_pad|> is the image placeholder that
 # the vision projector's features replace, so it must stay one atomic token
@@ -114,7 +120,7 @@ def chinese_punctuation(reps=1000):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--out_dir", default="model", help="where tokenizer.json and tokenizer_config.json go")
     parser.add_argument("--vocab_size", type=int, default=6400, help="total vocab size, special tokens included")
     parser.add_argument("--max_chars", type=int, default=4_000_000,

@@ -87,7 +87,7 @@ def test_reverse_conversion_gives_the_original_state_dict(tower_dir, tmp_path):
     pth = str(tmp_path / "w.pth")
     make_checkpoint(tower_dir, pth, proj_bias=True, seed=3)
     out = str(tmp_path / "hf")
-    convert_main(["--weight", pth, "--out_dir", out, "--vision_model_path", tower_dir, "--tokenizer_path", "model"])
+    convert_main(["--weight", pth, "--out", out, "--vision_model_path", tower_dir, "--tokenizer_path", "model"])
     back = str(tmp_path / "back.pth")
     convert_main(["--reverse", "--weight", out, "--out", back])
     convert_main(["--from_hf", out, "--out", str(tmp_path / "back2.pth")])
@@ -137,7 +137,7 @@ def test_missing_vision_tower_is_a_clear_error_and_can_be_overridden(tower_dir, 
     assert {p.dtype for p in model.parameters()} == {resolve_dtype("auto", "cpu")[0]}
     # --copy_vision_tower: the tower travels inside the directory, found from any working directory
     out = str(tmp_path / "hf-with-tower")
-    convert_main(["--weight", pth, "--out_dir", out, "--vision_model_path", tower_dir, "--copy_vision_tower",
+    convert_main(["--weight", pth, "--out_dir", out, "--vision_model_path", tower_dir, "--copy_vision_tower",  # old name
                   "--tokenizer_path", "model"])
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["vision_model_path"] == "vision_model"

@@ -151,6 +151,17 @@ def test_an_unreadable_image_names_the_line_or_is_skipped(tmp_path, tokenizer, p
     assert "cannot read image" in item["skip"]
 
 
+def test_without_images_path_a_jsonls_images_are_in_the_images_folder_beside_it_else_its_own_folder(tmp_path):
+    from dataset.samples import JsonlSource
+    write_image(tmp_path / "a.png", "red")
+    path = write_jsonl(tmp_path, [conv("<image>what?", "red", image="a.png")])
+    assert JsonlSource(path, None).get(0).images == [str(tmp_path / "a.png")]  # no images/: the jsonl's folder
+    (tmp_path / "images").mkdir()
+    write_image(tmp_path / "images" / "a.png", "blue")
+    assert JsonlSource(path, None).get(0).images == [str(tmp_path / "images" / "a.png")]  # the demo's layout
+    assert JsonlSource(path, str(tmp_path)).get(0).images == [str(tmp_path / "a.png")]  # given: as given
+
+
 def test_sampler_visits_every_sample_once_and_reshuffles_each_epoch():
     lengths = [(i * 37) % 101 for i in range(103)]
     sampler = ResumableBatchSampler(lengths, batch_size=4, seed=1, megabatch_mult=4)

@@ -64,6 +64,13 @@ def test_jsonl_to_parquet_and_back_gives_the_same_samples_and_pixels(tmp_path, t
     back = JsonlSource(str(tmp_path / "back.jsonl"), str(tmp_path / "im"))
     assert [back.get(i).messages for i in range(12)] == [a.get(i).messages for i in range(12)]
     assert len(os.listdir(tmp_path / "im")) == 4  # 12 images of 4 distinct colours: each written once
+    # Without --images_path both ways take the images/ folder beside the jsonl, where every reader looks.
+    convert("--data_path", jsonl, "--out", tmp_path / "d2.parquet")
+    assert ParquetSource(str(tmp_path / "d2.parquet")).get(5).images == b.get(5).images
+    convert("--data_path", tmp_path / "d.parquet", "--out", tmp_path / "rt" / "back.jsonl")
+    again = JsonlSource(str(tmp_path / "rt" / "back.jsonl"), None)
+    assert [open(p, "rb").read() for p in again.get(5).images] == b.get(5).images
+    assert os.path.dirname(again.get(5).images[0]) == str(tmp_path / "rt" / "images")
 
 
 def test_multi_image_rows_text_only_rows_and_a_directory_of_shards(tmp_path, tokenizer, processor):
@@ -206,6 +213,8 @@ def test_inspect_data_shows_samples_as_the_model_sees_them(tmp_path, capsys):
                                                   ("not json", b"x")])
     main([path, "--n", "5"])
     out = capsys.readouterr().out
+    main(["--data_path", path, "--n", "5"])  # the other scripts' name for it
+    assert capsys.readouterr().out == out
     assert "d.parquet: 2 samples" in out and "d.parquet:row 0: " in out
     assert "image 1 (" in out and ": 40x30, placeholders at tokens 4..199" in out
     assert "<image x196>\nWhat color?" in out and "[[red<|im_end|>]]" in out  # only the answer is supervised

@@ -6,6 +6,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import importlib.util
 import json
 import random
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -202,6 +204,24 @@ def test_demo_vision_tower(tmp_path):
         hf = mf(pixel_values=_pixels(str(full))).last_hidden_state
     assert hf.shape == (1, 197, 32)
     assert torch.allclose(h, hf)
+
+
+@pytest.mark.slow
+def test_building_and_training_the_demo_tower_prints_only_its_own_lines(data_dir, tmp_path):
+    """No deepspeed "Setting accelerator to CPU" (save_pretrained's unwrapping of distributed
+    wrappers imported deepspeed) and no transformers note about torchvision, at transformers'
+    default verbosity, which the tests otherwise lower (conftest.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}
+    small = ["--hidden_size", "32", "--num_layers", "1", "--num_heads", "2"]
+    build = subprocess.run([sys.executable, "demo/make_demo_vision_tower.py", "--out_dir", str(tmp_path / "t"), *small],
+                           cwd=ROOT_DIR, env=env, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0 and build.stderr == "", build.stderr
+    assert build.stdout.startswith("saved random-init CLIPVisionModel") and build.stdout.count("\n") == 1
+    train = subprocess.run([sys.executable, "demo/train_demo_tower.py", "--data_dir", str(data_dir), "--out_dir",
+                            str(tmp_path / "trained"), "--steps", "2", "--batch_size", "4", *small],
+                           cwd=ROOT_DIR, env=env, capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0 and train.stderr == "", train.stderr
+    assert "trained the tower" in train.stdout and (tmp_path / "trained" / "model.safetensors").is_file()
 
 
 def test_demo_tower_patch_tokens_say_where_they_are(tmp_path):

@@ -33,11 +33,16 @@ def test_cache_features_takes_0_1_or_a_folder(tower_dir, tmp_path, monkeypatch):
     tower, processor = load_vision_tower(tower_dir), load_processor(tower_dir)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    opened = {flag: trainer.open_feature_cache(config(cache_features=flag, out_dir=str(out)), tower, processor, False)
-              for flag in ("0", "1", str(tmp_path / "mine"))}
+    forms = {"0": ["--cache_features", "0"], "1": ["--cache_features", "1"], "bare": ["--cache_features"],
+             "folder": ["--cache_features", str(tmp_path / "mine")]}
+    opened = {}
+    for form, flags in forms.items():  # as the command line gives them
+        defaults = {**vars(config()), "out_dir": str(out)}
+        cfg = trainer.parse(trainer.build_parser("t", **defaults), flags)
+        opened[form] = trainer.open_feature_cache(cfg, tower, processor, False)
     assert opened["0"] is None
-    assert opened["1"].dir.startswith(str(out / "feature_cache"))
-    assert opened[str(tmp_path / "mine")].dir.startswith(str(tmp_path / "mine"))
+    assert opened["1"].dir.startswith(str(out / "feature_cache")) and opened["bare"].dir == opened["1"].dir
+    assert opened["folder"].dir.startswith(str(tmp_path / "mine"))
     assert not (tmp_path / "0").exists() and not (tmp_path / "1").exists()  # no folders named after the switch
 
 

@@ -2,6 +2,9 @@
 gradio_client (streaming, history, sessions, model switching, bad input) and a real browser."""
 import os
 import shutil
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
@@ -198,6 +201,32 @@ def test_stop_keeps_the_partial_answer(server):
 
 
 BROWSER = "/usr/bin/chromium"
+
+
+def test_the_script_says_where_it_serves_in_one_line_of_its_own(tower_dir, tmp_path):
+    """The real script's start: the dtype note and its address, without gradio's hint to edit launch()
+    for a public link (that is --share here)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.save(llm_state_dict(MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM))), out / "sft_vlm_64.pth")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "web_demo_vlm.py", "--weight", "sft_vlm", "--dim", "64", "--out_dir",
+                             str(out), "--vision_model_path", tower_dir, "--tokenizer_path", "model", "--port", str(port)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(120, proc.kill)  # a server that never says where it is fails, not hangs
+    watchdog.start()
+    lines = []
+    try:
+        for line in proc.stdout:  # until the address: the server runs on
+            lines.append(line.rstrip("\n"))
+            if line.startswith("web demo at"):
+                break
+    finally:
+        watchdog.cancel()
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert lines[-1] == f"web demo at http://127.0.0.1:{port}/"
+    assert [line for line in lines[:-1] if not line.startswith("dtype ")] == []
 
 
 def test_in_a_real_browser(server, files, tmp_path):
