@@ -60,12 +60,14 @@ def vision_config(hidden_size, num_layers, num_heads, intermediate_size=None, pa
 
 
 def build_vision_tower(out_dir, hidden_size=256, num_layers=2, num_heads=4,
-                       intermediate_size=None, seed=0, full_clip=False, verbose=True, position_std=1.0):
+                       intermediate_size=None, seed=0, full_clip=False, verbose=True, position_std=1.0,
+                       patch_size=16):
     """Save a random-init CLIP vision tower (or full CLIP model) and its processor to out_dir.
 
     Returns the number of parameters of the vision tower.
     """
-    model, processor = make_vision_tower(hidden_size, num_layers, num_heads, intermediate_size, seed, position_std)
+    model, processor = make_vision_tower(hidden_size, num_layers, num_heads, intermediate_size, seed, position_std,
+                                         patch_size)
     n_params = sum(p.numel() for p in model.parameters())
     if full_clip:
         from transformers import CLIPConfig, CLIPModel
@@ -73,7 +75,8 @@ def build_vision_tower(out_dir, hidden_size=256, num_layers=2, num_heads=4,
                         vocab_size=1000, max_position_embeddings=77, projection_dim=hidden_size,
                         bos_token_id=0, eos_token_id=1, pad_token_id=1)
         full = CLIPModel(CLIPConfig(text_config=text_cfg, projection_dim=hidden_size,
-                                    vision_config=vision_config(hidden_size, num_layers, num_heads, intermediate_size)))
+                                    vision_config=vision_config(hidden_size, num_layers, num_heads, intermediate_size,
+                                                                patch_size)))
         # Same vision weights as the vision-only tower of this seed, so both layouts give identical features.
         # (transformers 5 flattened CLIPVisionModel; older versions wrap it in .vision_model.)
         full.vision_model.load_state_dict(getattr(model, "vision_model", model).state_dict())
@@ -108,10 +111,12 @@ def main():
                                 ("--num_layers", 2, "transformer layers (real ViT-B/16: 12)"),
                                 ("--num_heads", 4, "attention heads (must divide hidden_size)"),
                                 ("--intermediate_size", None, "MLP width (default: 4 * hidden_size)"),
+                                ("--patch_size", 16, "16: 196 tokens per image (ViT-B/16); 32: 49 (ViT-B/32)"),
                                 ("--seed", 0, "torch seed for the random weights")):
         add(flag, type=int, default=default, help=what)
     a = ap.parse_args()
-    build_vision_tower(a.out_dir, a.hidden_size, a.num_layers, a.num_heads, a.intermediate_size, a.seed)
+    build_vision_tower(a.out_dir, a.hidden_size, a.num_layers, a.num_heads, a.intermediate_size, a.seed,
+                       patch_size=a.patch_size)
 
 
 if __name__ == "__main__":
