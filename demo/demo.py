@@ -34,7 +34,9 @@ def step(n, title):
 def run(cmd):
     """Run a repo script, streaming its output (progress, ETA) through."""
     print("$ " + " ".join(cmd), flush=True)
-    subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
+    done = subprocess.run([sys.executable, *cmd], cwd=ROOT)
+    if done.returncode:  # the step has printed why; a traceback of this wrapper would bury it
+        sys.exit(f"error: {cmd[0]} failed (exit status {done.returncode}); its output above says why")
 
 
 def make_tower(a):

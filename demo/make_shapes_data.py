@@ -284,7 +284,10 @@ def main():
                     help="questions per SFT training image, all about different things (fewer where the "
                          "image offers fewer; test samples have one)")
     a = ap.parse_args()
-    generate(a.out_dir, a.seed, a.n_train, a.n_test, a.test_seed, sft_turns=a.sft_turns)
+    try:
+        generate(a.out_dir, a.seed, a.n_train, a.n_test, a.test_seed, sft_turns=a.sft_turns)
+    except OSError as e:  # a read-only or full disk, a file where the folder should be
+        sys.exit(f"error: cannot write the demo data to {a.out_dir}: {e.strerror or e}; pass another --out_dir")
 
 
 if __name__ == "__main__":

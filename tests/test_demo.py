@@ -40,6 +40,16 @@ def test_tiny_demo_runs_every_stage_and_writes_the_results_file(tmp_path):
         assert run.returncode == 0, command + "\n" + run.stdout[-2000:] + run.stderr[-2000:]
 
 
+def test_a_failing_step_ends_the_demo_with_one_line_naming_it_not_a_traceback_of_the_wrapper(tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")  # the data folder cannot be made here
+    proc = subprocess.run([sys.executable, "demo/demo.py", "--data_dir", str(blocker / "data")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: demo/make_shapes_data.py failed (exit status 1)")
+    assert "Traceback" not in proc.stderr and "cannot write the demo data to" in proc.stderr  # the step says why
+
+
 def test_bench_reports_mfu_memory_and_decode_figures(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "dev/bench.py", "--quick", "--only", "llm,decode", "--out", str(out)],
