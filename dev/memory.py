@@ -1,5 +1,6 @@
 """How much memory does it need? Peak memory of inference and of training, full and LoRA, with and
-without gradient checkpointing, for two sizes of each model generation: the README's memory table.
+without gradient checkpointing, for two sizes of each model generation: the memory table of
+docs/performance.md.
 
     python dev/memory.py                      # CPU: peak resident memory (RSS) of each process
     python dev/memory.py --device cuda:0      # GPU: peak memory allocated by torch on the device
