@@ -15,7 +15,16 @@ FREEZE_HELP = ("what trains besides the projector: 0: the whole LLM; 1: its last
 
 
 def build_parser(description, **defaults):
+    """The trainers' parser, with a stage's defaults (data_path=..., epochs=...) over the shared ones."""
     p = make_parser(description)
+    add_data_and_model_flags(p)
+    add_training_flags(p)
+    p.set_defaults(**defaults)
+    return p
+
+
+def add_data_and_model_flags(p):
+    """The "data" and "model" groups: what to train on, and what is trained."""
     data = p.add_argument_group("data")
     a = data.add_argument
     a("--data_path", help="training data: a .jsonl file (with --images_path), or parquet in the released "
@@ -51,6 +60,9 @@ def build_parser(description, **defaults):
     a("--image_token_id", type=int, default=-1,
       help="placeholder id; -1 = <|image_pad|>, or '@' (34) with the released tokenizer")
 
+
+def add_training_flags(p):
+    """The "training", "LoRA", "output" and "distributed" groups: how the run goes and what it writes."""
     a = p.add_argument_group("training").add_argument
     a("--epochs", type=int, help="passes over the data")
     a("--batch_size", type=int, help="samples per process per micro-step")
@@ -99,8 +111,6 @@ def build_parser(description, **defaults):
     a("--deepspeed", metavar="CONFIG", help="train through DeepSpeed with this JSON config, e.g. "
       "ds_config/zero2.json; its \"auto\" values come from our flags (default: none, plain PyTorch)")
     a("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher (LOCAL_RANK works too)")
-    p.set_defaults(**defaults)
-    return p
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,5 +6,5 @@ if __name__ == "__main__":
     cfg = parse(build_parser(__doc__, data_path="dataset/pretrain_i2t.parquet", epochs=4, batch_size=16,
                              learning_rate=4e-4, max_seq_len=640, from_weight="lm", save_weight="pretrain_vlm",
                              freeze_llm=1))
-    from trainer import run  # torch and the rest load only now: --help and a mistyped flag answer at once
-    run(cfg)
+    from trainer import launch  # torch and the rest load only now: --help and a mistyped flag answer at once
+    launch(cfg)

@@ -2,7 +2,7 @@
 
 The two stages differ only in data, defaults and what is trainable, so both scripts call
 train_config's `build_parser(...)` with their defaults and parse their flags into a TrainConfig
-before importing this module (torch: seconds), then `run(cfg)`, which runs `train(cfg)`:
+before importing this module (torch: seconds), then `launch(cfg)`, which runs `train(cfg)`:
 
     cluster = setup_distributed(cfg)    # one process, torchrun (DDP) or the deepspeed launcher
     run = build_run(cfg, cluster)       # model and tower, data, engine, checkpointer, logger, state
@@ -11,7 +11,7 @@ before importing this module (torch: seconds), then `run(cfg)`, which runs `trai
 
 CPU or CUDA, plain or DeepSpeed (--deepspeed, see train_engines.py), all go through the same loop.
 Checkpoints and resume files are written atomically, and SIGINT/SIGTERM or an error in the loop
-save a resume checkpoint. Errors are exceptions; run() ends a run that fails with one meant for
+save a resume checkpoint. Errors are exceptions; launch() ends a run that fails with one meant for
 the user with one line `error: ...` (--debug or MINIMIND_DEBUG=1 for the traceback).
 """
 import contextlib
@@ -831,10 +831,10 @@ def error_message(e):
 
 def main(parser, argv=None):
     """The flags (argv, default sys.argv) become a TrainConfig, then run."""
-    run(parse(parser, argv))
+    launch(parse(parser, argv))
 
 
-def run(cfg):
+def launch(cfg):
     """The train scripts' entry, once their flags are parsed: train. A run that fails with
     a USER_ERRORS error ends with the line `error: <message>` (exit code 1); --debug or
     MINIMIND_DEBUG=1 shows the traceback instead. A StopTraining ends it with its own code."""
