@@ -75,8 +75,8 @@ def main():
     a("--tower_steps", type=int, default=800,
       help="steps that teach the vision tower this world before the VLM is built on it (0: a random tower)")
     a("--patch_size", type=int, default=32, choices=[16, 32],
-      help="the tower's patch: 32 gives 49 image tokens (ViT-B/32 geometry), as good here as 16's 196 "
-           "(ViT-B/16, the design default) and about twice as fast")
+      help="the tower's patch: 32 gives 49 image tokens (ViT-B/32 geometry), 16 the design's 196 (ViT-B/16); "
+           "docs/demo-experiments.md compares them")
     a("--dim", type=int, default=256, help="the LLM's width (trained from scratch)")
     a("--n_layers", type=int, default=4, help="the LLM's layers")
     a("--projector", default="linear", choices=["linear", "mlp"], help="the projector kind (passed to training)")

@@ -107,15 +107,15 @@ class CellReader(torch.nn.Module):
         self.tower = tower
         self.heads = torch.nn.ModuleDict({h: torch.nn.Linear(width, len(v)) for h, v in HEADS.items()})
         pool = cell_pooling(tower.config.image_size // tower.config.patch_size)
-        self.register_buffer("pool", pool)  # [9, 196]
-        self.register_buffer("cell_of_patch", pool.argmax(0))  # [196]
+        self.register_buffer("pool", pool)  # [9, P], P patches: 196 at patch 16, 49 at 32
+        self.register_buffer("cell_of_patch", pool.argmax(0))  # [P]
 
     def forward(self, pixels, per_cell=False):
-        """[B, 3, 224, 224] -> {head: [B, 196, classes]}, or with per_cell the heads on each cell's
+        """[B, 3, 224, 224] -> {head: [B, P, classes]}, or with per_cell the heads on each cell's
         mean token, [B, 9, classes] (how the held-out accuracy is read)."""
-        tokens = tower_features(self.tower, pixels)  # [B, 196, C]
+        tokens = tower_features(self.tower, pixels)  # [B, P, C]
         if per_cell:
-            tokens = self.pool @ tokens  # [9, 196] @ [B, 196, C] -> [B, 9, C]
+            tokens = self.pool @ tokens  # [9, P] @ [B, P, C] -> [B, 9, C]
         return {h: head(tokens) for h, head in self.heads.items()}
 
 
@@ -144,7 +144,7 @@ def train_tower(items, steps, batch_size=32, lr=3e-4, seed=0, dtype=torch.float3
             g["lr"] = g["base_lr"] * schedule
         pixels, labels = batch([train[int(i)] for i in torch.randint(len(train), (batch_size,), generator=gen)])
         with autocast:
-            logits = reader(pixels)  # {head: [B, 196, classes]}
+            logits = reader(pixels)  # {head: [B, P, classes]}
         loss = sum(F.cross_entropy(logits[h].float().flatten(0, 1), labels[h][:, reader.cell_of_patch].flatten())
                    for h in HEADS)  # every token: its cell's label
         opt.zero_grad(set_to_none=True)
