@@ -5,6 +5,12 @@ MAX_IMAGE_SIDE) and the time of each frame in seconds. Frame k is the one on scr
 (k + 0.5) / n of the duration, the middle of the k-th of n equal segments, so the frames spread
 over the whole clip. Each frame is
 reached by a seek to the keyframe before it, so a long video costs n short decodes, not a full one.
+A stream whose header gives no duration (a raw .m4v) is decoded once, holding at most 2n frames
+(every step-th one, the step doubling whenever 2n are held), so each picked frame is the held one
+nearest the middle of its segment, inside that segment.
+
+Memory is bounded whatever the header says: a frame is shrunk to MAX_IMAGE_SIDE as soon as it is
+kept, and a video whose frames have more pixels than an image may (MAX_IMAGE_PIXELS) is refused.
 
 Decoding uses PyAV (FFmpeg's libraries inside the wheel; no system ffmpeg). A file that is not a
 video, a corrupt, truncated or empty one, or one over `max_seconds` raises VideoError (a ValueError)
@@ -14,7 +20,7 @@ The prompt that goes with the frames (their timestamps) is model.chat.video_prom
 import io
 import os
 
-from model.images import shrink, to_rgb
+from model.images import MAX_IMAGE_PIXELS, shrink, to_rgb
 
 DEFAULT_FRAMES = 8
 MAX_FRAMES = 64
@@ -61,6 +67,7 @@ def read_frames(source, n=DEFAULT_FRAMES, max_seconds=MAX_VIDEO_SECONDS, name=No
         if container.format.name == "image2" or container.format.name.endswith("_pipe"):
             raise VideoError(f"{label} is a still image ({container.format.name}), not a video: send it as an image")
         stream = container.streams.video[0]
+        _check_pixels(stream.codec_context.width, stream.codec_context.height, label)
         if stream.frames and stream.frames < n:
             n = stream.frames  # a clip shorter than n frames: each of its frames once
         duration = _duration(container, stream)
@@ -69,9 +76,10 @@ def read_frames(source, n=DEFAULT_FRAMES, max_seconds=MAX_VIDEO_SECONDS, name=No
                              f"(--max_video_seconds): cut it first")
         try:
             if duration:
-                frames = [_frame_at(container, stream, duration * (k + 0.5) / n) for k in range(n)]
-            else:  # no duration in the header (some streams): decode it all, then pick
-                frames = _pick(list(_decode(container, stream, max_seconds, label)), n)
+                frames = [_keep(_frame_at(container, stream, duration * (k + 0.5) / n, label))
+                          for k in range(n)]
+            else:  # no duration in the header (some streams): one pass, a bounded number held
+                frames = _spread(_decode(container, stream, max_seconds, label), n, _keep)
         except VideoError:
             raise
         except Exception as e:
@@ -80,8 +88,7 @@ def read_frames(source, n=DEFAULT_FRAMES, max_seconds=MAX_VIDEO_SECONDS, name=No
         got = sum(f is not None for f in frames)
         raise VideoError(f"{label} has no decodable frames (an empty video)" if not got else
                          f"{label} is truncated: only {got} of {n} frames could be decoded")
-    images = [shrink(to_rgb(f.to_image())) for f in frames]  # as open_image leaves a picture
-    return images, [round(float(f.time), 3) for f in frames]
+    return [image for image, _ in frames], [time for _, time in frames]
 
 
 def _reason(e):
@@ -96,11 +103,26 @@ def _duration(container, stream):
     return None
 
 
-def _frame_at(container, stream, t):
+def _check_pixels(width, height, label):
+    if width * height > MAX_IMAGE_PIXELS:
+        raise VideoError(f"{label} has {width}x{height} frames, over the {MAX_IMAGE_PIXELS:,} pixels an image may "
+                         f"have: scale it down first (e.g. ffmpeg -i IN -vf scale=1280:-2 OUT)")
+
+
+def _keep(frame):
+    """A decoded frame -> (RGB image as open_image leaves a picture, its time in seconds), so what is
+    held is at most MAX_IMAGE_SIDE whatever the video's size."""
+    if frame is None:
+        return None
+    return shrink(to_rgb(frame.to_image())), round(float(frame.time), 3)
+
+
+def _frame_at(container, stream, t, label):
     """The frame on screen at t seconds: the last one that starts at or before t."""
     container.seek(int(t / stream.time_base) + (stream.start_time or 0), stream=stream, backward=True)
     shown = None
     for frame in container.decode(stream):
+        _check_pixels(frame.width, frame.height, label)  # before the next frame is decoded beside it
         if frame.time is None:
             continue
         if frame.time > t + 1e-6 and shown is not None:
@@ -110,15 +132,32 @@ def _frame_at(container, stream, t):
 
 
 def _decode(container, stream, max_seconds, label):
+    """The stream's frames that have a time, each checked against the time and pixel limits."""
     for frame in container.decode(stream):
-        if frame.time is not None and frame.time > max_seconds:
+        _check_pixels(frame.width, frame.height, label)
+        if frame.time is None:
+            continue
+        if frame.time > max_seconds:
             raise VideoError(f"{label} lasts over the limit of {max_seconds:.0f} s (--max_video_seconds): cut it first")
         yield frame
 
 
-def _pick(frames, n):
-    """n frames spread as read_frames spreads them, from all the decoded ones."""
-    if not frames:
-        return []
-    return [frames[min(len(frames) - 1, int(len(frames) * (k + 0.5) / n))] for k in range(n)]
+def _spread(items, n, keep):
+    """n of an iterable of unknown length, spread as read_frames spreads them (each one once if there
+    are fewer than n), holding at most 2n results of keep(item): every step-th item is kept, and when
+    2n are held every other one is dropped and the step doubles."""
+    held, step, count = [], 1, 0
+    for i, item in enumerate(items):
+        count = i + 1
+        if i % step:
+            continue
+        if len(held) == 2 * n:  # i is then 2n * step, a multiple of the doubled step
+            del held[1::2]
+            step *= 2
+        held.append(keep(item))
+    if count <= n:
+        return held
+    # the held item nearest each segment's middle frame: within half a step, so inside the segment
+    targets = (int(count * (k + 0.5) / n) for k in range(n))
+    return [held[min(len(held) - 1, (t + step // 2) // step)] for t in targets]
 

@@ -131,10 +131,11 @@ def frame_index(im):
     return r + 4 * g + 16 * b
 
 
-def make_video(path, n_frames=40, fps=10, size=(64, 48)):
-    """An mp4 (MPEG-4 part 2, in every PyAV wheel) of n_frames solid frames, frame i in frame_colour(i)."""
+def make_video(path, n_frames=40, fps=10, size=(64, 48), format=None):
+    """An mp4 (MPEG-4 part 2, in every PyAV wheel) of n_frames solid frames, frame i in frame_colour(i);
+    format="m4v" writes the raw stream instead, whose header gives no duration."""
     import av
-    with av.open(str(path), "w") as container:
+    with av.open(str(path), "w", format=format) as container:
         stream = container.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
         for i in range(n_frames):

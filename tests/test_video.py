@@ -39,6 +39,66 @@ def test_bytes_and_paths_give_the_same_frames(clip):
     assert read_frames(data, 4)[1] == read_frames(clip, 4)[1]
 
 
+def test_a_stream_without_a_duration_is_spread_over_in_one_pass_holding_at_most_twice_the_frames_asked(
+        tmp_path, monkeypatch):
+    import gc
+
+    import av
+    from PIL import Image
+    raw = make_video(tmp_path / "raw.m4v", n_frames=40, format="m4v")
+    assert av.open(raw).duration is None
+    held, open_video = [], av.open
+
+    def alive():
+        return sum(type(o) in (av.VideoFrame, Image.Image) for o in gc.get_objects())
+
+    class Counted:  # the container, counting the frames and pictures alive after each decoded frame
+        def __init__(self, *args, **kwargs):
+            self.container = open_video(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.container, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.container.__exit__(*exc)
+
+        def decode(self, *args, **kwargs):
+            for frame in self.container.decode(*args, **kwargs):
+                yield frame
+                held.append(alive() - before)
+
+    before = alive()
+    with open_video(raw) as container:  # what decoding alone keeps alive (the frame, the decoder's own)
+        decoding = max(alive() - before for _ in container.decode(video=0))
+    monkeypatch.setattr(av, "open", Counted)
+    frames, times = read_frames(raw, 4)
+    assert len(held) == 40 and max(held) <= 2 * 4 + decoding
+    # in time order, each from its quarter of the 40 frames, and its time is its frame's
+    assert [frame_index(im) // 10 for im in frames] == [0, 1, 2, 3]
+    assert times == pytest.approx([frame_index(im) / 10 for im in frames])
+
+
+def test_a_raw_stream_shorter_than_the_frame_count_gives_each_frame_once(tmp_path):
+    frames, times = read_frames(make_video(tmp_path / "short.m4v", n_frames=3, format="m4v"), 8)
+    assert times == pytest.approx([0.0, 0.1, 0.2]) and [frame_index(im) for im in frames] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("format", [None, "m4v"])
+def test_a_video_whose_frames_have_more_pixels_than_an_image_may_is_refused_in_one_line(tmp_path, monkeypatch,
+                                                                                        format):
+    import dataset.video
+    video = make_video(tmp_path / "big.mp4", n_frames=3, format=format)  # 64x48 = 3072 pixels a frame
+    monkeypatch.setattr(dataset.video, "MAX_IMAGE_PIXELS", 3071)
+    with pytest.raises(VideoError, match=r"^big.mp4 has 64x48 frames, over the 3,071 pixels an image may have: "
+                                         r"scale it down first \(e.g. ffmpeg .*\)$"):
+        read_frames(video, 2)
+    monkeypatch.setattr(dataset.video, "MAX_IMAGE_PIXELS", 3072)
+    assert len(read_frames(video, 2)[0]) == 2
+
+
 # 2. The prompt.
 
 def test_a_video_tag_becomes_one_image_line_per_frame_with_its_time():
