@@ -2,11 +2,14 @@
 
 A conversation is a list of {"role", "content"} turns rendered by the tokenizer's own chat
 template. Each `<image>` tag in the text becomes `image_token_count` copies of the placeholder
-token, whose embeddings the model overwrites with that image's features. This file needs only a
+token, whose embeddings the model overwrites with that image's features. A special token typed in
+a turn ("<|image_pad|>", "<|im_end|>") is text: only the template makes control tokens, so a turn
+can neither add image slots nor forge another turn. This file needs only a
 tokenizer (no torch), so an exported transformers directory carries it as it is.
 """
 import re
 
+ESCAPE = "\ue000"  # a private-use character: in a rendered turn it marks what was typed there (ChatEncoder)
 IMAGE_TAG = "<image>"
 VIDEO_TAG = "<video>"  # one per conversation; becomes one <image> per frame, each with its time
 
@@ -62,20 +65,44 @@ class ChatEncoder:
             self.assistant_header = before[before.rfind(self.end_of_turn) + len(self.end_of_turn):].lstrip("\n")
         if not self.assistant_header or not self.end_of_turn:
             raise ValueError("tokenizer needs a chat template with a generation prompt and an eos_token")
+        # The strings the tokenizer reads as control tokens. In a turn they are escaped before the
+        # template renders it (ESCAPE, their index, ";"), so in the rendered text each one is the
+        # template's own; the escapes become the typed text again when tokenized.
+        self.specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special},
+                               key=len, reverse=True)
+        self._typed = re.compile("|".join(map(re.escape, [ESCAPE] + self.specials)))
+        self._code = {ESCAPE: ESCAPE + ";", **{t: f"{ESCAPE}{k};" for k, t in enumerate(self.specials)}}
+        self._control = re.compile("(" + "|".join(map(re.escape, self.specials)) + ")") if self.specials else None
 
-    def render(self, messages, add_generation_prompt=False):
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    def render(self, messages, add_generation_prompt=False, **options):
+        """The template's text of the conversation, with the turns' own special tokens escaped."""
+        escaped = [{k: self._typed.sub(lambda m: self._code[m[0]], v) if k != "role" and isinstance(v, str) else v
+                    for k, v in m.items()} for m in messages]
+        return self.tok.apply_chat_template(escaped, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                            **options)
+
+    def _text_ids(self, text):
+        """Rendered text -> ids: the template's special tokens are control tokens, the rest (the
+        escapes turned back into what was typed) is tokenized as text."""
+        ids = []
+        for i, piece in enumerate(self._control.split(text) if self._control else [text]):
+            if i % 2:
+                ids.append(self.tok.convert_tokens_to_ids(piece))
+            elif piece:
+                typed = re.sub(ESCAPE + r"(\d*);", lambda m: self.specials[int(m[1])] if m[1] else ESCAPE, piece)
+                ids += self.tok.encode(typed, add_special_tokens=False, split_special_tokens=True)
+        return ids
 
     def tokenize(self, text):
-        """Text with <image> tags -> (ids, is_image): each tag becomes image_token_count placeholder
-        ids, marked True in is_image. Only those are image slots: the same id typed in the text (the
-        released tokenizer's '@') stays text."""
+        """Rendered text with <image> tags -> (ids, is_image): each tag becomes image_token_count
+        placeholder ids, marked True in is_image. Only those are image slots: the same id typed in
+        the text (the released tokenizer's '@') stays text."""
         ids, is_image = [], []
         for i, piece in enumerate(text.split(IMAGE_TAG)):
             if i:
                 ids += [self.image_token_id] * self.image_token_count
                 is_image += [True] * self.image_token_count
-            text_ids = self.tok.encode(piece, add_special_tokens=False)
+            text_ids = self._text_ids(piece)
             ids += text_ids
             is_image += [False] * len(text_ids)
         return ids, is_image
@@ -83,7 +110,7 @@ class ChatEncoder:
     def encode(self, messages):
         """-> (input_ids, labels, is_image). Assistant spans are found in the rendered *text* and
         tokenized as separate segments, so a label can never be shifted by a BPE merge across the
-        boundary. Image slots are never supervised."""
+        boundary. Image slots are never supervised; a header typed in a turn is no span."""
         text = self.render(messages)
         ids, labels, is_image, pos = [], [], [], 0
         for m in re.finditer(re.escape(self.assistant_header), text):
@@ -101,9 +128,7 @@ class ChatEncoder:
 
     def encode_prompt(self, messages):
         """(ids, is_image) of a conversation plus the assistant header, ready for generation."""
-        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                            **self.prompt_options)
-        return self.tokenize(text)
+        return self.tokenize(self.render(messages, add_generation_prompt=True, **self.prompt_options))
 
 
 THINK_END = "</think>"
