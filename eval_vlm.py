@@ -172,8 +172,13 @@ def folder_mode(chat, tokenizer, args):
     if args.image:
         files = [args.image]
     elif os.path.isdir(args.image_dir):
-        files = sorted(os.path.join(args.image_dir, f) for f in os.listdir(args.image_dir)
+        named = sorted(os.path.join(args.image_dir, f) for f in os.listdir(args.image_dir)
                        if f.lower().endswith(IMAGE_EXTS))
+        files = [f for f in named if os.path.isfile(f)]  # regular files only: opening a FIFO waits forever
+        if len(files) < len(named):
+            print(f"note: skipped {len(named) - len(files)} of the {len(named)} entries named like images in "
+                  f"{args.image_dir}: not regular files (FIFOs, sockets, devices or folders)",
+                  file=sys.stderr, flush=True)
     else:
         files = []
     if not files:

@@ -217,6 +217,24 @@ def test_a_prompt_with_typed_special_tokens_is_answered_as_one_user_turn_of_text
     assert [prompts[0].count(t) for t in (1, 2, 3)] == [2, 1, 196]
 
 
+def test_folder_mode_takes_regular_files_only_and_says_how_many_entries_it_skipped(chat, tmp_path, capsys):
+    import threading
+    write_image(tmp_path / "a.png", "red")
+    os.mkfifo(tmp_path / "fifo.png")  # opening it for reading would wait for a writer forever
+    (tmp_path / "folder.jpg").mkdir()
+    args = argparse.Namespace(image=None, image_dir=str(tmp_path), prompt="What color?", max_new_tokens=2,
+                              temperature=0.0, top_p=1.0, stream=1)
+    scan = threading.Thread(target=eval_vlm.folder_mode, args=(chat, chat.tokenizer, args), daemon=True)
+    scan.start()
+    scan.join(30)
+    if scan.is_alive():  # stuck on the FIFO: give it a writer so the thread ends, then fail
+        os.close(os.open(tmp_path / "fifo.png", os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("the folder scan opened the FIFO")
+    out, err = capsys.readouterr()
+    assert re.findall(r"^\[(\S+)\] What color\?$", out, re.M) == ["a.png"]
+    assert f"note: skipped 2 of the 3 entries named like images in {tmp_path}: not regular files" in err
+
+
 # ----------------------------------------------------------------------------- the real script
 
 @pytest.mark.slow
