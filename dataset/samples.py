@@ -182,6 +182,11 @@ def parquet_files(spec, path_flag="--data_path"):
     if not files:
         raise FileNotFoundError(f"no parquet files at {spec} ({f'set {path_flag} to ' if path_flag else 'give '}a "
                                 "parquet file, a folder of them, or a glob like 'data/*.parquet')")
+    odd = [f for f in files if not os.path.isfile(f)]  # reading a FIFO would wait for a writer forever
+    if odd:
+        raise ValueError(f"{odd[0]} is not a regular file (a FIFO, socket, device or folder)"
+                         + (f", nor are {len(odd) - 1} more of the files at {spec}" if len(odd) > 1 else "")
+                         + ": move it out of the folder, or give a glob that leaves it out")
     return files
 
 

@@ -94,6 +94,30 @@ def test_multi_image_rows_text_only_rows_and_a_directory_of_shards(tmp_path, tok
     assert len(open_source(str(shards / "*.parquet"))) == 4  # a glob works too
 
 
+def test_a_folder_of_shards_takes_regular_files_only(tmp_path):
+    import threading
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_parquet(shards / "a.parquet", [(turns("hi", "ok"), b"")])
+    os.mkfifo(shards / "b.parquet")  # reading it would wait for a writer forever
+    errors = []
+
+    def open_shards():
+        try:
+            open_source(str(shards))
+        except ValueError as e:
+            errors.append(str(e))
+    opening = threading.Thread(target=open_shards, daemon=True)
+    opening.start()
+    opening.join(30)
+    if opening.is_alive():  # stuck on the FIFO: give it a writer so the thread ends, then fail
+        os.close(os.open(shards / "b.parquet", os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("the shard scan opened the FIFO")
+    assert errors == [f"{shards / 'b.parquet'} is not a regular file (a FIFO, socket, device or folder): move it "
+                      f"out of the folder, or give a glob that leaves it out"]
+    assert len(open_source(str(shards / "a*.parquet"))) == 1
+
+
 BAD_ROWS = {
     "unparsable conversations": (('[{"role": "user"', b"x"), "row 1: 'conversations' is not valid JSON"),
     "null conversations": ((None, b"x"), "row 1: 'conversations' is null"),
