@@ -104,16 +104,19 @@ def parse_line(line):
 
 def resolve_image(images_path, name, allow_outside=None, what="image"):
     """The path of an image name from a jsonl, which must stay inside images_path: a name like
-    '../x.png' or '/etc/passwd' is refused (a data file should not reach other files on disk).
-    allow_outside: True lets it; False refuses, naming --allow_outside_images; None (the default, for
-    the scripts without that flag) refuses without naming it."""
+    '../x.png' or '/etc/passwd', or a symlink in the folder leading out of it, is refused (a data file
+    should not reach other files on disk). allow_outside: True lets it; False refuses, naming
+    --allow_outside_images; None (the default, for the scripts without that flag) refuses without
+    naming it."""
     path = os.path.normpath(os.path.join(images_path, name))
     if not allow_outside:
-        root = os.path.normpath(images_path)
-        if os.path.isabs(name) or os.path.relpath(path, root).split(os.sep)[0] == os.pardir:
-            raise ValueError(f"{what} name {name!r} points outside --images_path {images_path} (use names relative "
-                             "to that folder" + ("" if allow_outside is None else
-                                                 ", or pass --allow_outside_images 1 if this is intended") + ")")
+        root = os.path.realpath(images_path)  # links resolved on both sides, the folder's own too
+        real = os.path.realpath(path)
+        if os.path.isabs(name) or os.path.commonpath([real, root]) != root:
+            link = f" (a link to {real})" if real != os.path.abspath(path) else ""
+            raise ValueError(f"{what} name {name!r}{link} points outside --images_path {images_path} (use names "
+                             "relative to that folder" + ("" if allow_outside is None else
+                                                          ", or pass --allow_outside_images 1 if this is intended") + ")")
     if not os.path.isfile(path):
         raise ValueError(f"{what} {path} not found (check --images_path)")
     return path

@@ -173,6 +173,36 @@ def test_image_names_that_leave_the_image_folder_are_refused(tmp_path, tokenizer
     assert allowed[0]["pixel_values"].shape[0] == 1
 
 
+@pytest.mark.parametrize("name", ["out.png", "up/outside.png"])
+def test_a_symlink_in_the_image_folder_that_leads_out_of_it_is_refused_like_a_dotdot_name(tmp_path, tokenizer,
+                                                                                        processor, name):
+    import os
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "outside.png")
+    os.symlink(tmp_path / "outside.png", images / "out.png")  # a file link
+    os.symlink(tmp_path, images / "up")  # a folder link
+    data = write_jsonl(tmp_path / "d.jsonl", [name])
+    with pytest.raises(ValueError, match=rf"d.jsonl:1: image name '{name}' \(a link to {tmp_path / 'outside.png'}\) "
+                                         rf"points outside --images_path {images} .*--allow_outside_images 1"):
+        VLMDataset(data, str(images), tokenizer, processor, IMG, 196)
+    allowed = VLMDataset(data, str(images), tokenizer, processor, IMG, 196, allow_outside_images=True)
+    assert allowed[0]["pixel_values"].shape[0] == 1
+
+
+def test_symlinks_that_stay_inside_the_image_folder_are_taken(tmp_path, tokenizer, processor):
+    import os
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(images / "sub" / "red.png")
+    os.symlink("sub/red.png", images / "in.png")
+    os.symlink(images, tmp_path / "alias")  # the folder itself named through a link
+    data = write_jsonl(tmp_path / "d.jsonl", ["in.png", "sub/red.png"])
+    for folder in (images, tmp_path / "alias"):
+        ds = VLMDataset(data, str(folder), tokenizer, processor, IMG, 196)
+        assert [ds[i]["pixel_values"].shape[0] for i in range(2)] == [1, 1]
+
+
 def test_scripts_without_allow_outside_images_refuse_such_names_without_offering_that_flag(tmp_path):
     import eval_vlm
     Image.new("RGB", (8, 8), "red").save(tmp_path / "outside.png")
