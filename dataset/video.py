@@ -20,7 +20,7 @@ The prompt that goes with the frames (their timestamps) is model.chat.video_prom
 import io
 import os
 
-from model.images import MAX_IMAGE_PIXELS, shrink, to_rgb
+from model.images import MAX_IMAGE_PIXELS, refuse_special_file, shrink, to_rgb
 
 DEFAULT_FRAMES = 8
 MAX_FRAMES = 64
@@ -54,6 +54,7 @@ def read_frames(source, n=DEFAULT_FRAMES, max_seconds=MAX_VIDEO_SECONDS, name=No
     import av
     check_frames(n)
     label = name or (os.path.basename(source) if isinstance(source, (str, os.PathLike)) else "the embedded video")
+    refuse_special_file(source, label, VideoError)
     fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
     try:
         container = av.open(fp, "r")

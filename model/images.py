@@ -27,8 +27,16 @@ class ImageError(ValueError):
     """An image that cannot be used; the message says why (no traceback needed)."""
 
 
+def refuse_special_file(source, label, error):
+    """A path to a FIFO, socket, device or folder is refused by name: opening a FIFO waits for a
+    writer forever."""
+    if isinstance(source, (str, os.PathLike)) and os.path.exists(source) and not os.path.isfile(source):
+        raise error(f"{label} is not a regular file (a FIFO, socket, device or folder)")
+
+
 def open_image(source, name=None, max_side=MAX_IMAGE_SIDE):
     label = name or (os.path.basename(source) if isinstance(source, (str, os.PathLike)) else "the image")
+    refuse_special_file(source, label, ImageError)
     fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
     try:
         with warnings.catch_warnings():

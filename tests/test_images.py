@@ -2,6 +2,7 @@
 and how a bad image becomes a per-sample error."""
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -225,3 +226,21 @@ def test_a_missing_data_file_is_named_with_the_argument_each_script_took_it_from
     with pytest.raises(SystemExit) as stop:
         inspect_data.main([str(tmp_path / "shards/*.parquet")])
     assert "--data_path" not in str(stop.value.code) and "give a parquet file" in str(stop.value.code)
+
+
+def test_an_image_or_video_path_that_is_a_fifo_is_refused_by_name_without_waiting_for_a_writer(tmp_path):
+    from dataset.video import VideoError, read_frames
+    fifo = tmp_path / "photo.png"
+    os.mkfifo(fifo)
+    # Opening a FIFO for reading blocks until a writer comes; the check must answer before any open.
+    # A writer that turns up after 10 s turns a hang into a failure (an empty read, another message).
+    import threading
+    guard = threading.Timer(10, lambda: open(fifo, "wb").close())
+    guard.daemon = True
+    guard.start()
+    for read, error in ((open_image, ImageError), (read_frames, VideoError)):
+        with pytest.raises(error, match="photo.png is not a regular file"):
+            read(str(fifo))
+    with pytest.raises(ImageError, match="is not a regular file"):
+        open_image(str(tmp_path))  # a folder
+    guard.cancel()
