@@ -256,9 +256,11 @@ class Checkpointer:
         set_rng_state(rngs, cluster.rank, cluster.world, self.seed + state["step"])
         if cluster.is_main:
             other_world = rngs and len(rngs) != cluster.world
+            saved_dtype, dtype = (ckpt.get("args") or {}).get("dtype"), self.args["dtype"]
             print(f"resumed from {engine.resume_path}: epoch {state['epoch'] + 1}, step {state['step']}, "
                   f"{state['samples_seen']} samples into the epoch"
-                  + (f" (saved by {len(rngs)} processes, now {cluster.world})" if other_world else ""))
+                  + (f" (saved by {len(rngs)} processes, now {cluster.world})" if other_world else "")
+                  + (f" (saved under {saved_dtype}, now {dtype})" if saved_dtype and saved_dtype != dtype else ""))
         return state
 
     def begin(self, state):

@@ -16,6 +16,7 @@ from conftest import TINY_LLM, make_toy_data, read_log
 from model.model_vlm import MiniMindVLM, VLMConfig
 from model.checkpoint import CheckpointError, DiskFullError, atomic_save, load_weights
 from test_distributed import flags, launch
+from test_trainer_units import checkpointer, config
 from train_engines import check_deepspeed_files
 
 
@@ -74,6 +75,30 @@ def test_a_planted_deepspeed_checkpoint_is_refused_before_deepspeed_loads_it(tmp
                                               r"io.open.*could run code"):
         check_deepspeed_files(str(tag))
     assert not marker.exists()
+
+
+def saved_under(dtype, tower_dir, out):
+    """A resume file written by a run with --dtype `dtype` -> the checkpointer of a run with other flags."""
+    def run(**flags):
+        cfg = config(out_dir=str(out), vision_model_path=tower_dir, **TINY_LLM, **flags)
+        return checkpointer(MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM)), cfg, out)
+    run(dtype=dtype).save({"epoch": 0, "samples_seen": 4, "step": 2, "wandb_id": None}, "stop")
+    return run
+
+
+def test_resuming_a_bfloat16_run_with_float16_names_the_resume_file_and_the_dtype_it_was_started_with(tower_dir,
+                                                                                                       tmp_path):
+    run = saved_under("bfloat16", tower_dir, tmp_path)
+    resume = tmp_path / "unit_64_resume.pth"
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(resume))} was saved by a run with --dtype bfloat16, "
+                                              r"which keeps no float16 loss scale: resume with --dtype bfloat16"):
+        run(dtype="float16").resume()
+
+
+def test_a_float16_run_resumes_under_bfloat16_and_says_so(tower_dir, tmp_path, capsys):
+    run = saved_under("float16", tower_dir, tmp_path)
+    assert run(dtype="bfloat16").resume()["step"] == 2  # its loss scale is not needed without float16
+    assert "step 2, 4 samples into the epoch (saved under float16, now bfloat16)" in capsys.readouterr().out
 
 
 # 2. An error inside the training loop saves the last completed step first.
