@@ -530,7 +530,8 @@ def open_feature_cache(cfg, tower, processor, is_main):
                  else cfg.cache_features)
     cache = open_cache_for(tower, processor, cache_dir)
     if is_main:
-        print(f"feature cache {cache.dir}: {len(cache)} images cached")
+        print(f"feature cache {cache.dir}: {len(cache)} images cached"
+              + (f"; note: {cache.lost_note()}" if cache.lost else ""))
     return cache
 
 

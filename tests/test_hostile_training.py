@@ -280,3 +280,33 @@ def test_a_truncated_resume_file_names_itself(toy_data, tower_dir, tmp_path):
     resume.write_bytes(resume.read_bytes()[:100])
     proc = launch("train_pretrain_vlm.py", flags(toy_data, tower_dir, tmp_path, from_resume=1), check=False)
     assert_one_line_error(proc, f"{resume} is not a valid resume file: truncated", "drop --from_resume 1")
+
+
+# 7. The feature cache.
+
+def toy_run(tmp_path, tower_dir, n=4, **flags):
+    """The config of an in-process run of the tiny model on n toy samples (one epoch, batch 1, CPU, fp32)."""
+    data_path, images = make_toy_data(tmp_path / "data", n=n)
+    return config(data_path=data_path, images_path=images, out_dir=str(tmp_path / "out"), vision_model_path=tower_dir,
+                  tokenizer_path="model", num_workers=0, log_interval=1, batch_size=1, **TINY_LLM, **flags)
+
+
+def test_a_damaged_feature_cache_ends_the_run_in_one_line_and_one_cut_short_is_encoded_again(tower_dir, tmp_path,
+                                                                                              capsys):
+    from dataset.feature_cache import open_cache_for
+    from model.images import load_processor
+    from model.model_vlm import load_vision_tower
+    cfg = toy_run(tmp_path, tower_dir, cache_features=str(tmp_path / "cache"))
+    cache = open_cache_for(load_vision_tower(tower_dir), load_processor(tower_dir), cfg.cache_features)
+    cache.add("an image", torch.zeros(cache.row_shape))
+    index = os.path.join(cache.dir, cache.writer[0] + ".idx")
+    with open(index, "a") as f:
+        f.write('{"key": "another image", "row": 1}\n')  # a row the .bin does not hold
+    trainer.train_epochs(trainer.build_run(cfg, trainer.Cluster()))
+    assert (f"1 images cached; note: 1 cached rows are not in their .bin file, cut short? (e.g. {index}:2: row 1); "
+            f"those images are encoded again") in capsys.readouterr().out
+    with open(index, "a") as f:
+        f.write('{"row": 2}\n')
+    with pytest.raises(SystemExit, match=f"^error: {re.escape(index)}:3: no \"key\" string, not a line of a "
+                                         f"feature-cache index: delete the folder {re.escape(cache.dir)}, and"):
+        trainer.launch(cfg)
