@@ -683,8 +683,8 @@ class StopSignals:
         self.received = signum
 
 
-# One optimizer step, its numbers summed over all ranks.
-Step = namedtuple("Step", "loss lr applied stop samples tokens")
+# One optimizer step, its numbers summed over all ranks; `empty`: not taken, every sample of it was skipped.
+Step = namedtuple("Step", "loss lr applied stop samples tokens empty", defaults=(False,))
 
 
 def forward_backward(run, batch, step_tokens, last_micro):
@@ -706,7 +706,8 @@ def train_step(run, epoch, micro_batches, stop_signal):
     step_tokens = cluster.sum(n_tokens).item()
     loss, samples, tokens = 0.0, 0, 0  # this rank's share
     for j, batch in enumerate(micro_batches):
-        loss += forward_backward(run, batch, step_tokens, last_micro=j == len(micro_batches) - 1) / cluster.world
+        if step_tokens:  # else every sample of the step, on every rank, was skipped: nothing to learn from
+            loss += forward_backward(run, batch, step_tokens, last_micro=j == len(micro_batches) - 1) / cluster.world
         samples += batch["n_samples"]
         tokens += int(batch["attention_mask"].sum())
         state["samples_seen"] = min(state["samples_seen"] + run.sampler.global_batch, run.n_samples)
@@ -715,10 +716,11 @@ def train_step(run, epoch, micro_batches, stop_signal):
     totals = torch.tensor([loss, samples, tokens, stop_signal], dtype=torch.float64, device=cluster.device)
     loss, samples, tokens, stop = cluster.sum(totals).tolist()
     lr = lr_at(run.samples_done(epoch) / run.total_samples, cfg.learning_rate, cfg.warmup_ratio)
-    applied = run.engine.step(lr, math.isfinite(loss))
+    # Not taken without a supervised token: AdamW's weight decay and momentum would move the weights even so.
+    applied = bool(step_tokens) and run.engine.step(lr, math.isfinite(loss))
     if applied:
         state["step"] += 1
-    return Step(loss, lr, applied, stop > 0, samples, tokens)
+    return Step(loss, lr, applied, stop > 0, samples, tokens, empty=not step_tokens)
 
 
 def log_and_save(run, meter, epoch, lr):
@@ -745,11 +747,13 @@ def skipped_step(run, bad_steps):
         raise StopTraining(message if run.cluster.is_main else None)
 
 
-def end_epoch(run, epoch, skipped):
-    """Report the epoch's skipped samples (all ranks'), and move the state to the next epoch."""
+def end_epoch(run, epoch, skipped, empty_steps):
+    """Report the epoch's skipped samples (all ranks') and the steps not taken for want of any, and
+    move the state to the next epoch."""
     n_skipped = run.cluster.sum(torch.tensor(len(skipped), device=run.cluster.device)).item()
     if run.cluster.is_main and n_skipped:
-        print(f"epoch {epoch + 1}: skipped {n_skipped} samples" + (f", e.g. {skipped[0]}" if skipped else ""))
+        print(f"epoch {epoch + 1}: skipped {n_skipped} samples" + (f", e.g. {skipped[0]}" if skipped else "")
+              + (f"; optimizer steps not taken, every sample of them skipped: {empty_steps}" if empty_steps else ""))
     run.state.update(epoch=epoch + 1, samples_seen=0)
 
 
@@ -767,7 +771,7 @@ def train_epochs(run):
               "from the cache); the rate and ETA leave that step out", flush=True)
     for epoch in range(state["epoch"], cfg.epochs):
         run.sampler.set_epoch(epoch, state["samples_seen"])
-        skipped = []  # this rank's skipped samples in this epoch
+        skipped, empty_steps = [], 0  # this rank's skipped samples in this epoch; steps left without any
         for micro_batches in optimizer_steps(run.loader, len(run.sampler), cfg.accumulation_steps):
             skipped += [s for batch in micro_batches for s in batch["skipped"]]
             step = train_step(run, epoch, micro_batches, signals.received)
@@ -777,13 +781,17 @@ def train_epochs(run):
                 bad_steps, steps_this_run = 0, steps_this_run + 1
                 log_and_save(run, meter, epoch, step.lr)
             else:
-                bad_steps += 1
-                skipped_step(run, bad_steps)
+                run.total_steps -= 1  # so the run's last step is still logged, and the total shown is right
+                if step.empty:
+                    empty_steps += 1
+                else:
+                    bad_steps += 1
+                    skipped_step(run, bad_steps)
             if step.stop:
                 return "interrupted"
             if cfg.stop_after_steps and steps_this_run >= cfg.stop_after_steps:
                 return "stopped early"
-        end_epoch(run, epoch, skipped)
+        end_epoch(run, epoch, skipped, empty_steps)
     return None
 
 

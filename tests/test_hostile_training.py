@@ -310,3 +310,29 @@ def test_a_damaged_feature_cache_ends_the_run_in_one_line_and_one_cut_short_is_e
     with pytest.raises(SystemExit, match=f"^error: {re.escape(index)}:3: no \"key\" string, not a line of a "
                                          f"feature-cache index: delete the folder {re.escape(cache.dir)}, and"):
         trainer.launch(cfg)
+
+
+# 8. Skipped samples.
+
+def test_a_step_whose_samples_were_all_skipped_is_not_taken_and_not_logged(tower_dir, tmp_path, capsys):
+    cfg = toy_run(tmp_path, tower_dir, n=2, skip_bad_samples=1)
+    for image in (tmp_path / "data" / "images").iterdir():
+        image.write_bytes(b"not a png")  # opened only when the sample is used: skipped then
+    run = trainer.build_run(cfg, trainer.Cluster())
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    trainer.train_epochs(run)
+    assert all(torch.equal(v, before[k]) for k, v in run.model.state_dict().items())  # not even weight decay
+    assert not run.engine.optimizer.state and run.state["step"] == 0
+    out = capsys.readouterr().out
+    assert " loss " not in out and read_log(tmp_path / "out" / "unit_64_log.jsonl") == []
+    assert "epoch 1: skipped 2 samples, e.g. " in out and out.rstrip().endswith(
+        "; optimizer steps not taken, every sample of them skipped: 2")
+
+
+def test_a_run_with_an_empty_step_logs_every_step_it_takes_up_to_its_last(tower_dir, tmp_path, capsys):
+    cfg = toy_run(tmp_path, tower_dir, n=4, skip_bad_samples=1)
+    (tmp_path / "data" / "images" / "2.png").write_bytes(b"not a png")
+    trainer.train_epochs(trainer.build_run(cfg, trainer.Cluster()))
+    log = read_log(tmp_path / "out" / "unit_64_log.jsonl")
+    assert [(r["step"], r["total_steps"]) for r in log[1:]] == [(2, 3), (3, 3)] and all(r["loss"] > 1 for r in log)
+    assert "not taken, every sample of them skipped: 1" in capsys.readouterr().out
