@@ -335,18 +335,44 @@ class Checkpointer:
 
 # --- Logging ---
 
-def complete_log_lines(path):
-    """The log's lines, without a torn last one (a run killed while appending it), which would stop
-    every later resume: it is dropped, with a note."""
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    if lines:
-        try:
-            json.loads(lines[-1])
-        except json.JSONDecodeError:
-            print(f"note: {path}: dropped its last line, {lines.pop().strip()[:60]!r}, which a killed run wrote "
-                  f"only in part")
-    return lines
+def log_step(line):
+    """A log line (bytes) -> its step, or why it is not a log record."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "not UTF-8 text"
+    except json.JSONDecodeError:
+        return "not JSON"
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if type(step) is int else "no step number"
+
+
+def log_records(path):
+    """The records of the log a run resumes -> [(line, step)]. A line that is not a record would stop
+    every later resume, so it is dropped: a torn last line (a run killed while appending it) with a
+    note, any other (damaged bytes, a torn line that another run wrote after) with a warning naming
+    it. A file without any record but such lines is no log of ours: a ValueError naming it."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    records, bad = [], []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            step = log_step(line)
+            if isinstance(step, int):
+                records.append((line.decode() + "\n", step))
+            else:
+                bad.append((n, step))
+    if bad and not records and bad[0][0] < len(lines):
+        raise ValueError(f"{path} is not a training log (line {bad[0][0]}: {bad[0][1]}): move it away or delete it, "
+                         f"then resume (the log starts again)")
+    if bad and bad[-1][0] == len(lines):  # the last line, without its newline
+        print(f"note: {path}: dropped its last line, {lines[-1].decode(errors='replace').strip()[:60]!r}, which "
+              f"a killed run wrote only in part")
+        bad.pop()
+    if bad:
+        print(f"warning: {path}: dropped line {bad[0][0]} ({bad[0][1]}), not a log record"
+              + (f", and {len(bad) - 1} more such lines" if len(bad) > 1 else ""), flush=True)
+    return records
 
 
 class Logger:
@@ -364,11 +390,11 @@ class Logger:
         elif os.path.isfile(path):
             # Steps logged after the checkpoint we resume from (before a kill) are redone: drop
             # those trailing lines so every step appears once.
-            lines = complete_log_lines(path)
-            while lines and json.loads(lines[-1])["step"] > resumed_step:
-                lines.pop()
+            records = log_records(path)
+            while records and records[-1][1] > resumed_step:
+                records.pop()
             with open(path, "w") as f:
-                f.writelines(lines)
+                f.writelines(line for line, _ in records)
         if cfg.use_wandb:
             import wandb
             self.wandb = wandb.init(project=cfg.wandb_project, name=os.path.basename(path)[:-len("_log.jsonl")],

@@ -5,6 +5,7 @@ import argparse
 import errno
 import io
 import os
+import random
 import re
 import shutil
 
@@ -173,6 +174,23 @@ def test_a_torn_last_log_line_is_dropped_with_a_note(tmp_path, capsys):
     trainer.Logger(argparse.Namespace(use_wandb=False), str(path), None, True, resumed_step=2)
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
     assert f"note: {path}: dropped its last line" in capsys.readouterr().out
+
+
+def test_a_torn_middle_log_line_is_dropped_with_a_warning_naming_its_line(tmp_path, capsys):
+    path = tmp_path / "run_log.jsonl"
+    path.write_bytes(b'{"step": 1}\n{"step": 2, "lo{"step": 2}\n\xff\xfe\n[3]\n{"step": 3}\n{"step": 4}\n')
+    trainer.Logger(argparse.Namespace(use_wandb=False), str(path), None, True, resumed_step=3)
+    assert path.read_text() == '{"step": 1}\n{"step": 3}\n'
+    assert capsys.readouterr().out == (f"warning: {path}: dropped line 2 (not JSON), not a log record, and 2 more such "
+                                       f"lines\n")
+
+
+def test_a_log_of_random_bytes_is_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "run_log.jsonl"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + random.Random(0).randbytes(2000))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))} is not a training log \\(line 1: not UTF-8 text\\): "
+                                         "move it away or delete it, then resume"):
+        trainer.Logger(argparse.Namespace(use_wandb=False), str(path), None, True, resumed_step=3)
 
 
 # 5. A full disk.
