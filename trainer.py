@@ -212,17 +212,16 @@ def token_weighted(out, n_tokens, step_tokens, world, accumulation_steps):
 
 # --- Checkpoints: the .pth weights and the resume state, written and read in one place ---
 
-def write_checkpoint(write, periodic):
+def write_checkpoint(write, periodic, left):
     """Run one checkpoint write; True if it was written. A full disk at a periodic save is only a
     warning: the files of the last save are intact, training goes on and the next save tries again.
-    At the final save, or one before stopping, it ends the run, pointing at the last resume file."""
+    At the final save, or one before stopping, it ends the run, saying what is `left` on disk."""
     try:
         write()
         return True
     except DiskFullError as e:
         if not periodic:
-            raise DiskFullError(f"{e}; then continue from the last complete checkpoint with "
-                                f"--from_resume 1") from None
+            raise DiskFullError(f"{e}; {left}") from None
         print(f"warning: {e}; training goes on, and the next save tries again", flush=True)
         return False
 
@@ -238,6 +237,7 @@ class Checkpointer:
         self.args, self.seed = plain_args(cfg), cfg.seed
         self.all_ranks_save = bool(cfg.deepspeed) and cluster.world > 1  # DeepSpeed's checkpoint needs every rank
         self.start_step, self.last = 0, None
+        self.resume_step = None  # the step of this run's last complete resume file (or the one it resumed)
 
     def remove_partial_writes(self):
         for tmp in glob.glob(f"{self.weights_path}.tmp*") + glob.glob(f"{self.engine.resume_path}.tmp*"):
@@ -253,6 +253,7 @@ class Checkpointer:
         ckpt = engine.load_resume()
         rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # one per rank that saved it
         state = ckpt["state"]
+        self.resume_step = state["step"]
         set_rng_state(rngs, cluster.rank, cluster.world, self.seed + state["step"])
         if cluster.is_main:
             other_world = rngs and len(rngs) != cluster.world
@@ -288,17 +289,29 @@ class Checkpointer:
             bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
             if bad:  # cannot happen while non-finite steps are skipped; never overwrite good weights with it
                 raise StopTraining(f"non-finite values in {bad[:3]}: not saving {self.weights_path}")
-            if write_checkpoint(lambda: atomic_save(weights, self.weights_path), periodic):
+            if write_checkpoint(lambda: atomic_save(weights, self.weights_path), periodic, self.left(saved, state)):
                 write_record(self.record, self.weights_path)  # what the weights need: tokenizer, tower, shape
                 saved.append(self.weights_path)
             if has_lora(model) and write_checkpoint(
                     lambda: save_adapter(adapter_state_dict(model, full), model.lora_settings, model.config,
-                                         self.adapter_path), periodic):
+                                         self.adapter_path), periodic, self.left(saved, state)):
                 saved.append(self.adapter_path)
-        if write_checkpoint(lambda: self.engine.save_resume(resume, is_main), periodic) and kind != "final":
-            saved.append(self.engine.resume_path)
+        if write_checkpoint(lambda: self.engine.save_resume(resume, is_main), periodic, self.left(saved, state)):
+            self.resume_step = state["step"]
+            if kind != "final":
+                saved.append(self.engine.resume_path)
         if is_main and saved:
             print(f"saved {' and '.join(saved)}", flush=True)
+
+    def left(self, saved, state):
+        """What is on disk when a save cannot complete: the files of it already `saved`, and the
+        resume file a run can continue from, if this run has one."""
+        done = f"{' and '.join(saved)} {'hold' if len(saved) > 1 else 'holds'} step {state['step']}; " if saved else ""
+        if self.resume_step is not None:
+            return done + (f"then continue from step {self.resume_step}, in {self.engine.resume_path}, "
+                           f"with --from_resume 1")
+        return done + ("no resume file of this run was written, so --from_resume 1 cannot continue it" if saved else
+                       "nothing of this run was saved: run it again")
 
     @contextlib.contextmanager
     def saving_on_error(self):
@@ -327,7 +340,7 @@ class Checkpointer:
                 note = f"saved step {last['state']['step']}, the last one completed before the error below; "
             except Exception as e:
                 note = f"could not save a resume checkpoint ({error_message(e)}); "
-        if self.engine.resume_exists():
+        if self.resume_step is not None:  # a resume file left by another run would not continue this one
             note += "once the error is fixed, continue with --from_resume 1"
         if note:
             print(note, file=sys.stderr, flush=True)

@@ -224,12 +224,46 @@ def test_a_full_disk_warns_at_a_periodic_save_and_stops_the_run_at_the_final_one
     def full():
         raise DiskFullError("disk full writing out/x.pth (No space left on device): free space on its disk")
 
-    assert trainer.write_checkpoint(full, periodic=True) is False
+    left = "then continue from step 4, in out/x_resume.pth, with --from_resume 1"  # what the Checkpointer says
+    assert trainer.write_checkpoint(full, periodic=True, left=left) is False
     assert "warning: disk full writing out/x.pth" in capsys.readouterr().out
-    with pytest.raises(DiskFullError, match=r"out/x.pth .*continue from the last complete checkpoint with "
-                                            r"--from_resume 1"):
-        trainer.write_checkpoint(full, periodic=False)
-    assert trainer.write_checkpoint(lambda: None, periodic=False) is True
+    with pytest.raises(DiskFullError, match=r"out/x.pth .*free space on its disk; then continue from step 4, in "
+                                            r"out/x_resume.pth, with --from_resume 1$"):
+        trainer.write_checkpoint(full, periodic=False, left=left)
+    assert trainer.write_checkpoint(lambda: None, periodic=False, left=left) is True
+
+
+def test_a_full_disk_at_the_end_of_a_run_that_saved_nothing_does_not_say_continue_with_from_resume(
+        tower_dir, tmp_path, monkeypatch):
+    import model.checkpoint as checkpoint_module
+    cfg = toy_run(tmp_path, tower_dir, n=2)
+    monkeypatch.setattr(checkpoint_module, "open", failing_file(0), raising=False)
+    with pytest.raises(SystemExit) as end:
+        trainer.launch(cfg)
+    assert str(end.value) == (f"error: disk full writing {tmp_path / 'out' / 'unit_64.pth'} (No space left on device): "
+                              f"free space on its disk; nothing of this run was saved: run it again")
+
+
+def test_a_full_disk_at_a_final_save_names_what_was_saved_last(tower_dir, tmp_path, monkeypatch):
+    import model.checkpoint as checkpoint_module
+    cfg = config(out_dir=str(tmp_path), vision_model_path=tower_dir, **TINY_LLM)
+    saver = checkpointer(MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM)), cfg, tmp_path)
+    weights, resume = tmp_path / "unit_64.pth", tmp_path / "unit_64_resume.pth"
+    full_for_resume = failing_file(0)
+    monkeypatch.setattr(checkpoint_module, "open", lambda path, mode: (full_for_resume if "_resume" in path else
+                                                                       io.FileIO)(path, mode), raising=False)
+    with pytest.raises(DiskFullError) as error:  # the weights fit, the resume file does not
+        saver.save({"epoch": 0, "samples_seen": 2, "step": 1, "wandb_id": None}, "final")
+    assert str(error.value).endswith(f"free space on its disk; {weights} holds step 1; no resume file of this run was "
+                                     f"written, so --from_resume 1 cannot continue it")
+    monkeypatch.undo()
+    saver.save({"epoch": 0, "samples_seen": 4, "step": 2, "wandb_id": None})
+    monkeypatch.setattr(checkpoint_module, "open", failing_file(0), raising=False)
+    saver.save({"epoch": 0, "samples_seen": 8, "step": 4, "wandb_id": None})  # periodic: a warning, the run goes on
+    with pytest.raises(DiskFullError) as error:
+        saver.save({"epoch": 0, "samples_seen": 10, "step": 5, "wandb_id": None}, "final")
+    assert str(error.value) == (f"disk full writing {weights} (No space left on device): free space on its disk; then "
+                                f"continue from step 2, in {resume}, with --from_resume 1")
 
 
 # 6. Files that are not the checkpoint they were given as.
