@@ -257,7 +257,8 @@ class Checkpointer:
         set_rng_state(rngs, cluster.rank, cluster.world, self.seed + state["step"])
         if cluster.is_main:
             other_world = rngs and len(rngs) != cluster.world
-            saved_dtype, dtype = (ckpt.get("args") or {}).get("dtype"), self.args["dtype"]
+            args, dtype = ckpt.get("args"), self.args["dtype"]
+            saved_dtype = args.get("dtype") if isinstance(args, dict) else None
             print(f"resumed from {engine.resume_path}: epoch {state['epoch'] + 1}, step {state['step']}, "
                   f"{state['samples_seen']} samples into the epoch"
                   + (f" (saved by {len(rngs)} processes, now {cluster.world})" if other_world else "")
