@@ -104,6 +104,13 @@ class TorchEngine:
         missing = RESUME_KEYS - ckpt.keys() if isinstance(ckpt, dict) else RESUME_KEYS
         if missing:
             raise CheckpointError(f"{path} is not a valid resume file: no {sorted(missing)} entries; {RESUME_EXPECTED}")
+        if self.scaler.is_enabled() and not ckpt["scaler"]:
+            # Only a float16 run has a loss scale to resume; the other way round, none is needed.
+            args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+            saved = args.get("dtype", "bfloat16 or float32")
+            raise CheckpointError(f"{path} was saved by a run with --dtype {saved}, which keeps no float16 loss scale: "
+                                  f"resume with --dtype {saved}, or start a float16 run from its weights with "
+                                  f"--from_weight")
         # every rank loads it: same weights, whatever the world size
         if has_lora(self.model) or any(".lora_" in k for k in ckpt["model"]):
             own = {k: v.shape for k, v in self.model.state_dict().items()}

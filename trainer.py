@@ -212,17 +212,16 @@ def token_weighted(out, n_tokens, step_tokens, world, accumulation_steps):
 
 # --- Checkpoints: the .pth weights and the resume state, written and read in one place ---
 
-def write_checkpoint(write, periodic):
+def write_checkpoint(write, periodic, left):
     """Run one checkpoint write; True if it was written. A full disk at a periodic save is only a
     warning: the files of the last save are intact, training goes on and the next save tries again.
-    At the final save, or one before stopping, it ends the run, pointing at the last resume file."""
+    At the final save, or one before stopping, it ends the run, saying what is `left` on disk."""
     try:
         write()
         return True
     except DiskFullError as e:
         if not periodic:
-            raise DiskFullError(f"{e}; then continue from the last complete checkpoint with "
-                                f"--from_resume 1") from None
+            raise DiskFullError(f"{e}; {left}") from None
         print(f"warning: {e}; training goes on, and the next save tries again", flush=True)
         return False
 
@@ -238,6 +237,7 @@ class Checkpointer:
         self.args, self.seed = plain_args(cfg), cfg.seed
         self.all_ranks_save = bool(cfg.deepspeed) and cluster.world > 1  # DeepSpeed's checkpoint needs every rank
         self.start_step, self.last = 0, None
+        self.resume_step = None  # the step of this run's last complete resume file (or the one it resumed)
 
     def remove_partial_writes(self):
         for tmp in glob.glob(f"{self.weights_path}.tmp*") + glob.glob(f"{self.engine.resume_path}.tmp*"):
@@ -253,12 +253,16 @@ class Checkpointer:
         ckpt = engine.load_resume()
         rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # one per rank that saved it
         state = ckpt["state"]
+        self.resume_step = state["step"]
         set_rng_state(rngs, cluster.rank, cluster.world, self.seed + state["step"])
         if cluster.is_main:
             other_world = rngs and len(rngs) != cluster.world
+            args, dtype = ckpt.get("args"), self.args["dtype"]
+            saved_dtype = args.get("dtype") if isinstance(args, dict) else None
             print(f"resumed from {engine.resume_path}: epoch {state['epoch'] + 1}, step {state['step']}, "
                   f"{state['samples_seen']} samples into the epoch"
-                  + (f" (saved by {len(rngs)} processes, now {cluster.world})" if other_world else ""))
+                  + (f" (saved by {len(rngs)} processes, now {cluster.world})" if other_world else "")
+                  + (f" (saved under {saved_dtype}, now {dtype})" if saved_dtype and saved_dtype != dtype else ""))
         return state
 
     def begin(self, state):
@@ -286,17 +290,29 @@ class Checkpointer:
             bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
             if bad:  # cannot happen while non-finite steps are skipped; never overwrite good weights with it
                 raise StopTraining(f"non-finite values in {bad[:3]}: not saving {self.weights_path}")
-            if write_checkpoint(lambda: atomic_save(weights, self.weights_path), periodic):
+            if write_checkpoint(lambda: atomic_save(weights, self.weights_path), periodic, self.left(saved, state)):
                 write_record(self.record, self.weights_path)  # what the weights need: tokenizer, tower, shape
                 saved.append(self.weights_path)
             if has_lora(model) and write_checkpoint(
                     lambda: save_adapter(adapter_state_dict(model, full), model.lora_settings, model.config,
-                                         self.adapter_path), periodic):
+                                         self.adapter_path), periodic, self.left(saved, state)):
                 saved.append(self.adapter_path)
-        if write_checkpoint(lambda: self.engine.save_resume(resume, is_main), periodic) and kind != "final":
-            saved.append(self.engine.resume_path)
+        if write_checkpoint(lambda: self.engine.save_resume(resume, is_main), periodic, self.left(saved, state)):
+            self.resume_step = state["step"]
+            if kind != "final":
+                saved.append(self.engine.resume_path)
         if is_main and saved:
             print(f"saved {' and '.join(saved)}", flush=True)
+
+    def left(self, saved, state):
+        """What is on disk when a save cannot complete: the files of it already `saved`, and the
+        resume file a run can continue from, if this run has one."""
+        done = f"{' and '.join(saved)} {'hold' if len(saved) > 1 else 'holds'} step {state['step']}; " if saved else ""
+        if self.resume_step is not None:
+            return done + (f"then continue from step {self.resume_step}, in {self.engine.resume_path}, "
+                           f"with --from_resume 1")
+        return done + ("no resume file of this run was written, so --from_resume 1 cannot continue it" if saved else
+                       "nothing of this run was saved: run it again")
 
     @contextlib.contextmanager
     def saving_on_error(self):
@@ -325,7 +341,7 @@ class Checkpointer:
                 note = f"saved step {last['state']['step']}, the last one completed before the error below; "
             except Exception as e:
                 note = f"could not save a resume checkpoint ({error_message(e)}); "
-        if self.engine.resume_exists():
+        if self.resume_step is not None:  # a resume file left by another run would not continue this one
             note += "once the error is fixed, continue with --from_resume 1"
         if note:
             print(note, file=sys.stderr, flush=True)
@@ -333,18 +349,44 @@ class Checkpointer:
 
 # --- Logging ---
 
-def complete_log_lines(path):
-    """The log's lines, without a torn last one (a run killed while appending it), which would stop
-    every later resume: it is dropped, with a note."""
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    if lines:
-        try:
-            json.loads(lines[-1])
-        except json.JSONDecodeError:
-            print(f"note: {path}: dropped its last line, {lines.pop().strip()[:60]!r}, which a killed run wrote "
-                  f"only in part")
-    return lines
+def log_step(line):
+    """A log line (bytes) -> its step, or why it is not a log record."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "not UTF-8 text"
+    except json.JSONDecodeError:
+        return "not JSON"
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if type(step) is int else "no step number"
+
+
+def log_records(path):
+    """The records of the log a run resumes -> [(line, step)]. A line that is not a record would stop
+    every later resume, so it is dropped: a torn last line (a run killed while appending it) with a
+    note, any other (damaged bytes, a torn line that another run wrote after) with a warning naming
+    it. A file without any record but such lines is no log of ours: a ValueError naming it."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    records, bad = [], []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            step = log_step(line)
+            if isinstance(step, int):
+                records.append((line.decode() + "\n", step))
+            else:
+                bad.append((n, step))
+    if bad and not records and bad[0][0] < len(lines):
+        raise ValueError(f"{path} is not a training log (line {bad[0][0]}: {bad[0][1]}): move it away or delete it, "
+                         f"then resume (the log starts again)")
+    if bad and bad[-1][0] == len(lines):  # the last line, without its newline
+        print(f"note: {path}: dropped its last line, {lines[-1].decode(errors='replace').strip()[:60]!r}, which "
+              f"a killed run wrote only in part")
+        bad.pop()
+    if bad:
+        print(f"warning: {path}: dropped line {bad[0][0]} ({bad[0][1]}), not a log record"
+              + (f", and {len(bad) - 1} more such lines" if len(bad) > 1 else ""), flush=True)
+    return records
 
 
 class Logger:
@@ -362,11 +404,11 @@ class Logger:
         elif os.path.isfile(path):
             # Steps logged after the checkpoint we resume from (before a kill) are redone: drop
             # those trailing lines so every step appears once.
-            lines = complete_log_lines(path)
-            while lines and json.loads(lines[-1])["step"] > resumed_step:
-                lines.pop()
+            records = log_records(path)
+            while records and records[-1][1] > resumed_step:
+                records.pop()
             with open(path, "w") as f:
-                f.writelines(lines)
+                f.writelines(line for line, _ in records)
         if cfg.use_wandb:
             import wandb
             self.wandb = wandb.init(project=cfg.wandb_project, name=os.path.basename(path)[:-len("_log.jsonl")],
@@ -528,7 +570,8 @@ def open_feature_cache(cfg, tower, processor, is_main):
                  else cfg.cache_features)
     cache = open_cache_for(tower, processor, cache_dir)
     if is_main:
-        print(f"feature cache {cache.dir}: {len(cache)} images cached")
+        print(f"feature cache {cache.dir}: {len(cache)} images cached"
+              + (f"; note: {cache.lost_note()}" if cache.lost else ""))
     return cache
 
 
@@ -680,8 +723,8 @@ class StopSignals:
         self.received = signum
 
 
-# One optimizer step, its numbers summed over all ranks.
-Step = namedtuple("Step", "loss lr applied stop samples tokens")
+# One optimizer step, its numbers summed over all ranks; `empty`: not taken, every sample of it was skipped.
+Step = namedtuple("Step", "loss lr applied stop samples tokens empty", defaults=(False,))
 
 
 def forward_backward(run, batch, step_tokens, last_micro):
@@ -703,7 +746,8 @@ def train_step(run, epoch, micro_batches, stop_signal):
     step_tokens = cluster.sum(n_tokens).item()
     loss, samples, tokens = 0.0, 0, 0  # this rank's share
     for j, batch in enumerate(micro_batches):
-        loss += forward_backward(run, batch, step_tokens, last_micro=j == len(micro_batches) - 1) / cluster.world
+        if step_tokens:  # else every sample of the step, on every rank, was skipped: nothing to learn from
+            loss += forward_backward(run, batch, step_tokens, last_micro=j == len(micro_batches) - 1) / cluster.world
         samples += batch["n_samples"]
         tokens += int(batch["attention_mask"].sum())
         state["samples_seen"] = min(state["samples_seen"] + run.sampler.global_batch, run.n_samples)
@@ -712,10 +756,11 @@ def train_step(run, epoch, micro_batches, stop_signal):
     totals = torch.tensor([loss, samples, tokens, stop_signal], dtype=torch.float64, device=cluster.device)
     loss, samples, tokens, stop = cluster.sum(totals).tolist()
     lr = lr_at(run.samples_done(epoch) / run.total_samples, cfg.learning_rate, cfg.warmup_ratio)
-    applied = run.engine.step(lr, math.isfinite(loss))
+    # Not taken without a supervised token: AdamW's weight decay and momentum would move the weights even so.
+    applied = bool(step_tokens) and run.engine.step(lr, math.isfinite(loss))
     if applied:
         state["step"] += 1
-    return Step(loss, lr, applied, stop > 0, samples, tokens)
+    return Step(loss, lr, applied, stop > 0, samples, tokens, empty=not step_tokens)
 
 
 def log_and_save(run, meter, epoch, lr):
@@ -742,11 +787,13 @@ def skipped_step(run, bad_steps):
         raise StopTraining(message if run.cluster.is_main else None)
 
 
-def end_epoch(run, epoch, skipped):
-    """Report the epoch's skipped samples (all ranks'), and move the state to the next epoch."""
+def end_epoch(run, epoch, skipped, empty_steps):
+    """Report the epoch's skipped samples (all ranks') and the steps not taken for want of any, and
+    move the state to the next epoch."""
     n_skipped = run.cluster.sum(torch.tensor(len(skipped), device=run.cluster.device)).item()
     if run.cluster.is_main and n_skipped:
-        print(f"epoch {epoch + 1}: skipped {n_skipped} samples" + (f", e.g. {skipped[0]}" if skipped else ""))
+        print(f"epoch {epoch + 1}: skipped {n_skipped} samples" + (f", e.g. {skipped[0]}" if skipped else "")
+              + (f"; optimizer steps not taken, every sample of them skipped: {empty_steps}" if empty_steps else ""))
     run.state.update(epoch=epoch + 1, samples_seen=0)
 
 
@@ -764,7 +811,7 @@ def train_epochs(run):
               "from the cache); the rate and ETA leave that step out", flush=True)
     for epoch in range(state["epoch"], cfg.epochs):
         run.sampler.set_epoch(epoch, state["samples_seen"])
-        skipped = []  # this rank's skipped samples in this epoch
+        skipped, empty_steps = [], 0  # this rank's skipped samples in this epoch; steps left without any
         for micro_batches in optimizer_steps(run.loader, len(run.sampler), cfg.accumulation_steps):
             skipped += [s for batch in micro_batches for s in batch["skipped"]]
             step = train_step(run, epoch, micro_batches, signals.received)
@@ -774,13 +821,17 @@ def train_epochs(run):
                 bad_steps, steps_this_run = 0, steps_this_run + 1
                 log_and_save(run, meter, epoch, step.lr)
             else:
-                bad_steps += 1
-                skipped_step(run, bad_steps)
+                run.total_steps -= 1  # so the run's last step is still logged, and the total shown is right
+                if step.empty:
+                    empty_steps += 1
+                else:
+                    bad_steps += 1
+                    skipped_step(run, bad_steps)
             if step.stop:
                 return "interrupted"
             if cfg.stop_after_steps and steps_this_run >= cfg.stop_after_steps:
                 return "stopped early"
-        end_epoch(run, epoch, skipped)
+        end_epoch(run, epoch, skipped, empty_steps)
     return None
 
 

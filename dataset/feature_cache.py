@@ -13,6 +13,11 @@ image misses and is re-encoded; an image embedded in parquet has no path, so its
 of its bytes (the same picture in the pretrain and the SFT file is encoded once). Every writer (process) appends to its own shard, so two DDP ranks
 or two runs never write the same file; a row counts only once its index line is complete, so a
 kill mid-write loses at most that row.
+
+Reading is strict where the cache cannot be trusted and lenient where it can: an index line that is
+not one this module writes is a ValueError naming the file and line (delete the folder to rebuild
+it), while a line whose row is missing from its .bin (a copy cut short) is a miss, encoded again,
+and listed in `lost`.
 """
 import hashlib
 import json
@@ -48,7 +53,8 @@ class FeatureCache:
         os.makedirs(self.dir, exist_ok=True)
         self.row_shape, self.row_bytes = (n_tokens, width), n_tokens * width * 2
         self.index = {}  # key -> (shard name, row)
-        self.read_offsets, self.maps = {}, {}
+        self.read_offsets, self.maps = {}, {}  # read_offsets: shard -> (bytes, lines) of its index read so far
+        self.lost = []  # where an index line names a row its .bin does not hold
         self.writer = None
         self.refresh()
 
@@ -57,16 +63,52 @@ class FeatureCache:
         for name in sorted(os.listdir(self.dir)):
             if not name.endswith(".idx"):
                 continue
-            shard = name[:-4]
-            with open(os.path.join(self.dir, name), "rb") as f:
-                f.seek(self.read_offsets.get(shard, 0))
+            shard, path = name[:-4], os.path.join(self.dir, name)
+            offset, line_no = self.read_offsets.get(shard, (0, 0))
+            with open(path, "rb") as f:
+                f.seek(offset)
                 data = f.read()
             complete = data[:data.rfind(b"\n") + 1]  # a half-written last line is read next time
-            for line in complete.splitlines():
-                entry = json.loads(line)
-                self.index[entry["key"]] = (shard, entry["row"])
-            self.read_offsets[shard] = self.read_offsets.get(shard, 0) + len(complete)
+            n_rows = self.rows_on_disk(shard)  # after the index: a row is written before its line
+            for line in complete.split(b"\n")[:-1]:
+                line_no += 1
+                if line.strip():
+                    key, row = self.index_entry(path, line_no, line)
+                    if row < n_rows:
+                        self.index[key] = (shard, row)
+                    else:
+                        self.lost.append(f"{path}:{line_no}: row {row}")
+            self.read_offsets[shard] = (offset + len(complete), line_no)
             self.maps.pop(shard, None)  # the shard may have grown: remap on next read
+
+    def index_entry(self, path, line_no, line):
+        """An index line -> (key, row), or a ValueError naming it: a line this module did not write
+        means the files were damaged or replaced, and then no row of them can be trusted."""
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            problem = "not JSON"
+        else:
+            problem = ("not a JSON object" if not isinstance(entry, dict) else
+                       'no "key" string' if not isinstance(entry.get("key"), str) else
+                       'no "row" number' if type(entry.get("row")) is not int or entry["row"] < 0 else None)
+        if problem:
+            raise ValueError(f"{path}:{line_no}: {problem}, not a line of a feature-cache index: delete the folder "
+                             f"{self.dir}, and the features are encoded and cached again")
+        return entry["key"], entry["row"]
+
+    def rows_on_disk(self, shard):
+        try:
+            return os.path.getsize(os.path.join(self.dir, shard + ".bin")) // self.row_bytes
+        except FileNotFoundError:
+            return 0
+
+    def lost_note(self):
+        """What the scripts say about `lost` rows, or an empty string."""
+        if not self.lost:
+            return ""
+        return (f"{len(self.lost)} cached rows are not in their .bin file, cut short? (e.g. {self.lost[0]}); "
+                f"those images are encoded again")
 
     def __len__(self):
         return len(self.index)
@@ -76,11 +118,16 @@ class FeatureCache:
         if key not in self.index:
             return None
         shard, row = self.index[key]
-        if shard not in self.maps:
-            n_rows = os.path.getsize(os.path.join(self.dir, shard + ".bin")) // self.row_bytes
-            self.maps[shard] = np.memmap(os.path.join(self.dir, shard + ".bin"), dtype=np.float16, mode="r",
-                                         shape=(n_rows, *self.row_shape))
-        return torch.from_numpy(np.array(self.maps[shard][row]))
+        rows = self.maps.get(shard)
+        if rows is None or row >= len(rows):
+            path = os.path.join(self.dir, shard + ".bin")
+            n_rows = self.rows_on_disk(shard)
+            if row >= n_rows:  # the .bin was cut short after its index was read: a miss
+                del self.index[key]
+                self.lost.append(f"{path}: row {row}")
+                return None
+            rows = self.maps[shard] = np.memmap(path, dtype=np.float16, mode="r", shape=(n_rows, *self.row_shape))
+        return torch.from_numpy(np.array(rows[row]))
 
     def add(self, key, features):
         """Append one image's features [n_tokens, C] to this process's own shard."""

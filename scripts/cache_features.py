@@ -106,7 +106,12 @@ def main():
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
     processor = load_processor(args.vision_model_path)
-    cache = open_cache_for(tower, processor, args.cache_dir)  # the trainer's call: same identity and row shape
+    try:
+        cache = open_cache_for(tower, processor, args.cache_dir)  # the trainer's call: same identity and row shape
+    except ValueError as e:  # an index line this script did not write
+        sys.exit(f"error: {e}")
+    if cache.lost:
+        print(f"note: {cache.lost_note()}")
     mine = list(where)[rank::world]
     todo = [key for key in mine if cache.lookup(key) is None]
     print(f"{len(where)} images in {args.data_path}" + (f", {len(mine)} of them on rank {rank}" if world > 1 else "")

@@ -2,6 +2,7 @@
 import os
 import time
 
+import pytest
 import torch
 from dataset.feature_cache import FeatureCache, encode_with_cache, image_key, open_cache_for, tower_identity
 from model.images import open_image, to_pixels
@@ -91,3 +92,47 @@ def test_compiled_blocks_are_one_graph_each_across_batch_shapes():
         model(ids, labels=ids).loss.backward()
     assert not counters["graph_break"] and not counters["recompiles"]
     assert counters["stats"]["unique_graphs"] >= 2  # it did compile: the blocks, and the head with its loss
+
+
+# A damaged cache: a line it did not write stops with the fix; a row its .bin lost is encoded again.
+
+def cache_of_three(tmp_path):
+    """A cache holding keys a, b, c (rows 0-2 of one shard, each filled with its row number + 1) -> (cache, shard)."""
+    cache = FeatureCache(str(tmp_path), "t", 4, 2)
+    for i, key in enumerate("abc"):
+        cache.add(key, torch.full((4, 2), i + 1.0))
+    return cache, os.path.join(cache.dir, cache.writer[0])
+
+
+@pytest.mark.parametrize("line, problem", [('{"key": "d", "ro', "not JSON"), ('["d", 3]', "not a JSON object"),
+                                           ('{"row": 0}', 'no "key" string'), ('{"key": "d", "row": -1}', 'no "row" number'),
+                                           (b'\xff\xfe{"key"', "not JSON")])
+def test_an_index_line_the_cache_did_not_write_names_the_file_line_and_the_folder_to_delete(tmp_path, line, problem):
+    cache, shard = cache_of_three(tmp_path)
+    with open(shard + ".idx", "ab") as f:
+        f.write((line.encode() if isinstance(line, str) else line) + b"\n" + b'{"key": "e", "row": 2}\n')
+    with pytest.raises(ValueError) as error:
+        FeatureCache(str(tmp_path), "t", 4, 2)
+    assert str(error.value) == (f"{shard}.idx:4: {problem}, not a line of a feature-cache index: delete the folder "
+                                f"{cache.dir}, and the features are encoded and cached again")
+
+
+def test_rows_missing_from_a_truncated_bin_are_misses_that_are_encoded_again(tmp_path):
+    _, shard = cache_of_three(tmp_path)
+    with open(shard + ".bin", "r+b") as f:
+        f.truncate(4 * 2 * 2 + 5)  # row 0 and a few bytes of row 1: a copy cut short
+    with open(shard + ".idx", "a") as f:
+        f.write('{"key": "d", "row": 99}\n')  # a row past the end, even of the whole file
+    cache = FeatureCache(str(tmp_path), "t", 4, 2)
+    assert float(cache.lookup("a")[0, 0]) == 1.0 and [cache.lookup(k) for k in "bcd"] == [None] * 3
+    assert cache.lost == [f"{shard}.idx:{n}: row {row}" for n, row in ((2, 1), (3, 2), (4, 99))]
+    assert cache.lost_note().startswith(f"3 cached rows are not in their .bin file, cut short? (e.g. {shard}.idx:2")
+    cache.add("b", torch.full((4, 2), 2.0))  # as encode_with_cache stores a miss
+    assert float(FeatureCache(str(tmp_path), "t", 4, 2).lookup("b")[0, 0]) == 2.0
+
+
+def test_a_bin_cut_short_while_the_cache_is_open_is_a_miss(tmp_path):
+    cache, shard = cache_of_three(tmp_path)
+    reader = FeatureCache(str(tmp_path), "t", 4, 2)
+    os.truncate(shard + ".bin", 4 * 2 * 2)
+    assert reader.lookup("c") is None and "c" not in reader.index and float(reader.lookup("a")[0, 0]) == 1.0

@@ -5,6 +5,7 @@ import argparse
 import errno
 import io
 import os
+import random
 import re
 import shutil
 
@@ -16,6 +17,7 @@ from conftest import TINY_LLM, make_toy_data, read_log
 from model.model_vlm import MiniMindVLM, VLMConfig
 from model.checkpoint import CheckpointError, DiskFullError, atomic_save, load_weights
 from test_distributed import flags, launch
+from test_trainer_units import checkpointer, config
 from train_engines import check_deepspeed_files
 
 
@@ -74,6 +76,30 @@ def test_a_planted_deepspeed_checkpoint_is_refused_before_deepspeed_loads_it(tmp
                                               r"io.open.*could run code"):
         check_deepspeed_files(str(tag))
     assert not marker.exists()
+
+
+def saved_under(dtype, tower_dir, out):
+    """A resume file written by a run with --dtype `dtype` -> the checkpointer of a run with other flags."""
+    def run(**flags):
+        cfg = config(out_dir=str(out), vision_model_path=tower_dir, **TINY_LLM, **flags)
+        return checkpointer(MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM)), cfg, out)
+    run(dtype=dtype).save({"epoch": 0, "samples_seen": 4, "step": 2, "wandb_id": None}, "stop")
+    return run
+
+
+def test_resuming_a_bfloat16_run_with_float16_names_the_resume_file_and_the_dtype_it_was_started_with(tower_dir,
+                                                                                                       tmp_path):
+    run = saved_under("bfloat16", tower_dir, tmp_path)
+    resume = tmp_path / "unit_64_resume.pth"
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(resume))} was saved by a run with --dtype bfloat16, "
+                                              r"which keeps no float16 loss scale: resume with --dtype bfloat16"):
+        run(dtype="float16").resume()
+
+
+def test_a_float16_run_resumes_under_bfloat16_and_says_so(tower_dir, tmp_path, capsys):
+    run = saved_under("float16", tower_dir, tmp_path)
+    assert run(dtype="bfloat16").resume()["step"] == 2  # its loss scale is not needed without float16
+    assert "step 2, 4 samples into the epoch (saved under float16, now bfloat16)" in capsys.readouterr().out
 
 
 # 2. An error inside the training loop saves the last completed step first.
@@ -150,6 +176,23 @@ def test_a_torn_last_log_line_is_dropped_with_a_note(tmp_path, capsys):
     assert f"note: {path}: dropped its last line" in capsys.readouterr().out
 
 
+def test_a_torn_middle_log_line_is_dropped_with_a_warning_naming_its_line(tmp_path, capsys):
+    path = tmp_path / "run_log.jsonl"
+    path.write_bytes(b'{"step": 1}\n{"step": 2, "lo{"step": 2}\n\xff\xfe\n[3]\n{"step": 3}\n{"step": 4}\n')
+    trainer.Logger(argparse.Namespace(use_wandb=False), str(path), None, True, resumed_step=3)
+    assert path.read_text() == '{"step": 1}\n{"step": 3}\n'
+    assert capsys.readouterr().out == (f"warning: {path}: dropped line 2 (not JSON), not a log record, and 2 more such "
+                                       f"lines\n")
+
+
+def test_a_log_of_random_bytes_is_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "run_log.jsonl"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + random.Random(0).randbytes(2000))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))} is not a training log \\(line 1: not UTF-8 text\\): "
+                                         "move it away or delete it, then resume"):
+        trainer.Logger(argparse.Namespace(use_wandb=False), str(path), None, True, resumed_step=3)
+
+
 # 5. A full disk.
 
 def failing_file(limit):
@@ -181,12 +224,46 @@ def test_a_full_disk_warns_at_a_periodic_save_and_stops_the_run_at_the_final_one
     def full():
         raise DiskFullError("disk full writing out/x.pth (No space left on device): free space on its disk")
 
-    assert trainer.write_checkpoint(full, periodic=True) is False
+    left = "then continue from step 4, in out/x_resume.pth, with --from_resume 1"  # what the Checkpointer says
+    assert trainer.write_checkpoint(full, periodic=True, left=left) is False
     assert "warning: disk full writing out/x.pth" in capsys.readouterr().out
-    with pytest.raises(DiskFullError, match=r"out/x.pth .*continue from the last complete checkpoint with "
-                                            r"--from_resume 1"):
-        trainer.write_checkpoint(full, periodic=False)
-    assert trainer.write_checkpoint(lambda: None, periodic=False) is True
+    with pytest.raises(DiskFullError, match=r"out/x.pth .*free space on its disk; then continue from step 4, in "
+                                            r"out/x_resume.pth, with --from_resume 1$"):
+        trainer.write_checkpoint(full, periodic=False, left=left)
+    assert trainer.write_checkpoint(lambda: None, periodic=False, left=left) is True
+
+
+def test_a_full_disk_at_the_end_of_a_run_that_saved_nothing_does_not_say_continue_with_from_resume(
+        tower_dir, tmp_path, monkeypatch):
+    import model.checkpoint as checkpoint_module
+    cfg = toy_run(tmp_path, tower_dir, n=2)
+    monkeypatch.setattr(checkpoint_module, "open", failing_file(0), raising=False)
+    with pytest.raises(SystemExit) as end:
+        trainer.launch(cfg)
+    assert str(end.value) == (f"error: disk full writing {tmp_path / 'out' / 'unit_64.pth'} (No space left on device): "
+                              f"free space on its disk; nothing of this run was saved: run it again")
+
+
+def test_a_full_disk_at_a_final_save_names_what_was_saved_last(tower_dir, tmp_path, monkeypatch):
+    import model.checkpoint as checkpoint_module
+    cfg = config(out_dir=str(tmp_path), vision_model_path=tower_dir, **TINY_LLM)
+    saver = checkpointer(MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM)), cfg, tmp_path)
+    weights, resume = tmp_path / "unit_64.pth", tmp_path / "unit_64_resume.pth"
+    full_for_resume = failing_file(0)
+    monkeypatch.setattr(checkpoint_module, "open", lambda path, mode: (full_for_resume if "_resume" in path else
+                                                                       io.FileIO)(path, mode), raising=False)
+    with pytest.raises(DiskFullError) as error:  # the weights fit, the resume file does not
+        saver.save({"epoch": 0, "samples_seen": 2, "step": 1, "wandb_id": None}, "final")
+    assert str(error.value).endswith(f"free space on its disk; {weights} holds step 1; no resume file of this run was "
+                                     f"written, so --from_resume 1 cannot continue it")
+    monkeypatch.undo()
+    saver.save({"epoch": 0, "samples_seen": 4, "step": 2, "wandb_id": None})
+    monkeypatch.setattr(checkpoint_module, "open", failing_file(0), raising=False)
+    saver.save({"epoch": 0, "samples_seen": 8, "step": 4, "wandb_id": None})  # periodic: a warning, the run goes on
+    with pytest.raises(DiskFullError) as error:
+        saver.save({"epoch": 0, "samples_seen": 10, "step": 5, "wandb_id": None}, "final")
+    assert str(error.value) == (f"disk full writing {weights} (No space left on device): free space on its disk; then "
+                                f"continue from step 2, in {resume}, with --from_resume 1")
 
 
 # 6. Files that are not the checkpoint they were given as.
@@ -255,3 +332,59 @@ def test_a_truncated_resume_file_names_itself(toy_data, tower_dir, tmp_path):
     resume.write_bytes(resume.read_bytes()[:100])
     proc = launch("train_pretrain_vlm.py", flags(toy_data, tower_dir, tmp_path, from_resume=1), check=False)
     assert_one_line_error(proc, f"{resume} is not a valid resume file: truncated", "drop --from_resume 1")
+
+
+# 7. The feature cache.
+
+def toy_run(tmp_path, tower_dir, n=4, **flags):
+    """The config of an in-process run of the tiny model on n toy samples (one epoch, batch 1, CPU, fp32)."""
+    data_path, images = make_toy_data(tmp_path / "data", n=n)
+    return config(data_path=data_path, images_path=images, out_dir=str(tmp_path / "out"), vision_model_path=tower_dir,
+                  tokenizer_path="model", num_workers=0, log_interval=1, batch_size=1, **TINY_LLM, **flags)
+
+
+def test_a_damaged_feature_cache_ends_the_run_in_one_line_and_one_cut_short_is_encoded_again(tower_dir, tmp_path,
+                                                                                              capsys):
+    from dataset.feature_cache import open_cache_for
+    from model.images import load_processor
+    from model.model_vlm import load_vision_tower
+    cfg = toy_run(tmp_path, tower_dir, cache_features=str(tmp_path / "cache"))
+    cache = open_cache_for(load_vision_tower(tower_dir), load_processor(tower_dir), cfg.cache_features)
+    cache.add("an image", torch.zeros(cache.row_shape))
+    index = os.path.join(cache.dir, cache.writer[0] + ".idx")
+    with open(index, "a") as f:
+        f.write('{"key": "another image", "row": 1}\n')  # a row the .bin does not hold
+    trainer.train_epochs(trainer.build_run(cfg, trainer.Cluster()))
+    assert (f"1 images cached; note: 1 cached rows are not in their .bin file, cut short? (e.g. {index}:2: row 1); "
+            f"those images are encoded again") in capsys.readouterr().out
+    with open(index, "a") as f:
+        f.write('{"row": 2}\n')
+    with pytest.raises(SystemExit, match=f"^error: {re.escape(index)}:3: no \"key\" string, not a line of a "
+                                         f"feature-cache index: delete the folder {re.escape(cache.dir)}, and"):
+        trainer.launch(cfg)
+
+
+# 8. Skipped samples.
+
+def test_a_step_whose_samples_were_all_skipped_is_not_taken_and_not_logged(tower_dir, tmp_path, capsys):
+    cfg = toy_run(tmp_path, tower_dir, n=2, skip_bad_samples=1)
+    for image in (tmp_path / "data" / "images").iterdir():
+        image.write_bytes(b"not a png")  # opened only when the sample is used: skipped then
+    run = trainer.build_run(cfg, trainer.Cluster())
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    trainer.train_epochs(run)
+    assert all(torch.equal(v, before[k]) for k, v in run.model.state_dict().items())  # not even weight decay
+    assert not run.engine.optimizer.state and run.state["step"] == 0
+    out = capsys.readouterr().out
+    assert " loss " not in out and read_log(tmp_path / "out" / "unit_64_log.jsonl") == []
+    assert "epoch 1: skipped 2 samples, e.g. " in out and out.rstrip().endswith(
+        "; optimizer steps not taken, every sample of them skipped: 2")
+
+
+def test_a_run_with_an_empty_step_logs_every_step_it_takes_up_to_its_last(tower_dir, tmp_path, capsys):
+    cfg = toy_run(tmp_path, tower_dir, n=4, skip_bad_samples=1)
+    (tmp_path / "data" / "images" / "2.png").write_bytes(b"not a png")
+    trainer.train_epochs(trainer.build_run(cfg, trainer.Cluster()))
+    log = read_log(tmp_path / "out" / "unit_64_log.jsonl")
+    assert [(r["step"], r["total_steps"]) for r in log[1:]] == [(2, 3), (3, 3)] and all(r["loss"] > 1 for r in log)
+    assert "not taken, every sample of them skipped: 1" in capsys.readouterr().out

@@ -135,3 +135,18 @@ def test_cache_features_script_names_the_line_of_an_unreadable_image(tower_dir, 
                            str(tmp_path / "cache"), "--vision_model_path", tower_dir, "--num_workers", "0"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "d.jsonl:1: cannot read image" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cache_features_script_names_the_line_of_a_damaged_index(toy_data, tower_dir, tmp_path):
+    data_path, images = toy_data
+    build = [sys.executable, os.path.join(ROOT, "scripts", "cache_features.py"), "--data_path", data_path,
+             "--images_path", images, "--cache_dir", str(tmp_path / "cache"), "--vision_model_path", tower_dir,
+             "--num_workers", "0"]
+    subprocess.run(build, cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+    (index,) = (tmp_path / "cache").rglob("*.idx")
+    with open(index, "a") as f:
+        f.write("not json\n")
+    proc = subprocess.run(build, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (f"error: {index}:13: not JSON, not a line of a feature-cache index: delete the "
+                                   f"folder {index.parent}, and the features are encoded and cached again")
