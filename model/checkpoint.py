@@ -164,6 +164,12 @@ def atomic_save(obj, path, dump=torch.save):
         raise
 
 
+# The global a weights-only load refused, in torch's wordings: "Unsupported global: GLOBAL io.open was
+# not an allowed global" (2.4 on), "unsupported GLOBAL posix.system whose module posix is blocked"
+# (2.13), "Unsupported class os.system" (before 2.4).
+REFUSED_GLOBAL = re.compile(r"\bGLOBAL\s+([\w.]+)|Unsupported class\s+([\w.]+)", re.IGNORECASE)
+
+
 def read_checkpoint(path, what="weights file", expected=WEIGHTS_EXPECTED):
     """torch.load with weights_only=True: tensors and plain values (dicts, lists, numbers, strings)
     only, since unpickling anything else can run code. Any file that does not load is a
@@ -173,13 +179,14 @@ def read_checkpoint(path, what="weights file", expected=WEIGHTS_EXPECTED):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        # Only a name is taken from torch's text: the rest advises weights_only=False, which is what
+        # must not be done with such a file.
+        found = REFUSED_GLOBAL.search(str(e))
         if found:
-            raise CheckpointError(f"{path} is not a valid {what}: it holds {found.group(1)}, not only tensors and "
-                                  f"plain values, and loading that could run code, so it was refused; "
-                                  f"{expected}") from None
-        detail = re.search(r"WeightsUnpickler error: ([^\n]+)", str(e))
-        reason = detail.group(1).strip() if detail else _first_line(e)
+            raise CheckpointError(f"{path} is not a valid {what} and was refused: it holds "
+                                  f"{found.group(1) or found.group(2)}, which could run code; {expected}") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))  # e.g. "Unsupported operand 247"
+        reason = f"UnpicklingError: {detail.group(1).strip()}" if detail else "UnpicklingError"
     except Exception as e:  # a truncated zip, an empty or a text file: RuntimeError, EOFError, KeyError...
         reason = _first_line(e).split(". ")[0]
     raise CheckpointError(f"{path} is not a valid {what}: truncated, or not written by torch.save ({reason}); "

@@ -50,6 +50,34 @@ def test_a_resume_file_that_would_run_code_is_refused_without_running_it(toy_dat
     assert not marker.exists()
 
 
+class RunsShell:
+    """Unpickling this calls os.system (posix.system on Linux): torch blocks that module by name."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_weights_file_planting_a_shell_call_is_refused_naming_the_call_not_torchs_advice(tower_dir, tmp_path):
+    model = MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM))
+    marker = tmp_path / "MARKER"
+    for planted in (RunsShell(marker), RunsCode(str(marker))):  # a blocked module; a global not allowed
+        path = tmp_path / "planted.pth"
+        torch.save({"tok_embeddings.weight": planted}, path)
+        with pytest.raises(CheckpointError) as refused:
+            load_weights(model, str(path))
+        held = f"{planted.__reduce__()[0].__module__}.{planted.__reduce__()[0].__name__}"
+        assert str(refused.value).startswith(f"{path} is not a valid weights file and was refused: it holds "
+                                             f"{held}, which could run code; expected a .pth")
+        assert "weights_only" not in str(refused.value) and "\n" not in str(refused.value)
+    assert not marker.exists()
+    path.write_bytes(b"\x80\x02" + bytes(range(247, 256)) * 300)  # a pickle of no sense: damaged, not planted
+    with pytest.raises(CheckpointError, match=r"not written by torch.save \(UnpicklingError: Unsupported operand"):
+        load_weights(model, str(path))
+
+
 def test_rng_streams_survive_a_weights_only_round_trip(tmp_path):
     import random
 
