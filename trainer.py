@@ -39,7 +39,7 @@ from dataset.samples import open_source
 from dataset.sampler import ResumableBatchSampler
 from model.chat import resolve_image_token_id
 from model.checkpoint import (CheckpointError, DiskFullError, atomic_save, infer_config_from_state_dict, llm_state_dict,
-                              load_weights, read_checkpoint, weight_name, weight_path)
+                              load_weights, non_finite_keys, read_checkpoint, weight_name, weight_path)
 from model.images import load_processor
 from model.paths import load_tokenizer
 from model.lora import LoraSettings, adapter_state_dict, add_lora, has_lora, save_adapter
@@ -283,7 +283,7 @@ class Checkpointer:
                   "state": dict(state), "args": self.args}
         periodic, saved, is_main = kind == "periodic", [], self.cluster.is_main
         if is_main:
-            bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
+            bad = non_finite_keys(weights)
             if bad:  # cannot happen while non-finite steps are skipped; never overwrite good weights with it
                 raise StopTraining(f"non-finite values in {bad[:3]}: not saving {self.weights_path}")
             if write_checkpoint(lambda: atomic_save(weights, self.weights_path), periodic):

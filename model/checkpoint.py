@@ -110,6 +110,11 @@ def llm_state_dict(model, sd=None):
     return to_file_format(fold_lora(sd, model), model.config)
 
 
+def non_finite_keys(sd):
+    """The keys of `sd` whose tensors hold NaN or inf, sorted: weights that must be neither read nor written."""
+    return sorted(k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all())
+
+
 class CheckpointError(RuntimeError):
     """A file that is not the checkpoint it was given as, or does not fit the model. The message
     names the file, what was expected and the flags to check, so callers print it as it is."""
@@ -272,7 +277,7 @@ def load_weights(model, path_or_sd, name=None, fix="check --dim/--n_layers/--use
     else that is missing, unexpected or of another shape is a CheckpointError naming the file and
     listing the keys in the file's own names, and `fix`, what the caller's user can do about it (the
     default names the flags of the scripts that build the model from them); a projector made for
-    another tower width says which width it needs."""
+    another tower width says which width it needs. A file holding NaN or inf is refused too."""
     if isinstance(path_or_sd, str):
         name = name or path_or_sd
         path_or_sd = read_checkpoint(path_or_sd)
@@ -301,6 +306,10 @@ def load_weights(model, path_or_sd, name=None, fix="check --dim/--n_layers/--use
             f"{name} does not match the model ({fix}): the file has {_describe(found)}; "
             f"the model {_describe(model_found)}; missing: {_some(missing)}; unexpected: {_some(unexpected)}"
             + (f"; other shape: {_some(reshaped)}" if reshaped else ""))
+    bad = non_finite_keys(sd)
+    if bad:
+        raise CheckpointError(f"{name} holds NaN or inf values in {_some(bad)}: it is damaged, or was saved by a run "
+                              f"that diverged; use another checkpoint (an earlier one of that run)")
     # strict=False: strictness was checked above, with the tower (and an LLM-only file's projector) allowed out
     model.load_state_dict(from_file_format(sd, model.config.dim // model.config.n_heads), strict=False)
     return sd

@@ -248,6 +248,21 @@ def test_files_that_are_not_model_weights_say_what_they_are(tower_dir, tmp_path)
             load_model(args)
 
 
+def test_a_checkpoint_whose_embedding_is_all_nan_is_refused_naming_the_file(tower_dir, tmp_path):
+    from model.inference import InferenceConfig, load_model
+    model = MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM))
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("vision_encoder.")}
+    sd["tok_embeddings.weight"] = torch.full_like(sd["tok_embeddings.weight"], float("nan"))
+    path = str(tmp_path / "nan_64.pth")
+    torch.save(sd, path)
+    expected = (f"{path} holds NaN or inf values in ['tok_embeddings.weight']: it is damaged, or was saved by a run "
+                f"that diverged; use another checkpoint")
+    with pytest.raises(CheckpointError, match=f"^{re.escape(expected)}"):
+        load_weights(model, path)
+    with pytest.raises(CheckpointError, match=f"^{re.escape(expected)}"):  # what eval, the demo and the API load with
+        load_model(InferenceConfig(weight=path, vision_model_path=tower_dir, tokenizer_path="model", device="cpu"))
+
+
 def test_weights_of_another_size_name_the_file_and_the_flags(tower_dir, tmp_path):
     path = str(tmp_path / "wide.pth")
     wide = MiniMindVLM(VLMConfig(vision_model_path=tower_dir, dim=128, n_layers=2))
