@@ -10,7 +10,8 @@ from cli import add_model_args  # noqa: F401 (the flags InferenceConfig holds; i
 from .images import load_processor, to_pixels, to_rgb
 from .chat import IMAGE_TAG, ChatEncoder, resolve_image_token_id, split_reasoning
 from .model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig
-from .checkpoint import check_state_dict, infer_config_from_state_dict, load_weights, read_checkpoint, weight_path
+from .checkpoint import (check_state_dict, check_vocab, infer_config_from_state_dict, load_weights, read_checkpoint,
+                         weight_path)
 from .paths import load_tokenizer
 from .precision import describe, resolve_device, resolve_dtype
 from .record import resolve_folders
@@ -76,6 +77,7 @@ def load_model(args):
                                                          DEFAULT_VISION_MODEL, args.ignore_record)
         tokenizer = load_tokenizer(tokenizer_path)
         found = infer_config_from_state_dict({**sd, **adapter_projector(args.lora)}, path)
+        check_vocab(tokenizer, tokenizer_path, found["vocab_size"], path)
         for key in ("dim", "n_layers", "use_moe"):  # a flag set to something else than its default and the file
             flag = getattr(args, key)
             if int(flag) != int(found[key]) and flag != getattr(InferenceConfig, key):

@@ -263,6 +263,26 @@ def test_a_checkpoint_whose_embedding_is_all_nan_is_refused_naming_the_file(towe
         load_model(InferenceConfig(weight=path, vision_model_path=tower_dir, tokenizer_path="model", device="cpu"))
 
 
+def test_a_tokenizer_larger_than_the_checkpoints_embedding_is_refused_in_eval_and_training(tower_dir, tokenizer,
+                                                                                           tmp_path):
+    from model.inference import InferenceConfig, load_model
+    from test_trainer_units import config
+    wider = tmp_path / "tokenizer"
+    bigger = type(tokenizer).from_pretrained(os.path.join(os.path.dirname(trainer.__file__), "model"))
+    bigger.add_tokens(["<extra_0>", "<extra_1>"])
+    bigger.save_pretrained(wider)
+    path = tmp_path / "w_64.pth"
+    torch.save({k: v for k, v in MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM)).state_dict().items()
+                if not k.startswith("vision_encoder.")}, path)
+    expected = (f"the tokenizer at {wider} has 6402 tokens, but {path} embeds only 6400: pass --tokenizer_path the "
+                f"tokenizer {path} was trained with")
+    with pytest.raises(CheckpointError, match=f"^{re.escape(expected)}$"):
+        load_model(InferenceConfig(weight=str(path), vision_model_path=tower_dir, tokenizer_path=str(wider), device="cpu"))
+    cfg = config(vision_model_path=tower_dir, tokenizer_path=str(wider), from_weight=str(path), **TINY_LLM)
+    with pytest.raises(CheckpointError, match=f"^{re.escape(expected)}$"):
+        trainer.build_model(cfg, bigger, "cpu")
+
+
 def test_weights_of_another_size_name_the_file_and_the_flags(tower_dir, tmp_path):
     path = str(tmp_path / "wide.pth")
     wide = MiniMindVLM(VLMConfig(vision_model_path=tower_dir, dim=128, n_layers=2))
