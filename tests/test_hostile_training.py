@@ -283,6 +283,19 @@ def test_a_tokenizer_larger_than_the_checkpoints_embedding_is_refused_in_eval_an
         trainer.build_model(cfg, bigger, "cpu")
 
 
+def test_a_tower_whose_pytorch_model_bin_holds_a_pickle_is_refused_in_one_line(tower_dir, tmp_path):
+    from model.model_vlm import load_vision_tower
+    tower, marker = tmp_path / "tower", tmp_path / "MARKER"
+    shutil.copytree(tower_dir, tower)
+    (tower / "model.safetensors").unlink()
+    torch.save({"vision_model.embeddings.patch_embedding.weight": RunsCode(str(marker))}, tower / "pytorch_model.bin")
+    expected = (f"vision tower {tower / 'pytorch_model.bin'} was refused: it holds more than tensors (objects whose "
+                f"loading could run code), or is damaged; get the tower again, as model.safetensors where it is offered")
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        load_vision_tower(str(tower))
+    assert not marker.exists()
+
+
 def test_weights_of_another_size_name_the_file_and_the_flags(tower_dir, tmp_path):
     path = str(tmp_path / "wide.pth")
     wide = MiniMindVLM(VLMConfig(vision_model_path=tower_dir, dim=128, n_layers=2))
