@@ -114,6 +114,40 @@ def test_reverse_conversion_of_a_directory_whose_config_does_not_describe_its_we
                               f"model.safetensors): the file has ") and "--n_layers" not in message
 
 
+def drop_embedding(out):
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(out / "model.safetensors")
+    del tensors["tok_embeddings.weight"]
+    save_file(tensors, out / "model.safetensors")
+
+
+DAMAGED_DIRECTORIES = {  # a hand edit of an exported directory -> the file and what the one line says of it
+    "tensor-missing": (drop_embedding, "model.safetensors has no tok_embeddings.weight, so no MiniMind weights"),
+    "dim-not-a-number": (lambda out: edit_config(out, dim="abc"), "config.json: dim is 'abc', not a number >= 0"),
+    "no-heads": (lambda out: edit_config(out, n_heads=0), "config.json does not describe a MiniMind-V model ("),
+    "config-not-json": (lambda out: (out / "config.json").write_text('{"dim": '), "config.json is not a JSON config ("),
+}
+
+
+def edit_config(out, **fields):
+    (out / "config.json").write_text(json.dumps({**json.loads((out / "config.json").read_text()), **fields}))
+
+
+@pytest.mark.parametrize("case", DAMAGED_DIRECTORIES, ids=list(DAMAGED_DIRECTORIES))
+def test_reverse_conversion_of_a_damaged_directory_is_one_line_naming_the_file(tower_dir, tmp_path, case):
+    damage, message = DAMAGED_DIRECTORIES[case]
+    pth, out = str(tmp_path / "w.pth"), tmp_path / "hf"
+    make_checkpoint(tower_dir, pth)
+    convert_main(["--weight", pth, "--out", str(out), "--vision_model_path", tower_dir, "--tokenizer_path", "model"])
+    damage(out)
+    with pytest.raises(SystemExit) as stop:
+        convert_main(["--reverse", "--weight", str(out), "--out", str(tmp_path / "back.pth")])
+    assert str(stop.value.code).startswith(f"error: {out}/{message}") and "\n" not in str(stop.value.code)
+    assert str(stop.value.code).endswith(f"fix it, or export the directory again (scripts/convert_model.py "
+                                         f"--weight X.pth --out {out})")
+    assert not (tmp_path / "back.pth").exists()
+
+
 def test_moe_checkpoint_converts(tower_dir, tmp_path):
     pth = str(tmp_path / "moe.pth")
     original = make_checkpoint(tower_dir, pth, use_moe=True)
