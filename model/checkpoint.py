@@ -219,12 +219,13 @@ def check_state_dict(sd, name="the checkpoint"):
     return sd
 
 
-def check_vocab(tokenizer, tokenizer_path, vocab_size, name):
+def check_vocab(tokenizer, tokenizer_path, vocab_size, name, fix=None):
     """The tokenizer's ids must all be rows of the embedding of the weights `name` (vocab_size rows):
-    a larger vocabulary would index past it on its first token above. Else CheckpointError naming both."""
+    a larger vocabulary would index past it on its first token above. Else CheckpointError naming both
+    and `fix` (default: the --tokenizer_path to pass)."""
     if len(tokenizer) > vocab_size:
         raise CheckpointError(f"the tokenizer at {tokenizer_path} has {len(tokenizer)} tokens, but {name} embeds only "
-                              f"{vocab_size}: pass --tokenizer_path the tokenizer {name} was trained with")
+                              f"{vocab_size}: " + (fix or f"pass --tokenizer_path the tokenizer {name} was trained with"))
 
 
 def _first(sd, pattern):

@@ -229,6 +229,40 @@ def test_eval_path_load_1_gives_the_same_answers_as_the_pth(tower_dir, photo, tm
         assert json.load(f)["vision_model_path"] == tower_dir
 
 
+def test_our_entry_points_load_an_exported_directory_without_running_its_code(tower_dir, tmp_path):
+    """eval_vlm.py, the web demo and the API load a directory through load_model: the modelling files in
+    it are for plain transformers, and a line planted in them must not run."""
+    from model.inference import InferenceConfig, load_model
+    pth, marker = str(tmp_path / "w.pth"), tmp_path / "MARKER"
+    original = make_checkpoint(tower_dir, pth, seed=3)
+    out = export_hf(pth, str(tmp_path / "hf-planted"), os.path.join(ROOT, "model"), tower_dir)
+    for name in os.listdir(out):
+        if name.endswith(".py"):
+            with open(os.path.join(out, name), "a") as f:
+                f.write(f"\nopen({str(marker)!r}, 'w').write('ran')\n")
+    model, _, _ = load_model(InferenceConfig(weight=out, vision_model_path=tower_dir, dtype="float32", device="cpu"))
+    assert not marker.exists()
+    ids = torch.randint(10, 6000, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, original(ids).logits)
+
+
+def test_an_exported_directory_with_nan_weights_is_refused_naming_its_safetensors(tower_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from model.checkpoint import CheckpointError
+    from model.inference import InferenceConfig, load_model
+    pth = str(tmp_path / "w.pth")
+    make_checkpoint(tower_dir, pth)
+    out = export_hf(pth, str(tmp_path / "hf-nan"), os.path.join(ROOT, "model"), tower_dir)
+    tensors = load_file(os.path.join(out, "model.safetensors"))
+    tensors["tok_embeddings.weight"][0, 0] = float("inf")
+    save_file(tensors, os.path.join(out, "model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"^{out}/model.safetensors holds NaN or inf values in "
+                                              rf"\['output.weight', 'tok_embeddings.weight'\]: it is damaged"):  # tied: one tensor
+        load_model(InferenceConfig(weight=out, vision_model_path=tower_dir, dtype="float32", device="cpu"))
+
+
 def test_the_exported_entry_point_is_repository_code_encoding_chats_as_training_does(tokenizer, tower_dir):
     from model.chat import ChatEncoder
     from model.modeling_minimind_v import MiniMindVLMForCausalLM
