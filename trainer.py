@@ -38,8 +38,8 @@ from dataset.lm_dataset import VLMDataset, collate_batch
 from dataset.samples import open_source
 from dataset.sampler import ResumableBatchSampler
 from model.chat import resolve_image_token_id
-from model.checkpoint import (CheckpointError, DiskFullError, atomic_save, infer_config_from_state_dict, llm_state_dict,
-                              load_weights, read_checkpoint, weight_name, weight_path)
+from model.checkpoint import (CheckpointError, DiskFullError, atomic_save, check_vocab, infer_config_from_state_dict,
+                              llm_state_dict, load_weights, non_finite_keys, read_checkpoint, weight_name, weight_path)
 from model.images import load_processor
 from model.paths import load_tokenizer
 from model.lora import LoraSettings, adapter_state_dict, add_lora, has_lora, save_adapter
@@ -287,7 +287,7 @@ class Checkpointer:
                   "state": dict(state), "args": self.args}
         periodic, saved, is_main = kind == "periodic", [], self.cluster.is_main
         if is_main:
-            bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
+            bad = non_finite_keys(weights)
             if bad:  # cannot happen while non-finite steps are skipped; never overwrite good weights with it
                 raise StopTraining(f"non-finite values in {bad[:3]}: not saving {self.weights_path}")
             if write_checkpoint(lambda: atomic_save(weights, self.weights_path), periodic, self.left(saved, state)):
@@ -515,6 +515,8 @@ def build_model(cfg, tokenizer, device):
     start = start_path(cfg)
     sd = read_checkpoint(start) if start else None
     found = infer_config_from_state_dict(sd, start) if start else {"vocab_size": len(tokenizer)}
+    if start:
+        check_vocab(tokenizer, cfg.tokenizer_path, found["vocab_size"], start)
     found.update(dim=cfg.dim, n_layers=cfg.n_layers, use_moe=bool(cfg.use_moe))
     found.setdefault("projector", cfg.projector)
     config = VLMConfig(**found, gradient_checkpointing=bool(cfg.gradient_checkpointing),

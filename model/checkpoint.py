@@ -110,6 +110,11 @@ def llm_state_dict(model, sd=None):
     return to_file_format(fold_lora(sd, model), model.config)
 
 
+def non_finite_keys(sd):
+    """The keys of `sd` whose tensors hold NaN or inf, sorted: weights that must be neither read nor written."""
+    return sorted(k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all())
+
+
 class CheckpointError(RuntimeError):
     """A file that is not the checkpoint it was given as, or does not fit the model. The message
     names the file, what was expected and the flags to check, so callers print it as it is."""
@@ -164,6 +169,12 @@ def atomic_save(obj, path, dump=torch.save):
         raise
 
 
+# The global a weights-only load refused, in torch's wordings: "Unsupported global: GLOBAL io.open was
+# not an allowed global" (2.4 on), "unsupported GLOBAL posix.system whose module posix is blocked"
+# (2.13), "Unsupported class os.system" (before 2.4).
+REFUSED_GLOBAL = re.compile(r"\bGLOBAL\s+([\w.]+)|Unsupported class\s+([\w.]+)", re.IGNORECASE)
+
+
 def read_checkpoint(path, what="weights file", expected=WEIGHTS_EXPECTED):
     """torch.load with weights_only=True: tensors and plain values (dicts, lists, numbers, strings)
     only, since unpickling anything else can run code. Any file that does not load is a
@@ -173,13 +184,14 @@ def read_checkpoint(path, what="weights file", expected=WEIGHTS_EXPECTED):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        # Only a name is taken from torch's text: the rest advises weights_only=False, which is what
+        # must not be done with such a file.
+        found = REFUSED_GLOBAL.search(str(e))
         if found:
-            raise CheckpointError(f"{path} is not a valid {what}: it holds {found.group(1)}, not only tensors and "
-                                  f"plain values, and loading that could run code, so it was refused; "
-                                  f"{expected}") from None
-        detail = re.search(r"WeightsUnpickler error: ([^\n]+)", str(e))
-        reason = detail.group(1).strip() if detail else _first_line(e)
+            raise CheckpointError(f"{path} is not a valid {what} and was refused: it holds "
+                                  f"{found.group(1) or found.group(2)}, which could run code; {expected}") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))  # e.g. "Unsupported operand 247"
+        reason = f"UnpicklingError: {detail.group(1).strip()}" if detail else "UnpicklingError"
     except Exception as e:  # a truncated zip, an empty or a text file: RuntimeError, EOFError, KeyError...
         reason = _first_line(e).split(". ")[0]
     raise CheckpointError(f"{path} is not a valid {what}: truncated, or not written by torch.save ({reason}); "
@@ -205,6 +217,15 @@ def check_state_dict(sd, name="the checkpoint"):
                                           f"release) nor model.embed_tokens.weight / model.layers.* (2026)")
         raise CheckpointError(f"{name} {held}: no MiniMind weights; {WEIGHTS_EXPECTED}")
     return sd
+
+
+def check_vocab(tokenizer, tokenizer_path, vocab_size, name, fix=None):
+    """The tokenizer's ids must all be rows of the embedding of the weights `name` (vocab_size rows):
+    a larger vocabulary would index past it on its first token above. Else CheckpointError naming both
+    and `fix` (default: the --tokenizer_path to pass)."""
+    if len(tokenizer) > vocab_size:
+        raise CheckpointError(f"the tokenizer at {tokenizer_path} has {len(tokenizer)} tokens, but {name} embeds only "
+                              f"{vocab_size}: " + (fix or f"pass --tokenizer_path the tokenizer {name} was trained with"))
 
 
 def _first(sd, pattern):
@@ -265,7 +286,7 @@ def load_weights(model, path_or_sd, name=None, fix="check --dim/--n_layers/--use
     else that is missing, unexpected or of another shape is a CheckpointError naming the file and
     listing the keys in the file's own names, and `fix`, what the caller's user can do about it (the
     default names the flags of the scripts that build the model from them); a projector made for
-    another tower width says which width it needs."""
+    another tower width says which width it needs. A file holding NaN or inf is refused too."""
     if isinstance(path_or_sd, str):
         name = name or path_or_sd
         path_or_sd = read_checkpoint(path_or_sd)
@@ -294,6 +315,10 @@ def load_weights(model, path_or_sd, name=None, fix="check --dim/--n_layers/--use
             f"{name} does not match the model ({fix}): the file has {_describe(found)}; "
             f"the model {_describe(model_found)}; missing: {_some(missing)}; unexpected: {_some(unexpected)}"
             + (f"; other shape: {_some(reshaped)}" if reshaped else ""))
+    bad = non_finite_keys(sd)
+    if bad:
+        raise CheckpointError(f"{name} holds NaN or inf values in {_some(bad)}: it is damaged, or was saved by a run "
+                              f"that diverged; use another checkpoint (an earlier one of that run)")
     # strict=False: strictness was checked above, with the tower (and an LLM-only file's projector) allowed out
     model.load_state_dict(from_file_format(sd, model.config.dim // model.config.n_heads), strict=False)
     return sd

@@ -10,7 +10,8 @@ from cli import add_model_args  # noqa: F401 (the flags InferenceConfig holds; i
 from .images import load_processor, to_pixels, to_rgb
 from .chat import IMAGE_TAG, ChatEncoder, resolve_image_token_id, split_reasoning
 from .model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig
-from .checkpoint import check_state_dict, infer_config_from_state_dict, load_weights, read_checkpoint, weight_path
+from .checkpoint import (CheckpointError, check_state_dict, check_vocab, infer_config_from_state_dict, load_weights,
+                         non_finite_keys, read_checkpoint, weight_path)
 from .paths import load_tokenizer
 from .precision import describe, resolve_device, resolve_dtype
 from .record import resolve_folders
@@ -76,6 +77,7 @@ def load_model(args):
                                                          DEFAULT_VISION_MODEL, args.ignore_record)
         tokenizer = load_tokenizer(tokenizer_path)
         found = infer_config_from_state_dict({**sd, **adapter_projector(args.lora)}, path)
+        check_vocab(tokenizer, tokenizer_path, found["vocab_size"], path)
         for key in ("dim", "n_layers", "use_moe"):  # a flag set to something else than its default and the file
             flag = getattr(args, key)
             if int(flag) != int(found[key]) and flag != getattr(InferenceConfig, key):
@@ -183,12 +185,16 @@ def _is_tower_dir(path):
 def load_hf_dir(args):
     """A transformers-format directory (scripts/convert_model.py) -> (model, tokenizer).
 
+    The model is built by this repository's classes, never by the .py files the directory carries
+    (they are there for plain transformers, trust_remote_code=True): loading a directory does not run
+    its code. Its weights must be finite and cover the tokenizer's ids.
+
     Vision tower: --vision_model_path when it was set to an existing tower, else the path the
     directory records (as given, relative to it, or its `vision_model` folder), else the flag's default."""
     import inspect
     import json
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .modeling_minimind_v import MiniMindVLMForCausalLM
     path = args.weight
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} is not a transformers-format model directory (no config.json). Make one "
@@ -202,8 +208,15 @@ def load_hf_dir(args):
     flag = args.vision_model_path
     if _is_tower_dir(flag) and (flag != default or not any(map(_is_tower_dir, candidates))):
         kwargs["vision_model_path"] = flag
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32, **kwargs)
+    model = MiniMindVLMForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    bad = non_finite_keys({k: v for k, v in model.state_dict().items() if not k.startswith("vision_encoder.")})
+    if bad:
+        raise CheckpointError(f"{os.path.join(path, 'model.safetensors')} holds NaN or inf values in {bad[:3]}: it is "
+                              f"damaged, or was exported from a run that diverged; export the directory again from "
+                              f"another checkpoint")
     if getattr(args, "image_token_id", -1) >= 0:
         model.config.image_token_id = args.image_token_id
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    tokenizer = load_tokenizer(path)
+    check_vocab(tokenizer, path, model.config.vocab_size, os.path.join(path, "model.safetensors"),
+                fix="export the directory again with the tokenizer its weights were trained with (--tokenizer_path)")
     return model, tokenizer

@@ -16,6 +16,7 @@ LORA_LAYERS from here before torch loads.
 """
 import dataclasses
 import json
+import math
 import os
 import re
 
@@ -111,23 +112,69 @@ def save_adapter(tensors, settings, config, path):
     atomic_save(tensors, path, dump=lambda t, f: f.write(save(t, metadata=meta)))
 
 
+def _read_metadata(path, meta, shapes):
+    """An adapter file's metadata -> (LoraSettings, the model it was trained on), checked against the
+    shapes of its tensors before any is read or any layer built: the model allocates adapters of the
+    rank the metadata says, which the file's lora_A/lora_B must have (safetensors checks their shapes
+    against the file's size, so the rank is bounded by it)."""
+    where = f"--lora {path}"
+    missing = [k for k in ("rank", "alpha", "dropout", "targets", "model") if k not in meta]
+    if missing:
+        raise ValueError(f"{where}: its metadata has no {', '.join(missing)}: it was not written by "
+                         f"train_*_vlm.py --lora_rank as it is (use the adapter file that training wrote)")
+    try:
+        rank, alpha, dropout = int(meta["rank"]), float(meta["alpha"]), float(meta["dropout"])
+    except ValueError:
+        raise ValueError(f"{where}: its metadata's rank {meta['rank']!r}, alpha {meta['alpha']!r} or dropout "
+                         f"{meta['dropout']!r} is not a number") from None
+    if not (math.isfinite(alpha) and 0 <= dropout < 1):
+        raise ValueError(f"{where}: its metadata's alpha {meta['alpha']} or dropout {meta['dropout']} is out of range "
+                         f"(alpha a finite number, dropout in [0, 1)): the file is damaged")
+    targets = tuple(meta["targets"].split(","))
+    unknown = sorted(set(targets) - set(LORA_LAYERS))
+    if unknown or not targets:
+        raise ValueError(f"{where}: its metadata's targets {meta['targets']!r} are not a comma list of "
+                         f"{','.join(LORA_LAYERS)}" + (f" (unknown: {','.join(unknown)})" if unknown else ""))
+    try:
+        trained_on = json.loads(meta["model"])
+        if not isinstance(trained_on, dict):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{where}: its metadata's model {meta['model'][:80]!r} is not a JSON object like "
+                         f'{{"generation": "minimind2", "dim": 512, "n_layers": 8, "use_moe": false}}') from None
+    pairs = [(shapes[k], shapes.get(k.replace(".lora_A.", ".lora_B."))) for k in shapes if ".lora_A." in k]
+    if not pairs:
+        raise ValueError(f"{where} holds no lora_A/lora_B tensors: it is not a LoRA adapter")
+    for a, b in pairs:  # lora_A [rank, in], lora_B [out, rank]
+        if len(a) != 2 or b is None or len(b) != 2 or not 1 <= rank == a[0] == b[1]:
+            raise ValueError(f"{where}: its metadata says rank {meta['rank']}, but it holds a lora_A of shape "
+                             f"{list(a)} and a lora_B of shape {list(b) if b else 'absent'}: the file is damaged")
+    return LoraSettings(rank, alpha, dropout, targets), trained_on
+
+
 def read_adapter(path):
     """-> (tensors under plain names, LoraSettings, the model it was trained on). A ValueError names
-    the file when it is not an adapter written here."""
+    the file when it is not an adapter written here, or holds NaN or inf."""
     from safetensors import safe_open
+    from .checkpoint import non_finite_keys
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--lora {path}: no such file (train_*_vlm.py --lora_rank R writes "
                                 f"out/{{save_weight}}_{{dim}}_lora.safetensors)")
     try:
-        with safe_open(path, "pt") as f:
-            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        with safe_open(path, "pt") as f:  # the header only: shapes without the tensors
+            meta, shapes = f.metadata() or {}, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:
         raise ValueError(f"--lora {path} is not a safetensors file ({e})") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"--lora {path} is not a LoRA adapter written by train_*_vlm.py --lora_rank")
-    settings = LoraSettings(int(meta["rank"]), float(meta["alpha"]), float(meta["dropout"]),
-                            tuple(meta["targets"].split(",")))
-    return tensors, settings, json.loads(meta["model"])
+    settings, trained_on = _read_metadata(path, meta, shapes)
+    with safe_open(path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    bad = non_finite_keys(tensors)
+    if bad:
+        raise ValueError(f"--lora {path} holds NaN or inf values in {bad[:3]}{' ...' if len(bad) > 3 else ''}: it "
+                         f"is damaged, or its training diverged; use another adapter")
+    return tensors, settings, trained_on
 
 
 def adapter_projector(path):
@@ -149,6 +196,10 @@ def load_adapter(model, path):
     unknown = sorted(k for k in tensors if k not in by_plain)
     if unknown:
         raise ValueError(f"--lora {path}: {len(unknown)} tensors do not fit this model, e.g. {unknown[:3]}")
+    absent = sorted(k for k in by_plain if ".lora_" in k and k not in tensors)
+    if absent:  # left out, they would stay at their random start
+        raise ValueError(f"--lora {path} lacks {len(absent)} of the adapters its targets need, e.g. {absent[:3]}: "
+                         f"the file is damaged")
     own = model.state_dict()
     for k, v in tensors.items():
         if own[by_plain[k]].shape != v.shape:

@@ -8,6 +8,7 @@ mask and one masked_scatter for the whole batch. The tower is never trained and 
 our checkpoints.
 """
 import os
+import pickle
 
 import torch
 from torch import nn
@@ -77,7 +78,13 @@ def load_vision_tower(path):
         raise ValueError(f"'{path}' holds a {config.model_type} model, not a vision tower (CLIP or SigLIP): set "
                          f"--vision_model_path to a tower's folder")
     cls = MODEL_MAPPING[type(vision_config)]  # CLIPVisionConfig -> CLIPVisionModel, SiglipVisionConfig -> ...
-    tower = cls.from_pretrained(path) if vision_config is config else _vision_half(cls, path, config)
+    try:  # transformers reads a pytorch_model.bin with torch.load(weights_only=True)
+        tower = cls.from_pretrained(path) if vision_config is config else _vision_half(cls, path, config)
+    except pickle.UnpicklingError:
+        weights = os.path.join(path, "pytorch_model.bin")
+        raise ValueError(f"vision tower {weights if os.path.isfile(weights) else path} was refused: it holds more than "
+                         f"tensors (objects whose loading could run code), or is damaged; get the tower again, "
+                         f"as model.safetensors where it is offered") from None
     tower.requires_grad_(False)
     return tower.eval()
 

@@ -201,14 +201,33 @@ def import_hf(hf_dir, out_path):
     cfg_path, st_path = os.path.join(hf_dir, "config.json"), os.path.join(hf_dir, "model.safetensors")
     if not (os.path.isfile(cfg_path) and os.path.isfile(st_path)):
         sys.exit(f"error: {hf_dir} is not a converted MiniMind-V directory (needs config.json and model.safetensors)")
-    with open(cfg_path, encoding="utf-8") as f:
-        cfg = json.load(f)
+    again = f"fix it, or export the directory again (scripts/convert_model.py --weight X.pth --out {hf_dir})"
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (ValueError, OSError) as e:  # JSONDecodeError, UnicodeDecodeError
+        sys.exit(f"error: {cfg_path} is not a JSON config ({e}): {again}")
+    if not isinstance(cfg, dict):
+        sys.exit(f"error: {cfg_path} holds a {type(cfg).__name__}, not a JSON object of config fields: {again}")
     for key in ("auto_map", "architectures", "model_type", "transformers_version", "dtype", "torch_dtype"):
         cfg.pop(key, None)
-    tensors = load_file(st_path)
+    numbers = {k: v for k, v in VLMConfig().to_dict().items() if type(v) in (int, float)}  # the numeric fields
+    odd = next((k for k in numbers if cfg.get(k) is not None and (type(cfg[k]) not in (int, float) or cfg[k] < 0)),
+               None)
+    if odd:
+        sys.exit(f"error: {cfg_path}: {odd} is {cfg[odd]!r}, not a number >= 0: {again}")
+    try:
+        tensors = load_file(st_path)
+    except Exception as e:  # safetensors' own error: a truncated or foreign file
+        sys.exit(f"error: {st_path} is not a safetensors file ({e}): {again}")
     tensors = {k: v for k, v in tensors.items() if not k.startswith("vision_encoder.")}
+    if "tok_embeddings.weight" not in tensors:
+        sys.exit(f"error: {st_path} has no tok_embeddings.weight, so no MiniMind weights: {again}")
     tensors.setdefault("output.weight", tensors["tok_embeddings.weight"])
-    model = MiniMindVLM(VLMConfig(**cfg), load_tower=False)
+    try:
+        model = MiniMindVLM(VLMConfig(**cfg), load_tower=False)
+    except (TypeError, ValueError, ArithmeticError, RuntimeError) as e:  # values no model can have, e.g. n_heads 0
+        sys.exit(f"error: {cfg_path} does not describe a MiniMind-V model ({str(e).splitlines()[0]}): {again}")
     try:  # strict: errors list any missing/unexpected key
         load_weights(model, tensors, hf_dir, fix="its config.json does not describe its model.safetensors")
     except CheckpointError as e:

@@ -30,7 +30,8 @@ if __name__ == "__main__":
     build_parser().parse_args()  # --help and a mistyped flag answer here, before torch loads (seconds)
 
 from model.checkpoint import (CheckpointError, atomic_save, check_state_dict,  # noqa: E402
-                              infer_config_from_state_dict, llm_state_dict, load_weights, read_checkpoint)
+                              infer_config_from_state_dict, llm_state_dict, load_weights, non_finite_keys,
+                              read_checkpoint)
 from model.lora import adapter_projector, load_adapter, merge_lora  # noqa: E402
 from model.model_vlm import MiniMindVLM, VLMConfig  # noqa: E402
 from model.record import read_record, write_record  # noqa: E402
@@ -66,7 +67,12 @@ def merge(weight, lora, out):
     model = MiniMindVLM(VLMConfig(**found), load_tower=False)
     load_weights(model, sd, weight)
     merge_lora(load_adapter(model, lora))
-    atomic_save(llm_state_dict(model), out)  # the key format of the base's generation
+    merged = llm_state_dict(model)  # the key format of the base's generation
+    bad = non_finite_keys(merged)
+    if bad:  # finite inputs can still overflow: nothing non-finite is written
+        raise ValueError(f"--lora {lora} merged into {weight} gives NaN or inf in {bad[:3]}: {out} not written; "
+                         f"use another adapter")
+    atomic_save(merged, out)
     record = read_record(weight)
     if record:  # the same tokenizer and tower as the base
         write_record({**record, "trained_from": os.path.abspath(weight), "lora": os.path.abspath(lora)}, out)

@@ -114,6 +114,40 @@ def test_reverse_conversion_of_a_directory_whose_config_does_not_describe_its_we
                               f"model.safetensors): the file has ") and "--n_layers" not in message
 
 
+def drop_embedding(out):
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(out / "model.safetensors")
+    del tensors["tok_embeddings.weight"]
+    save_file(tensors, out / "model.safetensors")
+
+
+DAMAGED_DIRECTORIES = {  # a hand edit of an exported directory -> the file and what the one line says of it
+    "tensor-missing": (drop_embedding, "model.safetensors has no tok_embeddings.weight, so no MiniMind weights"),
+    "dim-not-a-number": (lambda out: edit_config(out, dim="abc"), "config.json: dim is 'abc', not a number >= 0"),
+    "no-heads": (lambda out: edit_config(out, n_heads=0), "config.json does not describe a MiniMind-V model ("),
+    "config-not-json": (lambda out: (out / "config.json").write_text('{"dim": '), "config.json is not a JSON config ("),
+}
+
+
+def edit_config(out, **fields):
+    (out / "config.json").write_text(json.dumps({**json.loads((out / "config.json").read_text()), **fields}))
+
+
+@pytest.mark.parametrize("case", DAMAGED_DIRECTORIES, ids=list(DAMAGED_DIRECTORIES))
+def test_reverse_conversion_of_a_damaged_directory_is_one_line_naming_the_file(tower_dir, tmp_path, case):
+    damage, message = DAMAGED_DIRECTORIES[case]
+    pth, out = str(tmp_path / "w.pth"), tmp_path / "hf"
+    make_checkpoint(tower_dir, pth)
+    convert_main(["--weight", pth, "--out", str(out), "--vision_model_path", tower_dir, "--tokenizer_path", "model"])
+    damage(out)
+    with pytest.raises(SystemExit) as stop:
+        convert_main(["--reverse", "--weight", str(out), "--out", str(tmp_path / "back.pth")])
+    assert str(stop.value.code).startswith(f"error: {out}/{message}") and "\n" not in str(stop.value.code)
+    assert str(stop.value.code).endswith(f"fix it, or export the directory again (scripts/convert_model.py "
+                                         f"--weight X.pth --out {out})")
+    assert not (tmp_path / "back.pth").exists()
+
+
 def test_moe_checkpoint_converts(tower_dir, tmp_path):
     pth = str(tmp_path / "moe.pth")
     original = make_checkpoint(tower_dir, pth, use_moe=True)
@@ -193,6 +227,40 @@ def test_eval_path_load_1_gives_the_same_answers_as_the_pth(tower_dir, photo, tm
     assert answers[0] == answers[1]
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["vision_model_path"] == tower_dir
+
+
+def test_our_entry_points_load_an_exported_directory_without_running_its_code(tower_dir, tmp_path):
+    """eval_vlm.py, the web demo and the API load a directory through load_model: the modelling files in
+    it are for plain transformers, and a line planted in them must not run."""
+    from model.inference import InferenceConfig, load_model
+    pth, marker = str(tmp_path / "w.pth"), tmp_path / "MARKER"
+    original = make_checkpoint(tower_dir, pth, seed=3)
+    out = export_hf(pth, str(tmp_path / "hf-planted"), os.path.join(ROOT, "model"), tower_dir)
+    for name in os.listdir(out):
+        if name.endswith(".py"):
+            with open(os.path.join(out, name), "a") as f:
+                f.write(f"\nopen({str(marker)!r}, 'w').write('ran')\n")
+    model, _, _ = load_model(InferenceConfig(weight=out, vision_model_path=tower_dir, dtype="float32", device="cpu"))
+    assert not marker.exists()
+    ids = torch.randint(10, 6000, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, original(ids).logits)
+
+
+def test_an_exported_directory_with_nan_weights_is_refused_naming_its_safetensors(tower_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from model.checkpoint import CheckpointError
+    from model.inference import InferenceConfig, load_model
+    pth = str(tmp_path / "w.pth")
+    make_checkpoint(tower_dir, pth)
+    out = export_hf(pth, str(tmp_path / "hf-nan"), os.path.join(ROOT, "model"), tower_dir)
+    tensors = load_file(os.path.join(out, "model.safetensors"))
+    tensors["tok_embeddings.weight"][0, 0] = float("inf")
+    save_file(tensors, os.path.join(out, "model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"^{out}/model.safetensors holds NaN or inf values in "
+                                              rf"\['output.weight', 'tok_embeddings.weight'\]: it is damaged"):  # tied: one tensor
+        load_model(InferenceConfig(weight=out, vision_model_path=tower_dir, dtype="float32", device="cpu"))
 
 
 def test_the_exported_entry_point_is_repository_code_encoding_chats_as_training_does(tokenizer, tower_dir):

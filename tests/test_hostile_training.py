@@ -52,6 +52,34 @@ def test_a_resume_file_that_would_run_code_is_refused_without_running_it(toy_dat
     assert not marker.exists()
 
 
+class RunsShell:
+    """Unpickling this calls os.system (posix.system on Linux): torch blocks that module by name."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_weights_file_planting_a_shell_call_is_refused_naming_the_call_not_torchs_advice(tower_dir, tmp_path):
+    model = MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM))
+    marker = tmp_path / "MARKER"
+    for planted in (RunsShell(marker), RunsCode(str(marker))):  # a blocked module; a global not allowed
+        path = tmp_path / "planted.pth"
+        torch.save({"tok_embeddings.weight": planted}, path)
+        with pytest.raises(CheckpointError) as refused:
+            load_weights(model, str(path))
+        held = f"{planted.__reduce__()[0].__module__}.{planted.__reduce__()[0].__name__}"
+        assert str(refused.value).startswith(f"{path} is not a valid weights file and was refused: it holds "
+                                             f"{held}, which could run code; expected a .pth")
+        assert "weights_only" not in str(refused.value) and "\n" not in str(refused.value)
+    assert not marker.exists()
+    path.write_bytes(b"\x80\x02" + bytes(range(247, 256)) * 300)  # a pickle of no sense: damaged, not planted
+    with pytest.raises(CheckpointError, match=r"not written by torch.save \(UnpicklingError: Unsupported operand"):
+        load_weights(model, str(path))
+
+
 def test_rng_streams_survive_a_weights_only_round_trip(tmp_path):
     import random
 
@@ -295,6 +323,54 @@ def test_files_that_are_not_model_weights_say_what_they_are(tower_dir, tmp_path)
             ["--weight", path, "--vision_model_path", tower_dir, "--device", "cpu"])
         with pytest.raises(CheckpointError, match=expected):
             load_model(args)
+
+
+def test_a_checkpoint_whose_embedding_is_all_nan_is_refused_naming_the_file(tower_dir, tmp_path):
+    from model.inference import InferenceConfig, load_model
+    model = MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM))
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("vision_encoder.")}
+    sd["tok_embeddings.weight"] = torch.full_like(sd["tok_embeddings.weight"], float("nan"))
+    path = str(tmp_path / "nan_64.pth")
+    torch.save(sd, path)
+    expected = (f"{path} holds NaN or inf values in ['tok_embeddings.weight']: it is damaged, or was saved by a run "
+                f"that diverged; use another checkpoint")
+    with pytest.raises(CheckpointError, match=f"^{re.escape(expected)}"):
+        load_weights(model, path)
+    with pytest.raises(CheckpointError, match=f"^{re.escape(expected)}"):  # what eval, the demo and the API load with
+        load_model(InferenceConfig(weight=path, vision_model_path=tower_dir, tokenizer_path="model", device="cpu"))
+
+
+def test_a_tokenizer_larger_than_the_checkpoints_embedding_is_refused_in_eval_and_training(tower_dir, tokenizer,
+                                                                                           tmp_path):
+    from model.inference import InferenceConfig, load_model
+    from test_trainer_units import config
+    wider = tmp_path / "tokenizer"
+    bigger = type(tokenizer).from_pretrained(os.path.join(os.path.dirname(trainer.__file__), "model"))
+    bigger.add_tokens(["<extra_0>", "<extra_1>"])
+    bigger.save_pretrained(wider)
+    path = tmp_path / "w_64.pth"
+    torch.save({k: v for k, v in MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM)).state_dict().items()
+                if not k.startswith("vision_encoder.")}, path)
+    expected = (f"the tokenizer at {wider} has 6402 tokens, but {path} embeds only 6400: pass --tokenizer_path the "
+                f"tokenizer {path} was trained with")
+    with pytest.raises(CheckpointError, match=f"^{re.escape(expected)}$"):
+        load_model(InferenceConfig(weight=str(path), vision_model_path=tower_dir, tokenizer_path=str(wider), device="cpu"))
+    cfg = config(vision_model_path=tower_dir, tokenizer_path=str(wider), from_weight=str(path), **TINY_LLM)
+    with pytest.raises(CheckpointError, match=f"^{re.escape(expected)}$"):
+        trainer.build_model(cfg, bigger, "cpu")
+
+
+def test_a_tower_whose_pytorch_model_bin_holds_a_pickle_is_refused_in_one_line(tower_dir, tmp_path):
+    from model.model_vlm import load_vision_tower
+    tower, marker = tmp_path / "tower", tmp_path / "MARKER"
+    shutil.copytree(tower_dir, tower)
+    (tower / "model.safetensors").unlink()
+    torch.save({"vision_model.embeddings.patch_embedding.weight": RunsCode(str(marker))}, tower / "pytorch_model.bin")
+    expected = (f"vision tower {tower / 'pytorch_model.bin'} was refused: it holds more than tensors (objects whose "
+                f"loading could run code), or is damaged; get the tower again, as model.safetensors where it is offered")
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        load_vision_tower(str(tower))
+    assert not marker.exists()
 
 
 def test_weights_of_another_size_name_the_file_and_the_flags(tower_dir, tmp_path):

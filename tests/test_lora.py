@@ -105,6 +105,99 @@ def test_an_adapter_for_another_model_size_is_refused_with_both_shapes(tower_dir
         load_adapter(tiny(tower_dir), str(not_adapter))
 
 
+def adapter_file(tower_dir, path, settings=None, edit=None, **metadata):
+    """A trained adapter of tiny(tower_dir) written to `path`; `edit(tensors)` changes its tensors and
+    `metadata` its metadata entries (None: drop the entry) as a damaged or planted file would."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    trained = with_trained_adapters(tiny(tower_dir))
+    save_adapter(adapter_state_dict(trained), settings or trained.lora_settings, trained.config, str(path))
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    if edit:
+        edit(tensors)
+    meta = {k: v for k, v in {**meta, **metadata}.items() if v is not None}
+    save_file(tensors, str(path), metadata=meta)
+    return str(path)
+
+
+def first_lora_b(tensors):
+    return tensors[next(k for k in sorted(tensors) if ".lora_B." in k)]
+
+
+NON_FINITE_ADAPTERS = {
+    "nan-lora-b": (dict(edit=lambda t: first_lora_b(t).fill_(float("nan"))),
+                   "holds NaN or inf values in ['layers.0.attention.wk.lora_B.weight']: it is damaged"),
+    "alpha-nan": (dict(alpha="nan"), "its metadata's alpha nan or dropout 0.0 is out of range"),
+}
+
+
+@pytest.mark.parametrize("case", NON_FINITE_ADAPTERS, ids=list(NON_FINITE_ADAPTERS))
+def test_merge_refuses_an_adapter_with_nan_weights_naming_it_and_writes_nothing(tower_dir, tmp_path, case):
+    import merge_lora
+    kw, message = NON_FINITE_ADAPTERS[case]
+    adapter = adapter_file(tower_dir, tmp_path / "sft_64_lora.safetensors", **kw)
+    base, out = tmp_path / "base_64.pth", tmp_path / "merged_64.pth"
+    torch.save(llm_state_dict(tiny(tower_dir)), base)
+    with pytest.raises(SystemExit) as stop:
+        merge_lora.main(["--weight", str(base), "--lora", adapter, "--out", str(out)])
+    assert str(stop.value.code).startswith(f"error: --lora {adapter}") and message in str(stop.value.code)
+    assert "\n" not in str(stop.value.code) and not out.exists()
+
+
+def test_merge_refuses_an_adapter_whose_merge_overflows_to_inf_and_writes_nothing(tower_dir, tmp_path):
+    import merge_lora
+    adapter = adapter_file(tower_dir, tmp_path / "sft_64_lora.safetensors", alpha="1e300")  # finite, its merge not
+    base, out = tmp_path / "base_64.pth", tmp_path / "merged_64.pth"
+    torch.save(llm_state_dict(tiny(tower_dir)), base)
+    with pytest.raises(SystemExit, match=f"^error: --lora {adapter} merged into {base} gives NaN or inf in "
+                                         rf"\['layers.0.attention.wk.weight', .*: {out} not written"):
+        merge_lora.main(["--weight", str(base), "--lora", adapter, "--out", str(out)])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", NON_FINITE_ADAPTERS, ids=list(NON_FINITE_ADAPTERS))
+def test_eval_refuses_an_adapter_with_nan_weights_naming_it(tower_dir, tmp_path, case):
+    from model.inference import InferenceConfig, load_model
+    kw, message = NON_FINITE_ADAPTERS[case]
+    adapter = adapter_file(tower_dir, tmp_path / "sft_64_lora.safetensors", **kw)
+    torch.save(llm_state_dict(tiny(tower_dir)), tmp_path / "base_64.pth")
+    with pytest.raises(ValueError, match=f"^--lora {adapter}") as refused:
+        load_model(InferenceConfig(weight=str(tmp_path / "base_64.pth"), lora=adapter, vision_model_path=tower_dir,
+                                   tokenizer_path="model", dtype="float32", device="cpu"))
+    assert message in str(refused.value)
+
+
+BAD_METADATA = {  # metadata entries as a damaged or hand-made file has them -> what the error says
+    "no-rank": (dict(rank=None), "its metadata has no rank: it was not written by train_*_vlm.py --lora_rank"),
+    "rank-not-a-number": (dict(rank="four"), "its metadata's rank 'four', alpha '8.0' or dropout '0.0' is not a number"),
+    "model-not-json": (dict(model="{dim: 64"), "its metadata's model '{dim: 64' is not a JSON object"),
+    "unknown-target": (dict(targets="wq,q_proj"), "its metadata's targets 'wq,q_proj' are not a comma list of "
+                                                  "wq,wk,wv,wo,w1,w2,w3 (unknown: q_proj)"),
+    "rank-its-tensors-lack": (dict(rank="4000000"), "its metadata says rank 4000000, but it holds a lora_A of shape "
+                                                    "[4, 64] and a lora_B of shape [16, 4]: the file is damaged"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_METADATA, ids=list(BAD_METADATA))
+def test_adapter_metadata_errors_name_the_file_before_any_layer_is_built(tower_dir, tmp_path, case, monkeypatch):
+    import model.lora as lora
+    metadata, message = BAD_METADATA[case]
+    adapter = adapter_file(tower_dir, tmp_path / "a_64_lora.safetensors", **metadata)
+    monkeypatch.setattr(lora, "add_lora", lambda *a: pytest.fail("adapters built for a file that was not checked"))
+    with pytest.raises(ValueError) as refused:
+        load_adapter(tiny(tower_dir), adapter)
+    assert str(refused.value).startswith(f"--lora {adapter}: {message}")
+
+
+def test_an_adapter_lacking_some_of_its_layers_is_refused_instead_of_leaving_them_random(tower_dir, tmp_path):
+    adapter = adapter_file(tower_dir, tmp_path / "a_64_lora.safetensors",
+                           edit=lambda t: [t.pop(f"layers.1.attention.wq.lora_{x}.weight") for x in "AB"])
+    with pytest.raises(ValueError, match=rf"^--lora {adapter} lacks 2 of the adapters its targets need, e.g. "
+                                         rf"\['layers.1.attention.wq.lora_A.weight', "):
+        load_adapter(tiny(tower_dir), adapter)
+
+
 def test_merging_onto_base_weights_for_another_tower_names_the_fix_merge_lora_has(tower_dir, tmp_path):
     import merge_lora
     from model.record import make_record, write_record
