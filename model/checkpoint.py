@@ -270,6 +270,13 @@ def infer_config_from_state_dict(sd, name="the checkpoint"):
     return found
 
 
+def refuse_non_finite(tensors, name, why_and_fix, error=CheckpointError):
+    """Weights read from `name` must be finite: else `error` naming the file, the tensors and the fix."""
+    bad = non_finite_keys(tensors)
+    if bad:
+        raise error(f"{name} holds NaN or inf values in {_some(bad)}: {why_and_fix}")
+
+
 def _some(keys, n=6):
     return str(keys[:n])[:-1] + f", ... {len(keys) - n} more]" if len(keys) > n else str(keys)
 
@@ -315,10 +322,8 @@ def load_weights(model, path_or_sd, name=None, fix="check --dim/--n_layers/--use
             f"{name} does not match the model ({fix}): the file has {_describe(found)}; "
             f"the model {_describe(model_found)}; missing: {_some(missing)}; unexpected: {_some(unexpected)}"
             + (f"; other shape: {_some(reshaped)}" if reshaped else ""))
-    bad = non_finite_keys(sd)
-    if bad:
-        raise CheckpointError(f"{name} holds NaN or inf values in {_some(bad)}: it is damaged, or was saved by a run "
-                              f"that diverged; use another checkpoint (an earlier one of that run)")
+    refuse_non_finite(sd, name, "it is damaged, or was saved by a run that diverged; use another checkpoint (an "
+                                "earlier one of that run)")
     # strict=False: strictness was checked above, with the tower (and an LLM-only file's projector) allowed out
     model.load_state_dict(from_file_format(sd, model.config.dim // model.config.n_heads), strict=False)
     return sd

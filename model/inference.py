@@ -10,8 +10,8 @@ from cli import add_model_args  # noqa: F401 (the flags InferenceConfig holds; i
 from .images import load_processor, to_pixels, to_rgb
 from .chat import IMAGE_TAG, ChatEncoder, resolve_image_token_id, split_reasoning
 from .model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig
-from .checkpoint import (CheckpointError, check_state_dict, check_vocab, infer_config_from_state_dict, load_weights,
-                         non_finite_keys, read_checkpoint, weight_path)
+from .checkpoint import (check_state_dict, check_vocab, infer_config_from_state_dict, load_weights, read_checkpoint,
+                         refuse_non_finite, weight_path)
 from .paths import load_tokenizer
 from .precision import describe, resolve_device, resolve_dtype
 from .record import resolve_folders
@@ -209,11 +209,9 @@ def load_hf_dir(args):
     if _is_tower_dir(flag) and (flag != default or not any(map(_is_tower_dir, candidates))):
         kwargs["vision_model_path"] = flag
     model = MiniMindVLMForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
-    bad = non_finite_keys({k: v for k, v in model.state_dict().items() if not k.startswith("vision_encoder.")})
-    if bad:
-        raise CheckpointError(f"{os.path.join(path, 'model.safetensors')} holds NaN or inf values in {bad[:3]}: it is "
-                              f"damaged, or was exported from a run that diverged; export the directory again from "
-                              f"another checkpoint")
+    refuse_non_finite({k: v for k, v in model.state_dict().items() if not k.startswith("vision_encoder.")},
+                      os.path.join(path, "model.safetensors"), "it is damaged, or was exported from a run that "
+                      "diverged; export the directory again from another checkpoint")
     if getattr(args, "image_token_id", -1) >= 0:
         model.config.image_token_id = args.image_token_id
     tokenizer = load_tokenizer(path)

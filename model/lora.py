@@ -156,7 +156,7 @@ def read_adapter(path):
     """-> (tensors under plain names, LoraSettings, the model it was trained on). A ValueError names
     the file when it is not an adapter written here, or holds NaN or inf."""
     from safetensors import safe_open
-    from .checkpoint import non_finite_keys
+    from .checkpoint import refuse_non_finite
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--lora {path}: no such file (train_*_vlm.py --lora_rank R writes "
                                 f"out/{{save_weight}}_{{dim}}_lora.safetensors)")
@@ -170,10 +170,8 @@ def read_adapter(path):
     settings, trained_on = _read_metadata(path, meta, shapes)
     with safe_open(path, "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    bad = non_finite_keys(tensors)
-    if bad:
-        raise ValueError(f"--lora {path} holds NaN or inf values in {bad[:3]}{' ...' if len(bad) > 3 else ''}: it "
-                         f"is damaged, or its training diverged; use another adapter")
+    refuse_non_finite(tensors, f"--lora {path}", "it is damaged, or its training diverged; use another adapter",
+                      ValueError)
     return tensors, settings, trained_on
 
 
