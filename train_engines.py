@@ -34,6 +34,16 @@ def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def wrap_ddp(model, device):
+    """DDP that does not re-broadcast buffers before each forward (torch 2.13 spells broadcast_buffers
+    this way): the only buffers are the RoPE tables, computed alike on every rank, so sending rank
+    0's copy every step would be pure NCCL traffic. They are still checked once at construction."""
+    device = torch.device(device)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        gradient_as_bucket_view=True, forward_sync_buffers=False)
+
+
 class TorchEngine:
     def __init__(self, model, params, cfg, device, resume_path):
         self.model, self.params, self.grad_clip, self.resume_path = model, params, cfg.grad_clip, resume_path
@@ -48,9 +58,7 @@ class TorchEngine:
             # No find_unused_parameters: the model gives every trainable parameter a gradient on every
             # rank (a batch without images still touches the projection, every MoE expert runs, an
             # all-skipped batch is a dummy row), so DDP's buckets always fill and no rank waits forever.
-            self.ddp = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[torch.device(device).index] if device_type == "cuda" else None,
-                gradient_as_bucket_view=True)
+            self.ddp = wrap_ddp(model, device)
 
     def micro_step(self, last_micro):
         """Context for one micro-step's forward + backward: gradients are all-reduced only on the

@@ -231,3 +231,21 @@ def test_lora_sft_under_ddp_and_deepspeed_matches_one_process(data, tower_dir, l
     for name, load in (("sft_vlm_64.pth", torch.load), ("sft_vlm_64_lora.safetensors", load_file)):
         got, ref = load(tmp_path / name), load(lora_reference / name)
         assert got.keys() == ref.keys() and all(torch.allclose(got[k], ref[k], atol=1e-4) for k in ref), name
+
+
+def test_ddp_does_not_broadcast_the_rope_buffers(tiny_vlm, monkeypatch):
+    """The engine's DDP wrapper leaves buffers alone: the RoPE tables are the same on every rank.
+    A 1-process gloo group stands in for the real one; the engine is told it has two ranks."""
+    import torch.distributed as dist
+    import train_engines
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(train_engines, "world_size", lambda: 2)
+        cfg = type("Cfg", (), dict(grad_clip=1.0, dtype="float32", learning_rate=1e-3))()
+        model = tiny_vlm.train()
+        engine = train_engines.TorchEngine(model, list(model.parameters()), cfg, "cpu", "unused")
+        assert isinstance(engine.ddp, torch.nn.parallel.DistributedDataParallel)
+        assert any(n.endswith("rope_cos") for n, _ in model.named_buffers())
+        assert engine.ddp.broadcast_buffers is False and not engine.ddp.will_sync_module_buffers()
+    finally:
+        dist.destroy_process_group()
