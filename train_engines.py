@@ -34,6 +34,16 @@ def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def wrap_ddp(model, device):
+    """DDP that does not re-broadcast buffers before each forward (torch 2.13 spells broadcast_buffers
+    this way): the only buffers are the RoPE tables, computed alike on every rank, so sending rank
+    0's copy every step would be pure NCCL traffic. They are still checked once at construction."""
+    device = torch.device(device)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        gradient_as_bucket_view=True, forward_sync_buffers=False)
+
+
 class TorchEngine:
     def __init__(self, model, params, cfg, device, resume_path):
         self.model, self.params, self.grad_clip, self.resume_path = model, params, cfg.grad_clip, resume_path
@@ -48,9 +58,7 @@ class TorchEngine:
             # No find_unused_parameters: the model gives every trainable parameter a gradient on every
             # rank (a batch without images still touches the projection, every MoE expert runs, an
             # all-skipped batch is a dummy row), so DDP's buckets always fill and no rank waits forever.
-            self.ddp = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[torch.device(device).index] if device_type == "cuda" else None,
-                gradient_as_bucket_view=True)
+            self.ddp = wrap_ddp(model, device)
 
     def micro_step(self, last_micro):
         """Context for one micro-step's forward + backward: gradients are all-reduced only on the
@@ -129,10 +137,11 @@ class TorchEngine:
         return ckpt
 
 
-def deepspeed_config(path, cfg, world):
+def deepspeed_config(path, cfg, world, hidden):
     """The JSON config with our flags filled in where it says "auto" (or says nothing): batch sizes,
-    accumulation, clipping, and bf16/fp16 from --dtype. A concrete value that contradicts a flag is
-    an error, since the data loader follows the flags."""
+    accumulation, clipping, bf16/fp16 from --dtype, and ZeRO's buffer sizes from the LLM's width
+    `hidden`. A concrete value that contradicts a flag is an error, since the data loader follows
+    the flags."""
     with open(path) as f:
         ds = json.load(f)
     filled = {"train_micro_batch_size_per_gpu": cfg.batch_size,
@@ -149,6 +158,20 @@ def deepspeed_config(path, cfg, world):
         block = ds.setdefault(key, {})
         if block.get("enabled", "auto") == "auto":
             block["enabled"] = not explicit and cfg.dtype == name
+    zero = ds.get("zero_optimization")
+    if zero:
+        # As HF Trainer sizes them. Left out, DeepSpeed takes 5e8-element buckets, far more than the
+        # whole gradient of these models, and allocates them on every GPU.
+        stage = zero.get("stage", 0)
+        sizes = {"reduce_bucket_size": hidden * hidden}
+        if stage in (1, 2):
+            sizes["allgather_bucket_size"] = hidden * hidden
+        if stage == 3:
+            sizes.update(stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
+                         stage3_param_persistence_threshold=10 * hidden)
+        for key, value in sizes.items():
+            if zero.get(key, "auto") == "auto":
+                zero[key] = value
     ds.setdefault("steps_per_print", 2 ** 31 - 1)  # we log ourselves
     return ds
 
@@ -184,7 +207,7 @@ class DeepSpeedEngine:
             raise RuntimeError("DeepSpeedEngine: take the vision tower out of the model first (trainer.build_model)")
         import deepspeed
         self.ds, self.resume_path = deepspeed, resume_path  # a directory
-        ds_cfg = deepspeed_config(cfg.deepspeed, cfg, world_size())
+        ds_cfg = deepspeed_config(cfg.deepspeed, cfg, world_size(), model.config.dim)
         self.fp16 = ds_cfg["fp16"]["enabled"]
         self.stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
         # What DeepSpeed computes in; the trainer runs the tower in it too.

@@ -94,6 +94,11 @@ class Cluster:
             dist.all_reduce(tensor)
         return tensor
 
+    def total(self, n):
+        """The int `n` summed over all processes. One process never touches the device: a round trip
+        through it would make the host wait for the GPU's queue."""
+        return n if self.world == 1 else int(self.sum(torch.tensor(n, device=self.device)).item())
+
     def gather(self, obj):
         """Every process's `obj`, in rank order."""
         if self.world == 1:
@@ -729,33 +734,37 @@ class StopSignals:
 Step = namedtuple("Step", "loss lr applied stop samples tokens empty", defaults=(False,))
 
 
-def forward_backward(run, batch, step_tokens, last_micro):
-    """One micro-batch: forward, and backward of its share of the step's loss -> that share."""
+def forward_backward(run, batch, n_tokens, step_tokens, last_micro):
+    """One micro-batch with n_tokens supervised tokens: forward, and backward of its share of the
+    step's loss -> that share, still on the device (read once per step, with the step's totals)."""
     engine, device = run.engine, run.cluster.device
     with engine.micro_step(last_micro):
         out = engine.forward(input_ids=batch["input_ids"].to(device), labels=batch["labels"].to(device),
                              image_features=run.encoder(batch, device), image_mask=batch["image_mask"].to(device))
-        loss = token_weighted(out, supervised_tokens(batch), step_tokens, run.cluster.world, run.cfg.accumulation_steps)
+        loss = token_weighted(out, n_tokens, step_tokens, run.cluster.world, run.cfg.accumulation_steps)
         engine.backward(loss)
-    return loss.item()
+    return loss.detach()
 
 
 def train_step(run, epoch, micro_batches, stop_signal):
     """One optimizer step: forward and backward over this rank's micro-batches, then the update -> Step."""
     cfg, cluster, state = run.cfg, run.cluster, run.state
     # Every supervised token of the step, on every rank, weighs the same (see token_weighted).
-    n_tokens = torch.tensor(sum(supervised_tokens(b) for b in micro_batches), device=cluster.device)
-    step_tokens = cluster.sum(n_tokens).item()
-    loss, samples, tokens = 0.0, 0, 0  # this rank's share
+    n_tokens = [supervised_tokens(b) for b in micro_batches]  # from the host batches: no device read
+    step_tokens = cluster.total(sum(n_tokens))
+    losses, samples, tokens = [], 0, 0  # this rank's share
     for j, batch in enumerate(micro_batches):
         if step_tokens:  # else every sample of the step, on every rank, was skipped: nothing to learn from
-            loss += forward_backward(run, batch, step_tokens, last_micro=j == len(micro_batches) - 1) / cluster.world
+            last_micro = j == len(micro_batches) - 1
+            losses.append(forward_backward(run, batch, n_tokens[j], step_tokens, last_micro))
         samples += batch["n_samples"]
         tokens += int(batch["attention_mask"].sum())
         state["samples_seen"] = min(state["samples_seen"] + run.sampler.global_batch, run.n_samples)
-    # One all-reduce: the logged loss is the step's global token mean, throughput counts every
-    # rank, and a signal on any rank stops all of them at this same step.
-    totals = torch.tensor([loss, samples, tokens, stop_signal], dtype=torch.float64, device=cluster.device)
+    # One all-reduce and one read of the device: the logged loss is the step's global token mean,
+    # throughput counts every rank, and a signal on any rank stops all of them at this same step.
+    totals = torch.tensor([0, samples, tokens, stop_signal], dtype=torch.float64, device=cluster.device)
+    if losses:
+        totals[0] += torch.stack(losses).to(totals.dtype).sum() / cluster.world
     loss, samples, tokens, stop = cluster.sum(totals).tolist()
     lr = lr_at(run.samples_done(epoch) / run.total_samples, cfg.learning_rate, cfg.warmup_ratio)
     # Not taken without a supervised token: AdamW's weight decay and momentum would move the weights even so.
@@ -792,7 +801,7 @@ def skipped_step(run, bad_steps):
 def end_epoch(run, epoch, skipped, empty_steps):
     """Report the epoch's skipped samples (all ranks') and the steps not taken for want of any, and
     move the state to the next epoch."""
-    n_skipped = run.cluster.sum(torch.tensor(len(skipped), device=run.cluster.device)).item()
+    n_skipped = run.cluster.total(len(skipped))
     if run.cluster.is_main and n_skipped:
         print(f"epoch {epoch + 1}: skipped {n_skipped} samples" + (f", e.g. {skipped[0]}" if skipped else "")
               + (f"; optimizer steps not taken, every sample of them skipped: {empty_steps}" if empty_steps else ""))

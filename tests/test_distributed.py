@@ -231,3 +231,41 @@ def test_lora_sft_under_ddp_and_deepspeed_matches_one_process(data, tower_dir, l
     for name, load in (("sft_vlm_64.pth", torch.load), ("sft_vlm_64_lora.safetensors", load_file)):
         got, ref = load(tmp_path / name), load(lora_reference / name)
         assert got.keys() == ref.keys() and all(torch.allclose(got[k], ref[k], atol=1e-4) for k in ref), name
+
+
+def test_ddp_does_not_broadcast_the_rope_buffers(tiny_vlm, monkeypatch):
+    """The engine's DDP wrapper leaves buffers alone: the RoPE tables are the same on every rank.
+    A 1-process gloo group stands in for the real one; the engine is told it has two ranks."""
+    import torch.distributed as dist
+    import train_engines
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(train_engines, "world_size", lambda: 2)
+        cfg = type("Cfg", (), dict(grad_clip=1.0, dtype="float32", learning_rate=1e-3))()
+        model = tiny_vlm.train()
+        engine = train_engines.TorchEngine(model, list(model.parameters()), cfg, "cpu", "unused")
+        assert isinstance(engine.ddp, torch.nn.parallel.DistributedDataParallel)
+        assert any(n.endswith("rope_cos") for n, _ in model.named_buffers())
+        assert engine.ddp.broadcast_buffers is False and not engine.ddp.will_sync_module_buffers()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_buffer_sizes_follow_the_model_width(tiny_vlm, tmp_path, stage):
+    """The shipped configs' "auto" (or missing) bucket sizes are filled from the LLM's width as HF
+    Trainer fills them; a concrete value is kept."""
+    from types import SimpleNamespace
+    from train_engines import deepspeed_config
+    cfg = SimpleNamespace(batch_size=2, accumulation_steps=1, grad_clip=1.0, dtype="bfloat16")
+    hidden = tiny_vlm.config.dim
+    zero = deepspeed_config(os.path.join(ROOT, f"ds_config/zero{stage}.json"), cfg, 1, hidden)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == hidden ** 2 == 4096
+    if stage == 3:
+        assert zero["stage3_prefetch_bucket_size"] == 3686 and zero["stage3_param_persistence_threshold"] == 640
+    else:
+        assert zero["allgather_bucket_size"] == 4096
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": 1000}}))
+    zero = deepspeed_config(path, cfg, 1, hidden)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 1000 and zero["stage3_prefetch_bucket_size"] == 3686

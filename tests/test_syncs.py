@@ -1,0 +1,49 @@
+"""Host-device sync points in one training step, counted at the dispatcher on CPU: the ops that
+make a CUDA host wait for the device (a tensor read as a Python number, a boolean-mask gather whose
+size the host must learn). On CPU nothing waits, but the same ops are dispatched.
+
+What a CPU count cannot tell apart or see: reads of the loader's host batch (two per micro-batch,
+no sync on a GPU) are counted too, and `.tolist()` (one per step) reads without dispatching."""
+import os
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import trainer
+from conftest import ROOT, TINY_LLM, make_toy_data
+from test_trainer_units import config
+
+
+class SyncCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("_local_scalar_dense", "nonzero", "item") or (
+                name == "index" and any(getattr(t, "dtype", None) == torch.bool for t in args[1])):
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+# Per step, before keeping the loss on the device: 10 at accumulation 1, 18 at accumulation 2.
+@pytest.mark.parametrize("accumulation, bound", [(1, 7), (2, 13)])
+def test_a_training_step_reads_the_loss_once_not_every_micro_step(tower_dir, tmp_path, accumulation, bound):
+    data, images = make_toy_data(tmp_path / "data", n=8)
+    cfg = config(data_path=data, images_path=images, vision_model_path=tower_dir, num_workers=0,
+                 tokenizer_path=os.path.join(ROOT, "model"), out_dir=str(tmp_path / "out"),
+                 accumulation_steps=accumulation, **TINY_LLM)
+    run = trainer.build_run(cfg, trainer.Cluster())
+    run.model.train()
+    run.sampler.set_epoch(0, 0)
+    steps = trainer.optimizer_steps(run.loader, len(run.sampler), cfg.accumulation_steps)
+    trainer.train_step(run, 0, next(steps), 0)  # the first step: lazy initialisations happen here
+    micro_batches = next(steps)  # the loader's work (collate, on CPU) is not counted
+    with SyncCounter() as counter:
+        step = trainer.train_step(run, 0, micro_batches, 0)
+    print(f"syncs in one step at accumulation {accumulation}: {sum(counter.counts.values())} {dict(counter.counts)}")
+    assert step.applied and step.loss > 1
+    assert sum(counter.counts.values()) <= bound
