@@ -12,8 +12,9 @@ answers {"status": "ok"}; neither ever waits behind a generation.
 The server never fetches URLs. Local paths / file:// URLs only with --allow_local_files DIR, and only
 for images inside DIR (after resolving symlinks); every refused local file gets the same answer.
 The model is shared: the requests waiting for it are generated together, up to --max_batch in one
-batch (those with the same temperature and top_p and no seed; a greedy answer is the same as alone);
-up to --max_queue requests wait, more get HTTP 429. A generation stops when its client disconnects, streaming or not.
+batch (those with the same temperature and top_p and no seed; a greedy answer is the same as alone,
+up to rounding in bfloat16 or float16); up to --max_queue requests wait, more get HTTP 429.
+A generation stops when its client disconnects, streaming or not.
 """
 import asyncio
 import base64

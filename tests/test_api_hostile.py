@@ -346,3 +346,16 @@ def test_waiting_requests_are_generated_in_one_batch_with_the_answers_they_get_a
     assert answers == alone and all(text for text, _ in alone)
     assert rows == [8]
     idle(engine)
+
+
+def test_only_requests_sampled_alike_and_without_a_seed_share_a_batch(chat):
+    engine = api.Engine(chat, max_batch=3)
+    engine.pool.shutdown()
+
+    def job(temperature, top_p=0.9, seed=None):
+        return {"temperature": temperature, "top_p": top_p, "seed": seed, "cancel": threading.Event(),
+                "ended": threading.Event()}
+    jobs = [job(0), job(0.7), job(0, seed=1), job(0, top_p=0.5), job(0.7), job(0.7, top_p=0.5), job(0), job(0)]
+    engine.waiting[:] = jobs
+    batches = [[jobs.index(j) for j in engine.take_batch()] for _ in range(6)]
+    assert batches == [[0, 3, 6], [1, 4], [2], [5], [7], []]  # oldest first; greedy ignores top_p
