@@ -133,25 +133,60 @@ class VLMChat:
         ("finish_reason": "stop" at the end-of-turn token, "length" at max_new_tokens), as an
         OpenAI response reports them."""
         stats = {} if stats is None else stats
-        stats.update(tokens=0, finish_reason="length")
-        prompt_ids, is_image = prompt
-        ids = torch.tensor([prompt_ids], device=self.device)
-        image_mask = torch.tensor([is_image], device=self.device)
-        new, shown = [], ""
-        for tok in self.model.generate_stream(ids, pixel_values=self.pixels(images), image_mask=image_mask,
-                                              max_new_tokens=max_new_tokens,
+        for pieces in self.stream_batch([prompt], self.pixels(images), max_new_tokens, temperature, top_p, top_k,
+                                        repetition_penalty, stats=[stats]):
+            if pieces[0]:
+                yield pieces[0]
+        stats["finish_reason"] = stats["finish_reason"] or "length"
+
+    def left_pad(self, prompts):
+        """Encoded prompts [(ids, is_image)] -> (ids [B, T], attention mask or None, image mask), left-padded.
+        Prompts of one length get no mask, so a batch of one runs exactly as an unbatched prompt."""
+        T = max(len(p) for p, _ in prompts)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (T - len(p)) + p for p, _ in prompts], device=self.device)  # [B, T]
+        mask = None
+        if any(len(p) < T for p, _ in prompts):
+            mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p, _ in prompts], device=self.device)
+        image_mask = torch.tensor([[False] * (T - len(p)) + s for p, s in prompts], device=self.device)
+        return ids, mask, image_mask
+
+    def stream_batch(self, prompts, pixel_values=None, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
+                     repetition_penalty=1.0, stats=None):
+        """Encoded prompts generated together, one left-padded batch: yields, once per step, each row's new
+        text ("" when none yet: only complete UTF-8 characters are given). pixel_values: the images of all
+        rows, in row order. max_new_tokens: one limit, or one per row. stats: one dict per row, as
+        stream_ids fills it; a row's "finish_reason" is None until it has ended ("stop" or "length"),
+        and the steps go on until every row has."""
+        B = len(prompts)
+        limits = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        stats = [{} for _ in prompts] if stats is None else stats
+        for s in stats:
+            s.update(tokens=0, finish_reason=None)
+        ids, mask, image_mask = self.left_pad(prompts)
+        eos = self.tokenizer.eos_token_id
+        new, shown = [[] for _ in prompts], [""] * B
+        for tok in self.model.generate_stream(ids, attention_mask=mask, pixel_values=pixel_values,
+                                              image_mask=image_mask, max_new_tokens=max(limits),
                                               temperature=temperature, top_p=top_p, top_k=top_k,
-                                              repetition_penalty=repetition_penalty,
-                                              eos_token_id=self.tokenizer.eos_token_id):
-            if int(tok[0]) == self.tokenizer.eos_token_id:
-                stats["finish_reason"] = "stop"
-                break
-            new.append(int(tok[0]))
-            stats["tokens"] = len(new)
-            text = self.tokenizer.decode(new, skip_special_tokens=True)
-            if not text.endswith("\ufffd") and len(text) > len(shown):  # wait for a whole character
-                yield text[len(shown):]
-                shown = text
+                                              repetition_penalty=repetition_penalty, eos_token_id=eos):
+            pieces = [""] * B
+            for r, t in enumerate(tok.tolist()):
+                if stats[r]["finish_reason"]:
+                    continue
+                if t == eos:
+                    stats[r]["finish_reason"] = "stop"
+                    continue
+                new[r].append(t)
+                stats[r]["tokens"] = len(new[r])
+                if len(new[r]) >= limits[r]:
+                    stats[r]["finish_reason"] = "length"
+                text = self.tokenizer.decode(new[r], skip_special_tokens=True)
+                if not text.endswith("\ufffd") and len(text) > len(shown[r]):  # wait for a whole character
+                    pieces[r], shown[r] = text[len(shown[r]):], text
+            yield pieces
+            if all(s["finish_reason"] for s in stats):
+                return
 
     def answer(self, messages, images=(), **kw):
         """The answer, without the reasoning of an open think block."""
@@ -163,11 +198,8 @@ class VLMChat:
         for messages, images in conversations:
             self.check(messages, images)
             prompts.append(self.encoder.encode_prompt(messages))
-        T = max(len(p) for p, _ in prompts)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor([[pad] * (T - len(p)) + p for p, _ in prompts], device=self.device)  # [B, T]
-        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p, _ in prompts], device=self.device)
-        image_mask = torch.tensor([[False] * (T - len(p)) + s for p, s in prompts], device=self.device)
+        ids, mask, image_mask = self.left_pad(prompts)
+        T = ids.shape[1]
         all_images = [im for _, images in conversations for im in images]
         out = self.model.generate(ids, attention_mask=mask, image_mask=image_mask, pixel_values=self.pixels(all_images),
                                   max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id, **kw)

@@ -11,8 +11,10 @@ server-sent events (`data: {chunk}` ... `data: [DONE]`). GET /v1/models lists th
 answers {"status": "ok"}; neither ever waits behind a generation.
 The server never fetches URLs. Local paths / file:// URLs only with --allow_local_files DIR, and only
 for images inside DIR (after resolving symlinks); every refused local file gets the same answer.
-One generation runs at a time (the model is shared); up to --max_queue other requests wait, more get
-HTTP 429. A generation stops when its client disconnects, streaming or not.
+The model is shared: the requests waiting for it are generated together, up to --max_batch in one
+batch (those with the same temperature and top_p and no seed; a greedy answer is the same as alone,
+up to rounding in bfloat16 or float16); up to --max_queue requests wait, more get HTTP 429.
+A generation stops when its client disconnects, streaming or not.
 """
 import asyncio
 import base64
@@ -51,6 +53,9 @@ def parse_args(argv=None):
     a("--port", type=int, default=8998, help="the port to listen on")
     a("--max_queue", type=int, default=16,
       help="generation requests that may wait for the model at once; more get HTTP 429 (retry later)")
+    a("--max_batch", type=int, default=8,
+      help="waiting requests generated together in one batch (those with the same temperature and top_p and "
+           "no seed); 1 = one at a time")
     a("--max_request_mb", type=float, default=20, help="largest request body accepted")
     a("--allow_local_files", metavar="DIR", default=None,
       help="also accept image paths / file:// URLs, only of images inside DIR (symlinks resolved "
@@ -72,6 +77,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.max_queue < 0:
         ap.error("--max_queue must be 0 or more")
+    if args.max_batch < 1:
+        ap.error("--max_batch must be 1 or more")
     if args.allow_local_files is not None:
         if not os.path.isdir(args.allow_local_files):
             ap.error(f"--allow_local_files: {args.allow_local_files} is not a folder")
@@ -241,17 +248,20 @@ def number(body, key, default, lo, hi, integer=False):
 
 
 class Engine:
-    """The shared model: one generation at a time, each in a worker thread that reports pieces.
-    pending counts the requests admitted and not finished (being prepared, waiting or generating); it is
-    touched on the event loop only. stats counts generated tokens and cancelled generations."""
+    """The shared model. Each admitted request has a worker thread that puts its job in the waiting list;
+    whichever worker takes the model generates the waiting jobs that can share a batch (up to max_batch),
+    each row reporting its own pieces and ending on its own. pending counts the requests admitted and not
+    finished (being prepared, waiting or generating); it is touched on the event loop only. stats counts
+    generated tokens, cancelled requests and batches generated."""
 
-    def __init__(self, chat: VLMChat, max_seq_len=0, max_queue=16):
+    def __init__(self, chat: VLMChat, max_seq_len=0, max_queue=16, max_batch=8):
         self.chat, self.lock = chat, threading.Lock()
         self.max_seq_len = max_seq_len or chat.model.config.max_seq_len
-        self.max_queue, self.pending = max_queue, 0
+        self.max_queue, self.pending, self.max_batch = max_queue, 0, max(1, max_batch)
         # one thread per admitted request, so a waiting one never holds up the one whose turn it is
         self.pool = ThreadPoolExecutor(max_queue + 1, thread_name_prefix="generate")
-        self.stats, self.stats_lock = {"tokens": 0, "cancelled": 0}, threading.Lock()
+        self.stats, self.stats_lock = {"tokens": 0, "cancelled": 0, "batches": 0}, threading.Lock()
+        self.waiting, self.waiting_lock = [], threading.Lock()
 
     def admit(self):
         """Reserve a place for a generation request, or refuse it while max_queue wait behind the
@@ -276,52 +286,106 @@ class Engine:
             self.stats[key] += n
 
     def run(self, job, emit):
-        """Worker thread: emit(("content" or "reasoning", text)) ..., then emit(("done", info)) or
-        emit(("error", msg)).
+        """Worker thread: the job's emit gets ("content" or "reasoning", text) ..., then ("done", info) or
+        ("error", msg), from this thread or the one generating its batch; returns when the job has ended.
         A cancelled job (its client went away) stops quietly: nobody is listening."""
-        if not self.wait_turn(job["cancel"]):
-            self.count("cancelled")
-            return
-        try:
-            info = self.generate(job, emit)
-        except Exception as e:  # reported to the client; the server goes on
-            emit(("error", f"generation failed: {e}"))
-            return
-        finally:
-            self.lock.release()
-        if info is None:
-            self.count("cancelled")
-        else:
-            emit(("done", info))
+        job["emit"], job["ended"] = emit, threading.Event()
+        with self.waiting_lock:
+            self.waiting.append(job)
+        while not job["ended"].is_set():
+            if not self.lock.acquire(timeout=POLL):
+                # an abandoned request leaves the queue at once instead of when its turn comes
+                if job["cancel"].is_set() and self.withdraw(job):
+                    self.count("cancelled")
+                    return
+                continue
+            try:
+                batch = self.take_batch()
+                if batch:
+                    self.generate(batch)
+            finally:
+                self.lock.release()
 
-    def wait_turn(self, cancel):
-        """Take the model, or give up (False) once the job is cancelled, so an abandoned request
-        leaves the queue at once instead of when its turn comes."""
-        while not self.lock.acquire(timeout=POLL):
-            if cancel.is_set():
-                return False
-        if cancel.is_set():
-            self.lock.release()
-            return False
-        return True
+    def withdraw(self, job):
+        """Take a job out of the waiting list; False if a batch has taken it already."""
+        with self.waiting_lock:
+            if job in self.waiting:
+                self.waiting.remove(job)
+                return True
+        return False
 
-    def generate(self, job, emit):
-        """With the lock held: emits pieces; -> {"completion_tokens", "finish_reason"}, None if cancelled."""
-        if job["seed"] is not None:
-            torch.manual_seed(job["seed"])
-        stats, splitter = {}, ReasoningSplitter(self.chat.open_thinking)
-        try:
-            for piece in self.chat.stream_ids(job["prompt"], job["images"], max_new_tokens=job["max_tokens"],
-                                              temperature=job["temperature"], top_p=job["top_p"], stats=stats):
+    def take_batch(self):
+        """The oldest waiting job and the later ones that can share its batch: the same sampling settings
+        and no seed (a seeded job runs alone, so its answer does not depend on the others)."""
+        def key(job):
+            return ("greedy",) if job["temperature"] == 0 else (job["temperature"], job["top_p"])
+        with self.waiting_lock:
+            for job in [j for j in self.waiting if j["cancel"].is_set()]:
+                self.waiting.remove(job)
+                self.count("cancelled")
+                job["ended"].set()
+            if not self.waiting:
+                return []
+            first = self.waiting[0]
+            batch = [first] if first["seed"] is not None else \
+                [j for j in self.waiting if j["seed"] is None and key(j) == key(first)][:self.max_batch]
+            for job in batch:
+                self.waiting.remove(job)
+        return batch
+
+    def generate(self, batch):
+        """With the model held: generates the batch, each job getting its pieces and its end as they come."""
+        first = batch[0]
+        if first["seed"] is not None:
+            torch.manual_seed(first["seed"])
+        splitters = [ReasoningSplitter(self.chat.open_thinking) for _ in batch]
+        stats = [{"tokens": 0, "finish_reason": None} for _ in batch]
+        ended = [False] * len(batch)
+
+        def end(r, info):
+            if not ended[r]:
+                ended[r] = True
+                job = batch[r]
+                if info is None:
+                    self.count("cancelled")
+                else:
+                    job["emit"](info)
+                job["ended"].set()
+
+        def emit_step(pieces, last=False):
+            """One step's pieces to their jobs; a row that has ended (or last) gets the rest and ("done", info)."""
+            for r, (job, piece) in enumerate(zip(batch, pieces)):
+                if ended[r]:
+                    continue
                 if job["cancel"].is_set():
-                    return None
-                for kind, text in splitter.feed(piece):  # "reasoning" (an open think block) or "content"
-                    emit((kind, text))
-            for kind, text in splitter.flush():
-                emit((kind, text))
+                    end(r, None)
+                    continue
+                for kind, text in splitters[r].feed(piece) if piece else ():
+                    job["emit"]((kind, text))  # "reasoning" (an open think block) or "content"
+                if stats[r]["finish_reason"] or last:
+                    for kind, text in splitters[r].flush():
+                        job["emit"]((kind, text))
+                    end(r, ("done", {"completion_tokens": stats[r]["tokens"],
+                                     "finish_reason": stats[r]["finish_reason"] or "length"}))
+
+        pixels = [job["pixels"] for job in batch if job["pixels"] is not None]
+        self.count("batches")
+        try:
+            for pieces in self.chat.stream_batch([job["prompt"] for job in batch],
+                                                 torch.cat(pixels) if pixels else None,
+                                                 [job["max_tokens"] for job in batch], first["temperature"],
+                                                 first["top_p"], stats=stats):
+                emit_step(pieces)
+                if all(ended):  # every client gone or answered: nothing more to generate
+                    break
+            emit_step([""] * len(batch), last=True)
+        except Exception as e:  # reported to the clients; the server goes on
+            for r in range(len(batch)):
+                end(r, ("error", f"generation failed: {e}"))
         finally:
-            self.count("tokens", stats.get("tokens", 0))
-        return {"completion_tokens": stats["tokens"], "finish_reason": stats["finish_reason"]}
+            self.count("tokens", sum(s.get("tokens", 0) for s in stats))
+            for r in range(len(batch)):
+                end(r, None)  # cancelled mid-way (an error has ended its rows already)
 
 
 def message(content, reasoning):
@@ -430,7 +494,8 @@ def make_job(body, engine, args):
         raise APIError(f"the prompt has {len(ids)} tokens; with {max_tokens} new tokens that exceeds the model's "
                        f"limit of {engine.max_seq_len}", param="messages", code="context_length_exceeded")
     options = body.get("stream_options") or {}
-    return {"prompt": prompt, "images": images, "max_tokens": max_tokens, "temperature": temperature,
+    # preprocessed here, in the prepare pool, so the model never waits for a request's images
+    return {"prompt": prompt, "pixels": engine.chat.pixels(images), "max_tokens": max_tokens, "temperature": temperature,
             "top_p": top_p if top_p > 0 else 1e-6, "seed": seed, "stream": stream,
             "include_usage": bool(isinstance(options, dict) and options.get("include_usage")),
             "cancel": threading.Event()}
@@ -570,7 +635,8 @@ def main(argv=None):
         model, tokenizer, processor = load_model(InferenceConfig.from_args(args))
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # CheckpointError is a RuntimeError
         sys.exit(f"error: {e}")
-    engine = Engine(VLMChat(model, tokenizer, processor, args.open_thinking), args.max_seq_len, args.max_queue)
+    engine = Engine(VLMChat(model, tokenizer, processor, args.open_thinking), args.max_seq_len, args.max_queue,
+                    args.max_batch)
     name = args.model_name or os.path.basename(os.path.normpath(
         args.weight if is_hf_dir(args.weight) else resolve_weight_path(args))).removesuffix(".pth")
     app = create_app(engine, args, name)

@@ -153,7 +153,7 @@ def test_bad_requests_get_openai_style_errors_and_the_server_stays_up(server, cl
     assert r.choices[0].message.content is not None and r.usage.completion_tokens >= 1
 
 
-def test_concurrent_requests_are_served_one_after_another(client, photo_url):
+def test_concurrent_streaming_requests_are_all_answered(client, photo_url):
     results, errors = [], []
 
     def ask():

@@ -4,6 +4,7 @@ thread on 127.0.0.1) so a test can read the engine's counters and the server's l
 import base64
 import contextlib
 import io
+import json
 import logging
 import socket
 import threading
@@ -37,7 +38,7 @@ def chat(tower_dir, tokenizer, processor):
 def serving(chat, *flags):
     """The server's app with these command-line flags, on 127.0.0.1 -> (base URL, engine)."""
     args = api.parse_args(list(flags))
-    engine = api.Engine(chat, args.max_seq_len, args.max_queue)
+    engine = api.Engine(chat, args.max_seq_len, args.max_queue, args.max_batch)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(api.create_app(engine, args, "tiny"), host="127.0.0.1", port=port,
                                            log_config=None, access_log=False, timeout_graceful_shutdown=3))
@@ -298,3 +299,63 @@ def test_client_disconnects_log_one_line_not_a_traceback(server, caplog, monkeyp
     assert "Traceback" not in caplog.text
     assert caplog.text.count("client disconnected") == 5
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+def test_waiting_requests_are_generated_in_one_batch_with_the_answers_they_get_alone(server, chat, monkeypatch):
+    """8 clients at once (prompts of different lengths, some with images, some streaming, each its own
+    max_tokens) get the greedy answers each gets alone, from fewer generations than requests."""
+    base, engine = server
+    colours = ["red", "green", "blue", "yellow"]
+    bodies = []
+    for i in range(8):
+        text = {"type": "text", "text": "What is this?" + " Tell me more." * i}
+        content = [{"type": "image_url", "image_url": {"url": png_url(Image.new("RGB", (32, 32), colours[i % 4]))}},
+                   text] if i % 2 else [text]
+        bodies.append({"messages": [{"role": "user", "content": content}], "max_tokens": 6 + i, "temperature": 0,
+                       "stream": i in (3, 4), "stream_options": {"include_usage": True}})
+    rows = []
+    real = chat.model.generate_stream
+    monkeypatch.setattr(chat.model, "generate_stream", lambda ids, **kw: rows.append(len(ids)) or real(ids, **kw))
+
+    def ask(http, body):
+        if not body["stream"]:
+            r = http.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"], r.json()["usage"]["completion_tokens"]
+        with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]), \
+            chunks[-1]["usage"]["completion_tokens"]
+
+    with httpx.Client(base_url=base, trust_env=False, timeout=60) as http:
+        alone = [ask(http, body) for body in bodies]
+        assert rows == [1] * 8
+        rows.clear()
+        answers = [None] * 8
+
+        def client_thread(i):
+            with httpx.Client(base_url=base, trust_env=False, timeout=60) as own:
+                answers[i] = ask(own, bodies[i])
+        threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(8)]
+        with engine.lock:  # the model is busy until all 8 wait for it
+            for t in threads:
+                t.start()
+            wait_for(lambda: len(engine.waiting) == 8)
+        for t in threads:
+            t.join(60)
+    assert answers == alone and all(text for text, _ in alone)
+    assert rows == [8]
+    idle(engine)
+
+
+def test_only_requests_sampled_alike_and_without_a_seed_share_a_batch(chat):
+    engine = api.Engine(chat, max_batch=3)
+    engine.pool.shutdown()
+
+    def job(temperature, top_p=0.9, seed=None):
+        return {"temperature": temperature, "top_p": top_p, "seed": seed, "cancel": threading.Event(),
+                "ended": threading.Event()}
+    jobs = [job(0), job(0.7), job(0, seed=1), job(0, top_p=0.5), job(0.7), job(0.7, top_p=0.5), job(0), job(0)]
+    engine.waiting[:] = jobs
+    batches = [[jobs.index(j) for j in engine.take_batch()] for _ in range(6)]
+    assert batches == [[0, 3, 6], [1, 4], [2], [5], [7], []]  # oldest first; greedy ignores top_p

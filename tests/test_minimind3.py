@@ -135,8 +135,10 @@ def test_eval_web_demo_and_api_answer_with_a_2026_model_and_hide_the_reasoning(
 
     # The API, with an open think block: reasoning goes to reasoning_content, never into the content.
     thinking = VLMChat(*load_model(model_args(vlm3_pth, tokenizer3_dir, siglip2_dir)), open_thinking=True)
-    monkeypatch.setattr(thinking, "stream_ids", lambda ids, images, stats, **kw: (
-        stats.update(tokens=5, finish_reason="stop") or iter(["It looks", " warm.</thi", "nk>\n\nRed", "."])))
+    def steps(prompts, pixels, *args, stats, **kw):  # the server's batch of one
+        yield from ([piece] for piece in ["It looks", " warm.</thi", "nk>\n\nRed", "."])
+        stats[0].update(tokens=5, finish_reason="stop")
+    monkeypatch.setattr(thinking, "stream_batch", steps)
     assert thinking.encoder.prompt_options == {"open_thinking": True}
     app_args = api.parse_args(["--weight", vlm3_pth, "--open_thinking"])
     client = TestClient(api.create_app(api.Engine(thinking), app_args, "minimind-3v"))
