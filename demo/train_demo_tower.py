@@ -15,7 +15,6 @@ reads linearly. The tower is saved as save_pretrained saves it, beside its image
 
     python demo/train_demo_tower.py --data_dir dataset/demo --out_dir out/demo/vision_tower
 """
-import math
 import os
 import shutil
 import sys

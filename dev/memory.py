@@ -32,7 +32,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from bench import make_data, peak_memory_mb, train_scenario  # noqa: E402
+from bench import make_data, train_scenario  # noqa: E402
 
 # (label, generation, dim, n_layers, use_moe): the released sizes of each generation
 MODELS = [("MiniMind2-V 512/8", "minimind2", 512, 8, 0), ("MiniMind2-V 768/16", "minimind2", 768, 16, 0),

@@ -31,7 +31,6 @@ def main():
     p.add_argument("--rows", type=int, default=12, help="operations to list")
     a = p.parse_args()
 
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     import trainer

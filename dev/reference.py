@@ -22,7 +22,6 @@ stopping at EOS, each in a fresh process from the SFT weights: the original's ow
 ours as eval_vlm.py loads it (model.inference.load_model, --dtype auto); and our transformers
 export as a user loads it (AutoModelForCausalLM.from_pretrained, its default dtype).
 """
-import json
 import os
 import shutil
 import statistics

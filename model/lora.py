@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 
 LORA_LAYERS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # attention and SwiGLU projections, both generations
 FORMAT = "minimind-lora"

@@ -6,7 +6,6 @@ import os
 import sys
 import threading
 
-import httpx
 import pytest
 import torch
 from PIL import Image
@@ -19,6 +18,7 @@ from conftest import ROOT, TINY_LLM, api_server, make_video
 pytestmark = pytest.mark.slow  # a live server, one of them the real script in a subprocess
 
 openai = pytest.importorskip("openai", reason="pip install openai")
+httpx = pytest.importorskip("httpx", reason="pip install httpx")
 MAX_MB = 2
 
 

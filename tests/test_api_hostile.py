@@ -10,7 +10,6 @@ import socket
 import threading
 import time
 
-import httpx
 import pytest
 import torch
 from PIL import Image
@@ -21,6 +20,7 @@ from model.model_vlm import MiniMindVLM, VLMConfig
 from conftest import TINY_LLM, free_port
 
 openai = pytest.importorskip("openai", reason="pip install openai")
+httpx = pytest.importorskip("httpx", reason="pip install httpx")
 uvicorn = pytest.importorskip("uvicorn")
 import serve_openai_api as api  # noqa: E402  (scripts/ is on sys.path through conftest)
 
@@ -113,6 +113,7 @@ def test_image_decoding_does_not_block_the_event_loop(server, http):
     answers = []
     posts = [threading.Thread(target=lambda: answers.append(http.post("/v1/chat/completions", json=body)))
              for _ in range(2)]
+    started = time.time()
     for t in posts:
         t.start()
     latencies, deadline = [], time.time() + 60
@@ -121,8 +122,10 @@ def test_image_decoding_does_not_block_the_event_loop(server, http):
         time.sleep(0.05)
     for t in posts:
         t.join(60)
+    decoding = time.time() - started
     assert [openai_error(r, 400)["code"] for r in answers] == ["context_length_exceeded"] * 2  # really decoded
-    assert len(latencies) >= 3 and max(latencies) < 0.5, latencies
+    # Blocked, a GET would wait out a decode: half the time the posts took or more, on any machine.
+    assert len(latencies) >= 3 and max(latencies) < decoding / 4, (latencies, decoding)
     idle(engine)
 
 
@@ -283,7 +286,8 @@ def test_client_disconnects_log_one_line_not_a_traceback(server, caplog, monkeyp
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       b"Content-Length: 1000\r\n\r\n{\"messages\": ")
-            time.sleep(0.1)
+            s.shutdown(socket.SHUT_WR)  # the body ends early
+            s.recv(1)  # returns when the server has read that and closed the connection
     with httpx.Client(base_url=base, trust_env=False, timeout=30) as http:
         for _ in range(2):  # gone while streaming
             with http.stream("POST", "/v1/chat/completions", json=LONG | {"stream": True}) as r:

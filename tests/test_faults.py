@@ -30,9 +30,11 @@ def no_stray_runs():
             proc.wait()
 
 
-def start(args, log_path, **popen):
+def start(args, log_path, die_at_write=None, **popen):
+    """The script in a subprocess; with die_at_write=N it SIGKILLs itself half-way through its Nth checkpoint write."""
+    wrapper = [os.path.join(ROOT, "tests", "die_mid_write.py"), str(die_at_write)] if die_at_write else []
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, SCRIPT, *map(str, args)], cwd=ROOT, stdout=log,
+        proc = subprocess.Popen([sys.executable, *wrapper, SCRIPT, *map(str, args)], cwd=ROOT, stdout=log,
                                 stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}, **popen)
     STARTED.append(proc)
     return proc
@@ -81,23 +83,15 @@ def test_sigkill_mid_epoch_and_mid_checkpoint_write_then_resume_reproduces_the_u
     proc.wait()
     assert 2 <= assert_checkpoints_load(out, tower_dir) < TOTAL_STEPS
 
-    # 2. SIGKILL while a checkpoint is being written: resume, watch for a new temp file (each
-    # writer's has its pid in the name) and kill at once; retry until one is left half-written.
-    caught = set()
-    for attempt in range(8):
-        stale = tmp_files(out)
-        proc = start(args + ["--from_resume", 1], tmp_path / f"run{attempt + 1}.txt")
-        while proc.poll() is None and not tmp_files(out) - stale:
-            time.sleep(0.0005)
-        proc.kill()
-        proc.wait()
-        assert proc.returncode == -signal.SIGKILL, "the run finished before a checkpoint write was caught"
-        assert not stale & tmp_files(out), "the restarted run should have removed the old partial writes"
-        assert assert_checkpoints_load(out, tower_dir) < TOTAL_STEPS
-        caught = tmp_files(out) - stale
-        if caught:
-            break
-    assert caught, "never killed a run during a checkpoint write"
+    # 2. SIGKILL while a checkpoint is being written: the run kills itself half-way through its
+    # third write (the second save's first file), leaving a partial temp file.
+    stale = tmp_files(out)
+    proc = start(args + ["--from_resume", 1], tmp_path / "run1.txt", die_at_write=3)
+    proc.wait(300)
+    assert proc.returncode == -signal.SIGKILL
+    assert not stale & tmp_files(out), "the restarted run should have removed the old partial writes"
+    assert tmp_files(out) - stale, "the killed write should have left its partial temp file"
+    assert assert_checkpoints_load(out, tower_dir) < TOTAL_STEPS
 
     # 3. Resume to the end: the partial file is cleaned up, the log has every step once, and the
     # weights are those of the uninterrupted run.

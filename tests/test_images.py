@@ -77,15 +77,20 @@ def test_bad_images_raise_a_readable_per_sample_error(tmp_path):
 
 
 def test_an_exif_rotated_photo_gives_the_same_pixels_in_training_eval_cache_and_serving(
-        tmp_path, tokenizer, processor, tiny_vlm):
+        tmp_path, tower_dir, tokenizer, processor, tiny_vlm):
     import eval_vlm
+    import trainer
+    from test_trainer_units import config
     from cache_features import Pixels
     from dataset.samples import open_source
     from model.inference import VLMChat
     upright = exif_rotated_jpeg(tmp_path / "phone.jpg")
     data = write_jsonl(tmp_path / "d.jsonl", ["phone.jpg"])
     reference = to_pixels(processor, [upright.convert("RGB")])  # what an upright file would give
-    training = VLMDataset(data, str(tmp_path), tokenizer, processor, IMG, 196)[0]["pixel_values"]
+    run = trainer.build_run(config(data_path=data, images_path=str(tmp_path), vision_model_path=tower_dir, dim=64,
+                                   n_layers=2, num_workers=0, out_dir=str(tmp_path / "out"), tokenizer_path="model"),
+                            trainer.Cluster())
+    training = run.loader.dataset[0]["pixel_values"]  # the trainer's own data pieces
     chat = VLMChat(tiny_vlm, tokenizer, processor)
     bench = chat.pixels(eval_vlm.load_images([str(tmp_path / "phone.jpg")]))  # eval_vlm.py --bench and folder mode
     cache_builder = Pixels(open_source(data, str(tmp_path)), [(0, 0, "d.jsonl:1")], processor)[0][None]

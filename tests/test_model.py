@@ -114,7 +114,8 @@ def test_generation_stops_each_row_at_eos():
     out = list(model.generate_stream(prompt, max_new_tokens=6, eos_token_id=eos))
     assert int(out[1][0]) == eos
     assert all(int(t[0]) == eos for t in out[1:])  # row 0 stays finished
-    assert len(out) <= 6
+    assert eos not in free[1, 5:].tolist()  # so row 1 runs on, token for token as without an EOS
+    assert [int(t[1]) for t in out] == free[1, 5:].tolist()
 
 
 def test_repetition_penalty_lowers_seen_tokens_even_with_negative_logits():

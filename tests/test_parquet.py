@@ -14,7 +14,7 @@ from PIL import Image
 from dataset.lm_dataset import VLMDataset, collate_batch
 from dataset.samples import JsonlSource, ParquetSource, open_source
 
-from conftest import make_toy_data, write_image
+from conftest import make_toy_data
 
 IMG = 3  # the placeholder id of our tokenizer
 
@@ -176,6 +176,7 @@ def test_a_million_rows_open_without_a_python_object_per_row(tmp_path):
     assert again.get(7).where.endswith("big.parquet:row 7")
 
 
+@pytest.mark.slow  # two trainings
 def test_training_on_parquet_equals_training_on_its_jsonl(tmp_path, tower_dir):
     from test_distributed import flags, launch, read_log
     jsonl, images = make_toy_data(tmp_path / "src")

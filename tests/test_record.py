@@ -1,6 +1,5 @@
 """A checkpoint knows what it is: the record beside every .pth we write names its tokenizer and
 tower (with a hash of their files), its shape and its origin, and every entry point reads it."""
-import argparse
 import base64
 import io
 import json

@@ -39,6 +39,7 @@ def test_bytes_and_paths_give_the_same_frames(clip):
     assert read_frames(data, 4)[1] == read_frames(clip, 4)[1]
 
 
+@pytest.mark.slow  # decodes a 400-frame stream
 def test_a_stream_without_a_duration_is_spread_over_in_one_pass_holding_at_most_twice_the_frames_asked(
         tmp_path, monkeypatch):
     import gc

@@ -1,5 +1,4 @@
 """MiniMind-V: where image features go, the frozen tower, and strict checkpoint loading."""
-import os
 import re
 import sys
 
@@ -163,7 +162,7 @@ def test_a_released_style_checkpoint_with_projection_bias_is_detected_and_loads(
 def test_tower_dtype_follows_the_model(tiny_vlm):
     tiny_vlm.to(torch.bfloat16)
     assert tiny_vlm.encode_images(torch.randn(1, 3, 224, 224)).dtype == torch.bfloat16
-    assert os.path.isdir(tiny_vlm.config.vision_model_path)
+    assert {p.dtype for p in tiny_vlm.vision_encoder.parameters()} == {torch.bfloat16}
 
 
 def test_int8_quantization_fuses_and_covers_the_llm_only_and_stays_close_to_full_precision(tiny_vlm):

@@ -62,6 +62,7 @@ def server(tower_dir, tmp_path_factory):
                                     "--max_new_tokens", "40"])
     hub = web_demo_vlm.ModelHub(args)
     calls = []  # (model label, messages, image sizes) of every generation
+    finished = []  # one threading.Event per generation, set when its stream ends
 
     real_get = hub.get
 
@@ -72,7 +73,11 @@ def server(tower_dir, tmp_path_factory):
 
             def spy(messages, images=(), **kw):
                 calls.append((label, [dict(m) for m in messages], [im.size for im in images]))
-                yield from stream(messages, images, **kw)
+                finished.append(threading.Event())
+                try:
+                    yield from stream(messages, images, **kw)
+                finally:
+                    finished[-1].set()
             chat.stream, chat.spied = spy, True
         return chat
     hub.get = spying_get
@@ -80,7 +85,7 @@ def server(tower_dir, tmp_path_factory):
     demo = web_demo_vlm.build_demo(args, hub)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield {"url": f"http://127.0.0.1:{port}/", "calls": calls, "hub": hub, "pth_label": hub.default,
+    yield {"url": f"http://127.0.0.1:{port}/", "calls": calls, "finished": finished, "hub": hub, "pth_label": hub.default,
            "hf_label": "tiny-hf [transformers]"}
     demo.close()
 
@@ -197,12 +202,14 @@ def test_stop_keeps_the_partial_answer(server):
     import time
     c, calls = client(server), server["calls"]
     job = c.submit({"text": "Tell me a long story.", "files": []}, 1.0, 0.95, 2048, api_name="/chat")
-    deadline = time.time() + 20
+    deadline = time.time() + 60
     while len(job.outputs()) < 3 and not job.done() and time.time() < deadline:
         time.sleep(0.05)
+    assert len(job.outputs()) >= 3 and not job.done(), "the answer should still be streaming when Stop is pressed"
     job.cancel()  # what the Stop button does
     while not job.done() and time.time() < deadline:
         time.sleep(0.05)
+    assert job.done(), "Stop did not end the answer"
     send(c, "Go on.")
     messages = calls[-1][1]
     assert [m["role"] for m in messages] == ["user", "assistant", "user"] and messages[1]["content"]
@@ -251,12 +258,14 @@ def test_in_a_real_browser(server, files, tmp_path):
             page.wait_for_selector("#input textarea", timeout=20000)
             page.set_input_files("#input input[type=file]", files["photo"])
             page.fill("#input textarea", QUESTION)
-            page.wait_for_timeout(500)  # let the upload finish
+            page.wait_for_selector("#input img", timeout=20000)  # the upload's thumbnail: it has finished
+            generations = len(server["calls"])
             page.keyboard.press("Enter")
             page.wait_for_function(
                 "() => { const b = document.querySelectorAll('#chat [data-testid=\"bot\"]');"
                 " return b.length && b[b.length - 1].innerText.trim().length > 5; }", timeout=30000)
-            page.wait_for_timeout(1500)  # let the answer finish streaming
+            assert len(server["calls"]) == generations + 1
+            assert server["finished"][-1].wait(60), "the answer did not finish streaming"
             assert QUESTION in page.inner_text("#chat")
             assert page.locator("#chat [data-testid='user'] img").count() >= 1  # the photo is shown
             shot = str(tmp_path / "web_demo.png")
@@ -281,7 +290,7 @@ def test_in_a_real_browser_a_model_that_cannot_load_leaves_its_error_on_screen(s
             page.get_by_role("option", name="broken_64.pth").click()
             page.get_by_text("could not load broken_64.pth").wait_for(timeout=20000)
             # The list goes back to the model in use; that is no new pick, whose status would replace the error.
-            page.wait_for_timeout(3000)
+            playwright.expect(page.get_by_label("Model")).to_have_value(server["pth_label"], timeout=20000)
             assert "could not load broken_64.pth" in page.inner_text("body")
             assert page.get_by_label("Model").input_value() == server["pth_label"]
         finally:
