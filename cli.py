@@ -6,6 +6,7 @@ imports only after its flags are parsed. This module is one of them.
 """
 import argparse
 
+from dataset.video import DEFAULT_FRAMES, MAX_FRAMES, MAX_VIDEO_SECONDS
 from model.paths import DEFAULT_VISION_MODEL
 from model.precision import DTYPES
 
@@ -79,3 +80,20 @@ def add_model_args(parser):
       help="int8: the LLM's linear layers get int8 weights (dynamic quantization, CPU only): about 1.5x "
            "faster decoding at batch 1, at the cost of answers that can differ slightly from full precision")
     return parser
+
+
+def add_video_args(parser):
+    """--frames and --max_video_seconds, for every script that reads videos."""
+    parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES,
+                        help=f"frames taken from a video, uniformly over its length (1-{MAX_FRAMES}); each is one "
+                             f"image in the prompt, with its timestamp")
+    parser.add_argument("--max_video_seconds", type=float, default=MAX_VIDEO_SECONDS,
+                        help="longer videos are refused")
+    return parser
+
+
+def preparing_progress(path, done, total):
+    """dataset.samples.open_source's progress, printed on one line while a parquet file is made
+    randomly accessible (once)."""
+    print(f"\rpreparing {path} for random access (once): {done}/{total} rows", end="\n" if done == total else "",
+          flush=True)

@@ -17,10 +17,10 @@ from collections import defaultdict
 
 from PIL import Image
 
-from cli import IMAGES_PATH_DEFAULT, add_model_args, make_parser, switch
+from cli import IMAGES_PATH_DEFAULT, add_model_args, add_video_args, make_parser, switch
 from model.images import ImageError, open_image
 from dataset.samples import open_source
-from dataset.video import add_video_args, read_frames
+from dataset.video import read_frames
 from model.chat import IMAGE_TAG, VIDEO_TAG, expand_video
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

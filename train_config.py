@@ -3,8 +3,7 @@ train_sft_vlm.py: each calls `build_parser(...)` with its stage's defaults, pars
 imports trainer.py (torch and the rest), so --help and a mistyped flag answer at once."""
 import dataclasses
 
-from cli import DEVICE_HELP, DTYPE_HELP, IMAGES_PATH_DEFAULT, make_parser, switch
-from dataset.video import add_video_args
+from cli import DEVICE_HELP, DTYPE_HELP, IMAGES_PATH_DEFAULT, add_video_args, make_parser, switch
 from model.lora import LORA_LAYERS
 from model.paths import DEFAULT_VISION_MODEL
 from model.precision import DTYPES

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from cli import preparing_progress
 from dataset.feature_cache import encode_with_cache, open_cache_for
 from dataset.lm_dataset import VLMDataset, collate_batch
 from dataset.samples import open_source
@@ -582,18 +583,11 @@ def open_feature_cache(cfg, tower, processor, is_main):
     return cache
 
 
-def open_data(data_path, images_path, allow_outside_images):
-    """The sample reader, printing progress while a parquet file is made randomly accessible (once)."""
-    def progress(path, done, total):
-        print(f"\rpreparing {path} for random access (once): {done}/{total} rows", end="\n" if done == total else "",
-              flush=True)
-    return open_source(data_path, images_path, allow_outside_images, progress=progress)
-
-
 def open_dataset(cfg, tokenizer, processor, config, cache, is_main):
     dataset = VLMDataset(cfg.data_path, cfg.images_path, tokenizer, processor, config.image_token_id,
                          config.image_token_count, cfg.max_seq_len, bool(cfg.skip_bad_samples), cache,
-                         source=open_data(cfg.data_path, cfg.images_path, bool(cfg.allow_outside_images)),
+                         source=open_source(cfg.data_path, cfg.images_path, bool(cfg.allow_outside_images),
+                                            progress=preparing_progress),
                          frames=cfg.frames, max_video_seconds=cfg.max_video_seconds)
     if is_main:
         source = dataset.source

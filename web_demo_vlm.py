@@ -26,8 +26,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from cli import add_model_args, make_parser, switch  # noqa: E402
-from dataset.video import VIDEO_EXTS, add_video_args, read_frames  # noqa: E402
+from cli import add_model_args, add_video_args, make_parser, switch  # noqa: E402
+from dataset.video import VIDEO_EXTS, read_frames  # noqa: E402
 from model.chat import IMAGE_TAG, ReasoningSplitter, video_prompt  # noqa: E402
 from model.images import open_image  # noqa: E402
 

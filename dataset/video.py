@@ -32,16 +32,6 @@ class VideoError(ValueError):
     """A video that cannot be used; the message says why."""
 
 
-def add_video_args(parser):
-    """--frames and --max_video_seconds, for every script that reads videos."""
-    parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES,
-                        help=f"frames taken from a video, uniformly over its length (1-{MAX_FRAMES}); each is one "
-                             f"image in the prompt, with its timestamp")
-    parser.add_argument("--max_video_seconds", type=float, default=MAX_VIDEO_SECONDS,
-                        help="longer videos are refused")
-    return parser
-
-
 def check_frames(n):
     if not 1 <= n <= MAX_FRAMES:
         raise ValueError(f"--frames must be between 1 and {MAX_FRAMES}, got {n}")

@@ -19,6 +19,8 @@ import json
 import math
 import os
 
+from .files import atomic_save, refuse_non_finite
+
 LORA_LAYERS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # attention and SwiGLU projections, both generations
 FORMAT = "minimind-lora"
 
@@ -103,7 +105,6 @@ def adapter_state_dict(model, sd=None):
 def save_adapter(tensors, settings, config, path):
     """The adapter file: safetensors, written atomically (a kill never truncates it)."""
     from safetensors.torch import save
-    from .checkpoint import atomic_save
     meta = {"format": FORMAT, "rank": str(settings.rank), "alpha": str(settings.alpha),
             "dropout": str(settings.dropout), "targets": ",".join(settings.targets),
             "model": json.dumps({"generation": config.generation, "dim": config.dim, "n_layers": config.n_layers,
@@ -155,7 +156,6 @@ def read_adapter(path):
     """-> (tensors under plain names, LoraSettings, the model it was trained on). A ValueError names
     the file when it is not an adapter written here, or holds NaN or inf."""
     from safetensors import safe_open
-    from .checkpoint import refuse_non_finite
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--lora {path}: no such file (train_*_vlm.py --lora_rank R writes "
                                 f"out/{{save_weight}}_{{dim}}_lora.safetensors)")

@@ -18,7 +18,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cli import DEVICE_HELP, IMAGES_PATH_DEFAULT, make_parser  # noqa: E402
+from cli import DEVICE_HELP, IMAGES_PATH_DEFAULT, make_parser, preparing_progress  # noqa: E402
 from model.paths import DEFAULT_VISION_MODEL  # noqa: E402
 from model.precision import DTYPES, describe, resolve_device, resolve_dtype  # noqa: E402
 
@@ -50,8 +50,8 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from dataset.feature_cache import image_key, open_cache_for  # noqa: E402
+from dataset.samples import open_source  # noqa: E402
 from model.images import ImageError, load_processor, open_image, to_pixels  # noqa: E402
-from trainer import open_data  # noqa: E402
 from model.model_vlm import load_vision_tower, tower_features  # noqa: E402
 
 
@@ -91,7 +91,7 @@ def main():
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
 
     try:  # data errors first: they cost nothing to find
-        source = open_data(args.data_path, args.images_path, None)  # None: it has no --allow_outside_images
+        source = open_source(args.data_path, args.images_path, None, progress=preparing_progress)  # None: it has no --allow_outside_images
         if source.n_bad:
             raise ValueError(f"{source.bad[0]}" + (f" ({source.n_bad} bad samples in all)" if source.n_bad > 1 else ""))
         where = images_of(source)

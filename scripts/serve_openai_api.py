@@ -38,8 +38,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from cli import add_model_args, make_parser, old_spelling  # noqa: E402
-from dataset.video import DEFAULT_FRAMES, MAX_VIDEO_SECONDS, add_video_args, read_frames  # noqa: E402
+from cli import add_model_args, add_video_args, make_parser, old_spelling  # noqa: E402
+from dataset.video import DEFAULT_FRAMES, MAX_VIDEO_SECONDS, read_frames  # noqa: E402
 from model.chat import IMAGE_TAG, ReasoningSplitter, video_prompt  # noqa: E402
 from model.images import open_image  # noqa: E402
 

@@ -225,10 +225,10 @@ def failing_file(limit):
 
 @pytest.mark.parametrize("limit", [0, 300])  # at once: OSError; after a few bytes: torch's "unexpected pos"
 def test_a_full_disk_removes_the_partial_file_and_names_the_path(tmp_path, monkeypatch, limit):
-    import model.checkpoint as checkpoint_module
+    import model.files
     path = tmp_path / "w.pth"
     atomic_save({"w": torch.ones(3)}, str(path))
-    monkeypatch.setattr(checkpoint_module, "open", failing_file(limit), raising=False)
+    monkeypatch.setattr(model.files, "open", failing_file(limit), raising=False)
     with pytest.raises(DiskFullError, match=f"^disk full writing {re.escape(str(path))} .*free space"):
         atomic_save({"w": torch.zeros(10000)}, str(path))
     assert os.listdir(tmp_path) == ["w.pth"]  # no partial .tmp file left
@@ -250,9 +250,9 @@ def test_a_full_disk_warns_at_a_periodic_save_and_stops_the_run_at_the_final_one
 
 def test_a_full_disk_at_the_end_of_a_run_that_saved_nothing_does_not_say_continue_with_from_resume(
         tower_dir, tmp_path, monkeypatch):
-    import model.checkpoint as checkpoint_module
+    import model.files as files_module
     cfg = toy_run(tmp_path, tower_dir, n=2)
-    monkeypatch.setattr(checkpoint_module, "open", failing_file(0), raising=False)
+    monkeypatch.setattr(files_module, "open", failing_file(0), raising=False)
     with pytest.raises(SystemExit) as end:
         trainer.launch(cfg)
     assert str(end.value) == (f"error: disk full writing {tmp_path / 'out' / 'unit_64.pth'} (No space left on device): "
@@ -260,12 +260,12 @@ def test_a_full_disk_at_the_end_of_a_run_that_saved_nothing_does_not_say_continu
 
 
 def test_a_full_disk_at_a_final_save_names_what_was_saved_last(tower_dir, tmp_path, monkeypatch):
-    import model.checkpoint as checkpoint_module
+    import model.files as files_module
     cfg = config(out_dir=str(tmp_path), vision_model_path=tower_dir, **TINY_LLM)
     saver = checkpointer(MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM)), cfg, tmp_path)
     weights, resume = tmp_path / "unit_64.pth", tmp_path / "unit_64_resume.pth"
     full_for_resume = failing_file(0)
-    monkeypatch.setattr(checkpoint_module, "open", lambda path, mode: (full_for_resume if "_resume" in path else
+    monkeypatch.setattr(files_module, "open", lambda path, mode: (full_for_resume if "_resume" in path else
                                                                        io.FileIO)(path, mode), raising=False)
     with pytest.raises(DiskFullError) as error:  # the weights fit, the resume file does not
         saver.save({"epoch": 0, "samples_seen": 2, "step": 1, "wandb_id": None}, "final")
@@ -273,7 +273,7 @@ def test_a_full_disk_at_a_final_save_names_what_was_saved_last(tower_dir, tmp_pa
                                      f"written, so --from_resume 1 cannot continue it")
     monkeypatch.undo()
     saver.save({"epoch": 0, "samples_seen": 4, "step": 2, "wandb_id": None})
-    monkeypatch.setattr(checkpoint_module, "open", failing_file(0), raising=False)
+    monkeypatch.setattr(files_module, "open", failing_file(0), raising=False)
     saver.save({"epoch": 0, "samples_seen": 8, "step": 4, "wandb_id": None})  # periodic: a warning, the run goes on
     with pytest.raises(DiskFullError) as error:
         saver.save({"epoch": 0, "samples_seen": 10, "step": 5, "wandb_id": None}, "final")
