@@ -21,7 +21,7 @@ from cli import IMAGES_PATH_DEFAULT, add_model_args, add_video_args, make_parser
 from model.images import ImageError, open_image
 from dataset.samples import open_source
 from dataset.video import read_frames
-from model.chat import IMAGE_TAG, VIDEO_TAG, expand_video
+from model.chat import IMAGE_TAG, Video, user_content
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DEFAULT_PROMPT = "Describe the image."
@@ -160,9 +160,9 @@ def video_mode(chat, tokenizer, args):
         frames, times = read_frames(args.video, args.frames, args.max_video_seconds)
     except ValueError as e:  # VideoError, or --frames out of range
         sys.exit(f"error: {e}")
-    prompt = ("Describe the video." if args.prompt == DEFAULT_PROMPT else
-              args.prompt.replace(IMAGE_TAG, "").replace(VIDEO_TAG, ""))  # the one tag is ours
-    messages = expand_video([{"role": "user", "content": f"{VIDEO_TAG}\n{prompt}"}], times)
+    prompt = "Describe the video." if args.prompt == DEFAULT_PROMPT else args.prompt
+    content, frames = user_content([Video(frames, times), prompt])  # a typed tag in the prompt is text
+    messages = [{"role": "user", "content": content}]
     print(f"[{os.path.basename(args.video)}: {len(frames)} frames at "
           f"{', '.join(f'{t:.1f}' for t in times)} s] {prompt}", flush=True)
     stream_answer(chat, tokenizer, messages, frames, args)
@@ -230,8 +230,9 @@ def chat_mode(chat, tokenizer, args):
             messages = []  # a new image starts a new conversation: old answers were about the old one
             print("(history cleared)", flush=True)
             continue
-        text = line.replace(IMAGE_TAG, "")  # the only tag is ours, on the first turn, matching the image
-        messages.append({"role": "user", "content": with_tag(text) if image is not None and not messages else text})
+        # The image goes with the first turn; a typed <image> is text, as in the web demo and the API.
+        content = user_content([image, line] if image is not None and not messages else [line])[0]
+        messages.append({"role": "user", "content": content})
         try:
             answer = stream_answer(chat, tokenizer, messages, [image] if image is not None else [], args)
         except (ValueError, RuntimeError) as e:  # e.g. the history outgrew max_seq_len

@@ -28,7 +28,7 @@ if ROOT not in sys.path:
 
 from cli import add_model_args, add_video_args, make_parser, switch  # noqa: E402
 from dataset.video import VIDEO_EXTS, read_frames  # noqa: E402
-from model.chat import IMAGE_TAG, ReasoningSplitter, video_prompt  # noqa: E402
+from model.chat import ReasoningSplitter, Video, check_image_count, check_room, user_content  # noqa: E402
 from model.images import open_image  # noqa: E402
 
 HINT = "Type a question, and attach pictures or a video with the 📎 button (or drop them on the box)."
@@ -157,13 +157,12 @@ def notice(state, text):
 
 
 def read_upload(args, path):
-    """An uploaded file -> (the text standing for it, its images): an image is one <image> slot; a
-    video (by extension) its frames, each on a line with its time, as in training."""
+    """An uploaded file -> a part of the user's turn (model.chat.user_content): an image, or a
+    video (by extension) as its frames and their times, as in training."""
     name = os.path.basename(path)
     if path.lower().endswith(VIDEO_EXTS):
-        frames, times = read_frames(path, args.frames, args.max_video_seconds, name=name)
-        return video_prompt(times), frames
-    return IMAGE_TAG, [open_image(path, name=name)]
+        return Video(*read_frames(path, args.frames, args.max_video_seconds, name=name))
+    return open_image(path, name=name)
 
 
 def user_turn(args, state, message):
@@ -178,23 +177,20 @@ def user_turn(args, state, message):
         state["display"].append({"role": "user", "content": {"path": p}})
     if text:
         state["display"].append({"role": "user", "content": text})
-    pieces, images, problems = [], [], []
+    parts, problems = [], []
     for p in files:
         try:
-            piece, opened = read_upload(args, p)
+            parts.append(read_upload(args, p))
         except ValueError as e:  # ImageError, VideoError
             problems.append(str(e))
-            continue
-        pieces.append(piece)
-        images += opened
     if problems:
         return " ".join(problems) + " Nothing was sent to the model; try again."
-    if len(state["images"]) + len(images) > args.max_images:
-        return (f"Too many images: this conversation would have {len(state['images']) + len(images)}, the limit is "
-                f"{args.max_images} (a video counts as its frames; each takes its run of placeholder tokens in the "
-                "model's context). Press Clear to start a new conversation.")
-    # The user's own "<image>" text must not be taken for an image slot.
-    return "\n".join(pieces + ([text.replace(IMAGE_TAG, "[image]")] if text else [])), images
+    content, images = user_content(parts + [text])
+    try:
+        check_image_count(len(state["images"]) + len(images), args.max_images)
+    except ValueError as e:
+        return f"Too many images: {e}. Press Clear to start a new conversation."
+    return content, images
 
 
 def respond(args, hub, message, state, temperature, top_p, max_new_tokens):
@@ -213,11 +209,11 @@ def respond(args, hub, message, state, temperature, top_p, max_new_tokens):
     messages = state["messages"] + [{"role": "user", "content": content}]
     all_images = state["images"] + images
     max_new_tokens = max(1, min(int(max_new_tokens), 4096))
-    n_prompt = len(chat.encoder.encode_prompt(messages)[0])
-    limit = args.max_seq_len or chat.model.config.max_seq_len
-    if n_prompt + max_new_tokens > limit:
-        yield notice(state, f"The conversation is too long for the model: {n_prompt} prompt tokens + "
-                            f"{max_new_tokens} new ones > {limit}. Press Clear, or lower max new tokens.")
+    try:
+        check_room(len(chat.encoder.encode_prompt(messages)[0]), max_new_tokens,
+                   args.max_seq_len or chat.model.config.max_seq_len)
+    except ValueError as e:
+        yield notice(state, f"The conversation is too long: {e}. Press Clear, or lower max new tokens.")
         return
     # Commit the turn before streaming, so a Stop keeps the partial answer in the history.
     answer, display = {"role": "assistant", "content": ""}, state["display"]

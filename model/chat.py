@@ -28,6 +28,49 @@ def expand_video(messages, timestamps):
     return [{**m, "content": m["content"].replace(VIDEO_TAG, video_prompt(timestamps))} for m in messages]
 
 
+class Video:
+    """A video's frames (PIL images) and their times in seconds, as a part of a user turn."""
+
+    def __init__(self, frames, times):
+        self.frames, self.times = list(frames), list(times)
+
+
+def as_text(text):
+    """What a user typed, as text: a typed <image> or <video> takes no image slot (it reads "[image]")."""
+    return text.replace(IMAGE_TAG, "[image]").replace(VIDEO_TAG, "[video]")
+
+
+def user_content(parts):
+    """The one way a user's turn is built in eval, the web demo and the API: parts in order (str:
+    typed text; a PIL image; a Video) -> (content with one <image> per picture and frame, the
+    pictures in tag order). Parts are joined by newlines; a video is its frames' lines (video_prompt)."""
+    pieces, images = [], []
+    for part in parts:
+        if isinstance(part, str):
+            pieces.append(as_text(part))
+        elif isinstance(part, Video):
+            pieces.append(video_prompt(part.times))
+            images += part.frames
+        else:
+            pieces.append(IMAGE_TAG)
+            images.append(part)
+    return "\n".join(p for p in pieces if p), images
+
+
+def check_image_count(n, limit):
+    """A conversation may show at most `limit` pictures: each takes a run of placeholder tokens."""
+    if n > limit:
+        raise ValueError(f"{n} images in the conversation (a video counts as its frames); at most {limit} "
+                         "(each takes a run of placeholder tokens of the model's context)")
+
+
+def check_room(n_prompt, max_new_tokens, limit):
+    """The prompt and the answer must fit the model's context of `limit` tokens."""
+    if n_prompt + max_new_tokens > limit:
+        raise ValueError(f"the prompt has {n_prompt} tokens; with {max_new_tokens} new tokens that exceeds the "
+                         f"model's limit of {limit}")
+
+
 def resolve_image_token_id(tokenizer, image_token_id=-1):
     """-1 means: our tokenizer's <|image_pad|>, else '@' when it is one token (the released tokenizer)."""
     if image_token_id >= 0:

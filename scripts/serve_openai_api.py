@@ -40,7 +40,7 @@ if ROOT not in sys.path:
 
 from cli import add_model_args, add_video_args, make_parser, old_spelling  # noqa: E402
 from dataset.video import DEFAULT_FRAMES, MAX_VIDEO_SECONDS, read_frames  # noqa: E402
-from model.chat import IMAGE_TAG, ReasoningSplitter, video_prompt  # noqa: E402
+from model.chat import ReasoningSplitter, Video, as_text, check_image_count, check_room, user_content  # noqa: E402
 from model.images import open_image  # noqa: E402
 
 
@@ -179,11 +179,10 @@ def parse_messages(messages, max_images, local_root=None, frames=DEFAULT_FRAMES,
         raise APIError("'messages' must be a non-empty list", param="messages")
     kinds = [p.get("type") for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
              for p in m["content"] if isinstance(p, dict)]
-    n_images = kinds.count("image_url") + frames * kinds.count("video_url")  # each frame is an image
-    if n_images > max_images:
-        raise APIError(f"{n_images} images in the request (a video counts as its {frames} frames); at most "
-                       f"{max_images} (each takes a run of placeholder tokens of the model's context)",
-                       param="messages", code="too_many_images")
+    try:  # before any is decoded
+        check_image_count(kinds.count("image_url") + frames * kinds.count("video_url"), max_images)
+    except ValueError as e:
+        raise APIError(str(e), param="messages", code="too_many_images") from None
     out, images = [], []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
@@ -197,36 +196,33 @@ def parse_messages(messages, max_images, local_root=None, frames=DEFAULT_FRAMES,
         if content is None and role == "assistant":
             content = ""
         if isinstance(content, str):
-            text = content.replace(IMAGE_TAG, "[image]")  # typed text never takes an image slot
+            text = as_text(content)  # typed text never takes an image slot
         elif isinstance(content, list):
-            pieces = []
+            parts = []
             for j, part in enumerate(content):
                 pwhere = f"{where}.content[{j}]"
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text":
                     if not isinstance(part.get("text"), str):
                         raise APIError(f"{pwhere}.text must be a string", param=pwhere)
-                    pieces.append(part["text"].replace(IMAGE_TAG, "[image]"))
+                    parts.append(part["text"])
                 elif kind == "image_url":
                     if role != "user":
                         raise APIError(f"{pwhere}: images are only accepted in user messages", param=pwhere)
                     spec = part.get("image_url")
-                    images.append(decode_image(spec.get("url") if isinstance(spec, dict) else spec, pwhere,
-                                               local_root))
-                    pieces.append(IMAGE_TAG)
+                    parts.append(decode_image(spec.get("url") if isinstance(spec, dict) else spec, pwhere, local_root))
                 elif kind == "video_url":
                     if role != "user":
                         raise APIError(f"{pwhere}: videos are only accepted in user messages", param=pwhere)
                     spec = part.get("video_url")
                     read = functools.partial(read_frames, n=frames, max_seconds=max_video_seconds)
-                    video_frames, times = decode_image(spec.get("url") if isinstance(spec, dict) else spec, pwhere,
-                                                       local_root, read, "video")
-                    images += video_frames
-                    pieces.append(video_prompt(times))
+                    parts.append(Video(*decode_image(spec.get("url") if isinstance(spec, dict) else spec, pwhere,
+                                                     local_root, read, "video")))
                 else:
                     raise APIError(f"{pwhere}: unsupported content part type {reprlib.repr(kind)} "
                                    "(use 'text', 'image_url' or 'video_url')", param=pwhere)
-            text = "\n".join(pieces)
+            text, shown = user_content(parts)
+            images += shown
         else:
             raise APIError(f"{where}.content must be a string or a list of content parts", param=f"{where}.content")
         out.append({"role": role, "content": text})
@@ -487,12 +483,12 @@ def make_job(body, engine, args):
                                       args.max_video_seconds)
     prompt = engine.chat.encoder.encode_prompt(messages)  # (ids, is_image)
     ids = prompt[0]
-    room = engine.max_seq_len - len(ids)
     if max_tokens is None:
-        max_tokens = min(args.max_new_tokens, room)
-    if max_tokens < 1 or max_tokens > room:
-        raise APIError(f"the prompt has {len(ids)} tokens; with {max_tokens} new tokens that exceeds the model's "
-                       f"limit of {engine.max_seq_len}", param="messages", code="context_length_exceeded")
+        max_tokens = max(1, min(args.max_new_tokens, engine.max_seq_len - len(ids)))
+    try:
+        check_room(len(ids), max_tokens, engine.max_seq_len)
+    except ValueError as e:
+        raise APIError(str(e), param="messages", code="context_length_exceeded") from None
     options = body.get("stream_options") or {}
     # preprocessed here, in the prepare pool, so the model never waits for a request's images
     return {"prompt": prompt, "pixels": engine.chat.pixels(images), "max_tokens": max_tokens, "temperature": temperature,

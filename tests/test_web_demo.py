@@ -167,7 +167,7 @@ def test_bad_input_gets_a_message_and_the_session_stays_usable(server, files):
     chat = send(c, QUESTION, [files["text"]])[-1]
     assert "notes.txt is not an image" in text_of(chat[-1])
     chat = send(c, QUESTION, [files["photo"]] * 4)[-1]
-    assert "Too many images" in text_of(chat[-1]) and "limit is 3" in text_of(chat[-1])
+    assert "Too many images" in text_of(chat[-1]) and "at most 3" in text_of(chat[-1])
     chat = send(c, "   ")[-1]
     assert "Type a question" in text_of(chat[-1])
     assert len(calls) == n  # none of that reached the model
