@@ -1,10 +1,10 @@
 """A disk cache of frozen vision-tower features, so each image is encoded once, ever.
 
-The tower is frozen and preprocessing is deterministic, so an image's [196, C] patch features
+The tower is frozen and preprocessing is deterministic, so an image's [image_token_count, C] patch features
 never change. They are stored in fp16 (~300 KB per image at C=768) in append-only shard files
 that are memory-mapped for reading:
 
-    {cache_dir}/{tower_id}/{shard}.bin     raw float16 rows of [196, C]
+    {cache_dir}/{tower_id}/{shard}.bin     raw float16 rows of [image_token_count, C]
     {cache_dir}/{tower_id}/{shard}.idx     one JSON line per row: {"key": ..., "row": n}
 
 `tower_id` hashes the tower's config, weights and image-processor settings, so a different tower
@@ -157,7 +157,7 @@ def open_cache_for(tower, processor, cache_dir):
 
 
 def encode_with_cache(model, cache, pixel_values, image_keys, cached):
-    """Image features [N, 196, C] (float16) for a batch: rows the loader found in the cache, the
+    """Image features [N, image_token_count, C] (float16) for a batch: rows the loader found in the cache, the
     rest encoded now and appended to it. Fresh features are rounded to fp16 like cached ones, so a
     run computes the same thing whether the cache was cold or warm.
 
@@ -176,4 +176,4 @@ def encode_with_cache(model, cache, pixel_values, image_keys, cached):
         if out is None:  # filled row by row: torch.stack of fp16 is refused under CPU autocast
             out = torch.empty(len(cached), *f.shape, dtype=torch.float16, device=pixel_values.device)
         out[i] = f
-    return out  # [N, 196, C]
+    return out  # [N, image_token_count, C]

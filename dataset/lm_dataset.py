@@ -1,7 +1,7 @@
 """Samples -> training tensors: chat rendering, the loss mask, images and batching.
 
 The samples come from dataset/samples.py (jsonl + image folder, or parquet), their pixels from
-dataset/images.py. Each `<image>` tag becomes `image_token_count` placeholder tokens whose
+model/images.py. Each `<image>` tag becomes `image_token_count` placeholder tokens whose
 embeddings the model overwrites with that image's features. Only assistant content and its
 end-of-turn token are supervised.
 """

@@ -7,7 +7,7 @@ open_image: a path, bytes or file object -> RGB PIL image
   - EXIF orientation applied (a phone photo is upright in training as in serving);
   - palette, greyscale, CMYK and alpha converted to RGB; transparent pixels become white, not
     whatever colour happens to be stored under them;
-  - at most MAX_IMAGE_SIDE on its longest side (the tower resizes to ~224 anyway, and a JPEG is
+  - at most MAX_IMAGE_SIDE on its longest side (the tower resizes to 224 or 256 anyway, and a JPEG is
     then decoded at a reduced scale straight away);
   - a decompression bomb, a truncated or corrupt file, or a file that is not an image raises
     ImageError (a ValueError) with a readable reason, so callers treat it as a per-sample error.

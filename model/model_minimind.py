@@ -1,6 +1,6 @@
 """MiniMind: a small decoder-only LLM (Llama-style), compatible with both released generations.
 
-Architecture (see README "Architecture"): RMSNorm -> grouped-query attention with RoPE -> RMSNorm ->
+Architecture (docs/architecture.md): RMSNorm -> grouped-query attention with RoPE -> RMSNorm ->
 SwiGLU FFN (or a small mixture of experts), tied input/output embeddings. The two releases differ
 only in settings, so `MiniMindConfig.generation` picks a preset of config fields:
 - "minimind2" (2025-02, MiniMind2): 2 KV heads, RMSNorm eps 1e-5, MoE with a shared expert and top-2;

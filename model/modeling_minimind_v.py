@@ -1,5 +1,6 @@
 """The transformers entry point of an exported MiniMind-V directory (scripts/convert_model.py copies
-this file there as it is, next to model_minimind.py, model_vlm.py and chat.py).
+this file there as it is, next to model_minimind.py, model_vlm.py, chat.py, images.py, paths.py and
+precision.py).
 
     model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
     print(model.chat(PIL.Image.open("cat.jpg"), "What is in the picture?"))
@@ -7,7 +8,7 @@ this file there as it is, next to model_minimind.py, model_vlm.py and chat.py).
 Without a `dtype`, the weights load in the dtype eval_vlm.py's `--dtype auto` picks on the CPU
 (precision.py): bf16 where the CPU computes it natively, else fp32.
 
-The frozen CLIP vision tower is not stored here: it is loaded after the weights, from
+The frozen vision tower (CLIP or SigLIP2) is not stored here: it is loaded after the weights, from
 `vision_model_path` (from_pretrained keyword, else config.json's value, tried as given and relative
 to this directory, else a `vision_model` folder inside it).
 """
@@ -18,7 +19,7 @@ import torch
 from .chat import IMAGE_TAG, ChatEncoder
 from .images import from_pil, load_processor, open_image, to_pixels
 from .model_minimind import rope_cos_sin
-from .model_vlm import MiniMindVLM, VLMConfig, load_vision_tower, vision_help
+from .model_vlm import MiniMindVLM, VLMConfig, load_vision_tower, tower_token_count, vision_help
 from .precision import resolve_dtype
 
 
@@ -53,7 +54,7 @@ class MiniMindVLMForCausalLM(MiniMindVLM):
             if path and os.path.isfile(os.path.join(path, "config.json")):
                 return path
         raise FileNotFoundError(
-            f"No CLIP vision model for this MiniMind-V: looked in {candidates}. Pass "
+            f"No vision tower for this MiniMind-V: looked in {candidates}. Pass "
             f"from_pretrained(..., vision_model_path=DIR). {vision_help(next(c for c in candidates if c))}")
 
     def attach_vision_tower(self, path):
@@ -64,6 +65,9 @@ class MiniMindVLMForCausalLM(MiniMindVLM):
         param = next(self.parameters())
         self.vision_encoder = tower.to(param.device, param.dtype)
         self.config.vision_model_path = path
+        # Placeholders per image follow the tower (196 CLIP B/16, 64 SigLIP2), also when the export
+        # was written without it and its config.json kept the default.
+        self.config.image_token_count = tower_token_count(tower)
         return self
 
     def _chat_tools(self, tokenizer, processor):

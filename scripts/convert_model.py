@@ -4,11 +4,11 @@ Export (.pth -> directory):
     python scripts/convert_model.py --weight out/sft_vlm_512.pth --out out/MiniMind2-V-hf
 writes a self-contained directory that loads offline with
     AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
-    config.json             VLMConfig with auto_map, vision_model_path recorded (the CLIP tower itself
+    config.json             VLMConfig with auto_map, vision_model_path recorded (the tower itself
                             is not copied unless --copy_vision_tower)
     model.safetensors       LLM + projection; the tied output head is stored once (as tok_embeddings.weight)
     tokenizer files         from --tokenizer_path (chat template included)
-    preprocessor_config.json  the CLIP image processor (from --vision_model_path, else standard CLIP settings)
+    preprocessor_config.json  the tower's image processor (from --vision_model_path, else standard CLIP settings)
     model_minimind.py, model_vlm.py, chat.py, images.py, paths.py, precision.py, modeling_minimind_v.py: the code
 
 Import (directory -> .pth in the released key format):
@@ -88,7 +88,7 @@ model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)  
 print(model.chat(Image.open("photo.jpg"), "What is in the picture?"))
 ```
 
-The CLIP vision tower is not included; it is loaded from `vision_model_path` in config.json
+The vision tower (CLIP or SigLIP2) is not included; it is loaded from `vision_model_path` in config.json
 (override: `from_pretrained(..., vision_model_path=DIR)`).
 """
 

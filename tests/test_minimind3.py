@@ -174,6 +174,20 @@ def test_export_to_transformers_and_back_keeps_logits_and_the_2026_keys(tmp_path
     assert all(torch.allclose(back[k], original[k].float(), atol=1e-3) for k in original)
 
 
+def test_an_export_written_without_its_siglip_tower_takes_the_towers_placeholder_count_when_given_it(
+        tmp_path, tokenizer3_dir, siglip2_dir, vlm3_pth):
+    from transformers import AutoModelForCausalLM
+    from convert_model import export_hf
+    out = export_hf(vlm3_pth, str(tmp_path / "hf-notower"), tokenizer3_dir, str(tmp_path / "no-tower"))
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, vision_model_path=siglip2_dir,
+                                                 dtype=torch.float32)
+    assert model.config.image_token_count == N_TOKENS  # not the default 196 its config.json kept
+    ids = torch.randint(40, 6000, (1, 80))
+    ids[0, 4:4 + N_TOKENS] = model.config.image_token_id
+    pixels = torch.randn(1, 3, 256, 256)
+    assert torch.isfinite(model(input_ids=ids, pixel_values=pixels).logits).all()
+
+
 @pytest.mark.slow
 def test_pretrain_then_sft_of_a_2026_model_through_the_real_scripts(tmp_path, tokenizer3_dir, siglip2_dir):
     """From the 2026 release's LLM-only file: pretrain a fresh MLP projector (LLM frozen), then SFT
