@@ -138,22 +138,43 @@ def trained(tmp_path_factory, tower_dir):
     run("train_sft_vlm.py", *script_flags(train, tower_dir, str(root / "out"), from_weight="none", freeze_llm=0,
                                           epochs=12, batch_size=4, learning_rate=3e-3, dtype="float32", seed=0))
     return {"weight": str(root / "out" / "sft_vlm_64.pth"), "task": write_task(str(root / "task"), held_out),
-            "bench": write_sft(root / "bench", held_out), "root": root}
+            "bench": write_sft(root / "bench", held_out), "train": train, "root": root}
 
 
-def test_the_local_task_scores_as_eval_vlm_bench_answer_for_answer(trained, tower_dir):
+def bench(trained, out, *flags):
+    """eval_vlm.py --bench on the task's questions -> (accuracy, {doc index: the model's answer})."""
+    proc = run("eval_vlm.py", *flags, "--dtype", "float32", "--device", "cpu", "--bench", trained["bench"][0],
+               "--images_path", trained["bench"][1], "--batch_size", 8, "--out", out)
+    rows = json.loads(out.read_text())["rows"]
+    accuracy = float(re.search(r"accuracy=(\S+)", proc.stdout.splitlines()[-1]).group(1))
+    return accuracy, {int(r["image"].split(".")[0]): r["prediction"] for r in rows}
+
+
+def test_the_local_task_scores_as_eval_vlm_bench_answer_for_answer(trained):
     flags = {"weight": trained["weight"], "dtype": "float32", "device": "cpu"}
     score, answers = lmms_eval(flags, trained["task"], trained["root"] / "lmms_out")
-    out = trained["root"] / "bench.json"
-    proc = run("eval_vlm.py", "--weight", trained["weight"], "--dtype", "float32", "--device", "cpu",
-               "--bench", trained["bench"][0], "--images_path", trained["bench"][1], "--batch_size", 8, "--out", out)
-    rows = json.loads(out.read_text())["rows"]
-    bench = {int(r["image"].split(".")[0]): r["prediction"] for r in rows}
-    assert answers == bench  # the same prompt, pixels and greedy answer through both paths
-    assert set(bench.values()) <= set(COLORS) | {""}, bench  # letters only, so both scorers read them alike
-    accuracy = float(re.search(r"accuracy=(\S+)", proc.stdout.splitlines()[-1]).group(1))
+    accuracy, expected = bench(trained, trained["root"] / "bench.json", "--weight", trained["weight"])
+    assert answers == expected  # the same prompt, pixels and greedy answer through both paths
+    assert set(answers.values()) <= set(COLORS) | {""}, answers  # letters only, so both scorers read them alike
     assert round(score, 3) == accuracy
     assert score >= 0.5, answers  # trained, it beats chance (0.25) by far
+
+
+def test_a_lora_adapter_applies_as_in_eval_vlm(trained, tower_dir, tmp_path):
+    run("train_sft_vlm.py", *script_flags(trained["train"], tower_dir, str(tmp_path), from_weight=trained["weight"], freeze_llm=2,
+                                          lora_rank=4, epochs=1, batch_size=4, learning_rate=3e-3, dtype="float32",
+                                          save_weight="lora_mcq"))
+    adapter = tmp_path / "lora_mcq_64_lora.safetensors"
+    score, answers = lmms_eval({"weight": trained["weight"], "lora": adapter, "dtype": "float32"}, trained["task"],
+                               tmp_path / "lmms_out")
+    assert (score, answers) == bench(trained, tmp_path / "bench.json", "--weight", trained["weight"], "--lora", adapter)
+
+
+def test_an_unknown_model_arg_is_refused_by_name(trained, tmp_path):
+    proc = run("-m", "lmms_eval", "--model", "minimind_v", "--model_args", f"weight={trained['weight']},wieght=x",
+               "--tasks", "minimind_mcq", "--include_path", trained["task"], "--output_path", tmp_path,
+               python=EVAL_PYTHON)
+    assert "unknown model_args ['wieght']" in proc.stdout + proc.stderr and not os.listdir(tmp_path)
 
 
 def test_a_transformers_directory_scores_the_same(trained, tmp_path):
