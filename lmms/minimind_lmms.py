@@ -43,7 +43,7 @@ def inference_config(model_args):
         raise ValueError(f"minimind_v: unknown model_args {unknown}; known: {sorted(fields)} and max_new_tokens "
                          f"(the batch size is lmms-eval's --batch_size)")
     # A path such as `model` or a tokenizer named `1` stays text; numeric flags become ints.
-    typed = {k: (int(v) if fields[k].type == "int" or fields[k].type is int else str(v)) for k, v in model_args.items()}
+    typed = {k: int(v) if fields[k].type is int else str(v) for k, v in model_args.items()}
     return InferenceConfig(**typed)
 
 

@@ -103,9 +103,9 @@ def write_sft(root, rows):
     return str(root / "data.jsonl"), str(root / "images")
 
 
-def run(*args, python=sys.executable):
+def run(*args, python=sys.executable, env=None):
     proc = subprocess.run([python, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+                          env=os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})})
     assert proc.returncode == 0, f"{args[:3]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
@@ -115,7 +115,7 @@ def lmms_eval(model_args, task_dir, out_dir, batch_size=8):
     args = ",".join(f"{k}={v}" for k, v in model_args.items())
     proc = run("-m", "lmms_eval", "--model", "minimind_v", "--model_args", args, "--tasks", "minimind_mcq",
                "--include_path", task_dir, "--batch_size", batch_size, "--log_samples", "--output_path", out_dir,
-               python=EVAL_PYTHON)
+               python=EVAL_PYTHON, env={"HF_DATASETS_CACHE": os.path.join(task_dir, "cache")})  # not the user's
     found = {os.path.join(d, f) for d, _, fs in os.walk(out_dir) for f in fs}
     results = [f for f in found if f.endswith("_results.json")]
     samples = [f for f in found if re.search(r"samples_minimind_mcq.*\.jsonl$", f)]
