@@ -104,7 +104,8 @@ class MiniMindV(lmms):
 
     def generate_until(self, requests):
         """Requests with the same generation settings go in batches through VLMChat.answer_batch,
-        similar prompts together (less left padding); answers come back in request order."""
+        similar prompt texts together (less left padding); answers come back in request order.
+        A batch's images are decoded when its turn comes, as eval_vlm.py --bench does."""
         from tqdm import tqdm
         groups = {}
         for i, request in enumerate(requests):
@@ -113,12 +114,12 @@ class MiniMindV(lmms):
         bar = tqdm(total=len(requests), disable=self.rank != 0, desc="minimind_v")
         for key, idx in groups.items():
             gen_kwargs = json.loads(key)
-            convs = {i: self.conversation(requests[i]) for i in idx}
-            idx.sort(key=lambda i: (len(convs[i][1]), sum(len(m["content"]) for m in convs[i][0])))
+            idx.sort(key=lambda i: len(str(requests[i].args[0])))  # the task's prompt text
             limit = int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens)
             for b in range(0, len(idx), self.batch_size):
                 chunk = idx[b:b + self.batch_size]
-                out = self.chat.answer_batch([convs[i] for i in chunk], max_new_tokens=limit, **sampling(gen_kwargs))
+                convs = [self.conversation(requests[i]) for i in chunk]
+                out = self.chat.answer_batch(convs, max_new_tokens=limit, **sampling(gen_kwargs))
                 for i, text in zip(chunk, out):
                     answers[i] = cut_at(text, gen_kwargs.get("until"))
                     self.cache_hook.add_partial("generate_until", (requests[i].args[0], gen_kwargs), answers[i])
