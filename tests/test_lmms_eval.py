@@ -2,6 +2,7 @@
 images and four-way multiple-choice questions, scored by MMStar's own functions) run end to end
 through `python -m lmms_eval --model minimind_v`, on a tiny model trained here. Its score equals
 `eval_vlm.py --bench` on the same questions, answer for answer, and both generations load through it.
+lmms-eval's openai_compatible model against our API server gives the same answers too.
 
 lmms-eval lives in its own virtualenv, .venv-eval (bash scripts/setup_eval_env.sh; .ci/run makes it);
 without it these tests are skipped."""
@@ -110,10 +111,10 @@ def run(*args, python=sys.executable, env=None):
     return proc
 
 
-def lmms_eval(model_args, task_dir, out_dir, batch_size=8):
+def lmms_eval(model_args, task_dir, out_dir, batch_size=8, model="minimind_v", *extra):
     """python -m lmms_eval on the local task -> (its average score, {doc index: the model's answer})."""
     args = ",".join(f"{k}={v}" for k, v in model_args.items())
-    proc = run("-m", "lmms_eval", "--model", "minimind_v", "--model_args", args, "--tasks", "minimind_mcq",
+    proc = run("-m", "lmms_eval", "--model", model, "--model_args", args, "--tasks", "minimind_mcq", *extra,
                "--include_path", task_dir, "--batch_size", batch_size, "--log_samples", "--output_path", out_dir,
                python=EVAL_PYTHON, env={"HF_DATASETS_CACHE": os.path.join(task_dir, "cache")})  # not the user's
     found = {os.path.join(d, f) for d, _, fs in os.walk(out_dir) for f in fs}
@@ -175,6 +176,19 @@ def test_an_unknown_model_arg_is_refused_by_name(trained, tmp_path):
                "--tasks", "minimind_mcq", "--include_path", trained["task"], "--output_path", tmp_path,
                python=EVAL_PYTHON)
     assert "unknown model_args ['wieght']" in proc.stdout + proc.stderr and not os.listdir(tmp_path)
+
+
+def test_openai_compatible_against_our_api_server_answers_the_same(trained, tmp_path):
+    """The other path: lmms-eval's own OpenAI client, many requests at once, against
+    scripts/serve_openai_api.py, which batches them."""
+    from conftest import api_server
+    with api_server(["--weight", trained["weight"], "--dtype", "float32", "--device", "cpu", "--max_batch", 8],
+                    tmp_path / "server.log") as (base, _, _):
+        got = lmms_eval({"model_version": "sft_vlm_64", "base_url": f"{base}/v1", "api_key": "unused", "timeout": 300,
+                         "num_concurrent": 8, "httpx_trust_env": False}, trained["task"], tmp_path / "out", 8,
+                        "openai_compatible", "--gen_kwargs", "max_new_tokens=16")
+    alone = lmms_eval({"weight": trained["weight"], "dtype": "float32"}, trained["task"], tmp_path / "alone")
+    assert got == alone
 
 
 def test_a_transformers_directory_scores_the_same(trained, tmp_path):
