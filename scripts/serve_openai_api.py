@@ -305,8 +305,14 @@ class Engine:
     def withdraw(self, job):
         """Take a job out of the waiting list; False if a batch has taken it already."""
         with self.waiting_lock:
-            if job in self.waiting:
-                self.waiting.remove(job)
+            return self.drop(job)
+
+    def drop(self, job):
+        """Remove a job from the waiting list by identity (list.remove and `in` compare jobs with ==,
+        which on their pixel tensors raises); False if it is not there. Hold waiting_lock."""
+        for i, other in enumerate(self.waiting):
+            if other is job:
+                del self.waiting[i]
                 return True
         return False
 
@@ -317,7 +323,7 @@ class Engine:
             return ("greedy",) if job["temperature"] == 0 else (job["temperature"], job["top_p"])
         with self.waiting_lock:
             for job in [j for j in self.waiting if j["cancel"].is_set()]:
-                self.waiting.remove(job)
+                self.drop(job)
                 self.count("cancelled")
                 job["ended"].set()
             if not self.waiting:
@@ -326,7 +332,7 @@ class Engine:
             batch = [first] if first["seed"] is not None else \
                 [j for j in self.waiting if j["seed"] is None and key(j) == key(first)][:self.max_batch]
             for job in batch:
-                self.waiting.remove(job)
+                self.drop(job)
         return batch
 
     def generate(self, batch):

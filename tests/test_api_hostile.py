@@ -356,10 +356,15 @@ def test_only_requests_sampled_alike_and_without_a_seed_share_a_batch(chat):
     engine = api.Engine(chat, max_batch=3)
     engine.pool.shutdown()
 
-    def job(temperature, top_p=0.9, seed=None):
-        return {"temperature": temperature, "top_p": top_p, "seed": seed, "cancel": threading.Event(),
-                "ended": threading.Event()}
-    jobs = [job(0), job(0.7), job(0, seed=1), job(0, top_p=0.5), job(0.7), job(0.7, top_p=0.5), job(0), job(0)]
+    def job(n, temperature, top_p=0.9, seed=None):  # pixels first: == on two jobs would compare tensors
+        return {"pixels": torch.zeros(2, 3), "n": n, "temperature": temperature, "top_p": top_p, "seed": seed,
+                "cancel": threading.Event(), "ended": threading.Event()}
+    settings = [(0,), (0.7,), (0, 0.9, 1), (0, 0.5), (0.7,), (0.7, 0.5), (0,), (0,)]
+    jobs = [job(n, *s) for n, s in enumerate(settings)]
     engine.waiting[:] = jobs
-    batches = [[jobs.index(j) for j in engine.take_batch()] for _ in range(6)]
+    batches = [[j["n"] for j in engine.take_batch()] for _ in range(6)]
     assert batches == [[0, 3, 6], [1, 4], [2], [5], [7], []]  # oldest first; greedy ignores top_p
+    engine.waiting[:] = jobs[:3]
+    assert engine.withdraw(jobs[1]) and not engine.withdraw(jobs[1])
+    assert [j["n"] for j in engine.waiting] == [0, 2]
+
