@@ -48,23 +48,25 @@ def inference_config(model_args):
 
 
 def to_conversation(messages):
-    """lmms-eval's chat messages -> (our turns with an <image> tag per image, in place, the images).
-    A task's own text never adds image slots: a literal <image> in it is dropped."""
-    from model.chat import IMAGE_TAG
+    """lmms-eval's chat messages -> (our turns with an <image> tag per image, in place, the images),
+    built by model.chat.user_content as eval, the web demo and the API build theirs: a literal
+    <image> in a task's text reads "[image]" and adds no image slot."""
+    from model.chat import user_content
     from model.images import open_image
     turns, images = [], []
     for message in ChatMessages(messages=messages).messages:
         parts = []
         for content in message.content:
             if content.type == "image":
-                parts.append(IMAGE_TAG)
                 url = content.url
-                images.append(open_image(url) if isinstance(url, (str, bytes, os.PathLike)) else url)
+                parts.append(open_image(url) if isinstance(url, (str, bytes, os.PathLike)) else url)
             elif content.type == "text":
-                parts.append(content.text.replace(IMAGE_TAG, ""))
+                parts.append(content.text)
             else:
                 raise ValueError(f"minimind_v answers about images and text; this task gives {content.type}")
-        turns.append({"role": message.role, "content": "\n".join(parts)})  # "<image>\nquestion", as trained
+        text, shown = user_content(parts)  # "<image>\nquestion", as trained
+        turns.append({"role": message.role, "content": text})
+        images += shown
     return turns, images
 
 
