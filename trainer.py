@@ -95,9 +95,15 @@ class Cluster:
         return tensor
 
     def total(self, n):
-        """The int `n` summed over all processes. One process never touches the device: a round trip
-        through it would make the host wait for the GPU's queue."""
-        return n if self.world == 1 else int(self.sum(torch.tensor(n, device=self.device)).item())
+        """The int `n` summed over all processes, read back (a wait for the GPU's queue under NCCL)."""
+        return int(self.device_total(n))
+
+    def device_total(self, n):
+        """The number `n` summed over all processes, left on the device unread, so the host goes on
+        queueing work. One process never touches the device: `n` itself."""
+        if self.world == 1:
+            return n
+        return self.sum(torch.full((), n, dtype=torch.float64, device=self.device))  # a fill, not a host copy
 
     def gather(self, obj):
         """Every process's `obj`, in rank order."""
@@ -197,21 +203,18 @@ def total_steps(n_samples, global_batch, accumulation_steps, epochs):
     return math.ceil(math.ceil(n_samples / global_batch) / accumulation_steps) * epochs
 
 
-def supervised_tokens(batch):
-    return int((batch["labels"][:, 1:] != -100).sum())  # the model's targets: labels shifted by one
-
-
-def token_weighted(out, n_tokens, step_tokens, world, accumulation_steps):
-    """The loss to backpropagate for one micro-batch: its share of the mean over *all* supervised
-    tokens of the optimizer step (all micro-batches, all ranks). The model's loss is a mean over the
-    micro-batch's own tokens, and DDP/DeepSpeed average gradients over ranks, so plain per-rank
+def token_weighted(out, n_tokens, weight, accumulation_steps):
+    """The loss to backpropagate for one micro-batch with n_tokens supervised tokens: its share of
+    the mean over *all* supervised tokens of the optimizer step (all micro-batches, all ranks);
+    `weight` is world / (the step's supervised tokens, all ranks). The model's loss is a mean over
+    the micro-batch's own tokens, and DDP/DeepSpeed average gradients over ranks, so plain per-rank
     means would weigh a token on a rank (or micro-batch) with few tokens more than one on a full
-    one. Scaling by n_tokens * world / step_tokens makes the summed, rank-averaged gradient that of
-    the global token mean: the same as one process with the whole batch, up to float rounding.
+    one. Scaling by n_tokens * weight makes the summed, rank-averaged gradient that of the global
+    token mean: the same as one process with the whole batch, up to float rounding.
     The MoE balance loss is a per-micro-batch mean and is simply averaged."""
     aux = out.get("aux_loss")
     ce = out.loss - aux if aux is not None else out.loss
-    loss = ce * (n_tokens * world / max(step_tokens, 1))
+    loss = ce * (n_tokens * weight)
     return loss + aux / accumulation_steps if aux is not None else loss
 
 
@@ -470,7 +473,7 @@ class Meter:
         now = self.clock()
         timed = self.t0 is not None and done > self.done_at_t0 and now > self.since
         rate = (done - self.done_at_t0) / (now - self.t0) if timed else None
-        record = {"loss": self.loss / self.steps, "lr": lr,
+        record = {"loss": float(self.loss / self.steps), "lr": lr,  # the device's loss, read once per log line
                   "samples_per_s": self.samples / (now - self.since) if timed else None,
                   "tokens_per_s": self.tokens / (now - self.since) if timed else None,
                   "eta_s": (total - done) / max(rate, 1e-9) if timed else None, "time": now}
@@ -645,7 +648,8 @@ def build_loader(cfg, dataset, pad_id, cluster):
                                     world_size=cluster.world, accumulation_steps=cfg.accumulation_steps)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
                         collate_fn=functools.partial(collate_batch, pad_id=pad_id,
-                                                     pad_to=cfg.max_seq_len if cfg.pad_to_max_len else 0),
+                                                     pad_to=cfg.max_seq_len if cfg.pad_to_max_len else 0,
+                                                     image_token_count=dataset.encoder.image_token_count),
                         worker_init_fn=ignore_sigint,  # Ctrl-C is handled once, by the main process
                         pin_memory=cluster.device.startswith("cuda"), persistent_workers=cfg.num_workers > 0)
     return sampler, loader
@@ -734,44 +738,58 @@ class StopSignals:
 Step = namedtuple("Step", "loss lr applied stop samples tokens empty", defaults=(False,))
 
 
-def forward_backward(run, batch, n_tokens, step_tokens, last_micro):
-    """One micro-batch with n_tokens supervised tokens: forward, and backward of its share of the
-    step's loss -> that share, still on the device (read once per step, with the step's totals)."""
+def forward_backward(run, batch, weight, last_micro):
+    """One micro-batch: forward, and backward of its loss times `weight`, its share of the step's
+    (see token_weighted) -> that share, still on the device (read at log time)."""
     engine, device = run.engine, run.cluster.device
+    # The loader pins its batches on CUDA, so these copies are queued and the host goes on.
+    to_device = lambda key: batch[key].to(device, non_blocking=True)  # noqa: E731
     with engine.micro_step(last_micro):
-        out = engine.forward(input_ids=batch["input_ids"].to(device), labels=batch["labels"].to(device),
-                             image_features=run.encoder(batch, device), image_mask=batch["image_mask"].to(device))
-        loss = token_weighted(out, n_tokens, step_tokens, run.cluster.world, run.cfg.accumulation_steps)
+        out = engine.forward(input_ids=to_device("input_ids"), labels=to_device("labels"),
+                             supervised=to_device("supervised"), image_features=run.encoder(batch, device),
+                             image_slots=to_device("image_slots"))
+        loss = token_weighted(out, batch["n_supervised"], weight, run.cfg.accumulation_steps)
         engine.backward(loss)
     return loss.detach()
 
 
 def train_step(run, epoch, micro_batches, stop_signal):
-    """One optimizer step: forward and backward over this rank's micro-batches, then the update -> Step."""
+    """One optimizer step: forward and backward over this rank's micro-batches, then the update -> Step.
+    The host reads the device once, after the update is queued: whether it was applied (or, with
+    several processes, also the step's totals). The loss stays on the device until a log line."""
     cfg, cluster, state = run.cfg, run.cluster, run.state
-    # Every supervised token of the step, on every rank, weighs the same (see token_weighted).
-    n_tokens = [supervised_tokens(b) for b in micro_batches]  # from the host batches: no device read
-    step_tokens = cluster.total(sum(n_tokens))
+    # Every supervised token of the step, on every rank, weighs the same (see token_weighted). With
+    # one process the count is the collates': a step without any is not taken. With several it is
+    # summed on the devices, unread, so every rank runs the step and an empty one is dropped there.
+    step_tokens = cluster.device_total(sum(b["n_supervised"] for b in micro_batches))
+    learn = cluster.world > 1 or step_tokens > 0
+    weight = cluster.world / (step_tokens.clamp(min=1) if cluster.world > 1 else max(step_tokens, 1))
     losses, samples, tokens = [], 0, 0  # this rank's share
     for j, batch in enumerate(micro_batches):
-        if step_tokens:  # else every sample of the step, on every rank, was skipped: nothing to learn from
-            last_micro = j == len(micro_batches) - 1
-            losses.append(forward_backward(run, batch, n_tokens[j], step_tokens, last_micro))
+        if learn:
+            losses.append(forward_backward(run, batch, weight, j == len(micro_batches) - 1))
         samples += batch["n_samples"]
-        tokens += int(batch["attention_mask"].sum())
+        tokens += batch["n_tokens"]
         state["samples_seen"] = min(state["samples_seen"] + run.sampler.global_batch, run.n_samples)
-    # One all-reduce and one read of the device: the logged loss is the step's global token mean,
-    # throughput counts every rank, and a signal on any rank stops all of them at this same step.
-    totals = torch.tensor([0, samples, tokens, stop_signal], dtype=torch.float64, device=cluster.device)
-    if losses:
-        totals[0] += torch.stack(losses).to(totals.dtype).sum() / cluster.world
-    loss, samples, tokens, stop = cluster.sum(totals).tolist()
     lr = lr_at(run.samples_done(epoch) / run.total_samples, cfg.learning_rate, cfg.warmup_ratio)
-    # Not taken without a supervised token: AdamW's weight decay and momentum would move the weights even so.
-    applied = bool(step_tokens) and run.engine.step(lr, math.isfinite(loss))
-    if applied:
+    loss = torch.stack(losses).sum() if losses else torch.zeros((), device=cluster.device)
+    if cluster.world == 1:
+        applied = learn and bool(run.engine.step(lr, torch.isfinite(loss)))  # the one read
+        return finish_step(state, Step(loss, lr, applied, stop_signal > 0, samples, tokens, empty=not learn))
+    # One all-reduce: the logged loss is the step's global token mean, throughput counts every
+    # rank, and a signal on any rank stops all of them at this same step.
+    counts = torch.tensor([samples, tokens, stop_signal], dtype=torch.float64).to(cluster.device, non_blocking=True)
+    totals = cluster.sum(torch.cat([loss.to(torch.float64).view(1), counts]))
+    loss = totals[0] / cluster.world
+    applied = run.engine.step(lr, torch.isfinite(loss) & (step_tokens > 0))
+    samples, tokens, stop, n, applied = torch.cat([totals[1:], step_tokens.view(1), applied.view(1)]).tolist()
+    return finish_step(state, Step(loss, lr, bool(applied), stop > 0, int(samples), int(tokens), empty=n == 0))
+
+
+def finish_step(state, step):
+    if step.applied:
         state["step"] += 1
-    return Step(loss, lr, applied, stop > 0, samples, tokens, empty=not step_tokens)
+    return step
 
 
 def log_and_save(run, meter, epoch, lr):

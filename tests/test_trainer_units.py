@@ -13,6 +13,7 @@ import torch
 
 import trainer
 from conftest import ROOT, TINY_LLM, make_toy_data
+from dataset.lm_dataset import collate_batch
 from dataset.sampler import ResumableBatchSampler
 from model.checkpoint import DiskFullError, llm_state_dict
 from train_engines import TorchEngine
@@ -72,7 +73,7 @@ def test_token_weighting_makes_the_rank_averaged_sum_the_global_token_mean():
     tokens = {(0, 0): [1.0, 2.0, 3.0], (0, 1): [4.0], (1, 0): [5.0, 6.0], (1, 1): [7.0, 8.0, 9.0, 10.0]}
     world, accumulation = 2, 2
     step_tokens = sum(len(t) for t in tokens.values())  # the all-reduced count
-    per_rank = [sum(trainer.token_weighted(Output(loss=torch.tensor(t).mean()), len(t), step_tokens, world,
+    per_rank = [sum(trainer.token_weighted(Output(loss=torch.tensor(t).mean()), len(t), world / step_tokens,
                                            accumulation)
                     for (r, _), t in tokens.items() if r == rank)
                 for rank in range(world)]
@@ -86,13 +87,18 @@ def test_token_weighting_makes_the_rank_averaged_sum_the_global_token_mean():
 def test_the_moe_balance_loss_is_averaged_over_micro_batches_not_token_weighted():
     aux = torch.tensor(0.5)
     out = Output(loss=torch.tensor(2.0) + aux, aux_loss=aux)
-    loss = trainer.token_weighted(out, n_tokens=3, step_tokens=12, world=2, accumulation_steps=4)
+    loss = trainer.token_weighted(out, n_tokens=3, weight=2 / 12, accumulation_steps=4)
     assert loss.item() == pytest.approx(2.0 * 3 * 2 / 12 + 0.5 / 4)
 
 
-def test_supervised_tokens_counts_the_shifted_labels():
+def test_the_collate_counts_and_places_the_supervised_tokens_as_the_shifted_labels():
     labels = torch.tensor([[5, -100, 7, 8], [-100, -100, 9, -100]])
-    assert trainer.supervised_tokens({"labels": labels}) == 3  # labels[:, 1:]: -100, 7, 8 and -100, 9, -100
+    items = [{"input_ids": torch.zeros(4, dtype=torch.long), "labels": row, "image_mask": torch.zeros(4, dtype=torch.bool),
+              "pixel_values": None, "image_keys": [], "cached": []} for row in labels]
+    batch = collate_batch(items)
+    # labels[:, 1:] is -100, 7, 8 and -100, 9, -100: positions 1, 2 of row 0 and 1 of row 1, flat in [2 * 4]
+    assert batch["n_supervised"] == 3 and batch["supervised"].tolist() == [1, 2, 5]
+    assert batch["labels"].view(-1)[batch["supervised"] + 1].tolist() == [7, 8, 9]
 
 
 # 3. Step counting.
@@ -233,6 +239,50 @@ def test_the_feature_cache_path_encodes_only_uncached_images(tower_dir, tmp_path
     warm = encoder({"pixel_values": torch.zeros(0, 3, 224, 224), "image_keys": ["a", "b"],
                     "cached": [cache.lookup("a"), cache.lookup("b")]}, "cpu")
     assert len(cache) == 2 and torch.equal(cold, warm)
+
+
+def test_the_forward_with_the_collates_slots_and_positions_gives_the_mask_forward_loss(tiny_vlm):
+    n = tiny_vlm.config.image_token_count
+    ids = torch.tensor([1] + [tiny_vlm.config.image_token_id] * n + [5, 6, 7])
+    item = {"input_ids": ids, "labels": ids, "image_mask": ids == tiny_vlm.config.image_token_id,
+            "pixel_values": torch.randn(1, 3, 224, 224), "image_keys": [None], "cached": [None]}
+    batch = collate_batch([item, {**item, "labels": torch.full_like(ids, -100)}], image_token_count=n)
+    with torch.no_grad():
+        by_mask = tiny_vlm(input_ids=batch["input_ids"], labels=batch["labels"], image_mask=batch["image_mask"],
+                           pixel_values=torch.cat([item["pixel_values"]] * 2)).loss
+        by_indices = tiny_vlm(input_ids=batch["input_ids"], labels=batch["labels"], supervised=batch["supervised"],
+                              image_slots=batch["image_slots"], pixel_values=torch.cat([item["pixel_values"]] * 2)).loss
+    assert torch.allclose(by_mask, by_indices)
+    with pytest.raises(ValueError, match=f"^{2 * n} image slots for 1 images of {n} features each$"):
+        tiny_vlm(input_ids=batch["input_ids"], image_slots=batch["image_slots"], pixel_values=item["pixel_values"])
+
+
+def test_the_collate_refuses_a_sample_whose_placeholders_do_not_fit_its_images():
+    ids = torch.arange(10)
+    item = {"input_ids": ids, "labels": ids, "image_mask": ids < 4, "pixel_values": torch.zeros(1, 3, 8, 8),
+            "image_keys": [None], "cached": [None]}
+    collate_batch([item], image_token_count=4)  # 4 slots, one image of 4: fits
+    with pytest.raises(ValueError, match="a sample has 4 image placeholder slots for 1 images: each image needs "
+                                         "exactly 3"):
+        collate_batch([item], image_token_count=3)
+
+
+def test_a_non_finite_step_is_skipped_on_the_device_leaving_weights_and_optimizer_alone():
+    model = torch.nn.Linear(3, 1)
+    params = list(model.parameters())
+    engine = TorchEngine(model, params, config(), "cpu", "unused")
+    for loss_ok, grad, applied in [(True, 1.0, True), (False, 1.0, False), (True, float("nan"), False)]:
+        before = [p.detach().clone() for p in params]
+        moments = [engine.optimizer.state[p]["exp_avg"].clone() for p in params] if engine.optimizer.state else None
+        for p in params:
+            p.grad = torch.full_like(p, grad)
+        result = engine.step(1e-2, torch.tensor(loss_ok))
+        assert torch.is_tensor(result) and bool(result) == applied  # a device flag: the caller reads it when it wants
+        assert all(torch.equal(a, p) for a, p in zip(before, params)) != applied
+        if not applied:
+            assert all(torch.equal(m, engine.optimizer.state[p]["exp_avg"]) for m, p in zip(moments, params))
+            assert all(engine.optimizer.state[p]["step"] == 1 for p in params)
+        assert all(p.grad is None for p in params)
 
 
 # 7. The entry point: one config object, and how a run ends.
