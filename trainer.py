@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import functools
 import glob
+import itertools
 import json
 import math
 import os
@@ -187,35 +188,33 @@ def lr_at(progress, base_lr, warmup):
     return base_lr / 10 + 0.45 * base_lr * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
+class MicroBatches:
+    """One optimizer step's `size` micro-batches, taken from the loader's iterator only as they are
+    used, so its workers go on preparing the next ones while the device computes. Collected up
+    front, a step with more micro-batches than workers x prefetch would wait for batches every step."""
+
+    def __init__(self, batches, size):
+        self.batches, self.size = batches, size
+
+    def __len__(self):
+        return self.size
+
+    def __iter__(self):
+        return itertools.islice(self.batches, self.size)
+
+
 def optimizer_steps(loader, n_batches, accumulation_steps):
-    """The epoch's micro-batches, grouped per optimizer step. The last group of an epoch may be
-    shorter: it still closes a step, so no gradient leaks into the next epoch."""
-    group = []
-    for i, batch in enumerate(loader):
-        group.append(batch)
-        if len(group) == accumulation_steps or i == n_batches - 1:
-            yield group
-            group = []
+    """The epoch's n_batches micro-batches, grouped per optimizer step (MicroBatches: iterate each
+    group before taking the next). The last group of an epoch may be shorter: it still closes a
+    step, so no gradient leaks into the next epoch."""
+    batches = iter(loader)
+    for start in range(0, n_batches, accumulation_steps):
+        yield MicroBatches(batches, min(accumulation_steps, n_batches - start))
 
 
 def total_steps(n_samples, global_batch, accumulation_steps, epochs):
     """Optimizer steps in a whole run: per epoch, its global batches grouped as optimizer_steps does."""
     return math.ceil(math.ceil(n_samples / global_batch) / accumulation_steps) * epochs
-
-
-def token_weighted(out, n_tokens, weight, accumulation_steps):
-    """The loss to backpropagate for one micro-batch with n_tokens supervised tokens: its share of
-    the mean over *all* supervised tokens of the optimizer step (all micro-batches, all ranks);
-    `weight` is world / (the step's supervised tokens, all ranks). The model's loss is a mean over
-    the micro-batch's own tokens, and DDP/DeepSpeed average gradients over ranks, so plain per-rank
-    means would weigh a token on a rank (or micro-batch) with few tokens more than one on a full
-    one. Scaling by n_tokens * weight makes the summed, rank-averaged gradient that of the global
-    token mean: the same as one process with the whole batch, up to float rounding.
-    The MoE balance loss is a per-micro-batch mean and is simply averaged."""
-    aux = out.get("aux_loss")
-    ce = out.loss - aux if aux is not None else out.loss
-    loss = ce * (n_tokens * weight)
-    return loss + aux / accumulation_steps if aux is not None else loss
 
 
 # --- Checkpoints: the .pth weights and the resume state, written and read in one place ---
@@ -734,13 +733,14 @@ class StopSignals:
         self.received = signum
 
 
-# One optimizer step, its numbers summed over all ranks; `empty`: not taken, every sample of it was skipped.
-Step = namedtuple("Step", "loss lr applied stop samples tokens empty", defaults=(False,))
+# One optimizer step, its numbers summed over all ranks; `empty`: not taken, every sample of it was
+# skipped; `skipped`: this rank's skipped samples (their reasons).
+Step = namedtuple("Step", "loss lr applied stop samples tokens empty skipped", defaults=(False, ()))
 
 
 def forward_backward(run, batch, weight, last_micro):
-    """One micro-batch: forward, and backward of its loss times `weight`, its share of the step's
-    (see token_weighted) -> that share, still on the device (read at log time)."""
+    """One micro-batch: forward, and backward of its summed loss times `weight` -> that summed loss
+    (the mean over its supervised tokens times their count), still on the device."""
     engine, device = run.engine, run.cluster.device
     # The loader pins its batches on CUDA, so these copies are queued and the host goes on.
     to_device = lambda key: batch[key].to(device, non_blocking=True)  # noqa: E731
@@ -748,42 +748,65 @@ def forward_backward(run, batch, weight, last_micro):
         out = engine.forward(input_ids=to_device("input_ids"), labels=to_device("labels"),
                              supervised=to_device("supervised"), image_features=run.encoder(batch, device),
                              image_slots=to_device("image_slots"))
-        loss = token_weighted(out, batch["n_supervised"], weight, run.cfg.accumulation_steps)
-        engine.backward(loss)
+        loss = out.loss * batch["n_supervised"]  # the MoE balance loss in it weighs in like the tokens
+        engine.backward(loss * weight)
     return loss.detach()
 
 
 def train_step(run, epoch, micro_batches, stop_signal):
     """One optimizer step: forward and backward over this rank's micro-batches, then the update -> Step.
-    The host reads the device once, after the update is queued: whether it was applied (or, with
+
+    Every supervised token of the step, on every rank, weighs the same: the gradient is that of the
+    step's global token mean, as one process with the whole batch would compute it. Plain per-rank
+    (or per-micro-batch) means would weigh a token of a batch with few more than one of a full one.
+    TorchEngine backpropagates each micro-batch's summed loss times a stand-in weight known on every
+    rank up front (world / the step's samples, all ranks': the same whether a run was resumed or
+    not), and rescales the gradients once the step's tokens are counted (all-reduced, unread).
+    DeepSpeed reduces gradients during backward, past rescaling: it takes the micro-batches first.
+
+    The host reads the device once, after the update is queued: whether it was applied (with
     several processes, also the step's totals). The loss stays on the device until a log line."""
     cfg, cluster, state = run.cfg, run.cluster, run.state
-    # Every supervised token of the step, on every rank, weighs the same (see token_weighted). With
-    # one process the count is the collates': a step without any is not taken. With several it is
-    # summed on the devices, unread, so every rank runs the step and an empty one is dropped there.
-    step_tokens = cluster.device_total(sum(b["n_supervised"] for b in micro_batches))
-    learn = cluster.world > 1 or step_tokens > 0
-    weight = cluster.world / (step_tokens.clamp(min=1) if cluster.world > 1 else max(step_tokens, 1))
-    losses, samples, tokens = [], 0, 0  # this rank's share
+    lazy = run.engine.scales_gradients
+    if not lazy:
+        micro_batches = list(micro_batches)
+    known = None if lazy else cluster.device_total(sum(b["n_supervised"] for b in micro_batches))
+    losses, n_tokens, samples, tokens, skipped, weight = [], 0, 0, 0, [], None
     for j, batch in enumerate(micro_batches):
-        if learn:
+        n = batch["n_supervised"]
+        if weight is None:
+            samples_in_step = run.sampler.global_batch * len(micro_batches)
+            weight = cluster.world / (samples_in_step if lazy else clamp_one(known))
+        # One process leaves out what has nothing to learn (with DDP every rank takes part in each step).
+        if cluster.world > 1 or (n if lazy else known):
             losses.append(forward_backward(run, batch, weight, j == len(micro_batches) - 1))
-        samples += batch["n_samples"]
-        tokens += batch["n_tokens"]
+        n_tokens, samples, tokens = n_tokens + n, samples + batch["n_samples"], tokens + batch["n_tokens"]
+        skipped += batch["skipped"]
         state["samples_seen"] = min(state["samples_seen"] + run.sampler.global_batch, run.n_samples)
     lr = lr_at(run.samples_done(epoch) / run.total_samples, cfg.learning_rate, cfg.warmup_ratio)
     loss = torch.stack(losses).sum() if losses else torch.zeros((), device=cluster.device)
     if cluster.world == 1:
-        applied = learn and bool(run.engine.step(lr, torch.isfinite(loss)))  # the one read
-        return finish_step(state, Step(loss, lr, applied, stop_signal > 0, samples, tokens, empty=not learn))
-    # One all-reduce: the logged loss is the step's global token mean, throughput counts every
-    # rank, and a signal on any rank stops all of them at this same step.
-    counts = torch.tensor([samples, tokens, stop_signal], dtype=torch.float64).to(cluster.device, non_blocking=True)
-    totals = cluster.sum(torch.cat([loss.to(torch.float64).view(1), counts]))
-    loss = totals[0] / cluster.world
-    applied = run.engine.step(lr, torch.isfinite(loss) & (step_tokens > 0))
-    samples, tokens, stop, n, applied = torch.cat([totals[1:], step_tokens.view(1), applied.view(1)]).tolist()
-    return finish_step(state, Step(loss, lr, bool(applied), stop > 0, int(samples), int(tokens), empty=n == 0))
+        if not n_tokens:  # not taken: AdamW's weight decay and momentum would move the weights even so
+            return Step(loss, lr, False, stop_signal > 0, samples, tokens, empty=True, skipped=skipped)
+        loss = loss / n_tokens
+        applied = run.engine.step(lr, torch.isfinite(loss), 1 / (weight * n_tokens) if lazy else None)
+        return finish_step(state, Step(loss, lr, bool(applied), stop_signal > 0, samples, tokens,  # the one read
+                                       skipped=skipped))
+    # One all-reduce: the step's tokens, the logged loss (their global mean), throughput over every
+    # rank, and a signal on any rank, which stops all of them at this same step.
+    counts = torch.tensor([n_tokens, samples, tokens, stop_signal], dtype=torch.float64)
+    totals = cluster.sum(torch.cat([loss.to(torch.float64).view(1), counts.to(cluster.device, non_blocking=True)]))
+    loss, all_tokens = totals[0] / clamp_one(totals[1]), totals[1]
+    grad_scale = cluster.world / (weight * clamp_one(all_tokens)) if lazy else None
+    applied = run.engine.step(lr, torch.isfinite(loss) & (all_tokens > 0), grad_scale)
+    all_tokens, samples, tokens, stop, applied = torch.cat([totals[1:], applied.view(1)]).tolist()  # the one read
+    return finish_step(state, Step(loss, lr, bool(applied), stop > 0, int(samples), int(tokens),
+                                   empty=all_tokens == 0, skipped=skipped))
+
+
+def clamp_one(n):
+    """max(n, 1) for an int or a device tensor (which it leaves unread)."""
+    return n.clamp(min=1) if torch.is_tensor(n) else max(n, 1)
 
 
 def finish_step(state, step):
@@ -842,8 +865,8 @@ def train_epochs(run):
         run.sampler.set_epoch(epoch, state["samples_seen"])
         skipped, empty_steps = [], 0  # this rank's skipped samples in this epoch; steps left without any
         for micro_batches in optimizer_steps(run.loader, len(run.sampler), cfg.accumulation_steps):
-            skipped += [s for batch in micro_batches for s in batch["skipped"]]
             step = train_step(run, epoch, micro_batches, signals.received)
+            skipped += step.skipped
             run.checkpointer.step_done(state)
             meter.add(step, run.samples_done(epoch))
             if step.applied:

@@ -5,7 +5,6 @@ size the host must learn). On CPU nothing waits, but the same ops are dispatched
 Reads of the loader's host batch (no sync on a GPU) would be counted too; `.tolist()` reads
 without dispatching, so it is counted where it is called. What a CPU count cannot see: whether a
 host-to-device copy blocks (the step copies pinned batches with non_blocking=True)."""
-import os
 from collections import Counter
 
 import pytest
@@ -13,8 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import trainer
-from conftest import ROOT, TINY_LLM, make_toy_data
-from test_trainer_units import config
+from test_trainer_units import tiny_run
 
 
 class SyncCounter(TorchDispatchMode):
@@ -49,16 +47,10 @@ class SyncCounter(TorchDispatchMode):
 # device, then 8 and 14 (placeholder counts, boolean gathers, the norm's finiteness, host batch reads).
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_a_training_step_reads_the_device_once(tower_dir, tmp_path, accumulation):
-    data, images = make_toy_data(tmp_path / "data", n=8)
-    cfg = config(data_path=data, images_path=images, vision_model_path=tower_dir, num_workers=0,
-                 tokenizer_path=os.path.join(ROOT, "model"), out_dir=str(tmp_path / "out"),
-                 accumulation_steps=accumulation, **TINY_LLM)
-    run = trainer.build_run(cfg, trainer.Cluster())
-    run.model.train()
-    run.sampler.set_epoch(0, 0)
-    steps = trainer.optimizer_steps(run.loader, len(run.sampler), cfg.accumulation_steps)
+    run = tiny_run(tower_dir, tmp_path, accumulation_steps=accumulation)
+    steps = trainer.optimizer_steps(run.loader, len(run.sampler), accumulation)
     trainer.train_step(run, 0, next(steps), 0)  # the first step: lazy initialisations happen here
-    micro_batches = next(steps)  # the loader's work (collate, on CPU) is not counted
+    micro_batches = list(next(steps))  # fetched first: the loader's work (collate, on the CPU) is not counted
     with SyncCounter() as counter:
         step = trainer.train_step(run, 0, micro_batches, 0)
     print(f"syncs in one step at accumulation {accumulation}: {sum(counter.counts.values())} {dict(counter.counts)}")

@@ -2,6 +2,7 @@
 checkpoint policy, the tower kept apart from the trained module, and the entry point. No
 subprocesses: the whole file runs in seconds."""
 import contextlib
+import copy
 import dataclasses
 import math
 import os
@@ -61,53 +62,68 @@ def test_lr_warms_up_linearly_then_follows_a_cosine_down_to_a_tenth():
     assert all(a >= b for a, b in zip(after, after[1:]))
 
 
-# 2. Token weighting: 2 ranks x 2 micro-batches give the global token mean.
+# 2. Token weighting: every supervised token of a step weighs the same, its micro-batches fetched lazily.
 
-class Output(dict):
-    """What the model's forward returns, as far as token_weighted reads it."""
-    __getattr__ = dict.__getitem__
-
-
-def test_token_weighting_makes_the_rank_averaged_sum_the_global_token_mean():
-    # Per-token losses of each (rank, micro-batch): deliberately uneven token counts.
-    tokens = {(0, 0): [1.0, 2.0, 3.0], (0, 1): [4.0], (1, 0): [5.0, 6.0], (1, 1): [7.0, 8.0, 9.0, 10.0]}
-    world, accumulation = 2, 2
-    step_tokens = sum(len(t) for t in tokens.values())  # the all-reduced count
-    per_rank = [sum(trainer.token_weighted(Output(loss=torch.tensor(t).mean()), len(t), world / step_tokens,
-                                           accumulation)
-                    for (r, _), t in tokens.items() if r == rank)
-                for rank in range(world)]
-    global_mean = sum(sum(t) for t in tokens.values()) / step_tokens
-    assert (sum(per_rank) / world).item() == pytest.approx(global_mean)  # DDP averages over ranks
-    # Plain per-micro-batch means would weigh the lone token of (0, 1) as much as four others.
-    plain = sum(torch.tensor(t).mean() for t in tokens.values()) / len(tokens)
-    assert plain.item() != pytest.approx(global_mean)
+def tiny_run(tower_dir, tmp_path, **flags):
+    """A run of the tiny model on 12 toy samples, ready for train_step."""
+    data, images = make_toy_data(tmp_path / "data")
+    cfg = config(data_path=data, images_path=images, vision_model_path=tower_dir, num_workers=0,
+                 tokenizer_path=os.path.join(ROOT, "model"), out_dir=str(tmp_path / "out"), **TINY_LLM, **flags)
+    run = trainer.build_run(cfg, trainer.Cluster())
+    run.model.train()
+    run.sampler.set_epoch(0, 0)
+    return run
 
 
-def test_the_moe_balance_loss_is_averaged_over_micro_batches_not_token_weighted():
-    aux = torch.tensor(0.5)
-    out = Output(loss=torch.tensor(2.0) + aux, aux_loss=aux)
-    loss = trainer.token_weighted(out, n_tokens=3, weight=2 / 12, accumulation_steps=4)
-    assert loss.item() == pytest.approx(2.0 * 3 * 2 / 12 + 0.5 / 4)
+@pytest.mark.parametrize("use_moe", [0, 1])
+def test_a_step_has_the_gradient_of_its_token_mean_though_its_micro_batches_come_one_by_one(
+        tower_dir, tmp_path, use_moe):
+    """The gradient the trainer steps with is that of the mean over all supervised tokens of the
+    step, as a step computed it from all its micro-batches at once. (The MoE balance loss in a
+    micro-batch's loss weighs in like its tokens: it was a plain mean over micro-batches before.)"""
+    run = tiny_run(tower_dir, tmp_path, accumulation_steps=3, batch_size=2, grad_clip=0, use_moe=use_moe)
+    micro_batches = list(next(trainer.optimizer_steps(run.loader, len(run.sampler), 3)))
+    counts = [b["n_supervised"] for b in micro_batches]
+    assert len(micro_batches) == 3 and len(set(counts)) > 1  # uneven: a per-micro-batch mean would differ
+    reference = copy.deepcopy(run.model)
+    for b in micro_batches:
+        out = reference(input_ids=b["input_ids"], labels=b["labels"], image_features=run.encoder(b, "cpu"),
+                        image_mask=b["image_mask"])
+        (out.loss * b["n_supervised"] / sum(counts)).backward()
+    stepped = []
+    run.engine.optimizer.register_step_pre_hook(lambda *_: stepped.append(
+        {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None}))
+    assert trainer.train_step(run, 0, micro_batches, 0).applied
+    expected = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    assert stepped[0].keys() == expected.keys()
+    # Equal up to float rounding (summed in another order): relative to each gradient's size.
+    assert all((stepped[0][n] - g).norm() <= 1e-5 * g.norm() for n, g in expected.items())
 
 
-def test_the_collate_counts_and_places_the_supervised_tokens_as_the_shifted_labels():
-    labels = torch.tensor([[5, -100, 7, 8], [-100, -100, 9, -100]])
-    items = [{"input_ids": torch.zeros(4, dtype=torch.long), "labels": row, "image_mask": torch.zeros(4, dtype=torch.bool),
-              "pixel_values": None, "image_keys": [], "cached": []} for row in labels]
-    batch = collate_batch(items)
-    # labels[:, 1:] is -100, 7, 8 and -100, 9, -100: positions 1, 2 of row 0 and 1 of row 1, flat in [2 * 4]
-    assert batch["n_supervised"] == 3 and batch["supervised"].tolist() == [1, 2, 5]
-    assert batch["labels"].view(-1)[batch["supervised"] + 1].tolist() == [7, 8, 9]
+def test_a_steps_micro_batches_are_taken_from_the_loader_only_as_they_are_used(tower_dir, tmp_path, monkeypatch):
+    run = tiny_run(tower_dir, tmp_path, accumulation_steps=3, batch_size=2)
+    events = []
+
+    def loader():
+        for i, batch in enumerate(run.loader):
+            events.append(f"fetch {i}")
+            yield batch
+    forward_backward = trainer.forward_backward
+    monkeypatch.setattr(trainer, "forward_backward", lambda *args: events.append("use") or forward_backward(*args))
+    steps = trainer.optimizer_steps(loader(), len(run.sampler), 3)
+    assert trainer.train_step(run, 0, next(steps), 0).applied
+    assert events == ["fetch 0", "use", "fetch 1", "use", "fetch 2", "use"]  # not three fetches, then three uses
 
 
 # 3. Step counting.
 
 def test_micro_batches_group_into_steps_and_a_short_last_group_closes_one():
     batches = list(range(7))
-    assert list(trainer.optimizer_steps(batches, len(batches), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
-    assert list(trainer.optimizer_steps(batches, len(batches), 1)) == [[b] for b in batches]
-    assert list(trainer.optimizer_steps(batches, len(batches), 10)) == [batches]
+    groups = lambda k: [list(group) for group in trainer.optimizer_steps(batches, len(batches), k)]  # noqa: E731
+    assert groups(3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert groups(1) == [[b] for b in batches]
+    assert groups(10) == [batches]
+    assert [len(group) for group in trainer.optimizer_steps(batches, len(batches), 3)] == [3, 3, 1]
 
 
 @pytest.mark.parametrize("n, batch, world, accumulation", [(13, 1, 2, 3), (12, 2, 2, 3), (12, 4, 1, 1), (5, 2, 3, 2)])
