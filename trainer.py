@@ -770,15 +770,17 @@ def train_step(run, epoch, micro_batches, stop_signal):
     lazy = run.engine.scales_gradients
     if not lazy:
         micro_batches = list(micro_batches)
-    known = None if lazy else cluster.device_total(sum(b["n_supervised"] for b in micro_batches))
+    # DeepSpeed reads the device in its step anyway (its overflow flag), so reading the count here costs little.
+    known = None if lazy else cluster.total(sum(b["n_supervised"] for b in micro_batches))
     losses, n_tokens, samples, tokens, skipped, weight = [], 0, 0, 0, [], None
     for j, batch in enumerate(micro_batches):
         n = batch["n_supervised"]
         if weight is None:
             samples_in_step = run.sampler.global_batch * len(micro_batches)
             weight = cluster.world / (samples_in_step if lazy else clamp_one(known))
-        # One process leaves out what has nothing to learn (with DDP every rank takes part in each step).
-        if cluster.world > 1 or (n if lazy else known):
+        # Left out, having nothing to learn from: with one process a micro-batch without supervised
+        # tokens (DDP needs every rank in each backward); under DeepSpeed a step without any, on all ranks.
+        if (n or cluster.world > 1) if lazy else known:
             losses.append(forward_backward(run, batch, weight, j == len(micro_batches) - 1))
         n_tokens, samples, tokens = n_tokens + n, samples + batch["n_samples"], tokens + batch["n_tokens"]
         skipped += batch["skipped"]
@@ -798,7 +800,8 @@ def train_step(run, epoch, micro_batches, stop_signal):
     totals = cluster.sum(torch.cat([loss.to(torch.float64).view(1), counts.to(cluster.device, non_blocking=True)]))
     loss, all_tokens = totals[0] / clamp_one(totals[1]), totals[1]
     grad_scale = cluster.world / (weight * clamp_one(all_tokens)) if lazy else None
-    applied = run.engine.step(lr, torch.isfinite(loss) & (all_tokens > 0), grad_scale)
+    applied = (run.engine.step(lr, torch.isfinite(loss) & (all_tokens > 0), grad_scale) if lazy or known else
+               torch.zeros((), dtype=torch.bool, device=cluster.device))  # DeepSpeed cannot drop a step itself
     all_tokens, samples, tokens, stop, applied = torch.cat([totals[1:], applied.view(1)]).tolist()  # the one read
     return finish_step(state, Step(loss, lr, bool(applied), stop > 0, int(samples), int(tokens),
                                    empty=all_tokens == 0, skipped=skipped))
