@@ -15,7 +15,6 @@ are exceptions for trainer.main to report. deepspeed is imported only by DeepSpe
 import contextlib
 import glob
 import json
-import math
 import os
 import shutil
 
@@ -72,23 +71,32 @@ class TorchEngine:
     def backward(self, loss):
         self.scaler.scale(loss).backward()  # the loss is already this micro-batch's share of the step
 
-    def step(self, lr, loss_ok):
-        """Clip and step; False (nothing applied, gradients dropped) when the loss or gradient is not finite."""
+    scales_gradients = True  # step() can rescale the accumulated gradients: see trainer.train_step
+
+    def step(self, lr, loss_ok, grad_scale=None):
+        """Rescale the gradients by `grad_scale` (a number or a device tensor), clip and step ->
+        whether the update was applied, a bool tensor on the device. A step whose
+        loss (`loss_ok`, a bool tensor) or gradient is not finite is skipped there, as GradScaler
+        skips one: the fused AdamW leaves weights, moments and step count alone when its `found_inf`
+        is set, so the host reads nothing to decide. Gradients are dropped either way."""
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.scaler.unscale_(self.optimizer)
+        if grad_scale is not None:
+            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], grad_scale)
         clip = self.grad_clip if self.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)  # a device tensor: no read
         if self.scaler.is_enabled():  # float16: the GradScaler skips overflowing steps and lowers its scale
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            ok = loss_ok
+            applied = loss_ok
         else:
-            ok = loss_ok and math.isfinite(norm)
-            if ok:
-                self.optimizer.step()
+            applied = loss_ok & torch.isfinite(norm)
+            self.optimizer.found_inf = (~applied).float()  # read by the fused kernel
+            self.optimizer.step()
+            del self.optimizer.found_inf
         self.optimizer.zero_grad(set_to_none=True)
-        return ok
+        return applied
 
     def full_state(self):
         """Every weight (fp32, CPU) under the model's own key names, LoRA adapters apart."""
@@ -237,11 +245,19 @@ class DeepSpeedEngine:
     def backward(self, loss):
         self.engine.backward(loss, scale_wrt_gas=False)  # the loss is already this micro-batch's share
 
-    def step(self, lr, loss_ok):
+    # It reduces (ZeRO: partitions) gradients during backward, where they can no longer be rescaled:
+    # the trainer weighs each micro-batch by the step's token count, known before the first backward.
+    scales_gradients = False
+
+    def step(self, lr, loss_ok, grad_scale=None):
+        if grad_scale is not None:
+            raise ValueError("DeepSpeedEngine cannot rescale gradients after backward")
         for g in self.optimizer.param_groups:  # the ZeRO optimizer's groups are the inner AdamW's
             g["lr"] = lr
         self.engine.step()  # clips; skips (and says so) when a gradient is not finite
-        return loss_ok and (self.fp16 or self.engine.was_step_applied())  # fp16: overflow is its loss scaler's
+        # As TorchEngine.step, a bool tensor. DeepSpeed reads its overflow flag on the host itself;
+        # fp16: overflow is its loss scaler's.
+        return loss_ok if self.fp16 or self.engine.was_step_applied() else torch.zeros_like(loss_ok)
 
     def full_state(self):
         """Every weight (fp32, CPU) under the model's own key names, LoRA adapters apart, on every rank

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import functools
 import glob
+import itertools
 import json
 import math
 import os
@@ -96,9 +97,15 @@ class Cluster:
         return tensor
 
     def total(self, n):
-        """The int `n` summed over all processes. One process never touches the device: a round trip
-        through it would make the host wait for the GPU's queue."""
-        return n if self.world == 1 else int(self.sum(torch.tensor(n, device=self.device)).item())
+        """The int `n` summed over all processes, read back (a wait for the GPU's queue under NCCL)."""
+        return int(self.device_total(n))
+
+    def device_total(self, n):
+        """The number `n` summed over all processes, left on the device unread, so the host goes on
+        queueing work. One process never touches the device: `n` itself."""
+        if self.world == 1:
+            return n
+        return self.sum(torch.full((), n, dtype=torch.float64, device=self.device))  # a fill, not a host copy
 
     def gather(self, obj):
         """Every process's `obj`, in rank order."""
@@ -182,38 +189,33 @@ def lr_at(progress, base_lr, warmup):
     return base_lr / 10 + 0.45 * base_lr * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
+class MicroBatches:
+    """One optimizer step's `size` micro-batches, taken from the loader's iterator only as they are
+    used, so its workers go on preparing the next ones while the device computes. Collected up
+    front, a step with more micro-batches than workers x prefetch would wait for batches every step."""
+
+    def __init__(self, batches, size):
+        self.batches, self.size = batches, size
+
+    def __len__(self):
+        return self.size
+
+    def __iter__(self):
+        return itertools.islice(self.batches, self.size)
+
+
 def optimizer_steps(loader, n_batches, accumulation_steps):
-    """The epoch's micro-batches, grouped per optimizer step. The last group of an epoch may be
-    shorter: it still closes a step, so no gradient leaks into the next epoch."""
-    group = []
-    for i, batch in enumerate(loader):
-        group.append(batch)
-        if len(group) == accumulation_steps or i == n_batches - 1:
-            yield group
-            group = []
+    """The epoch's n_batches micro-batches, grouped per optimizer step (MicroBatches: iterate each
+    group before taking the next). The last group of an epoch may be shorter: it still closes a
+    step, so no gradient leaks into the next epoch."""
+    batches = iter(loader)
+    for start in range(0, n_batches, accumulation_steps):
+        yield MicroBatches(batches, min(accumulation_steps, n_batches - start))
 
 
 def total_steps(n_samples, global_batch, accumulation_steps, epochs):
     """Optimizer steps in a whole run: per epoch, its global batches grouped as optimizer_steps does."""
     return math.ceil(math.ceil(n_samples / global_batch) / accumulation_steps) * epochs
-
-
-def supervised_tokens(batch):
-    return int((batch["labels"][:, 1:] != -100).sum())  # the model's targets: labels shifted by one
-
-
-def token_weighted(out, n_tokens, step_tokens, world, accumulation_steps):
-    """The loss to backpropagate for one micro-batch: its share of the mean over *all* supervised
-    tokens of the optimizer step (all micro-batches, all ranks). The model's loss is a mean over the
-    micro-batch's own tokens, and DDP/DeepSpeed average gradients over ranks, so plain per-rank
-    means would weigh a token on a rank (or micro-batch) with few tokens more than one on a full
-    one. Scaling by n_tokens * world / step_tokens makes the summed, rank-averaged gradient that of
-    the global token mean: the same as one process with the whole batch, up to float rounding.
-    The MoE balance loss is a per-micro-batch mean and is simply averaged."""
-    aux = out.get("aux_loss")
-    ce = out.loss - aux if aux is not None else out.loss
-    loss = ce * (n_tokens * world / max(step_tokens, 1))
-    return loss + aux / accumulation_steps if aux is not None else loss
 
 
 # --- Checkpoints: the .pth weights and the resume state, written and read in one place ---
@@ -471,7 +473,7 @@ class Meter:
         now = self.clock()
         timed = self.t0 is not None and done > self.done_at_t0 and now > self.since
         rate = (done - self.done_at_t0) / (now - self.t0) if timed else None
-        record = {"loss": self.loss / self.steps, "lr": lr,
+        record = {"loss": float(self.loss / self.steps), "lr": lr,  # the device's loss, read once per log line
                   "samples_per_s": self.samples / (now - self.since) if timed else None,
                   "tokens_per_s": self.tokens / (now - self.since) if timed else None,
                   "eta_s": (total - done) / max(rate, 1e-9) if timed else None, "time": now}
@@ -639,7 +641,8 @@ def build_loader(cfg, dataset, pad_id, cluster):
                                     world_size=cluster.world, accumulation_steps=cfg.accumulation_steps)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
                         collate_fn=functools.partial(collate_batch, pad_id=pad_id,
-                                                     pad_to=cfg.max_seq_len if cfg.pad_to_max_len else 0),
+                                                     pad_to=cfg.max_seq_len if cfg.pad_to_max_len else 0,
+                                                     image_token_count=dataset.encoder.image_token_count),
                         worker_init_fn=ignore_sigint,  # Ctrl-C is handled once, by the main process
                         pin_memory=cluster.device.startswith("cuda"), persistent_workers=cfg.num_workers > 0)
     return sampler, loader
@@ -724,48 +727,89 @@ class StopSignals:
         self.received = signum
 
 
-# One optimizer step, its numbers summed over all ranks; `empty`: not taken, every sample of it was skipped.
-Step = namedtuple("Step", "loss lr applied stop samples tokens empty", defaults=(False,))
+# One optimizer step, its numbers summed over all ranks; `empty`: not taken, every sample of it was
+# skipped; `skipped`: this rank's skipped samples (their reasons).
+Step = namedtuple("Step", "loss lr applied stop samples tokens empty skipped", defaults=(False, ()))
 
 
-def forward_backward(run, batch, n_tokens, step_tokens, last_micro):
-    """One micro-batch with n_tokens supervised tokens: forward, and backward of its share of the
-    step's loss -> that share, still on the device (read once per step, with the step's totals)."""
+def forward_backward(run, batch, weight, last_micro):
+    """One micro-batch: forward, and backward of its summed loss times `weight` -> that summed loss
+    (the mean over its supervised tokens times their count), still on the device."""
     engine, device = run.engine, run.cluster.device
+    # The loader pins its batches on CUDA, so these copies are queued and the host goes on.
+    to_device = lambda key: batch[key].to(device, non_blocking=True)  # noqa: E731
     with engine.micro_step(last_micro):
-        out = engine.forward(input_ids=batch["input_ids"].to(device), labels=batch["labels"].to(device),
-                             image_features=run.encoder(batch, device), image_mask=batch["image_mask"].to(device))
-        loss = token_weighted(out, n_tokens, step_tokens, run.cluster.world, run.cfg.accumulation_steps)
-        engine.backward(loss)
+        out = engine.forward(input_ids=to_device("input_ids"), labels=to_device("labels"),
+                             supervised=to_device("supervised"), image_features=run.encoder(batch, device),
+                             image_slots=to_device("image_slots"))
+        loss = out.loss * batch["n_supervised"]  # the MoE balance loss in it weighs in like the tokens
+        engine.backward(loss * weight)
     return loss.detach()
 
 
 def train_step(run, epoch, micro_batches, stop_signal):
-    """One optimizer step: forward and backward over this rank's micro-batches, then the update -> Step."""
+    """One optimizer step: forward and backward over this rank's micro-batches, then the update -> Step.
+
+    Every supervised token of the step, on every rank, weighs the same: the gradient is that of the
+    step's global token mean, as one process with the whole batch would compute it. Plain per-rank
+    (or per-micro-batch) means would weigh a token of a batch with few more than one of a full one.
+    TorchEngine backpropagates each micro-batch's summed loss times a stand-in weight known on every
+    rank up front (world / the step's samples, all ranks': the same whether a run was resumed or
+    not), and rescales the gradients once the step's tokens are counted (all-reduced, unread).
+    DeepSpeed reduces gradients during backward, past rescaling: it takes the micro-batches first.
+
+    The host reads the device once, after the update is queued: whether it was applied (with
+    several processes, also the step's totals). The loss stays on the device until a log line."""
     cfg, cluster, state = run.cfg, run.cluster, run.state
-    # Every supervised token of the step, on every rank, weighs the same (see token_weighted).
-    n_tokens = [supervised_tokens(b) for b in micro_batches]  # from the host batches: no device read
-    step_tokens = cluster.total(sum(n_tokens))
-    losses, samples, tokens = [], 0, 0  # this rank's share
+    lazy = run.engine.scales_gradients
+    if not lazy:
+        micro_batches = list(micro_batches)
+    # DeepSpeed reads the device in its step anyway (its overflow flag), so reading the count here costs little.
+    known = None if lazy else cluster.total(sum(b["n_supervised"] for b in micro_batches))
+    losses, n_tokens, samples, tokens, skipped, weight = [], 0, 0, 0, [], None
     for j, batch in enumerate(micro_batches):
-        if step_tokens:  # else every sample of the step, on every rank, was skipped: nothing to learn from
-            last_micro = j == len(micro_batches) - 1
-            losses.append(forward_backward(run, batch, n_tokens[j], step_tokens, last_micro))
-        samples += batch["n_samples"]
-        tokens += int(batch["attention_mask"].sum())
+        n = batch["n_supervised"]
+        if weight is None:
+            samples_in_step = run.sampler.global_batch * len(micro_batches)
+            weight = cluster.world / (samples_in_step if lazy else clamp_one(known))
+        # Left out, having nothing to learn from: with one process a micro-batch without supervised
+        # tokens (DDP needs every rank in each backward); under DeepSpeed a step without any, on all ranks.
+        if (n or cluster.world > 1) if lazy else known:
+            losses.append(forward_backward(run, batch, weight, j == len(micro_batches) - 1))
+        n_tokens, samples, tokens = n_tokens + n, samples + batch["n_samples"], tokens + batch["n_tokens"]
+        skipped += batch["skipped"]
         state["samples_seen"] = min(state["samples_seen"] + run.sampler.global_batch, run.n_samples)
-    # One all-reduce and one read of the device: the logged loss is the step's global token mean,
-    # throughput counts every rank, and a signal on any rank stops all of them at this same step.
-    totals = torch.tensor([0, samples, tokens, stop_signal], dtype=torch.float64, device=cluster.device)
-    if losses:
-        totals[0] += torch.stack(losses).to(totals.dtype).sum() / cluster.world
-    loss, samples, tokens, stop = cluster.sum(totals).tolist()
     lr = lr_at(run.samples_done(epoch) / run.total_samples, cfg.learning_rate, cfg.warmup_ratio)
-    # Not taken without a supervised token: AdamW's weight decay and momentum would move the weights even so.
-    applied = bool(step_tokens) and run.engine.step(lr, math.isfinite(loss))
-    if applied:
+    loss = torch.stack(losses).sum() if losses else torch.zeros((), device=cluster.device)
+    if cluster.world == 1:
+        if not n_tokens:  # not taken: AdamW's weight decay and momentum would move the weights even so
+            return Step(loss, lr, False, stop_signal > 0, samples, tokens, empty=True, skipped=skipped)
+        loss = loss / n_tokens
+        applied = run.engine.step(lr, torch.isfinite(loss), 1 / (weight * n_tokens) if lazy else None)
+        return finish_step(state, Step(loss, lr, bool(applied), stop_signal > 0, samples, tokens,  # the one read
+                                       skipped=skipped))
+    # One all-reduce: the step's tokens, the logged loss (their global mean), throughput over every
+    # rank, and a signal on any rank, which stops all of them at this same step.
+    counts = torch.tensor([n_tokens, samples, tokens, stop_signal], dtype=torch.float64)
+    totals = cluster.sum(torch.cat([loss.to(torch.float64).view(1), counts.to(cluster.device, non_blocking=True)]))
+    loss, all_tokens = totals[0] / clamp_one(totals[1]), totals[1]
+    grad_scale = cluster.world / (weight * clamp_one(all_tokens)) if lazy else None
+    applied = (run.engine.step(lr, torch.isfinite(loss) & (all_tokens > 0), grad_scale) if lazy or known else
+               torch.zeros((), dtype=torch.bool, device=cluster.device))  # DeepSpeed cannot drop a step itself
+    all_tokens, samples, tokens, stop, applied = torch.cat([totals[1:], applied.view(1)]).tolist()  # the one read
+    return finish_step(state, Step(loss, lr, bool(applied), stop > 0, int(samples), int(tokens),
+                                   empty=all_tokens == 0, skipped=skipped))
+
+
+def clamp_one(n):
+    """max(n, 1) for an int or a device tensor (which it leaves unread)."""
+    return n.clamp(min=1) if torch.is_tensor(n) else max(n, 1)
+
+
+def finish_step(state, step):
+    if step.applied:
         state["step"] += 1
-    return Step(loss, lr, applied, stop > 0, samples, tokens, empty=not step_tokens)
+    return step
 
 
 def log_and_save(run, meter, epoch, lr):
@@ -818,8 +862,8 @@ def train_epochs(run):
         run.sampler.set_epoch(epoch, state["samples_seen"])
         skipped, empty_steps = [], 0  # this rank's skipped samples in this epoch; steps left without any
         for micro_batches in optimizer_steps(run.loader, len(run.sampler), cfg.accumulation_steps):
-            skipped += [s for batch in micro_batches for s in batch["skipped"]]
             step = train_step(run, epoch, micro_batches, signals.received)
+            skipped += step.skipped
             run.checkpointer.step_done(state)
             meter.add(step, run.samples_done(epoch))
             if step.applied:

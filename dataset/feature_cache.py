@@ -175,5 +175,7 @@ def encode_with_cache(model, cache, pixel_values, image_keys, cached):
             f, j = fresh[j], j + 1
         if out is None:  # filled row by row: torch.stack of fp16 is refused under CPU autocast
             out = torch.empty(len(cached), *f.shape, dtype=torch.float16, device=pixel_values.device)
-        out[i] = f
+        # A cached row is on the host, pinned by the loader on CUDA: queued, not waited for (a plain
+        # assignment would make the host wait for each image's copy).
+        out[i].copy_(f, non_blocking=True)
     return out  # [N, image_token_count, C]

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from model.chat import ChatEncoder, expand_video
+from model.model_minimind import supervised_positions
 
 from .feature_cache import image_key
 from model.images import ImageError, open_image, to_pixels
@@ -144,16 +145,21 @@ class VLMDataset(Dataset):
         return features
 
 
-def collate_batch(items, pad_id=0, pad_to=0):
+def collate_batch(items, pad_id=0, pad_to=0, image_token_count=None):
     """Pads to the longest sample of *this* batch (right padding), or to `pad_to` if that is longer
     (fixed shapes), and stacks every image of the batch in placeholder order. Skipped samples are
     dropped and counted; an all-skipped batch becomes one unsupervised pad token so every rank
-    still runs a step (no DDP hang)."""
+    still runs a step (no DDP hang). Also what the training step needs from the batch as indices
+    and counts, found here on the CPU, in the loader's workers: on a GPU each would make the host
+    wait (see supervised_positions). With image_token_count, a sample whose placeholders do not
+    fit its images is a ValueError naming both counts."""
     skipped = [it["skip"] for it in items if "skip" in it]
     items = [it for it in items if "skip" not in it]
     if not items:
         items = [{"input_ids": torch.tensor([pad_id]), "labels": torch.tensor([-100]),
                   "image_mask": torch.tensor([False]), "pixel_values": None, "image_keys": [], "cached": []}]
+    if image_token_count is not None:
+        check_image_slots(items, image_token_count)
     T = max(pad_to, *(len(it["input_ids"]) for it in items))
     pixels = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
     pixels = torch.cat(pixels) if pixels else torch.zeros(0, 3, 1, 1)  # an all-skipped batch has no images
@@ -165,8 +171,22 @@ def collate_batch(items, pad_id=0, pad_to=0):
         n = len(it["input_ids"])
         input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = it["input_ids"], it["labels"], 1
         image_mask[row, :n] = it["image_mask"]
+    supervised = supervised_positions(labels)  # [n] flat indices into [B*T]
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "image_mask": image_mask,
             "pixel_values": pixels,  # [M, 3, H, W]: the M <= N images not found in the feature cache
             "image_keys": [k for it in items for k in it["image_keys"]],  # N feature-cache keys, placeholder order
             "cached": [f for it in items for f in it["cached"]],  # N cached features or None
+            "image_slots": image_mask.reshape(-1).nonzero().squeeze(1),  # [N * image_token_count] into [B*T]
+            "supervised": supervised, "n_supervised": len(supervised),  # the loss's positions, its token count
+            "n_tokens": int(attention_mask.sum()),  # real (unpadded) tokens, for throughput
             "n_samples": sum(1 for it in items if (it["labels"] != -100).any()), "skipped": skipped}
+
+
+def check_image_slots(items, image_token_count):
+    """Each sample needs image_token_count placeholder slots per image, or its images' features would
+    land on the wrong tokens (checked here rather than in the model, where the counts live on the GPU)."""
+    for it in items:
+        n_slots, n_images = int(it["image_mask"].sum()), len(it["cached"])
+        if n_slots != n_images * image_token_count:
+            raise ValueError(f"a sample has {n_slots} image placeholder slots for {n_images} images: each image "
+                             f"needs exactly {image_token_count}")

@@ -224,7 +224,7 @@ def train_scenario(a, tower, data_root, stage, cache, out_dir, compiled=False, e
     peak = float(proc.stdout.rsplit("PEAK_MB", 1)[1].split()[0])  # the trainer's main process
     trainable = float(proc.stdout.split("trainable ", 1)[1].split("M")[0]) * 1e6  # as the trainer prints it
     return {"samples_per_s": steps * a.batch_size / dt, "tokens_per_s": tok_rate, "peak_mb": peak,
-            "trainable": trainable}
+            "trainable": trainable, "stderr": proc.stderr}  # warnings, and TORCH_LOGS output if it was set
 
 
 def llm_step_scenario(a, T, compiled=False):
@@ -366,6 +366,7 @@ def run_train(args, tower, work, results):
         runs.append(("pretrain", True, True, "pretrain, cache warm, compiled"))
     for stage, cache, compiled, label in runs:
         r = train_scenario(args, tower, data_root, stage, cache, os.path.join(work, "out"), compiled)
+        r.pop("stderr")
         results["train"][label] = r
         print(f"  {label:<32} {r['samples_per_s']:7.1f} samples/s {r['tokens_per_s']:8.0f} tok/s "
               f"peak {r['peak_mb']:6.0f} MB", flush=True)

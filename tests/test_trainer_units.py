@@ -2,6 +2,7 @@
 checkpoint policy, the tower kept apart from the trained module, and the entry point. No
 subprocesses: the whole file runs in seconds."""
 import contextlib
+import copy
 import dataclasses
 import math
 import os
@@ -13,6 +14,7 @@ import torch
 
 import trainer
 from conftest import ROOT, TINY_LLM, make_toy_data
+from dataset.lm_dataset import collate_batch
 from dataset.sampler import ResumableBatchSampler
 from model.checkpoint import llm_state_dict
 from train_engines import TorchEngine
@@ -60,52 +62,68 @@ def test_lr_warms_up_linearly_then_follows_a_cosine_down_to_a_tenth():
     assert all(a >= b for a, b in zip(after, after[1:]))
 
 
-# 2. Token weighting: 2 ranks x 2 micro-batches give the global token mean.
+# 2. Token weighting: every supervised token of a step weighs the same, its micro-batches fetched lazily.
 
-class Output(dict):
-    """What the model's forward returns, as far as token_weighted reads it."""
-    __getattr__ = dict.__getitem__
-
-
-def test_token_weighting_makes_the_rank_averaged_sum_the_global_token_mean():
-    # Per-token losses of each (rank, micro-batch): deliberately uneven token counts.
-    tokens = {(0, 0): [1.0, 2.0, 3.0], (0, 1): [4.0], (1, 0): [5.0, 6.0], (1, 1): [7.0, 8.0, 9.0, 10.0]}
-    world, accumulation = 2, 2
-    step_tokens = sum(len(t) for t in tokens.values())  # the all-reduced count
-    per_rank = [sum(trainer.token_weighted(Output(loss=torch.tensor(t).mean()), len(t), step_tokens, world,
-                                           accumulation)
-                    for (r, _), t in tokens.items() if r == rank)
-                for rank in range(world)]
-    global_mean = sum(sum(t) for t in tokens.values()) / step_tokens
-    assert (sum(per_rank) / world).item() == pytest.approx(global_mean)  # DDP averages over ranks
-    # Plain per-micro-batch means would weigh the lone token of (0, 1) as much as four others.
-    plain = sum(torch.tensor(t).mean() for t in tokens.values()) / len(tokens)
-    assert plain.item() != pytest.approx(global_mean)
+def tiny_run(tower_dir, tmp_path, **flags):
+    """A run of the tiny model on 12 toy samples, ready for train_step."""
+    data, images = make_toy_data(tmp_path / "data")
+    cfg = config(data_path=data, images_path=images, vision_model_path=tower_dir, num_workers=0,
+                 tokenizer_path=os.path.join(ROOT, "model"), out_dir=str(tmp_path / "out"), **TINY_LLM, **flags)
+    run = trainer.build_run(cfg, trainer.Cluster())
+    run.model.train()
+    run.sampler.set_epoch(0, 0)
+    return run
 
 
-def test_the_moe_balance_loss_is_averaged_over_micro_batches_not_token_weighted():
-    # One process, 4 micro-batches: cross-entropy 2.0 each, balance losses and token counts uneven.
-    aux, n_tokens = [0.1, 0.2, 0.3, 0.6], [6, 3, 2, 1]
-    step = sum(trainer.token_weighted(Output(loss=torch.tensor(2.0 + a), aux_loss=torch.tensor(a)), n,
-                                      step_tokens=sum(n_tokens), world=1, accumulation_steps=4)
-               for a, n in zip(aux, n_tokens))
-    assert step.item() == pytest.approx(2.0 + 0.3)  # the token mean of the cross-entropy + the plain mean of aux
-    token_weighted_aux = sum(a * n for a, n in zip(aux, n_tokens)) / sum(n_tokens)
-    assert token_weighted_aux != pytest.approx(0.3)  # the two readings differ here, so the test tells them apart
+@pytest.mark.parametrize("use_moe", [0, 1])
+def test_a_step_has_the_gradient_of_its_token_mean_though_its_micro_batches_come_one_by_one(
+        tower_dir, tmp_path, use_moe):
+    """The gradient the trainer steps with is that of the mean over all supervised tokens of the
+    step, as a step computed it from all its micro-batches at once. (The MoE balance loss in a
+    micro-batch's loss weighs in like its tokens: it was a plain mean over micro-batches before.)"""
+    run = tiny_run(tower_dir, tmp_path, accumulation_steps=3, batch_size=2, grad_clip=0, use_moe=use_moe)
+    micro_batches = list(next(trainer.optimizer_steps(run.loader, len(run.sampler), 3)))
+    counts = [b["n_supervised"] for b in micro_batches]
+    assert len(micro_batches) == 3 and len(set(counts)) > 1  # uneven: a per-micro-batch mean would differ
+    reference = copy.deepcopy(run.model)
+    for b in micro_batches:
+        out = reference(input_ids=b["input_ids"], labels=b["labels"], image_features=run.encoder(b, "cpu"),
+                        image_mask=b["image_mask"])
+        (out.loss * b["n_supervised"] / sum(counts)).backward()
+    stepped = []
+    run.engine.optimizer.register_step_pre_hook(lambda *_: stepped.append(
+        {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None}))
+    assert trainer.train_step(run, 0, micro_batches, 0).applied
+    expected = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    assert stepped[0].keys() == expected.keys()
+    # Equal up to float rounding (summed in another order): relative to each gradient's size.
+    assert all((stepped[0][n] - g).norm() <= 1e-5 * g.norm() for n, g in expected.items())
 
 
-def test_supervised_tokens_counts_the_shifted_labels():
-    labels = torch.tensor([[5, -100, 7, 8], [-100, -100, 9, -100]])
-    assert trainer.supervised_tokens({"labels": labels}) == 3  # labels[:, 1:]: -100, 7, 8 and -100, 9, -100
+def test_a_steps_micro_batches_are_taken_from_the_loader_only_as_they_are_used(tower_dir, tmp_path, monkeypatch):
+    run = tiny_run(tower_dir, tmp_path, accumulation_steps=3, batch_size=2)
+    events = []
+
+    def loader():
+        for i, batch in enumerate(run.loader):
+            events.append(f"fetch {i}")
+            yield batch
+    forward_backward = trainer.forward_backward
+    monkeypatch.setattr(trainer, "forward_backward", lambda *args: events.append("use") or forward_backward(*args))
+    steps = trainer.optimizer_steps(loader(), len(run.sampler), 3)
+    assert trainer.train_step(run, 0, next(steps), 0).applied
+    assert events == ["fetch 0", "use", "fetch 1", "use", "fetch 2", "use"]  # not three fetches, then three uses
 
 
 # 3. Step counting.
 
 def test_micro_batches_group_into_steps_and_a_short_last_group_closes_one():
     batches = list(range(7))
-    assert list(trainer.optimizer_steps(batches, len(batches), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
-    assert list(trainer.optimizer_steps(batches, len(batches), 1)) == [[b] for b in batches]
-    assert list(trainer.optimizer_steps(batches, len(batches), 10)) == [batches]
+    groups = lambda k: [list(group) for group in trainer.optimizer_steps(batches, len(batches), k)]  # noqa: E731
+    assert groups(3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert groups(1) == [[b] for b in batches]
+    assert groups(10) == [batches]
+    assert [len(group) for group in trainer.optimizer_steps(batches, len(batches), 3)] == [3, 3, 1]
 
 
 @pytest.mark.parametrize("n, batch, world, accumulation", [(13, 1, 2, 3), (12, 2, 2, 3), (12, 4, 1, 1), (5, 2, 3, 2)])
@@ -225,6 +243,50 @@ def test_the_feature_cache_path_encodes_only_uncached_images(tower_dir, tmp_path
     warm = encoder({"pixel_values": torch.zeros(0, 3, 224, 224), "image_keys": ["a", "b"],
                     "cached": [cache.lookup("a"), cache.lookup("b")]}, "cpu")
     assert len(cache) == 2 and torch.equal(cold, warm)
+
+
+def test_the_forward_with_the_collates_slots_and_positions_gives_the_mask_forward_loss(tiny_vlm):
+    n = tiny_vlm.config.image_token_count
+    ids = torch.tensor([1] + [tiny_vlm.config.image_token_id] * n + [5, 6, 7])
+    item = {"input_ids": ids, "labels": ids, "image_mask": ids == tiny_vlm.config.image_token_id,
+            "pixel_values": torch.randn(1, 3, 224, 224), "image_keys": [None], "cached": [None]}
+    batch = collate_batch([item, {**item, "labels": torch.full_like(ids, -100)}], image_token_count=n)
+    with torch.no_grad():
+        by_mask = tiny_vlm(input_ids=batch["input_ids"], labels=batch["labels"], image_mask=batch["image_mask"],
+                           pixel_values=torch.cat([item["pixel_values"]] * 2)).loss
+        by_indices = tiny_vlm(input_ids=batch["input_ids"], labels=batch["labels"], supervised=batch["supervised"],
+                              image_slots=batch["image_slots"], pixel_values=torch.cat([item["pixel_values"]] * 2)).loss
+    assert torch.allclose(by_mask, by_indices)
+    with pytest.raises(ValueError, match=f"^{2 * n} image slots for 1 images of {n} features each$"):
+        tiny_vlm(input_ids=batch["input_ids"], image_slots=batch["image_slots"], pixel_values=item["pixel_values"])
+
+
+def test_the_collate_refuses_a_sample_whose_placeholders_do_not_fit_its_images():
+    ids = torch.arange(10)
+    item = {"input_ids": ids, "labels": ids, "image_mask": ids < 4, "pixel_values": torch.zeros(1, 3, 8, 8),
+            "image_keys": [None], "cached": [None]}
+    collate_batch([item], image_token_count=4)  # 4 slots, one image of 4: fits
+    with pytest.raises(ValueError, match="a sample has 4 image placeholder slots for 1 images: each image needs "
+                                         "exactly 3"):
+        collate_batch([item], image_token_count=3)
+
+
+def test_a_non_finite_step_is_skipped_on_the_device_leaving_weights_and_optimizer_alone():
+    model = torch.nn.Linear(3, 1)
+    params = list(model.parameters())
+    engine = TorchEngine(model, params, config(), "cpu", "unused")
+    for loss_ok, grad, applied in [(True, 1.0, True), (False, 1.0, False), (True, float("nan"), False)]:
+        before = [p.detach().clone() for p in params]
+        moments = [engine.optimizer.state[p]["exp_avg"].clone() for p in params] if engine.optimizer.state else None
+        for p in params:
+            p.grad = torch.full_like(p, grad)
+        result = engine.step(1e-2, torch.tensor(loss_ok))
+        assert torch.is_tensor(result) and bool(result) == applied  # a device flag: the caller reads it when it wants
+        assert all(torch.equal(a, p) for a, p in zip(before, params)) != applied
+        if not applied:
+            assert all(torch.equal(m, engine.optimizer.state[p]["exp_avg"]) for m, p in zip(moments, params))
+            assert all(engine.optimizer.state[p]["step"] == 1 for p in params)
+        assert all(p.grad is None for p in params)
 
 
 # 7. The entry point: one config object, and how a run ends.

@@ -202,3 +202,12 @@ def test_a_frozen_tower_runs_without_autograd_and_a_trainable_one_passes_gradien
     assert tower.embeddings.patch_embedding.weight.grad is not None
     with torch.no_grad():
         assert not tower_features(tower, pixels).requires_grad
+
+
+def test_decoding_checks_the_placeholders_of_the_prompt_once_not_every_token(tiny_vlm, monkeypatch):
+    checks = []
+    image_slots = tiny_vlm.image_slots
+    monkeypatch.setattr(tiny_vlm, "image_slots", lambda *args: checks.append(args) or image_slots(*args))
+    new = list(tiny_vlm.generate_stream(batch_with_images([1], T=220), pixel_values=torch.randn(1, 3, 224, 224),
+                                        max_new_tokens=5, eos_token_id=-1))
+    assert len(new) == 5 and len(checks) == 1  # the prefill's: a check per token would read the device each time
