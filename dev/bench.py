@@ -404,7 +404,7 @@ def main():
     args = parse_args()
     if args.reference:
         import reference
-        report = reference.main(args)
+        report = reference.main(args, make_data)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)

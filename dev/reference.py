@@ -150,9 +150,8 @@ def scenarios(a, ref, python, data, cache, out):
     return runs
 
 
-def make_data(root, n_pretrain, n_sft):
-    sys.path.insert(0, os.path.join(ROOT, "dev"))
-    from bench import make_data as write
+def make_data(write, root, n_pretrain, n_sft):
+    """write: bench.make_data, the benchmark's own data (passed in: bench.py imports this file)."""
     write(root, max(n_pretrain, n_sft), sft=True)  # the images, and SFT conversations for all of them
     with open(os.path.join(root, "sft.jsonl")) as f:
         sft = f.readlines()
@@ -209,13 +208,13 @@ def summarize(times):
     return table
 
 
-def main(a):
+def main(a, write_data):
     ref = os.path.abspath(a.reference)
     python = a.reference_python or os.path.join(ref, ".venv/bin/python")
     check_reference(ref, python)
     work = tempfile.mkdtemp(prefix="minimind_reference_")
     data, cache, out = (os.path.join(work, d) for d in ("data", "cache", "out"))
-    make_data(data, a.n_images, a.sft_images)
+    make_data(write_data, data, a.n_images, a.sft_images)
     prebuild_cache(ref, data, cache)
     runs = scenarios(a, ref, python, data, cache, out)
     times = {stage: {name: [] for name in by_name} for stage, by_name in runs.items()}

@@ -6,7 +6,6 @@ import os
 
 import torch
 
-from cli import add_model_args  # noqa: F401 (the flags InferenceConfig holds; imported from here by callers)
 from .images import load_processor, to_pixels, to_rgb
 from .chat import IMAGE_TAG, ChatEncoder, resolve_image_token_id, split_reasoning
 from .model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig

@@ -211,7 +211,8 @@ def test_eval_path_load_1_gives_the_same_answers_as_the_pth(tower_dir, photo, tm
     the path tells it from a .pth, no flag needed."""
     import argparse
 
-    from model.inference import VLMChat, add_model_args, load_model
+    from cli import add_model_args
+    from model.inference import VLMChat, load_model
     pth = str(tmp_path / "w.pth")
     make_checkpoint(tower_dir, pth, seed=5)
     out = export_hf(pth, str(tmp_path / "hf-eval"), os.path.join(ROOT, "model"), tower_dir)

@@ -59,7 +59,8 @@ def flags(data, tower_dir, out_dir, **extra):
 
 def load_for_eval(path, tower_dir):
     """Load a .pth the way eval_vlm.py does."""
-    from model.inference import add_model_args, load_model
+    from cli import add_model_args
+    from model.inference import load_model
     import argparse
     args = add_model_args(argparse.ArgumentParser()).parse_args(
         ["--weight", str(path), "--vision_model_path", tower_dir, "--device", "cpu", "--dtype", "float32"])

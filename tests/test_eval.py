@@ -13,7 +13,8 @@ from PIL import Image
 
 import eval_vlm
 from eval_vlm import format_summary, normalize, run_benchmark, score
-from model.inference import VLMChat, add_model_args, load_model
+from cli import add_model_args
+from model.inference import VLMChat, load_model
 from model.model_vlm import MiniMindVLM, VLMConfig
 from model.checkpoint import llm_state_dict
 

@@ -315,7 +315,8 @@ def test_load_model_builds_a_2026_vlm_from_the_checkpoint_and_chats(siglip_dir, 
 
     from PIL import Image
 
-    from model.inference import VLMChat, add_model_args, load_model
+    from cli import add_model_args
+    from model.inference import VLMChat, load_model
     path = str(tmp_path / "sft_vlm_128.pth")
     torch.save(spec_2026_state_dict(projector_width=SIGLIP_WIDTH), path)
     args = add_model_args(argparse.ArgumentParser()).parse_args(

@@ -300,7 +300,8 @@ def hostile_weights(tmp_path):
 
 
 def test_files_that_are_not_model_weights_say_what_they_are(tower_dir, tmp_path):
-    from model.inference import add_model_args, load_model
+    from cli import add_model_args
+    from model.inference import load_model
     model = MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM))
     for path, message in hostile_weights(tmp_path).values():
         expected = f"^{re.escape(f'{path} {message}')}.*--weight / --from_weight"

@@ -59,7 +59,7 @@ def vlm3_pth(tmp_path_factory):
 
 
 def model_args(pth, tok, tower, *extra):
-    from model.inference import add_model_args
+    from cli import add_model_args
     return add_model_args(argparse.ArgumentParser()).parse_args(
         ["--weight", pth, "--tokenizer_path", tok, "--vision_model_path", tower, "--device", "cpu", *extra])
 

@@ -52,7 +52,7 @@ def test_the_cpu_flags_are_read_from_cpuinfo():
 
 def test_every_script_defaults_to_auto():
     import trainer
-    from model.inference import add_model_args
+    from cli import add_model_args
     import argparse
     assert trainer.build_parser("t").get_default("dtype") == "auto"
     assert add_model_args(argparse.ArgumentParser()).get_default("dtype") == "auto"

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.inference import VLMChat, add_model_args, load_model
+from cli import add_model_args
+from model.inference import VLMChat, load_model
 from model.model_vlm import MiniMindVLM, VLMConfig
 from model.checkpoint import llm_state_dict
 
