@@ -43,7 +43,7 @@ from model.chat import resolve_image_token_id
 from model.checkpoint import (CheckpointError, DiskFullError, atomic_save, check_vocab, infer_config_from_state_dict,
                               llm_state_dict, load_weights, non_finite_keys, read_checkpoint, weight_name, weight_path)
 from model.images import load_processor
-from model.paths import load_tokenizer
+from model.paths import RunFiles, load_tokenizer
 from model.lora import LoraSettings, adapter_state_dict, add_lora, has_lora, save_adapter
 from model.model_minimind import count_llm_params
 from model.model_vlm import DEFAULT_VISION_MODEL, MiniMindVLM, VLMConfig, tower_features, tower_token_count
@@ -239,9 +239,9 @@ class Checkpointer:
     stores them: one file, or DeepSpeed's directory), every rank's RNG streams, the progress state
     and the flags. Tensors and plain values only, so a resume file loads with weights_only=True."""
 
-    def __init__(self, engine, weights_path, cfg, cluster, record):
-        self.engine, self.weights_path, self.cluster, self.record = engine, weights_path, cluster, record
-        self.adapter_path = weights_path.removesuffix(".pth") + "_lora.safetensors"  # with --lora_rank
+    def __init__(self, engine, files, cfg, cluster, record):
+        self.engine, self.cluster, self.record = engine, cluster, record
+        self.weights_path, self.adapter_path = files.weights, files.adapter  # the adapter: with --lora_rank
         self.args, self.seed = plain_args(cfg), cfg.seed
         self.all_ranks_save = bool(cfg.deepspeed) and cluster.world > 1  # DeepSpeed's checkpoint needs every rank
         self.start_step, self.last = 0, None
@@ -419,7 +419,7 @@ class Logger:
                 f.writelines(line for line, _ in records)
         if cfg.use_wandb:
             import wandb
-            self.wandb = wandb.init(project=cfg.wandb_project, name=os.path.basename(path)[:-len("_log.jsonl")],
+            self.wandb = wandb.init(project=cfg.wandb_project, name=os.path.basename(RunFiles.from_file(path, "log").stem),
                                     config=dataclasses.asdict(cfg), id=wandb_id, resume="allow")
 
     def log(self, record):
@@ -687,18 +687,18 @@ def build_run(cfg, cluster):
     sampler, loader = build_loader(cfg, dataset, tokenizer.pad_token_id or 0, cluster)
 
     name = weight_name(cfg.save_weight, cfg.dim, cfg.use_moe)
-    stem = os.path.join(cfg.out_dir, name)  # {stem}.pth, {stem}_resume.pth, {stem}_log.jsonl
+    files = RunFiles.of(cfg.out_dir, cfg.save_weight, cfg.dim, cfg.use_moe)
     params = [p for p in model.parameters() if p.requires_grad]
     n_llm, n_train = count_llm_params(model), sum(p.numel() for p in params)  # before ZeRO partitions them
-    engine = (DeepSpeedEngine(model, params, cfg, f"{stem}_ds_resume") if cfg.deepspeed else
-              TorchEngine(model, params, cfg, cluster.device, f"{stem}_resume.pth"))
+    engine = (DeepSpeedEngine(model, params, cfg, files.ds_resume) if cfg.deepspeed else
+              TorchEngine(model, params, cfg, cluster.device, files.resume))
     record = make_record(model.config, cfg.tokenizer_path, cfg.vision_model_path, start_path(cfg), cfg.data_path)
-    checkpointer = Checkpointer(engine, f"{stem}.pth", cfg, cluster, record)
+    checkpointer = Checkpointer(engine, files, cfg, cluster, record)
     if cluster.is_main:
         os.makedirs(cfg.out_dir, exist_ok=True)
         checkpointer.remove_partial_writes()
     state = checkpointer.resume() if cfg.from_resume else {"epoch": 0, "samples_seen": 0, "step": 0, "wandb_id": None}
-    logger = Logger(cfg, f"{stem}_log.jsonl", state["wandb_id"], cluster.is_main,
+    logger = Logger(cfg, files.log, state["wandb_id"], cluster.is_main,
                     state["step"] if cfg.from_resume else None)
     if logger.wandb is not None:
         state["wandb_id"] = logger.wandb.id  # saved with every resume checkpoint

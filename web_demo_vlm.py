@@ -30,6 +30,7 @@ from cli import add_model_args, add_video_args, make_parser, switch  # noqa: E40
 from dataset.video import VIDEO_EXTS, read_frames  # noqa: E402
 from model.chat import ReasoningSplitter, Video, check_image_count, check_room, user_content  # noqa: E402
 from model.images import open_image  # noqa: E402
+from model.paths import RunFiles  # noqa: E402
 
 HINT = "Type a question, and attach pictures or a video with the 📎 button (or drop them on the box)."
 
@@ -90,7 +91,7 @@ class ModelHub:
         elif os.path.isfile(resolve_weight_path(args)):
             found.append((0, resolve_weight_path(args), args.lora))
         found += [(0, p, None) for p in sorted(glob.glob(os.path.join(args.out_dir, "*.pth")))
-                  if not p.endswith("_resume.pth")]  # a trainer's resume state, not weights to chat with
+                  if not p.endswith(RunFiles.SUFFIXES["resume"])]  # a trainer's resume state, not weights to chat with
         found += [(1, d, None) for d in args.hf_dirs]
         choices, seen = OrderedDict(), set()
         for load, path, lora in found:

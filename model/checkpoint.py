@@ -22,12 +22,7 @@ import torch
 from .files import (CheckpointError, DiskFullError, _first_line, _some, atomic_save,  # noqa: F401
                     non_finite_keys, refuse_non_finite)
 from .lora import fold_lora
-from .paths import local_path
-
-
-def weight_name(name, dim, use_moe):
-    """The file name stem the trainers write and every loader looks up: {name}_{dim}[_moe]."""
-    return f"{name}_{dim}{'_moe' if use_moe else ''}"
+from .paths import RunFiles, local_path, weight_name  # noqa: F401 (RunFiles, weight_name: re-exported)
 
 
 def weight_path(out_dir, name, dim, use_moe):

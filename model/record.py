@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 
-from .paths import local_path
+from .paths import RunFiles, local_path
 
 FORMAT = "minimind-v checkpoint record 1"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
@@ -24,7 +24,7 @@ class RecordError(ValueError):
 
 
 def record_path(weights_path):
-    return os.path.splitext(weights_path)[0] + ".json"
+    return RunFiles.from_file(weights_path, "weights").record
 
 
 def files_hash(folder, names):

@@ -33,6 +33,7 @@ from model.checkpoint import (CheckpointError, atomic_save, check_state_dict,  #
                               infer_config_from_state_dict, llm_state_dict, load_weights, non_finite_keys,
                               read_checkpoint)
 from model.lora import adapter_projector, load_adapter, merge_lora  # noqa: E402
+from model.paths import RunFiles  # noqa: E402
 from model.model_vlm import MiniMindVLM, VLMConfig  # noqa: E402
 from model.record import read_record, write_record  # noqa: E402
 
@@ -51,7 +52,7 @@ def check_projector(weight, sd, lora):
         return
     key = min(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
     shape = {name: list(shapes[key]) if key in shapes else "absent" for name, shapes in (("a", theirs), ("w", ours))}
-    base = read_record(lora.removesuffix("_lora.safetensors") + ".pth") or {}  # the run that wrote the adapter
+    base = read_record(RunFiles.from_file(lora, "adapter").weights) or {}  # the run that wrote the adapter
     example = (f", e.g. {base['trained_from']}, which its training run started from" if base.get("trained_from")
                else ", e.g. the .pth its training run started from (its --from_weight)")
     raise ValueError(f"--lora {lora} does not fit --weight {weight}: {key} is {shape['a']} in the adapter, "

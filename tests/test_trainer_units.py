@@ -17,6 +17,7 @@ from conftest import ROOT, TINY_LLM, make_toy_data
 from dataset.lm_dataset import collate_batch
 from dataset.sampler import ResumableBatchSampler
 from model.checkpoint import llm_state_dict
+from model.paths import RunFiles
 from train_engines import TorchEngine
 
 
@@ -173,8 +174,9 @@ def test_the_config_round_trips_through_a_resume_files_plain_args(tmp_path):
 
 def checkpointer(model, cfg, out):
     params = [p for p in model.parameters() if p.requires_grad]
-    engine = TorchEngine(model, params, cfg, "cpu", str(out / "unit_64_resume.pth"))
-    return trainer.Checkpointer(engine, str(out / "unit_64.pth"), cfg, trainer.Cluster(), record={"format": "unit"})
+    files = RunFiles(str(out / "unit_64"))
+    engine = TorchEngine(model, params, cfg, "cpu", files.resume)
+    return trainer.Checkpointer(engine, files, cfg, trainer.Cluster(), record={"format": "unit"})
 
 
 def test_a_saved_checkpoint_resumes_weights_state_and_random_streams(tower_dir, tmp_path, capsys):
@@ -451,3 +453,13 @@ def test_a_compiled_run_says_it_is_compiling_before_its_first_step(tower_dir, tm
     assert 0 <= out.find("compiling the model in the first step (about a minute, once") < out.find("step 1/2")
     assert "step 1/2 loss" in out and "first step of the run, not timed" in out.split("step 2/2")[0]
     assert "samples/s" in out.split("step 2/2")[1] and "eta 00:00:00" in out.split("step 2/2")[1]
+
+
+def test_a_runs_files_are_named_from_one_stem_and_found_from_any_of_them(tmp_path):
+    files = RunFiles.of(str(tmp_path), "sft_vlm", 512, use_moe=True)
+    stem = str(tmp_path / "sft_vlm_512_moe")
+    assert (files.weights, files.record, files.resume, files.ds_resume, files.log, files.adapter) == (
+        stem + ".pth", stem + ".json", stem + "_resume.pth", stem + "_ds_resume", stem + "_log.jsonl",
+        stem + "_lora.safetensors")
+    assert RunFiles.from_file(files.adapter, "adapter").weights == files.weights  # what merge_lora looks up
+    assert RunFiles.from_file(files.log, "log").stem == stem  # the wandb run's name
