@@ -44,13 +44,14 @@ def wrap_ddp(model, device):
 
 
 class TorchEngine:
-    def __init__(self, model, params, cfg, device, resume_path):
-        self.model, self.params, self.grad_clip, self.resume_path = model, params, cfg.grad_clip, resume_path
+    def __init__(self, model, params, device, resume_path, *, learning_rate, dtype, grad_clip):
+        """dtype: the autocast dtype's name (--dtype, resolved); grad_clip: the norm clipped to, 0: none."""
+        self.model, self.params, self.grad_clip, self.resume_path = model, params, grad_clip, resume_path
         device_type = torch.device(device).type
-        self.compute_dtype = getattr(torch, cfg.dtype)  # weights stay fp32; autocast computes in this
+        self.compute_dtype = getattr(torch, dtype)  # weights stay fp32; autocast computes in this
         self.autocast = (torch.autocast(device_type, dtype=self.compute_dtype)
                          if self.compute_dtype != torch.float32 else contextlib.nullcontext())
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, fused=True)  # one kernel, CPU and CUDA
+        self.optimizer = torch.optim.AdamW(params, lr=learning_rate, fused=True)  # one kernel, CPU and CUDA
         self.scaler = torch.amp.GradScaler(device_type, enabled=self.compute_dtype == torch.float16)
         self.ddp = None
         if world_size() > 1:
@@ -145,17 +146,17 @@ class TorchEngine:
         return ckpt
 
 
-def deepspeed_config(path, cfg, world, hidden):
+def deepspeed_config(path, world, hidden, *, batch_size, accumulation_steps, grad_clip, dtype):
     """The JSON config with our flags filled in where it says "auto" (or says nothing): batch sizes,
     accumulation, clipping, bf16/fp16 from --dtype, and ZeRO's buffer sizes from the LLM's width
     `hidden`. A concrete value that contradicts a flag is an error, since the data loader follows
     the flags."""
     with open(path) as f:
         ds = json.load(f)
-    filled = {"train_micro_batch_size_per_gpu": cfg.batch_size,
-              "gradient_accumulation_steps": cfg.accumulation_steps,
-              "train_batch_size": cfg.batch_size * cfg.accumulation_steps * world,
-              "gradient_clipping": float(cfg.grad_clip)}
+    filled = {"train_micro_batch_size_per_gpu": batch_size,
+              "gradient_accumulation_steps": accumulation_steps,
+              "train_batch_size": batch_size * accumulation_steps * world,
+              "gradient_clipping": float(grad_clip)}
     for key, value in filled.items():
         if ds.get(key, "auto") == "auto":
             ds[key] = value
@@ -165,7 +166,7 @@ def deepspeed_config(path, cfg, world, hidden):
     for key, name in (("bf16", "bfloat16"), ("fp16", "float16")):
         block = ds.setdefault(key, {})
         if block.get("enabled", "auto") == "auto":
-            block["enabled"] = not explicit and cfg.dtype == name
+            block["enabled"] = not explicit and dtype == name
     zero = ds.get("zero_optimization")
     if zero:
         # As HF Trainer sizes them. Left out, DeepSpeed takes 5e8-element buckets, far more than the
@@ -208,14 +209,17 @@ def check_deepspeed_files(tag_dir):
 
 
 class DeepSpeedEngine:
-    def __init__(self, model, params, cfg, resume_path):
-        """`model` must not hold the vision tower (the trainer keeps it apart): ZeRO-3 would
+    def __init__(self, model, params, resume_path, *, config_path, learning_rate, dtype, grad_clip, batch_size,
+                 accumulation_steps):
+        """config_path: the DeepSpeed JSON (--deepspeed), its "auto" values filled from the other arguments.
+        `model` must not hold the vision tower (the trainer keeps it apart): ZeRO-3 would
         partition it and gather it on every forward, and bf16 would round it."""
         if getattr(model, "vision_encoder", None) is not None:
             raise RuntimeError("DeepSpeedEngine: take the vision tower out of the model first (trainer.build_model)")
         import deepspeed
         self.ds, self.resume_path = deepspeed, resume_path  # a directory
-        ds_cfg = deepspeed_config(cfg.deepspeed, cfg, world_size(), model.config.dim)
+        ds_cfg = deepspeed_config(config_path, world_size(), model.config.dim, batch_size=batch_size,
+                                  accumulation_steps=accumulation_steps, grad_clip=grad_clip, dtype=dtype)
         self.fp16 = ds_cfg["fp16"]["enabled"]
         self.stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
         # What DeepSpeed computes in; the trainer runs the tower in it too.
@@ -228,7 +232,7 @@ class DeepSpeedEngine:
             # A batch without images touches the projection outside its own forward (see embed()).
             for p in model.vision_proj.parameters():
                 deepspeed.zero.register_external_parameter(model, p)
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, fused=True)
+        optimizer = torch.optim.AdamW(params, lr=learning_rate, fused=True)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params,
                                                                  optimizer=optimizer, config=ds_cfg)
         self.model = self.engine.module

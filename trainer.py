@@ -690,8 +690,10 @@ def build_run(cfg, cluster):
     files = RunFiles.of(cfg.out_dir, cfg.save_weight, cfg.dim, cfg.use_moe)
     params = [p for p in model.parameters() if p.requires_grad]
     n_llm, n_train = count_llm_params(model), sum(p.numel() for p in params)  # before ZeRO partitions them
-    engine = (DeepSpeedEngine(model, params, cfg, files.ds_resume) if cfg.deepspeed else
-              TorchEngine(model, params, cfg, cluster.device, files.resume))
+    optimization = dict(learning_rate=cfg.learning_rate, dtype=cfg.dtype, grad_clip=cfg.grad_clip)
+    engine = (DeepSpeedEngine(model, params, files.ds_resume, config_path=cfg.deepspeed, batch_size=cfg.batch_size,
+                              accumulation_steps=cfg.accumulation_steps, **optimization) if cfg.deepspeed else
+              TorchEngine(model, params, cluster.device, files.resume, **optimization))
     record = make_record(model.config, cfg.tokenizer_path, cfg.vision_model_path, start_path(cfg), cfg.data_path)
     checkpointer = Checkpointer(engine, files, cfg, cluster, record)
     if cluster.is_main:

@@ -244,9 +244,9 @@ def test_ddp_does_not_broadcast_the_rope_buffers(tiny_vlm, monkeypatch):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         monkeypatch.setattr(train_engines, "world_size", lambda: 2)
-        cfg = type("Cfg", (), dict(grad_clip=1.0, dtype="float32", learning_rate=1e-3))()
         model = tiny_vlm.train()
-        engine = train_engines.TorchEngine(model, list(model.parameters()), cfg, "cpu", "unused")
+        engine = train_engines.TorchEngine(model, list(model.parameters()), "cpu", "unused", learning_rate=1e-3,
+                                           dtype="float32", grad_clip=1.0)
         assert isinstance(engine.ddp, torch.nn.parallel.DistributedDataParallel)
         assert any(n.endswith("rope_cos") for n, _ in model.named_buffers())
         assert engine.ddp.broadcast_buffers is False and not engine.ddp.will_sync_module_buffers()
@@ -258,11 +258,10 @@ def test_ddp_does_not_broadcast_the_rope_buffers(tiny_vlm, monkeypatch):
 def test_deepspeed_buffer_sizes_follow_the_model_width(tiny_vlm, tmp_path, stage):
     """The shipped configs' "auto" (or missing) bucket sizes are filled from the LLM's width as HF
     Trainer fills them; a concrete value is kept."""
-    from types import SimpleNamespace
     from train_engines import deepspeed_config
-    cfg = SimpleNamespace(batch_size=2, accumulation_steps=1, grad_clip=1.0, dtype="bfloat16")
+    flags = dict(batch_size=2, accumulation_steps=1, grad_clip=1.0, dtype="bfloat16")
     hidden = tiny_vlm.config.dim
-    zero = deepspeed_config(os.path.join(ROOT, f"ds_config/zero{stage}.json"), cfg, 1, hidden)["zero_optimization"]
+    zero = deepspeed_config(os.path.join(ROOT, f"ds_config/zero{stage}.json"), 1, hidden, **flags)["zero_optimization"]
     assert zero["reduce_bucket_size"] == hidden ** 2 == 4096
     if stage == 3:
         assert zero["stage3_prefetch_bucket_size"] == 3686 and zero["stage3_param_persistence_threshold"] == 640
@@ -270,5 +269,5 @@ def test_deepspeed_buffer_sizes_follow_the_model_width(tiny_vlm, tmp_path, stage
         assert zero["allgather_bucket_size"] == 4096
     path = tmp_path / "mine.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": 1000}}))
-    zero = deepspeed_config(path, cfg, 1, hidden)["zero_optimization"]
+    zero = deepspeed_config(path, 1, hidden, **flags)["zero_optimization"]
     assert zero["reduce_bucket_size"] == 1000 and zero["stage3_prefetch_bucket_size"] == 3686

@@ -175,7 +175,8 @@ def test_the_config_round_trips_through_a_resume_files_plain_args(tmp_path):
 def checkpointer(model, cfg, out):
     params = [p for p in model.parameters() if p.requires_grad]
     files = RunFiles(str(out / "unit_64"))
-    engine = TorchEngine(model, params, cfg, "cpu", files.resume)
+    engine = TorchEngine(model, params, "cpu", files.resume, learning_rate=cfg.learning_rate, dtype=cfg.dtype,
+                         grad_clip=cfg.grad_clip)
     return trainer.Checkpointer(engine, files, cfg, trainer.Cluster(), record={"format": "unit"})
 
 
@@ -276,7 +277,7 @@ def test_the_collate_refuses_a_sample_whose_placeholders_do_not_fit_its_images()
 def test_a_non_finite_step_is_skipped_on_the_device_leaving_weights_and_optimizer_alone():
     model = torch.nn.Linear(3, 1)
     params = list(model.parameters())
-    engine = TorchEngine(model, params, config(), "cpu", "unused")
+    engine = TorchEngine(model, params, "cpu", "unused", learning_rate=1e-3, dtype="float32", grad_clip=1.0)
     for loss_ok, grad, applied in [(True, 1.0, True), (False, 1.0, False), (True, float("nan"), False)]:
         before = [p.detach().clone() for p in params]
         moments = [engine.optimizer.state[p]["exp_avg"].clone() for p in params] if engine.optimizer.state else None
