@@ -66,7 +66,7 @@ def main(root, out):
             "training": training[i]["pixel_values"],
             "cache": cache_builder[i][None],
             "eval": chat.pixels(eval_vlm.load_images([path])),
-            "web demo": chat.pixels(web_demo_vlm.read_upload(web_args, path)[1]),
+            "web demo": chat.pixels([web_demo_vlm.read_upload(web_args, path)]),
             "api": chat.pixels([serve_openai_api.decode_image(url, "messages[0].content[0]")]),
             "exported chat()": seen[0].float(),
         }
