@@ -202,5 +202,5 @@ class MiniMindVLM(MiniMindForCausalLM):
         if per_row.sum() != n_images * n_per_image or (per_row % n_per_image).any():
             raise ValueError(
                 f"{per_row.tolist()} image placeholder tokens (id {self.config.image_token_id}) per row, but "
-                f"{n_images} images: each image needs exactly {n_per_image} consecutive placeholders")
+                f"{n_images} images: each image needs exactly {n_per_image} placeholders")
         return is_image.reshape(-1).nonzero().squeeze(1)
