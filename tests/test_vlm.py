@@ -73,11 +73,11 @@ def test_a_model_that_generates_the_placeholder_keeps_generating(tiny_vlm):
     assert [int(t) for t in new] == [IMG] * 5
 
 
-def test_a_broken_placeholder_run_is_an_error(tiny_vlm):
+def test_a_row_whose_placeholders_are_not_whole_images_is_an_error(tiny_vlm):
     ids = batch_with_images([1, 1])
     ids[0, 3] = 11
     ids[1, 300] = IMG  # totals still 2 * 196, but row 0 has 195 and row 1 has 197
-    with pytest.raises(ValueError, match="consecutive"):
+    with pytest.raises(ValueError, match=r"\[195, 197\] image placeholder tokens .* each image needs exactly 196"):
         tiny_vlm(ids, pixel_values=torch.randn(2, 3, 224, 224))
 
 
