@@ -41,7 +41,7 @@ from dataset.samples import open_source
 from dataset.sampler import ResumableBatchSampler
 from model.chat import resolve_image_token_id
 from model.checkpoint import (CheckpointError, DiskFullError, atomic_save, check_vocab, infer_config_from_state_dict,
-                              llm_state_dict, load_weights, non_finite_keys, read_checkpoint, weight_name, weight_path)
+                              llm_state_dict, load_weights, non_finite_keys, read_checkpoint, weight_path)
 from model.images import load_processor
 from model.paths import RunFiles, load_tokenizer
 from model.lora import LoraSettings, adapter_state_dict, add_lora, has_lora, save_adapter
@@ -97,15 +97,11 @@ class Cluster:
         return tensor
 
     def total(self, n):
-        """The int `n` summed over all processes, read back (a wait for the GPU's queue under NCCL)."""
-        return int(self.device_total(n))
-
-    def device_total(self, n):
-        """The number `n` summed over all processes, left on the device unread, so the host goes on
-        queueing work. One process never touches the device: `n` itself."""
+        """The int `n` summed over all processes, read back (a wait for the GPU's queue under NCCL).
+        One process never touches the device: `n` itself."""
         if self.world == 1:
-            return n
-        return self.sum(torch.full((), n, dtype=torch.float64, device=self.device))  # a fill, not a host copy
+            return int(n)
+        return int(self.sum(torch.full((), n, dtype=torch.float64, device=self.device)))  # a fill, not a host copy
 
     def gather(self, obj):
         """Every process's `obj`, in rank order."""
@@ -686,8 +682,8 @@ def build_run(cfg, cluster):
     dataset = open_dataset(cfg, tokenizer, processor, model.config, cache, cluster.is_main)
     sampler, loader = build_loader(cfg, dataset, tokenizer.pad_token_id or 0, cluster)
 
-    name = weight_name(cfg.save_weight, cfg.dim, cfg.use_moe)
     files = RunFiles.of(cfg.out_dir, cfg.save_weight, cfg.dim, cfg.use_moe)
+    name = os.path.basename(files.stem)  # {save_weight}_{dim}[_moe]
     params = [p for p in model.parameters() if p.requires_grad]
     n_llm, n_train = count_llm_params(model), sum(p.numel() for p in params)  # before ZeRO partitions them
     optimization = dict(learning_rate=cfg.learning_rate, dtype=cfg.dtype, grad_clip=cfg.grad_clip)
