@@ -91,30 +91,35 @@ def train_runs(a, tower, data_root, work, peak_tflops):
 def sync_warnings(a, tower, data_root, work):
     """One SFT optimizer step of 2 micro-batches, in this process, under set_sync_debug_mode("warn")
     -> "file:line: message" of every synchronizing operation it made."""
-    import trainer
+    import trainer.build
+    import trainer.config
+    import trainer.distributed
+    import trainer.loop
+    import trainer.schedule
     from model.precision import dtype_name, resolve_dtype, use_tf32
-    parser = trainer.build_parser("gpu_check", epochs=1, batch_size=a.batch_size, learning_rate=1e-4,
-                                  max_seq_len=a.max_seq_len, from_weight="none", save_weight="gpu_check", freeze_llm=0)
-    cfg = trainer.TrainConfig(**vars(parser.parse_args([
+    parser = trainer.config.build_parser("gpu_check", epochs=1, batch_size=a.batch_size, learning_rate=1e-4,
+                                         max_seq_len=a.max_seq_len, from_weight="none", save_weight="gpu_check",
+                                         freeze_llm=0)
+    cfg = trainer.config.TrainConfig(**vars(parser.parse_args([
         "--data_path", os.path.join(data_root, "sft.jsonl"), "--images_path", os.path.join(data_root, "images"),
         "--vision_model_path", tower, "--out_dir", os.path.join(work, "sync"), "--dim", str(a.dim),
         "--n_layers", str(a.n_layers), "--num_workers", str(a.num_workers), "--device", a.device,
         "--accumulation_steps", "2"])))
-    dtype = resolve_dtype(cfg.dtype, a.device)[0]  # as trainer.train resolves it
+    dtype = resolve_dtype(cfg.dtype, a.device)[0]  # as trainer.loop.train resolves it
     use_tf32(a.device, dtype)
     cfg = dataclasses.replace(cfg, dtype=dtype_name(dtype), tokenizer_path=os.path.join(ROOT, "model"))
-    run = trainer.build_run(cfg, trainer.Cluster(device=a.device))
+    run = trainer.build.build_run(cfg, trainer.distributed.Cluster(device=a.device))
     run.model.train()
     run.sampler.set_epoch(0, 0)
-    steps = trainer.optimizer_steps(run.loader, len(run.sampler), cfg.accumulation_steps)
-    trainer.train_step(run, 0, next(steps), 0)  # first-step work: cuBLAS handles, AdamW's state
+    steps = trainer.schedule.optimizer_steps(run.loader, len(run.sampler), cfg.accumulation_steps)
+    trainer.loop.train_step(run, 0, next(steps), 0)  # first-step work: cuBLAS handles, AdamW's state
     micro_batches = list(next(steps))  # loaded first: the loader's copies are not the step's
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            trainer.train_step(run, 0, micro_batches, 0)
+            trainer.loop.train_step(run, 0, micro_batches, 0)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}" for w in caught]

@@ -4,7 +4,7 @@
     python dev/profile_step.py --stage sft --cache 0
 
 Synthetic data and a random ViT-B/16-sized tower, as dev/bench.py makes them; the run is built
-and stepped through the trainer's own functions (trainer.build_run, trainer.train_step), so what
+and stepped through the trainer's own functions (trainer.build.build_run, trainer.loop.train_step), so what
 is profiled is the real step. A few steps warm up, then `--steps` are timed without the profiler
 (the figure to compare) and `--steps` more are profiled.
 """
@@ -33,7 +33,11 @@ def main():
 
     from torch.profiler import ProfilerActivity, profile
 
-    import trainer
+    import trainer.build
+    import trainer.config
+    import trainer.distributed
+    import trainer.loop
+    import trainer.schedule
     from bench import make_data
     from make_demo_vision_tower import build_vision_tower
     from model.precision import dtype_name, resolve_dtype
@@ -48,27 +52,28 @@ def main():
         subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "cache_features.py"), "--data_path", jsonl,
                         "--images_path", os.path.join(data, "images"), "--cache_dir", os.path.join(work, "cache"),
                         "--vision_model_path", tower, "--dtype", a.dtype], check=True, capture_output=True)
-    parser = trainer.build_parser("profile", epochs=1, batch_size=a.batch_size, learning_rate=1e-4,
-                                  max_seq_len=640, from_weight="none", save_weight=a.stage,
-                                  freeze_llm=1 if a.stage == "pretrain" else 0)
-    cfg = trainer.TrainConfig(**vars(parser.parse_args(flags + ["--out_dir", os.path.join(work, "out"),
+    parser = trainer.config.build_parser("profile", epochs=1, batch_size=a.batch_size, learning_rate=1e-4,
+                                         max_seq_len=640, from_weight="none", save_weight=a.stage,
+                                         freeze_llm=1 if a.stage == "pretrain" else 0)
+    cfg = trainer.config.TrainConfig(**vars(parser.parse_args(flags + ["--out_dir", os.path.join(work, "out"),
                                                                   "--num_workers", "0", "--dtype", a.dtype])))
     cfg = dataclasses.replace(cfg, dtype=dtype_name(resolve_dtype(cfg.dtype, "cpu")[0]),
                               tokenizer_path="model")
-    run = trainer.build_run(cfg, trainer.Cluster())
+    run = trainer.build.build_run(cfg, trainer.distributed.Cluster())
     run.model.train()
     run.sampler.set_epoch(0, 0)
-    steps = [list(group) for group in trainer.optimizer_steps(run.loader, len(run.sampler), 1)]  # loaded up front
+    # loaded up front
+    steps = [list(group) for group in trainer.schedule.optimizer_steps(run.loader, len(run.sampler), 1)]
     for micro in steps[:3]:
-        trainer.train_step(run, 0, micro, 0)
+        trainer.loop.train_step(run, 0, micro, 0)
     start = time.perf_counter()
     for micro in steps[3:3 + a.steps]:
-        trainer.train_step(run, 0, micro, 0)
+        trainer.loop.train_step(run, 0, micro, 0)
     print(f"{a.stage} step, {'warm cache' if a.cache else 'no cache'}, {cfg.dtype}, batch {a.batch_size}: "
           f"{(time.perf_counter() - start) / a.steps:.3f} s a step (unprofiled, {a.steps} steps)")
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for micro in steps[3 + a.steps:3 + 2 * a.steps]:
-            trainer.train_step(run, 0, micro, 0)
+            trainer.loop.train_step(run, 0, micro, 0)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows))
 
 

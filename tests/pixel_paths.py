@@ -22,7 +22,9 @@ def main(root, out):
     import transformers
     import eval_vlm
     import serve_openai_api
-    import trainer
+    import trainer.build
+    import trainer.config
+    import trainer.distributed
     import web_demo_vlm
     from cache_features import Pixels
     from dataset.samples import open_source
@@ -36,12 +38,12 @@ def main(root, out):
     names = sorted(os.listdir(os.path.join(root, "images")))
     data, images, tower = (os.path.join(root, p) for p in ("data.jsonl", "images", "tower"))
 
-    cfg = trainer.TrainConfig(**vars(trainer.build_parser(
+    cfg = trainer.config.TrainConfig(**vars(trainer.config.build_parser(
         "pixels", epochs=1, batch_size=2, learning_rate=1e-3, max_seq_len=640, from_weight="none",
         save_weight="pixels", freeze_llm=1).parse_args(["--data_path", data, "--images_path", images, "--vision_model_path", tower, "--tokenizer_path", "model",
          "--dim", "64", "--n_layers", "2", "--num_workers", "0", "--device", "cpu", "--dtype", "float32",
          "--out_dir", os.path.join(out + ".run")])))
-    training = trainer.build_run(cfg, trainer.Cluster()).loader.dataset
+    training = trainer.build.build_run(cfg, trainer.distributed.Cluster()).loader.dataset
     model, tokenizer, processor = load_model(InferenceConfig(weight=os.path.join(root, "w.pth"), device="cpu",
                                                              dtype="float32"))
     chat = VLMChat(model, tokenizer, processor)

@@ -13,7 +13,7 @@ from conftest import ROOT
 
 def test_on_off_flags_accept_the_bare_form_and_0_or_1():
     from cli import add_model_args
-    from trainer import build_parser
+    from trainer.config import build_parser
     parser = build_parser("x")
     args = parser.parse_args(["--skip_bad_samples", "--use_wandb", "--group_by_length", "0", "--use_compile", "1"])
     assert (args.skip_bad_samples, args.use_wandb, args.group_by_length, args.use_compile) == (1, 1, 0, 1)

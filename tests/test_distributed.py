@@ -101,7 +101,7 @@ def test_two_process_pretrain_matches_one_process(data, tower_dir, reference, tm
 
     Why not bit-exact: each rank's loss is a mean over *its* supervised tokens and DDP then averages
     gradients over ranks, so a rank with fewer tokens would weigh each of them more. The trainer
-    weighs every rank's tokens by world / global tokens (trainer.train_step),
+    weighs every rank's tokens by world / global tokens (trainer.loop.train_step),
     which makes the averaged gradient that of the global token mean, and logs the mean over ranks,
     which is then the global token mean too. What is left is float rounding: different reduction
     order (per-rank sums, then the all-reduce), different padding per batch, and under bf16 autocast
@@ -240,13 +240,13 @@ def test_ddp_does_not_broadcast_the_rope_buffers(tiny_vlm, monkeypatch):
     """The engine's DDP wrapper leaves buffers alone: the RoPE tables are the same on every rank.
     A 1-process gloo group stands in for the real one; the engine is told it has two ranks."""
     import torch.distributed as dist
-    import train_engines
+    import trainer.engines
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
-        monkeypatch.setattr(train_engines, "world_size", lambda: 2)
+        monkeypatch.setattr(trainer.engines, "world_size", lambda: 2)
         model = tiny_vlm.train()
-        engine = train_engines.TorchEngine(model, list(model.parameters()), "cpu", "unused", learning_rate=1e-3,
-                                           dtype="float32", grad_clip=1.0)
+        engine = trainer.engines.TorchEngine(model, list(model.parameters()), "cpu", "unused", learning_rate=1e-3,
+                                             dtype="float32", grad_clip=1.0)
         assert isinstance(engine.ddp, torch.nn.parallel.DistributedDataParallel)
         assert any(n.endswith("rope_cos") for n, _ in model.named_buffers())
         assert engine.ddp.broadcast_buffers is False and not engine.ddp.will_sync_module_buffers()
@@ -258,7 +258,7 @@ def test_ddp_does_not_broadcast_the_rope_buffers(tiny_vlm, monkeypatch):
 def test_deepspeed_buffer_sizes_follow_the_model_width(tiny_vlm, tmp_path, stage):
     """The shipped configs' "auto" (or missing) bucket sizes are filled from the LLM's width as HF
     Trainer fills them; a concrete value is kept."""
-    from train_engines import deepspeed_config
+    from trainer.engines import deepspeed_config
     flags = dict(batch_size=2, accumulation_steps=1, grad_clip=1.0, dtype="bfloat16")
     hidden = tiny_vlm.config.dim
     zero = deepspeed_config(os.path.join(ROOT, f"ds_config/zero{stage}.json"), 1, hidden, **flags)["zero_optimization"]

@@ -12,13 +12,20 @@ import shutil
 import pytest
 import torch
 
-import trainer
-from conftest import TINY_LLM, make_toy_data, read_log
+import trainer.build
+import trainer.checkpoints
+import trainer.config
+import trainer.distributed
+import trainer.errors
+import trainer.logs
+import trainer.loop
+import trainer.main
+from conftest import ROOT, TINY_LLM, make_toy_data, read_log
 from model.model_vlm import MiniMindVLM, VLMConfig
 from model.checkpoint import CheckpointError, DiskFullError, atomic_save, load_weights
 from test_distributed import flags, launch
 from test_trainer_units import checkpointer, config
-from train_engines import check_deepspeed_files
+from trainer.engines import check_deepspeed_files
 
 
 class RunsCode:
@@ -150,15 +157,15 @@ def test_errors_are_one_line_and_the_traceback_is_shown_on_request(monkeypatch, 
     def fail(args):
         raise ValueError("d.jsonl:3: cannot read image: broken. Fix it, or pass --skip_bad_samples 1")
 
-    monkeypatch.setattr(trainer, "train", fail)
-    parser = trainer.build_parser("test")
+    monkeypatch.setattr(trainer.loop, "train", fail)
+    parser = trainer.config.build_parser("test")
     with pytest.raises(SystemExit, match=r"^error: d.jsonl:3: cannot read image: broken\. Fix it"):
-        trainer.main(parser, [])
+        trainer.main.main(parser, [])
     with pytest.raises(ValueError):
-        trainer.main(parser, ["--debug"])
+        trainer.main.main(parser, ["--debug"])
     monkeypatch.setenv("MINIMIND_DEBUG", "1")
     with pytest.raises(ValueError):
-        trainer.main(parser, [])
+        trainer.main.main(parser, [])
     parser.print_help()
     assert "MINIMIND_DEBUG=1" in capsys.readouterr().out
 
@@ -171,7 +178,7 @@ def test_an_error_from_a_dataloader_worker_prints_without_the_worker_traceback()
         wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
     with pytest.raises(ValueError) as info:
         wrapped.reraise()
-    assert trainer.error_message(info.value) == "d.jsonl:9: cannot read image: broken"
+    assert trainer.errors.error_message(info.value) == "d.jsonl:9: cannot read image: broken"
 
 
 @pytest.mark.slow
@@ -186,7 +193,7 @@ def test_a_missing_data_file_ends_the_script_with_one_line(toy_data, tower_dir, 
 def test_a_torn_last_log_line_is_dropped_with_a_note(tmp_path, capsys):
     path = tmp_path / "run_log.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 9, "lo')
-    trainer.Logger(argparse.Namespace(use_wandb=False), str(path), None, True, resumed_step=2)
+    trainer.logs.Logger(argparse.Namespace(use_wandb=False), str(path), None, True, resumed_step=2)
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
     assert f"note: {path}: dropped its last line" in capsys.readouterr().out
 
@@ -194,7 +201,7 @@ def test_a_torn_last_log_line_is_dropped_with_a_note(tmp_path, capsys):
 def test_a_torn_middle_log_line_is_dropped_with_a_warning_naming_its_line(tmp_path, capsys):
     path = tmp_path / "run_log.jsonl"
     path.write_bytes(b'{"step": 1}\n{"step": 2, "lo{"step": 2}\n\xff\xfe\n[3]\n{"step": 3}\n{"step": 4}\n')
-    trainer.Logger(argparse.Namespace(use_wandb=False), str(path), None, True, resumed_step=3)
+    trainer.logs.Logger(argparse.Namespace(use_wandb=False), str(path), None, True, resumed_step=3)
     assert path.read_text() == '{"step": 1}\n{"step": 3}\n'
     assert capsys.readouterr().out == (f"warning: {path}: dropped line 2 (not JSON), not a log record, and 2 more such "
                                        f"lines\n")
@@ -205,7 +212,7 @@ def test_a_log_of_random_bytes_is_one_line_naming_the_file(tmp_path):
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + random.Random(0).randbytes(2000))
     with pytest.raises(ValueError, match=f"^{re.escape(str(path))} is not a training log \\(line 1: not UTF-8 text\\): "
                                          "move it away or delete it, then resume"):
-        trainer.Logger(argparse.Namespace(use_wandb=False), str(path), None, True, resumed_step=3)
+        trainer.logs.Logger(argparse.Namespace(use_wandb=False), str(path), None, True, resumed_step=3)
 
 
 # 5. A full disk.
@@ -240,12 +247,12 @@ def test_a_full_disk_warns_at_a_periodic_save_and_stops_the_run_at_the_final_one
         raise DiskFullError("disk full writing out/x.pth (No space left on device): free space on its disk")
 
     left = "then continue from step 4, in out/x_resume.pth, with --from_resume 1"  # what the Checkpointer says
-    assert trainer.write_checkpoint(full, periodic=True, left=left) is False
+    assert trainer.checkpoints.write_checkpoint(full, periodic=True, left=left) is False
     assert "warning: disk full writing out/x.pth" in capsys.readouterr().out
     with pytest.raises(DiskFullError, match=r"out/x.pth .*free space on its disk; then continue from step 4, in "
                                             r"out/x_resume.pth, with --from_resume 1$"):
-        trainer.write_checkpoint(full, periodic=False, left=left)
-    assert trainer.write_checkpoint(lambda: None, periodic=False, left=left) is True
+        trainer.checkpoints.write_checkpoint(full, periodic=False, left=left)
+    assert trainer.checkpoints.write_checkpoint(lambda: None, periodic=False, left=left) is True
 
 
 def test_a_full_disk_at_the_end_of_a_run_that_saved_nothing_does_not_say_continue_with_from_resume(
@@ -254,7 +261,7 @@ def test_a_full_disk_at_the_end_of_a_run_that_saved_nothing_does_not_say_continu
     cfg = toy_run(tmp_path, tower_dir, n=2)
     monkeypatch.setattr(files_module, "open", failing_file(0), raising=False)
     with pytest.raises(SystemExit) as end:
-        trainer.launch(cfg)
+        trainer.main.launch(cfg)
     assert str(end.value) == (f"error: disk full writing {tmp_path / 'out' / 'unit_64.pth'} (No space left on device): "
                               f"free space on its disk; nothing of this run was saved: run it again")
 
@@ -333,7 +340,7 @@ def test_a_tokenizer_larger_than_the_checkpoints_embedding_is_refused_in_eval_an
     from model.inference import InferenceConfig, load_model
     from test_trainer_units import config
     wider = tmp_path / "tokenizer"
-    bigger = type(tokenizer).from_pretrained(os.path.join(os.path.dirname(trainer.__file__), "model"))
+    bigger = type(tokenizer).from_pretrained(os.path.join(ROOT, "model"))
     bigger.add_tokens(["<extra_0>", "<extra_1>"])
     bigger.save_pretrained(wider)
     path = tmp_path / "w_64.pth"
@@ -345,7 +352,7 @@ def test_a_tokenizer_larger_than_the_checkpoints_embedding_is_refused_in_eval_an
         load_model(InferenceConfig(weight=str(path), vision_model_path=tower_dir, tokenizer_path=str(wider), device="cpu"))
     cfg = config(vision_model_path=tower_dir, tokenizer_path=str(wider), from_weight=str(path), **TINY_LLM)
     with pytest.raises(CheckpointError, match=f"^{re.escape(expected)}$"):
-        trainer.build_model(cfg, bigger, "cpu")
+        trainer.build.build_model(cfg, bigger, "cpu")
 
 
 def test_a_tower_whose_pytorch_model_bin_holds_a_pickle_is_refused_in_one_line(tower_dir, tmp_path):
@@ -418,14 +425,14 @@ def test_a_damaged_feature_cache_ends_the_run_in_one_line_and_one_cut_short_is_e
     index = os.path.join(cache.dir, cache.writer[0] + ".idx")
     with open(index, "a") as f:
         f.write('{"key": "another image", "row": 1}\n')  # a row the .bin does not hold
-    trainer.train_epochs(trainer.build_run(cfg, trainer.Cluster()))
+    trainer.loop.train_epochs(trainer.build.build_run(cfg, trainer.distributed.Cluster()))
     assert (f"1 images cached; note: 1 cached rows are not in their .bin file, cut short? (e.g. {index}:2: row 1); "
             f"those images are encoded again") in capsys.readouterr().out
     with open(index, "a") as f:
         f.write('{"row": 2}\n')
     with pytest.raises(SystemExit, match=f"^error: {re.escape(index)}:3: no \"key\" string, not a line of a "
                                          f"feature-cache index: delete the folder {re.escape(cache.dir)}, and"):
-        trainer.launch(cfg)
+        trainer.main.launch(cfg)
 
 
 # 8. Skipped samples.
@@ -434,9 +441,9 @@ def test_a_step_whose_samples_were_all_skipped_is_not_taken_and_not_logged(tower
     cfg = toy_run(tmp_path, tower_dir, n=2, skip_bad_samples=1)
     for image in (tmp_path / "data" / "images").iterdir():
         image.write_bytes(b"not a png")  # opened only when the sample is used: skipped then
-    run = trainer.build_run(cfg, trainer.Cluster())
+    run = trainer.build.build_run(cfg, trainer.distributed.Cluster())
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
-    trainer.train_epochs(run)
+    trainer.loop.train_epochs(run)
     assert all(torch.equal(v, before[k]) for k, v in run.model.state_dict().items())  # not even weight decay
     assert not run.engine.optimizer.state and run.state["step"] == 0
     out = capsys.readouterr().out
@@ -448,7 +455,7 @@ def test_a_step_whose_samples_were_all_skipped_is_not_taken_and_not_logged(tower
 def test_a_run_with_an_empty_step_logs_every_step_it_takes_up_to_its_last(tower_dir, tmp_path, capsys):
     cfg = toy_run(tmp_path, tower_dir, n=4, skip_bad_samples=1)
     (tmp_path / "data" / "images" / "2.png").write_bytes(b"not a png")
-    trainer.train_epochs(trainer.build_run(cfg, trainer.Cluster()))
+    trainer.loop.train_epochs(trainer.build.build_run(cfg, trainer.distributed.Cluster()))
     log = read_log(tmp_path / "out" / "unit_64_log.jsonl")
     assert [(r["step"], r["total_steps"]) for r in log[1:]] == [(2, 3), (3, 3)] and all(r["loss"] > 1 for r in log)
     assert "not taken, every sample of them skipped: 1" in capsys.readouterr().out

@@ -79,7 +79,8 @@ def test_bad_images_raise_a_readable_per_sample_error(tmp_path):
 def test_an_exif_rotated_photo_gives_the_same_pixels_in_training_eval_cache_and_serving(
         tmp_path, tower_dir, tokenizer, processor, tiny_vlm):
     import eval_vlm
-    import trainer
+    import trainer.build
+    import trainer.distributed
     from test_trainer_units import config
     from cache_features import Pixels
     from dataset.samples import open_source
@@ -87,9 +88,10 @@ def test_an_exif_rotated_photo_gives_the_same_pixels_in_training_eval_cache_and_
     upright = exif_rotated_jpeg(tmp_path / "phone.jpg")
     data = write_jsonl(tmp_path / "d.jsonl", ["phone.jpg"])
     reference = to_pixels(processor, [upright.convert("RGB")])  # what an upright file would give
-    run = trainer.build_run(config(data_path=data, images_path=str(tmp_path), vision_model_path=tower_dir, dim=64,
-                                   n_layers=2, num_workers=0, out_dir=str(tmp_path / "out"), tokenizer_path="model"),
-                            trainer.Cluster())
+    run = trainer.build.build_run(config(data_path=data, images_path=str(tmp_path), vision_model_path=tower_dir,
+                                         dim=64, n_layers=2, num_workers=0, out_dir=str(tmp_path / "out"),
+                                         tokenizer_path="model"),
+                                  trainer.distributed.Cluster())
     training = run.loader.dataset[0]["pixel_values"]  # the trainer's own data pieces
     chat = VLMChat(tiny_vlm, tokenizer, processor)
     bench = chat.pixels(eval_vlm.load_images([str(tmp_path / "phone.jpg")]))  # eval_vlm.py --bench and folder mode
@@ -108,7 +110,8 @@ def test_training_and_the_exported_chat_read_the_same_pixels_as_eval_whatever_ba
     and it computes other pixels than the PIL form. Stand in for that form (a processor that
     normalises differently); training and the exported chat() must still see eval's pixels."""
     import transformers
-    import trainer
+    import trainer.build
+    import trainer.distributed
     from convert_model import export_hf
     from model.images import load_processor
     from test_convert import make_checkpoint
@@ -124,9 +127,10 @@ def test_training_and_the_exported_chat_read_the_same_pixels_as_eval_whatever_ba
     exif_rotated_jpeg(tmp_path / "phone.jpg")
     eval_pixels = to_pixels(load_processor(tower_dir), [open_image(str(tmp_path / "phone.jpg"))])
     data = write_jsonl(tmp_path / "d.jsonl", ["phone.jpg"])
-    run = trainer.build_run(config(data_path=data, images_path=str(tmp_path), vision_model_path=tower_dir, dim=64,
-                                   n_layers=2, num_workers=0, out_dir=str(tmp_path / "out"), tokenizer_path="model"),
-                            trainer.Cluster())
+    run = trainer.build.build_run(config(data_path=data, images_path=str(tmp_path), vision_model_path=tower_dir,
+                                         dim=64, n_layers=2, num_workers=0, out_dir=str(tmp_path / "out"),
+                                         tokenizer_path="model"),
+                                  trainer.distributed.Cluster())
     assert torch.equal(run.loader.dataset[0]["pixel_values"], eval_pixels)
 
     make_checkpoint(tower_dir, str(tmp_path / "w.pth"))

@@ -219,7 +219,7 @@ def test_pretrain_then_sft_of_a_2026_model_through_the_real_scripts(tmp_path, to
 
 def test_freeze_llm_3_trains_the_projector_and_the_first_and_last_layers_only():
     from model.model_vlm import MiniMindVLM, VLMConfig
-    from trainer import set_trainable
+    from trainer.build import set_trainable
     model = MiniMindVLM(VLMConfig(dim=64, n_layers=4), load_tower=False)
     set_trainable(model, 3)
     trainable = {n.split(".")[1] if n.startswith("layers.") else n.split(".")[0]

@@ -143,13 +143,13 @@ def test_bad_rows_name_file_and_row_or_are_skipped_and_counted(tmp_path, tokeniz
 
 
 def test_rows_without_an_answer_stop_training_before_its_first_step(tmp_path, tokenizer, processor):
-    import trainer
+    import trainer.build
     no_answer = (json.dumps([{"role": "user", "content": "<image>what?"}]), jpeg_bytes("red"))
     path = write_parquet(tmp_path / "d.parquet", [no_answer] * 3)  # only a row's use parses its JSON
     with pytest.raises(ValueError, match=r"d.parquet:row 0: no non-empty assistant turn.*--skip_bad_samples 1"):
-        trainer.check_lengths(dataset(path, tokenizer, processor), is_main=False)
+        trainer.build.check_lengths(dataset(path, tokenizer, processor), is_main=False)
     with pytest.raises(ValueError, match=r"d.parquet: no usable samples: all 3 are bad, e.g. .*row 0: no non-empty"):
-        trainer.check_lengths(dataset(path, tokenizer, processor, skip_bad_samples=True), is_main=False)
+        trainer.build.check_lengths(dataset(path, tokenizer, processor, skip_bad_samples=True), is_main=False)
 
 
 def test_a_file_without_the_conversations_column_is_refused_by_name(tmp_path, tokenizer, processor):

@@ -51,8 +51,8 @@ def test_the_cpu_flags_are_read_from_cpuinfo():
 
 
 def test_every_script_defaults_to_auto():
-    import trainer
+    import trainer.config
     from cli import add_model_args
     import argparse
-    assert trainer.build_parser("t").get_default("dtype") == "auto"
+    assert trainer.config.build_parser("t").get_default("dtype") == "auto"
     assert add_model_args(argparse.ArgumentParser()).get_default("dtype") == "auto"

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import trainer
+import trainer.loop
+import trainer.schedule
 from test_trainer_units import tiny_run
 
 
@@ -48,11 +49,11 @@ class SyncCounter(TorchDispatchMode):
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_a_training_step_reads_the_device_once(tower_dir, tmp_path, accumulation):
     run = tiny_run(tower_dir, tmp_path, accumulation_steps=accumulation)
-    steps = trainer.optimizer_steps(run.loader, len(run.sampler), accumulation)
-    trainer.train_step(run, 0, next(steps), 0)  # the first step: lazy initialisations happen here
+    steps = trainer.schedule.optimizer_steps(run.loader, len(run.sampler), accumulation)
+    trainer.loop.train_step(run, 0, next(steps), 0)  # the first step: lazy initialisations happen here
     micro_batches = list(next(steps))  # fetched first: the loader's work (collate, on the CPU) is not counted
     with SyncCounter() as counter:
-        step = trainer.train_step(run, 0, micro_batches, 0)
+        step = trainer.loop.train_step(run, 0, micro_batches, 0)
     print(f"syncs in one step at accumulation {accumulation}: {sum(counter.counts.values())} {dict(counter.counts)}")
     assert step.applied and step.loss > 1
     assert sum(counter.counts.values()) == 1

@@ -12,26 +12,35 @@ import numpy as np
 import pytest
 import torch
 
-import trainer
+import trainer.build
+import trainer.checkpoints
+import trainer.config
+import trainer.distributed
+import trainer.errors
+import trainer.logs
+import trainer.loop
+import trainer.main
+import trainer.schedule
 from conftest import ROOT, TINY_LLM, make_toy_data
 from dataset.lm_dataset import collate_batch
 from dataset.sampler import ResumableBatchSampler
 from model.checkpoint import llm_state_dict
 from model.paths import RunFiles
-from train_engines import TorchEngine
+from trainer.engines import TorchEngine
 
 
 def config(**overrides):
     """A TrainConfig as main() builds it: the parser's defaults, then these flags."""
     defaults = dict(epochs=1, batch_size=2, learning_rate=1e-3, max_seq_len=640, from_weight="none", save_weight="unit",
                     freeze_llm=0, device="cpu", dtype="float32")
-    return trainer.TrainConfig(**vars(trainer.build_parser("test", **{**defaults, **overrides}).parse_args([])))
+    parser = trainer.config.build_parser("test", **{**defaults, **overrides})
+    return trainer.config.TrainConfig(**vars(parser.parse_args([])))
 
 
 def test_cache_features_takes_0_1_or_a_folder(tower_dir, tmp_path, monkeypatch):
     from model.images import load_processor
     from model.model_vlm import load_vision_tower
-    parser = trainer.build_parser("t")
+    parser = trainer.config.build_parser("t")
     assert parser.parse_args([]).cache_features == "0" and parser.parse_args(["--cache_features"]).cache_features == "1"
     tower, processor = load_vision_tower(tower_dir), load_processor(tower_dir)
     monkeypatch.chdir(tmp_path)
@@ -41,8 +50,8 @@ def test_cache_features_takes_0_1_or_a_folder(tower_dir, tmp_path, monkeypatch):
     opened = {}
     for form, flags in forms.items():  # as the command line gives them
         defaults = {**vars(config()), "out_dir": str(out)}
-        cfg = trainer.parse(trainer.build_parser("t", **defaults), flags)
-        opened[form] = trainer.open_feature_cache(cfg, tower, processor, False)
+        cfg = trainer.config.parse(trainer.config.build_parser("t", **defaults), flags)
+        opened[form] = trainer.build.open_feature_cache(cfg, tower, processor, False)
     assert opened["0"] is None
     assert opened["1"].dir.startswith(str(out / "feature_cache")) and opened["bare"].dir == opened["1"].dir
     assert opened["folder"].dir.startswith(str(tmp_path / "mine"))
@@ -53,13 +62,13 @@ def test_cache_features_takes_0_1_or_a_folder(tower_dir, tmp_path, monkeypatch):
 
 def test_lr_warms_up_linearly_then_follows_a_cosine_down_to_a_tenth():
     lr, warmup = 1e-3, 0.1
-    assert trainer.lr_at(0.0, lr, warmup) == pytest.approx(lr * 0.01)  # never exactly 0: the first step moves
-    assert trainer.lr_at(0.05, lr, warmup) == pytest.approx(lr / 2)
-    assert trainer.lr_at(warmup, lr, warmup) == pytest.approx(lr)
-    assert trainer.lr_at(0.55, lr, warmup) == pytest.approx(lr * 0.55)  # half-way down the cosine
-    assert trainer.lr_at(1.0, lr, warmup) == pytest.approx(lr / 10)
-    assert trainer.lr_at(1.2, lr, warmup) == pytest.approx(lr / 10)  # past the end it stays at the floor
-    after = [trainer.lr_at(warmup + i / 100 * (1 - warmup), lr, warmup) for i in range(101)]
+    assert trainer.schedule.lr_at(0.0, lr, warmup) == pytest.approx(lr * 0.01)  # never exactly 0: the first step moves
+    assert trainer.schedule.lr_at(0.05, lr, warmup) == pytest.approx(lr / 2)
+    assert trainer.schedule.lr_at(warmup, lr, warmup) == pytest.approx(lr)
+    assert trainer.schedule.lr_at(0.55, lr, warmup) == pytest.approx(lr * 0.55)  # half-way down the cosine
+    assert trainer.schedule.lr_at(1.0, lr, warmup) == pytest.approx(lr / 10)
+    assert trainer.schedule.lr_at(1.2, lr, warmup) == pytest.approx(lr / 10)  # past the end it stays at the floor
+    after = [trainer.schedule.lr_at(warmup + i / 100 * (1 - warmup), lr, warmup) for i in range(101)]
     assert all(a >= b for a, b in zip(after, after[1:]))
 
 
@@ -70,7 +79,7 @@ def tiny_run(tower_dir, tmp_path, **flags):
     data, images = make_toy_data(tmp_path / "data")
     cfg = config(data_path=data, images_path=images, vision_model_path=tower_dir, num_workers=0,
                  tokenizer_path=os.path.join(ROOT, "model"), out_dir=str(tmp_path / "out"), **TINY_LLM, **flags)
-    run = trainer.build_run(cfg, trainer.Cluster())
+    run = trainer.build.build_run(cfg, trainer.distributed.Cluster())
     run.model.train()
     run.sampler.set_epoch(0, 0)
     return run
@@ -83,7 +92,7 @@ def test_a_step_has_the_gradient_of_its_token_mean_though_its_micro_batches_come
     step, as a step computed it from all its micro-batches at once. (The MoE balance loss in a
     micro-batch's loss weighs in like its tokens: it was a plain mean over micro-batches before.)"""
     run = tiny_run(tower_dir, tmp_path, accumulation_steps=3, batch_size=2, grad_clip=0, use_moe=use_moe)
-    micro_batches = list(next(trainer.optimizer_steps(run.loader, len(run.sampler), 3)))
+    micro_batches = list(next(trainer.schedule.optimizer_steps(run.loader, len(run.sampler), 3)))
     counts = [b["n_supervised"] for b in micro_batches]
     assert len(micro_batches) == 3 and len(set(counts)) > 1  # uneven: a per-micro-batch mean would differ
     reference = copy.deepcopy(run.model)
@@ -94,7 +103,7 @@ def test_a_step_has_the_gradient_of_its_token_mean_though_its_micro_batches_come
     stepped = []
     run.engine.optimizer.register_step_pre_hook(lambda *_: stepped.append(
         {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None}))
-    assert trainer.train_step(run, 0, micro_batches, 0).applied
+    assert trainer.loop.train_step(run, 0, micro_batches, 0).applied
     expected = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
     assert stepped[0].keys() == expected.keys()
     # Equal up to float rounding (summed in another order): relative to each gradient's size.
@@ -109,10 +118,10 @@ def test_a_steps_micro_batches_are_taken_from_the_loader_only_as_they_are_used(t
         for i, batch in enumerate(run.loader):
             events.append(f"fetch {i}")
             yield batch
-    forward_backward = trainer.forward_backward
-    monkeypatch.setattr(trainer, "forward_backward", lambda *args: events.append("use") or forward_backward(*args))
-    steps = trainer.optimizer_steps(loader(), len(run.sampler), 3)
-    assert trainer.train_step(run, 0, next(steps), 0).applied
+    forward_backward = trainer.loop.forward_backward
+    monkeypatch.setattr(trainer.loop, "forward_backward", lambda *args: events.append("use") or forward_backward(*args))
+    steps = trainer.schedule.optimizer_steps(loader(), len(run.sampler), 3)
+    assert trainer.loop.train_step(run, 0, next(steps), 0).applied
     assert events == ["fetch 0", "use", "fetch 1", "use", "fetch 2", "use"]  # not three fetches, then three uses
 
 
@@ -120,11 +129,11 @@ def test_a_steps_micro_batches_are_taken_from_the_loader_only_as_they_are_used(t
 
 def test_micro_batches_group_into_steps_and_a_short_last_group_closes_one():
     batches = list(range(7))
-    groups = lambda k: [list(group) for group in trainer.optimizer_steps(batches, len(batches), k)]  # noqa: E731
+    groups = lambda k: [list(g) for g in trainer.schedule.optimizer_steps(batches, len(batches), k)]  # noqa: E731
     assert groups(3) == [[0, 1, 2], [3, 4, 5], [6]]
     assert groups(1) == [[b] for b in batches]
     assert groups(10) == [batches]
-    assert [len(group) for group in trainer.optimizer_steps(batches, len(batches), 3)] == [3, 3, 1]
+    assert [len(group) for group in trainer.schedule.optimizer_steps(batches, len(batches), 3)] == [3, 3, 1]
 
 
 @pytest.mark.parametrize("n, batch, world, accumulation", [(13, 1, 2, 3), (12, 2, 2, 3), (12, 4, 1, 1), (5, 2, 3, 2)])
@@ -134,9 +143,9 @@ def test_total_steps_counts_the_groups_every_rank_steps_through(n, batch, world,
     for rank in range(world):
         sampler = ResumableBatchSampler([1] * n, batch, rank=rank, world_size=world, accumulation_steps=accumulation)
         sampler.set_epoch(0)
-        per_epoch.add(len(list(trainer.optimizer_steps(sampler, len(sampler), accumulation))))
+        per_epoch.add(len(list(trainer.schedule.optimizer_steps(sampler, len(sampler), accumulation))))
     assert len(per_epoch) == 1  # every rank takes the same number of steps (no rank waits in a collective)
-    total = trainer.total_steps(n, batch * world, accumulation, epochs)
+    total = trainer.schedule.total_steps(n, batch * world, accumulation, epochs)
     assert total == per_epoch.pop() * epochs == math.ceil(math.ceil(n / (batch * world)) / accumulation) * epochs
 
 
@@ -149,25 +158,25 @@ def draws():
 def test_rng_streams_round_trip_through_a_weights_only_file(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     random.gauss(0, 1)  # leaves a cached gaussian in the python state
-    torch.save({"rng": [trainer.rng_state()]}, tmp_path / "r.pth")
+    torch.save({"rng": [trainer.distributed.rng_state()]}, tmp_path / "r.pth")
     expected = draws()
-    trainer.seed_all(9)
-    trainer.set_rng_state(torch.load(tmp_path / "r.pth", weights_only=True)["rng"], rank=0, world=1, seed=0)
+    trainer.distributed.seed_all(9)
+    trainer.distributed.set_rng_state(torch.load(tmp_path / "r.pth", weights_only=True)["rng"], rank=0, world=1, seed=0)
     assert draws() == expected
 
 
 def test_a_world_size_change_reseeds_each_rank_instead():
-    saved = [trainer.rng_state(), trainer.rng_state()]  # by 2 processes
-    trainer.set_rng_state(saved, rank=0, world=1, seed=100)
+    saved = [trainer.distributed.rng_state(), trainer.distributed.rng_state()]  # by 2 processes
+    trainer.distributed.set_rng_state(saved, rank=0, world=1, seed=100)
     resumed = draws()
-    trainer.seed_all(100)
+    trainer.distributed.seed_all(100)
     assert resumed == draws()
 
 
 def test_the_config_round_trips_through_a_resume_files_plain_args(tmp_path):
     cfg = config(deepspeed="ds_config/zero2.json", cache_features="auto", learning_rate=3e-4, max_seq_len=640)
-    torch.save({"args": trainer.plain_args(cfg)}, tmp_path / "r.pth")
-    assert trainer.TrainConfig(**torch.load(tmp_path / "r.pth", weights_only=True)["args"]) == cfg
+    torch.save({"args": trainer.config.plain_args(cfg)}, tmp_path / "r.pth")
+    assert trainer.config.TrainConfig(**torch.load(tmp_path / "r.pth", weights_only=True)["args"]) == cfg
 
 
 # 5. Checkpoints: the periodic-vs-final policy, and save -> resume in one place.
@@ -177,7 +186,8 @@ def checkpointer(model, cfg, out):
     files = RunFiles(str(out / "unit_64"))
     engine = TorchEngine(model, params, "cpu", files.resume, learning_rate=cfg.learning_rate, dtype=cfg.dtype,
                          grad_clip=cfg.grad_clip)
-    return trainer.Checkpointer(engine, files, cfg, trainer.Cluster(), record={"format": "unit"})
+    return trainer.checkpoints.Checkpointer(engine, files, cfg, trainer.distributed.Cluster(),
+                                            record={"format": "unit"})
 
 
 def test_a_saved_checkpoint_resumes_weights_state_and_random_streams(tower_dir, tmp_path, capsys):
@@ -186,12 +196,12 @@ def test_a_saved_checkpoint_resumes_weights_state_and_random_streams(tower_dir, 
     torch.manual_seed(0)
     saver = checkpointer(MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM)), cfg, tmp_path)
     state = {"epoch": 1, "samples_seen": 4, "step": 5, "wandb_id": None}
-    trainer.seed_all(7)
+    trainer.distributed.seed_all(7)
     saver.save(state, "stop")
     expected = draws()
     assert f"saved {tmp_path / 'unit_64.pth'} and {tmp_path / 'unit_64_resume.pth'}" in capsys.readouterr().out
     resume = torch.load(tmp_path / "unit_64_resume.pth", weights_only=True)
-    assert trainer.TrainConfig(**resume["args"]) == cfg
+    assert trainer.config.TrainConfig(**resume["args"]) == cfg
 
     torch.manual_seed(1)  # other initial weights, other random streams: the resume restores both
     loader = checkpointer(MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM)), cfg, tmp_path)
@@ -213,14 +223,14 @@ def test_resuming_without_a_resume_file_says_so(tower_dir, tmp_path):
 def test_build_model_keeps_the_frozen_tower_apart_and_its_features_match_the_models_own(tower_dir, tokenizer,
                                                                                           tiny_vlm):
     cfg = config(vision_model_path=tower_dir, freeze_llm=1, **TINY_LLM)
-    model, tower = trainer.build_model(cfg, tokenizer, "cpu")
+    model, tower = trainer.build.build_model(cfg, tokenizer, "cpu")
     assert model.vision_encoder is None and not any(k.startswith("vision_encoder.") for k in model.state_dict())
     assert not any(p.requires_grad for p in tower.parameters()) and not tower.training
     trainable = {".".join(n.split(".")[:2]) for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"layers.1", "vision_proj.vision_proj"}  # --freeze_llm 1: last layer + projection
 
     pixels = torch.randn(2, 3, 224, 224)
-    encoder = trainer.ImageEncoder(tiny_vlm.vision_encoder, contextlib.nullcontext())
+    encoder = trainer.build.ImageEncoder(tiny_vlm.vision_encoder, contextlib.nullcontext())
     features = encoder({"pixel_values": pixels}, "cpu")
     assert torch.equal(features, tiny_vlm.encode_images(pixels))  # [2, image_token_count, C]
     assert encoder({"pixel_values": torch.zeros(0, 3, 1, 1)}, "cpu") is None  # a batch without images
@@ -230,7 +240,8 @@ def test_the_forward_with_trainer_encoded_features_gives_the_pixel_forward_loss(
     n = tiny_vlm.config.image_token_count
     ids = torch.tensor([[1] + [tiny_vlm.config.image_token_id] * n + [5, 6, 7]])
     pixels = torch.randn(1, 3, 224, 224)
-    features = trainer.ImageEncoder(tiny_vlm.vision_encoder, contextlib.nullcontext())({"pixel_values": pixels}, "cpu")
+    encoder = trainer.build.ImageEncoder(tiny_vlm.vision_encoder, contextlib.nullcontext())
+    features = encoder({"pixel_values": pixels}, "cpu")
     with torch.no_grad():
         by_pixels = tiny_vlm(input_ids=ids, labels=ids, pixel_values=pixels).loss
         by_features = tiny_vlm(input_ids=ids, labels=ids, image_features=features).loss
@@ -240,7 +251,7 @@ def test_the_forward_with_trainer_encoded_features_gives_the_pixel_forward_loss(
 def test_the_feature_cache_path_encodes_only_uncached_images(tower_dir, tmp_path, processor, tiny_vlm):
     from dataset.feature_cache import open_cache_for
     cache = open_cache_for(tiny_vlm.vision_encoder, processor, str(tmp_path))
-    encoder = trainer.ImageEncoder(tiny_vlm.vision_encoder, contextlib.nullcontext(), cache)
+    encoder = trainer.build.ImageEncoder(tiny_vlm.vision_encoder, contextlib.nullcontext(), cache)
     pixels = torch.randn(2, 3, 224, 224)
     cold = encoder({"pixel_values": pixels, "image_keys": ["a", "b"], "cached": [None, None]}, "cpu")
     warm = encoder({"pixel_values": torch.zeros(0, 3, 224, 224), "image_keys": ["a", "b"],
@@ -296,31 +307,31 @@ def test_a_non_finite_step_is_skipped_on_the_device_leaving_weights_and_optimize
 
 def test_main_hands_train_a_config_and_turns_stops_into_exit_codes(monkeypatch):
     seen = []
-    monkeypatch.setattr(trainer, "train", seen.append)
-    trainer.main(trainer.build_parser("test", epochs=2), ["--dim", "64", "--use_moe"])
+    monkeypatch.setattr(trainer.loop, "train", seen.append)
+    trainer.main.main(trainer.config.build_parser("test", epochs=2), ["--dim", "64", "--use_moe"])
     (cfg,) = seen
-    assert isinstance(cfg, trainer.TrainConfig) and (cfg.dim, cfg.use_moe, cfg.epochs) == (64, 1, 2)
+    assert isinstance(cfg, trainer.config.TrainConfig) and (cfg.dim, cfg.use_moe, cfg.epochs) == (64, 1, 2)
     with pytest.raises(dataclasses.FrozenInstanceError):  # read-only: nothing changes the flags mid-run
         cfg.dim = 32
 
     def stop(exit_code, message=None):
         def train(_cfg):
-            raise trainer.StopTraining(message, exit_code)
+            raise trainer.errors.StopTraining(message, exit_code)
         return train
 
-    monkeypatch.setattr(trainer, "train", stop(130))
+    monkeypatch.setattr(trainer.loop, "train", stop(130))
     with pytest.raises(SystemExit) as info:
-        trainer.main(trainer.build_parser("test"), [])
+        trainer.main.main(trainer.config.build_parser("test"), [])
     assert info.value.code == 130
-    monkeypatch.setattr(trainer, "train", stop(1, "3 consecutive non-finite steps"))
+    monkeypatch.setattr(trainer.loop, "train", stop(1, "3 consecutive non-finite steps"))
     with pytest.raises(SystemExit, match="^error: 3 consecutive non-finite steps$"):
-        trainer.main(trainer.build_parser("test"), ["--debug"])  # not a traceback: a deliberate stop
+        trainer.main.main(trainer.config.build_parser("test"), ["--debug"])  # not a traceback: a deliberate stop
 
 
 def test_a_missing_start_weight_is_an_exception_naming_the_file_and_the_fix(tmp_path):
     cfg = config(out_dir=str(tmp_path), from_weight="pretrain_vlm", dim=64)
     with pytest.raises(FileNotFoundError, match=r"pretrain_vlm_64.pth not found\. Run train_pretrain_vlm.py first"):
-        trainer.start_weights(cfg)
+        trainer.build.start_weights(cfg)
 
 
 def test_a_tokenizer_other_than_the_start_weights_record_names_is_refused_with_the_fixes_training_has(
@@ -338,7 +349,7 @@ def test_a_tokenizer_other_than_the_start_weights_record_names_is_refused_with_t
         f.write("\n")  # other bytes: another tokenizer as far as the record can tell
     cfg = config(out_dir=str(out), from_weight="pretrain_vlm", tokenizer_path=str(other), **TINY_LLM)
     with pytest.raises(RecordError) as error:
-        trainer.train(cfg)
+        trainer.loop.train(cfg)
     assert str(error.value).endswith(f"but --tokenizer_path {other} holds another one; pass the recorded one (or drop "
                                      f"--tokenizer_path)")  # no --ignore_record: the train scripts have no such flag
 
@@ -348,10 +359,11 @@ def test_the_toy_data_loads_through_the_trainers_own_data_pieces(tower_dir, toke
     cfg = config(data_path=data_path, images_path=images, batch_size=2, num_workers=0, accumulation_steps=2)
     from model.model_vlm import VLMConfig
     vlm_config = VLMConfig(vision_model_path=tower_dir, image_token_id=3, **TINY_LLM)
-    dataset = trainer.open_dataset(cfg, tokenizer, processor, vlm_config, None, is_main=False)
-    sampler, loader = trainer.build_loader(cfg, dataset, tokenizer.pad_token_id or 0, trainer.Cluster())
+    dataset = trainer.build.open_dataset(cfg, tokenizer, processor, vlm_config, None, is_main=False)
+    sampler, loader = trainer.build.build_loader(cfg, dataset, tokenizer.pad_token_id or 0,
+                                                 trainer.distributed.Cluster())
     sampler.set_epoch(0)
-    steps = list(trainer.optimizer_steps(loader, len(sampler), cfg.accumulation_steps))
+    steps = list(trainer.schedule.optimizer_steps(loader, len(sampler), cfg.accumulation_steps))
     assert [len(s) for s in steps] == [2, 1]  # 3 batches of 2: one full step, one short
     assert sum(b["n_samples"] for s in steps for b in s) == 6
 
@@ -369,7 +381,7 @@ def open_toy_dataset(tmp_path, tower_dir, tokenizer, processor, n_long, n_short,
     data.write_text(lines)
     cfg = config(data_path=str(data), images_path=images, max_seq_len=max_seq_len)
     vlm_config = VLMConfig(vision_model_path=tower_dir, image_token_id=3, **TINY_LLM)
-    return trainer.open_dataset(cfg, tokenizer, processor, vlm_config, None, is_main=is_main)
+    return trainer.build.open_dataset(cfg, tokenizer, processor, vlm_config, None, is_main=is_main)
 
 
 def test_data_of_which_no_sample_fits_max_seq_len_is_an_error_naming_the_file_and_the_flag(tower_dir, tokenizer,
@@ -389,8 +401,8 @@ def test_data_without_an_answer_to_learn_is_an_error_even_when_bad_samples_are_s
     cfg = config(data_path=str(data), skip_bad_samples=1)
     with pytest.raises(ValueError, match=rf"^{data}: no usable samples: all 3 are bad, e.g. {data}:1: no non-empty "
                                          "assistant turn"):
-        trainer.open_dataset(cfg, tokenizer, processor, VLMConfig(vision_model_path=tower_dir, image_token_id=3,
-                                                                  **TINY_LLM), None, is_main=False)
+        trainer.build.open_dataset(cfg, tokenizer, processor, VLMConfig(vision_model_path=tower_dir, image_token_id=3,
+                                                                        **TINY_LLM), None, is_main=False)
 
 
 def test_data_that_would_lose_more_than_a_few_percent_to_max_seq_len_says_so_before_training(
@@ -417,8 +429,8 @@ class Clock:
 
 def test_the_first_step_is_left_out_of_the_rate_and_the_eta():
     clock = Clock()
-    meter = trainer.Meter(clock)
-    step = trainer.Step(loss=2.0, lr=1e-3, applied=True, stop=False, samples=4, tokens=400)
+    meter = trainer.logs.Meter(clock)
+    step = trainer.loop.Step(loss=2.0, lr=1e-3, applied=True, stop=False, samples=4, tokens=400)
     clock.now += 60  # the first step compiles for a minute
     meter.add(step, done=4)
     clock.now += 1  # then a step a second
@@ -433,12 +445,12 @@ def test_the_first_step_is_left_out_of_the_rate_and_the_eta():
 
 def test_a_log_line_right_after_the_first_step_has_no_rate_or_eta_yet(tmp_path, capsys):
     clock = Clock()
-    meter = trainer.Meter(clock)
+    meter = trainer.logs.Meter(clock)
     clock.now += 60
-    meter.add(trainer.Step(loss=2.0, lr=1e-3, applied=True, stop=False, samples=4, tokens=400), done=4)
+    meter.add(trainer.loop.Step(loss=2.0, lr=1e-3, applied=True, stop=False, samples=4, tokens=400), done=4)
     record = meter.report(1e-3, done=4, total=40)
     assert record["loss"] == 2.0 and record["samples_per_s"] is record["tokens_per_s"] is record["eta_s"] is None
-    logger = trainer.Logger(config(), str(tmp_path / "log.jsonl"), None, enabled=True)
+    logger = trainer.logs.Logger(config(), str(tmp_path / "log.jsonl"), None, enabled=True)
     logger.log({"epoch": 1, "step": 1, "total_steps": 10, **record})
     assert "step 1/10 loss 2.0000 lr 1.00e-03 first step of the run, not timed" in capsys.readouterr().out
 
@@ -449,7 +461,7 @@ def test_a_compiled_run_says_it_is_compiling_before_its_first_step(tower_dir, tm
     data_path, images = make_toy_data(tmp_path, n=4)
     cfg = config(data_path=data_path, images_path=images, out_dir=str(tmp_path / "out"), vision_model_path=tower_dir,
                  tokenizer_path="model", num_workers=0, log_interval=1, use_compile=1, **TINY_LLM)
-    trainer.train_epochs(trainer.build_run(cfg, trainer.Cluster()))
+    trainer.loop.train_epochs(trainer.build.build_run(cfg, trainer.distributed.Cluster()))
     out = capsys.readouterr().out
     assert 0 <= out.find("compiling the model in the first step (about a minute, once") < out.find("step 1/2")
     assert "step 1/2 loss" in out and "first step of the run, not timed" in out.split("step 2/2")[0]

@@ -1,6 +1,7 @@
 """The training flags and the read-only TrainConfig they become, shared by train_pretrain_vlm.py and
 train_sft_vlm.py: each calls `build_parser(...)` with its stage's defaults, parses, and only then
-imports trainer.py (torch and the rest), so --help and a mistyped flag answer at once."""
+imports trainer.main (torch and the rest), so --help and a mistyped flag answer at once. This module
+loads no torch."""
 import dataclasses
 
 from cli import DEVICE_HELP, DTYPE_HELP, IMAGES_PATH_DEFAULT, add_video_args, make_parser, switch
@@ -167,3 +168,9 @@ class TrainConfig:
 def parse(parser, argv=None):
     """The command line (argv, default sys.argv) -> TrainConfig."""
     return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+def plain_args(cfg):
+    """The config as saved in a resume file: plain values only (see distributed.rng_state)."""
+    return {k: v if isinstance(v, (bool, int, float, str, type(None))) else str(v)
+            for k, v in dataclasses.asdict(cfg).items()}

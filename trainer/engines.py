@@ -1,4 +1,4 @@
-"""The two ways trainer.py runs forward/backward/step and writes checkpoints.
+"""The two ways the training loop runs forward/backward/step and writes checkpoints.
 
 TorchEngine: one process or DDP, torch AdamW, autocast, GradScaler for float16; resume is one file.
 DeepSpeedEngine: `--deepspeed ds_config/zeroN.json`; the same torch AdamW handed to
@@ -9,8 +9,8 @@ Both train a module without the vision tower: the trainer runs the frozen tower 
 engine's `compute_dtype`, and passes its features to the forward. Both give the trainer the same
 `full_state()` (fp32, our key names, LoRA adapters apart), from which it writes the `.pth`
 (released key names, adapters folded in) and the LoRA adapter file, so eval and export do not care
-how a model was trained. The engines take the trainer's TrainConfig (read-only); errors
-are exceptions for trainer.main to report. deepspeed is imported only by DeepSpeedEngine.
+how a model was trained. The engines take their settings as keywords, not the TrainConfig; errors
+are exceptions for trainer.main.launch to report. deepspeed is imported only by DeepSpeedEngine.
 """
 import contextlib
 import glob
@@ -72,7 +72,7 @@ class TorchEngine:
     def backward(self, loss):
         self.scaler.scale(loss).backward()  # the loss is already this micro-batch's share of the step
 
-    scales_gradients = True  # step() can rescale the accumulated gradients: see trainer.train_step
+    scales_gradients = True  # step() can rescale the accumulated gradients: see loop.train_step
 
     def step(self, lr, loss_ok, grad_scale=None):
         """Rescale the gradients by `grad_scale` (a number or a device tensor), clip and step ->
@@ -114,7 +114,7 @@ class TorchEngine:
                          "scaler": self.scaler.state_dict(), **extra}, self.resume_path)
 
     def load_resume(self):
-        # weights_only: a resume file holds tensors and plain values only (see trainer.rng_state),
+        # weights_only: a resume file holds tensors and plain values only (see distributed.rng_state),
         # so a planted one cannot run code.
         path = self.resume_path
         ckpt = read_checkpoint(path, "resume file", RESUME_EXPECTED)
@@ -215,7 +215,8 @@ class DeepSpeedEngine:
         `model` must not hold the vision tower (the trainer keeps it apart): ZeRO-3 would
         partition it and gather it on every forward, and bf16 would round it."""
         if getattr(model, "vision_encoder", None) is not None:
-            raise RuntimeError("DeepSpeedEngine: take the vision tower out of the model first (trainer.build_model)")
+            raise RuntimeError("DeepSpeedEngine: take the vision tower out of the model first "
+                               "(trainer.build.build_model)")
         import deepspeed
         self.ds, self.resume_path = deepspeed, resume_path  # a directory
         ds_cfg = deepspeed_config(config_path, world_size(), model.config.dim, batch_size=batch_size,
