@@ -9,7 +9,7 @@ anything that loads torch (seconds), then call main.launch(cfg), which runs loop
     train_epochs(run)                   # loop.py: train_step, then log_and_save, once per step
     run.checkpointer.save(state, "final")   # checkpoints.py
 
-    config.py       the flags and the read-only TrainConfig (no torch: --help answers at once)
+    config.py       the flags, written once as TrainConfig fields (no torch: --help answers at once)
     main.py         launch(cfg): train, and report an error meant for the user as one line
     errors.py       StopTraining, and which errors are the user's
     loop.py         the training loop, top to bottom
