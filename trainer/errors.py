@@ -4,7 +4,7 @@ from model.checkpoint import CheckpointError
 
 
 class StopTraining(Exception):
-    """The run ends here on purpose, with nothing (more) to save. main() exits with `exit_code`,
+    """The run ends here on purpose, with nothing (more) to save. launch() exits with `exit_code`,
     after the line `error: {message}` when there is a message (rank 0 has one, other ranks end
     quietly)."""
 
