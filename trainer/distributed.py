@@ -76,6 +76,9 @@ def setup_distributed(cfg):
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return Cluster(dist.get_rank(), dist.get_world_size(), device)
 
+
+# Random streams: seeded per rank, and saved in resume files as tensors and plain lists.
+
 def seed_all(seed):
     torch.manual_seed(seed)
     random.seed(seed)
