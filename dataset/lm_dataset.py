@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from model.chat import ChatEncoder, expand_video
 from model.model_minimind import supervised_positions
+from model.model_vlm import image_slot_error
 
 from .feature_cache import image_key
 from model.images import ImageError, open_image, to_pixels
@@ -184,9 +185,9 @@ def collate_batch(items, pad_id=0, pad_to=0, image_token_count=None):
 
 def check_image_slots(items, image_token_count):
     """Each sample needs image_token_count placeholder slots per image, or its images' features would
-    land on the wrong tokens (checked here rather than in the model, where the counts live on the GPU)."""
+    land on the wrong tokens: the model's rule (image_slot_error), checked here, sample by sample,
+    rather than in the model, where the counts live on the GPU."""
     for it in items:
-        n_slots, n_images = int(it["image_mask"].sum()), len(it["cached"])
-        if n_slots != n_images * image_token_count:
-            raise ValueError(f"a sample has {n_slots} image placeholder slots for {n_images} images: each image "
-                             f"needs exactly {image_token_count}")
+        error = image_slot_error([int(it["image_mask"].sum())], len(it["cached"]), image_token_count)
+        if error:
+            raise ValueError(f"a sample has {error}")

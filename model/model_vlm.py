@@ -116,6 +116,18 @@ def tower_token_count(tower):
     return (tower.config.image_size // tower.config.patch_size) ** 2
 
 
+def image_slot_error(per_row, n_images, n_per_image):
+    """The rule for image placeholder slots, checked by training's collate (dataset/lm_dataset.py)
+    and by the model when it finds the slots itself: each row holds a whole number of images' runs
+    of n_per_image slots, and the rows together those of the n_images images. per_row: each row's
+    slot count, as Python ints (so checking reads no device). -> None when they fit, else what is wrong."""
+    if sum(per_row) == n_images * n_per_image and not any(n % n_per_image for n in per_row):
+        return None
+    counts = f"{per_row[0]} image placeholder tokens" if len(per_row) == 1 else \
+        f"{per_row} image placeholder tokens per row"
+    return f"{counts} for {n_images} images: each image needs exactly {n_per_image}"
+
+
 def tower_features(tower, pixel_values):
     """The tower's last-layer patch tokens: [N, 3, H, W] -> [N, n_patches, C]. CLIP puts a CLS
     token before the patches, which is dropped; SigLIP has none, so every token is kept. (SigLIP's
@@ -197,10 +209,7 @@ class MiniMindVLM(MiniMindForCausalLM):
         checked against the images: each row needs a whole number of images' placeholders, and all
         rows together those of `n_images`. Reads the device (once per prompt when decoding)."""
         is_image = input_ids == self.config.image_token_id if image_mask is None else image_mask.bool()  # [B, T]
-        per_row = is_image.sum(1)
-        n_per_image = self.config.image_token_count
-        if per_row.sum() != n_images * n_per_image or (per_row % n_per_image).any():
-            raise ValueError(
-                f"{per_row.tolist()} image placeholder tokens (id {self.config.image_token_id}) per row, but "
-                f"{n_images} images: each image needs exactly {n_per_image} placeholders")
+        error = image_slot_error(is_image.sum(1).tolist(), n_images, self.config.image_token_count)
+        if error:
+            raise ValueError(f"{error} (placeholder id {self.config.image_token_id})")
         return is_image.reshape(-1).nonzero().squeeze(1)

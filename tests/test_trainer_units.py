@@ -280,7 +280,7 @@ def test_the_collate_refuses_a_sample_whose_placeholders_do_not_fit_its_images()
     item = {"input_ids": ids, "labels": ids, "image_mask": ids < 4, "pixel_values": torch.zeros(1, 3, 8, 8),
             "image_keys": [None], "cached": [None]}
     collate_batch([item], image_token_count=4)  # 4 slots, one image of 4: fits
-    with pytest.raises(ValueError, match="a sample has 4 image placeholder slots for 1 images: each image needs "
+    with pytest.raises(ValueError, match="a sample has 4 image placeholder tokens for 1 images: each image needs "
                                          "exactly 3"):
         collate_batch([item], image_token_count=3)
 
