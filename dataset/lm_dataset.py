@@ -108,7 +108,7 @@ class VLMDataset(Dataset):
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
                 "image_mask": torch.tensor(is_image, dtype=torch.bool),  # the image slots, not typed '@'s
                 "pixel_values": to_pixels(self.processor, images),  # [M, 3, H, W], the uncached images only
-                "image_keys": keys, "cached": cached}
+                "image_keys": keys, "cached": cached, "where": sample.where}  # where: "file:line" or "file:row N"
 
     def check_lengths(self, max_checked=2000):
         """Which samples would training skip for not fitting max_seq_len, or as bad? Tokenizes them as
@@ -153,7 +153,8 @@ def collate_batch(items, pad_id=0, pad_to=0, image_token_count=None):
     still runs a step (no DDP hang). Also what the training step needs from the batch as indices
     and counts, found here on the CPU, in the loader's workers: on a GPU each would make the host
     wait (see supervised_positions). With image_token_count, a sample whose placeholders do not
-    fit its images is a ValueError naming both counts."""
+    fit its images is a ValueError naming both counts and, for a VLMDataset's item, its file and
+    line (or parquet row)."""
     skipped = [it["skip"] for it in items if "skip" in it]
     items = [it for it in items if "skip" not in it]
     if not items:
@@ -189,5 +190,10 @@ def check_image_slots(items, image_token_count):
     rather than in the model, where the counts live on the GPU."""
     for it in items:
         error = image_slot_error([int(it["image_mask"].sum())], len(it["cached"]), image_token_count)
+        if error and "where" in it:  # a VLMDataset item: its <image> tags and its images were counted alike
+            raise ValueError(f"{it['where']}: the sample has {error}. Its <image> tags match its images, so the "
+                             "tokenizer's chat template did not render each tag once (one that leaves out or "
+                             "repeats a turn's text, e.g. the system turn): use a template that renders every "
+                             "turn's content as it is")
         if error:
             raise ValueError(f"a sample has {error}")

@@ -1,6 +1,7 @@
 """The data pipeline: loss mask, padding, truncation, bad input and batch order."""
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -179,6 +180,30 @@ def test_bad_lines_name_file_and_line_or_are_skipped_and_counted(tmp_path, token
     ds = make_dataset(path, str(tmp_path), tokenizer, processor, skip_bad_samples=True)
     assert len(ds) == 2 and len(ds.bad) == 1 and ds.bad[0].startswith(path + ":2:")
     assert [ds.source.get(i).where for i in range(len(ds))] == [f"{path}:1", f"{path}:3"]  # nothing shifted
+
+
+NO_SYSTEM_TEMPLATE = ("{%- for m in messages %}{%- if m['role'] != 'system' %}"
+                      "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endif %}"
+                      "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def test_a_sample_whose_template_drops_an_image_tag_is_refused_by_the_collate_naming_its_line(tmp_path, tokenizer,
+                                                                                               processor):
+    """The tags match the images, but a chat template that leaves out the system turn leaves out the
+    <image> in it: the batch would put an image's features on no slot."""
+    write_image(tmp_path / "a.png", "red")
+    system = {"role": "system", "content": "Look: <image>"}
+    sample = conv("What colour?", "red", image="a.png")
+    sample["conversations"].insert(0, system)
+    path = write_jsonl(tmp_path, [conv("<image>ok", "fine", image="a.png"), sample])
+    dropping = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    dropping.chat_template = NO_SYSTEM_TEMPLATE
+    ds = make_dataset(path, str(tmp_path), dropping, processor)
+    assert ds[0]["where"] == f"{path}:1"
+    collate_batch([ds[0]], image_token_count=196)
+    with pytest.raises(ValueError, match=rf"^{re.escape(path)}:2: the sample has 0 image placeholder tokens for 1 images: each "
+                                         r"image needs exactly 196\. .*chat template did not render each tag once"):
+        collate_batch([ds[0], ds[1]], image_token_count=196)
 
 
 def test_an_unreadable_image_names_the_line_or_is_skipped(tmp_path, tokenizer, processor):
