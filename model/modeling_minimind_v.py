@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from .chat import IMAGE_TAG, ChatEncoder
+from .chat import ChatEncoder, check_room, user_content
 from .images import from_pil, load_processor, open_image, to_pixels
 from .model_minimind import rope_cos_sin
 from .model_vlm import MiniMindVLM, VLMConfig, load_vision_tower, tower_token_count, vision_help
@@ -89,29 +89,44 @@ class MiniMindVLMForCausalLM(MiniMindVLM):
         """The prompt's (ids, is_image), as training and eval_vlm.py encode it (model/chat.py)."""
         return ChatEncoder(tokenizer, self.config.image_token_id, self.config.image_token_count).encode_prompt(messages)
 
-    @torch.inference_mode()
-    def chat(self, image=None, messages=None, tokenizer=None, processor=None, max_new_tokens=256,
-             temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0):
-        """One answer. image: None, a PIL image or path, or a list of them. messages: a question, or
-        [{"role", "content"}, ...] where each <image> tag takes the next image (with no tags, the
-        images go in front of the last user message). Tokenizer and processor default to this
-        directory's own. Images become pixels as in training (images.py: orientation, RGB, size)."""
+    def conversation(self, image=None, messages=None):
+        """chat()'s arguments -> (turns with an <image> tag per picture, the pictures in tag order),
+        built by chat.user_content as eval_vlm.py, the web demo and the API build theirs: text is what
+        was typed, so an <image> typed in it reads "[image]" and takes no picture."""
         images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
-        images = [open_image(im) if isinstance(im, (str, os.PathLike, bytes)) else from_pil(im) for im in images]
+        images = [open_image(im) if isinstance(im, (str, os.PathLike, bytes)) else im for im in images]
         if messages is None:
             messages = "Describe the image."
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        messages = [dict(m) for m in messages]
-        n_tags = sum(m["content"].count(IMAGE_TAG) for m in messages)
-        if images and not n_tags:
-            last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-            messages[last_user]["content"] = (IMAGE_TAG + "\n") * len(images) + messages[last_user]["content"]
-        elif n_tags != len(images):
-            raise ValueError(f"{n_tags} {IMAGE_TAG} tags in the messages but {len(images)} images")
+        parts = [[m["content"]] if isinstance(m["content"], str) else list(m["content"]) for m in messages]
+        if images:
+            users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+            if not users:
+                raise ValueError("the images go in front of the last user message, but the messages have none")
+            parts[users[-1]] = images + parts[users[-1]]
+        turns, shown = [], []
+        for m, turn_parts in zip(messages, parts):
+            turn_parts = [open_image(p) if isinstance(p, (os.PathLike, bytes)) else p for p in turn_parts]
+            content, pictures = user_content(turn_parts)
+            turns.append({**m, "content": content})
+            shown += pictures
+        return turns, [from_pil(im) for im in shown]
+
+    @torch.inference_mode()
+    def chat(self, image=None, messages=None, tokenizer=None, processor=None, max_new_tokens=256,
+             temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0):
+        """One answer. image: None, a PIL image or path, or a list of them; they go in front of the
+        last user message. messages: a question, or [{"role", "content"}, ...] whose content is text
+        or a list of parts in order (text, a PIL image or path-like, a chat.Video). Text is what was
+        typed: an <image> in it is text, as in eval_vlm.py, the web demo and the API (conversation()).
+        Tokenizer and processor default to this directory's own. Images become pixels as in training
+        (images.py: orientation, RGB, size)."""
+        messages, images = self.conversation(image, messages)
         tokenizer, processor = self._chat_tools(tokenizer, processor)
         device = next(self.parameters()).device
         prompt_ids, is_image = self.encode_chat(messages, tokenizer)
+        check_room(len(prompt_ids), max_new_tokens, self.config.max_seq_len)
         ids = torch.tensor([prompt_ids], device=device)
         pixel_values = to_pixels(processor, images).to(device) if images else None
         out = self.generate(ids, pixel_values=pixel_values, image_mask=torch.tensor([is_image], device=device),

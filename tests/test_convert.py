@@ -230,6 +230,43 @@ def test_eval_path_load_1_gives_the_same_answers_as_the_pth(tower_dir, photo, tm
         assert json.load(f)["vision_model_path"] == tower_dir
 
 
+def test_the_exported_chat_builds_the_conversation_as_eval_and_the_api_do(tower_dir, photo, tmp_path):
+    """model.chat() of plain transformers and VLMChat (eval_vlm.py, the web demo, the API) turn a
+    question and an image into the same prompt (model.chat.user_content) and the same greedy answer:
+    an <image> typed in the question is text in both, never an image slot."""
+    from model.chat import user_content
+    from model.images import open_image, to_pixels
+    from model.inference import InferenceConfig, VLMChat, load_model
+    pth = str(tmp_path / "w.pth")
+    make_checkpoint(tower_dir, pth, seed=7)
+    out = export_hf(pth, str(tmp_path / "hf-chat"), os.path.join(ROOT, "model"), tower_dir)
+    exported = load_hf(out)
+    chat = VLMChat(*load_model(InferenceConfig(weight=pth, vision_model_path=tower_dir, tokenizer_path="model",
+                                               dtype="float32", device="cpu")))
+    question = "What does <image> stand for here?"
+    for image, n_slots in ((None, 0), (photo, 196)):
+        content, images = user_content(([open_image(image)] if image else []) + [question])
+        messages = [{"role": "user", "content": content}]
+        turns, pictures = exported.conversation(image, question)
+        assert turns == messages and "[image] stand for" in content and len(pictures) == len(images)
+        tokenizer, processor = exported._chat_tools(None, None)
+        ids, is_image = exported.encode_chat(turns, tokenizer)
+        assert (ids, is_image) == chat.encoder.encode_prompt(messages) and sum(is_image) == n_slots
+        with torch.no_grad():  # the same pixels on the same slots
+            got = exported(torch.tensor([ids]), image_mask=torch.tensor([is_image]),
+                           pixel_values=to_pixels(processor, pictures) if pictures else None).logits
+            expected = chat.model(torch.tensor([ids]), image_mask=torch.tensor([is_image]),
+                                  pixel_values=chat.pixels(images)).logits
+        assert (got - expected).abs().max() < 1e-5
+        answer = exported.chat(image, question, max_new_tokens=6)
+        assert answer == chat.answer(messages, images, max_new_tokens=6)
+    red = Image.new("RGB", (32, 32), "red")  # a turn's parts, in order: the picture where it is given
+    turns, pictures = exported.conversation(None, [{"role": "user", "content": ["Compare", red, "with <image>."]}])
+    assert turns == [{"role": "user", "content": "Compare\n<image>\nwith [image]."}] and len(pictures) == 1
+    with pytest.raises(ValueError, match="exceeds the model's limit"):
+        exported.chat(photo, question, max_new_tokens=exported.config.max_seq_len)
+
+
 def test_our_entry_points_load_an_exported_directory_without_running_its_code(tower_dir, tmp_path):
     """eval_vlm.py, the web demo and the API load a directory through load_model: the modelling files in
     it are for plain transformers, and a line planted in them must not run."""
