@@ -201,8 +201,9 @@ def test_a_sample_whose_template_drops_an_image_tag_is_refused_by_the_collate_na
     ds = make_dataset(path, str(tmp_path), dropping, processor)
     assert ds[0]["where"] == f"{path}:1"
     collate_batch([ds[0]], image_token_count=196)
-    with pytest.raises(ValueError, match=rf"^{re.escape(path)}:2: the sample has 0 image placeholder tokens for 1 images: each "
-                                         r"image needs exactly 196\. .*chat template did not render each tag once"):
+    with pytest.raises(ValueError, match=rf"^{re.escape(path)}:2: the sample has 0 image placeholder tokens for 1 "
+                                         r"images: each image needs exactly 196\. .*chat template did not render "
+                                         r"each tag once"):
         collate_batch([ds[0], ds[1]], image_token_count=196)
 
 
