@@ -8,8 +8,8 @@ as the first epoch of a training run with the same --vision_model_path and --dty
 the script can be stopped and rerun, or run once per data file into one shared DIR (an image
 embedded twice, in the pretrain and the SFT file, is encoded once). Under torchrun
 (or with RANK and WORLD_SIZE set) each process encodes its own slice into its own shard file.
-It costs about 300 KB per image at ViT-B/16 width (196 x 768 fp16): about 180 GB for the
-released pretrain set.
+It costs about 300 KB per image with CLIP ViT-B/16 (196 x 768 fp16): about 180 GB for the
+released pretrain set; about 100 KB per image with SigLIP2 P32 (64 x 768).
 """
 import os
 import sys
@@ -124,7 +124,7 @@ def main():
     try:
         for batch in loader:
             with autocast:
-                features = tower_features(tower, batch.to(args.device)).to(torch.float16)  # [N, 196, C]
+                features = tower_features(tower, batch.to(args.device)).to(torch.float16)  # [N, image_token_count, C]
             for features_of_one in features:
                 cache.add(todo[done], features_of_one)
                 done += 1

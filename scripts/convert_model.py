@@ -134,7 +134,7 @@ def save_processor(vision_path, out_dir):
 
 
 def export_hf(weight, out_dir, tokenizer_path, vision_model_path, image_token_id=-1, copy_tower=False):
-    """Our .pth -> a transformers-format directory. Returns the directory. copy_tower: put the CLIP
+    """Our .pth -> a transformers-format directory. Returns the directory. copy_tower: put the vision
     tower inside it (as vision_model/) so the directory needs nothing else."""
     if not os.path.isfile(weight):
         sys.exit(f"error: weights {weight} not found: pass --weight PATH.pth (or a name in out/, e.g. sft_vlm)")
