@@ -184,21 +184,27 @@ class MoEFeedForward(nn.Module):
         topk_w, topk_idx = probs.topk(self.cfg.num_experts_per_tok, dim=-1)  # [N, k]
         if self.cfg.norm_topk_prob:
             topk_w = topk_w / (topk_w.sum(-1, keepdim=True) + 1e-20)
-        out = torch.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
-            rows, slot = (topk_idx == e).nonzero(as_tuple=True)
-            # Every expert runs (possibly on zero rows) so every parameter gets a gradient under DDP.
-            out.index_add_(0, rows, (expert(flat[rows]) * topk_w[rows, slot, None].to(flat.dtype)).to(out.dtype))
+        # The routed slots sorted by expert (stable: each expert's rows stay in token order), then cut
+        # into one run per expert by their counts: a single read of the device (the counts, which the
+        # balance loss uses too) where a nonzero per expert would make a GPU host wait once per expert.
+        E, k = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
+        G = B if self.cfg.seq_aux else 1  # groups the balance loss takes its statistics over
+        slots = topk_idx.view(G, -1)  # [G, N*k/G], slot i is token i // k
+        counts = slots.new_zeros(G, E).scatter_add_(1, slots, torch.ones_like(slots))  # [G, E]
+        per_expert = counts.sum(0).tolist()
+        order = slots.reshape(-1).argsort(stable=True)
+        rows = order // k
+        weights = topk_w.reshape(-1)[order, None].to(flat.dtype)
+        # Every expert runs (possibly on zero rows) so every parameter gets a gradient under DDP.
+        routed = torch.cat([expert(xs) for expert, xs in zip(self.experts, flat[rows].split(per_expert))])
+        out = torch.zeros_like(flat).index_add_(0, rows, (routed * weights).to(flat.dtype))
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         # Balance loss: the fraction of routed slots per expert (scaled so uniform = 1) times its mean
         # gate probability, summed over experts. MiniMind2 measures both per sequence and averages
         # (seq_aux); MiniMind3 over the whole batch, which with top-1 is its
         # num_experts * coef * sum(load * mean_score).
-        E, k = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
-        G = B if self.cfg.seq_aux else 1  # groups the statistics are taken over
-        counts = F.one_hot(topk_idx.view(G, -1), E).float().sum(1)  # [G, E]
-        load = counts / (B * T / G * k / E)
+        load = counts.float() / (B * T / G * k / E)
         self.aux_loss = (load * probs.view(G, -1, E).mean(1)).sum(-1).mean() * self.cfg.aux_loss_alpha
         return out.view(B, T, D)
 
