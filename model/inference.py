@@ -102,9 +102,10 @@ def load_model(args):
 class VLMChat:
     """Messages with <image> tags + PIL images -> answers, streamed or batched."""
 
-    def __init__(self, model, tokenizer, processor, open_thinking=False):
+    def __init__(self, model, tokenizer, processor, open_thinking=False, static_cache=False):
         self.model, self.tokenizer, self.processor = model, tokenizer, processor
         self.open_thinking = open_thinking  # the model writes its reasoning first; answers leave it out
+        self.static_cache = bool(static_cache)  # fixed-shape KV buffers (StaticKVCache): the same answers
         self.encoder = ChatEncoder(tokenizer, model.config.image_token_id, model.config.image_token_count,
                                    open_thinking)
         self.device = next(model.parameters()).device
@@ -168,7 +169,8 @@ class VLMChat:
         for tok in self.model.generate_stream(ids, attention_mask=mask, pixel_values=pixel_values,
                                               image_mask=image_mask, max_new_tokens=max(limits),
                                               temperature=temperature, top_p=top_p, top_k=top_k,
-                                              repetition_penalty=repetition_penalty, eos_token_id=eos):
+                                              repetition_penalty=repetition_penalty, eos_token_id=eos,
+                                              static_cache=self.static_cache):
             pieces = [""] * B
             for r, t in enumerate(tok.tolist()):
                 if stats[r]["finish_reason"]:
@@ -198,7 +200,8 @@ class VLMChat:
         T = ids.shape[1]
         all_images = [im for _, images in conversations for im in images]
         out = self.model.generate(ids, attention_mask=mask, image_mask=image_mask, pixel_values=self.pixels(all_images),
-                                  max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id, **kw)
+                                  max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+                                  static_cache=self.static_cache, **kw)
         answers = []
         for row in out[:, T:].tolist():
             row = row[:row.index(self.tokenizer.eos_token_id)] if self.tokenizer.eos_token_id in row else row

@@ -116,6 +116,33 @@ class KVCache:
         self.k[layer][:, :, start:end], self.v[layer][:, :, start:end] = k, v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def keys(self, T):
+        """The key count attention sees when T new tokens are stored: those stored so far."""
+        return self.pos + T
+
+
+class StaticKVCache(KVCache):
+    """KV buffers of one fixed shape [B, n_kv, capacity, hd], written in place (index_copy_ at the write
+    position); every layer attends over the whole buffer, the keys not written yet masked out (the mask's
+    causal part does it: they lie after every query). A decode step's shapes then never change, which
+    torch.compile(mode="reduce-overhead") needs to capture it as one CUDA graph. The tokens are those of
+    the dynamic KVCache; it refuses to grow past its capacity."""
+
+    def update(self, layer, k, v):
+        end = self.pos + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"a static KV cache holds {self.capacity} tokens; {end} asked")
+        if self.k[layer] is None:
+            self.k[layer], self.v[layer] = (k.new_zeros(*k.shape[:2], self.capacity, k.shape[3]) for _ in range(2))
+        where = torch.arange(self.pos, end, device=k.device)
+        self.k[layer].index_copy_(2, where, k)
+        self.v[layer].index_copy_(2, where, v)
+        return self.k[layer], self.v[layer]
+
+    def keys(self, T):
+        """The key count attention sees when T new tokens are stored: all of the buffer."""
+        return self.capacity
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: MiniMindConfig):
@@ -283,9 +310,11 @@ class MiniMindForCausalLM(PreTrainedModel):
         if start + T > self.rope_cos.shape[0]:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
-        if attention_mask is None and start > 0 and T > 1:  # a multi-token chunk after a cache needs a real mask
+        S = cache.keys(T) if cache is not None else T  # keys attended to
+        if attention_mask is None and (start > 0 and T > 1 or S > start + T):
+            # a multi-token chunk after a cache needs a real mask, and so does a static cache's unwritten part
             attention_mask = input_ids.new_ones(B, start + T)
-        attn_mask = padding_attention_mask(attention_mask, T, start) if attention_mask is not None else None
+        attn_mask = padding_attention_mask(attention_mask, T, start, S) if attention_mask is not None else None
         # Without a mask the only masking needed is causal, and only when several queries are new
         # (a single decode step sees the whole cache).
         causal = attn_mask is None and T > 1
@@ -327,17 +356,19 @@ class MiniMindForCausalLM(PreTrainedModel):
 
     @torch.inference_mode()
     def generate_stream(self, input_ids, attention_mask=None, max_new_tokens=256, temperature=0.0, top_p=1.0,
-                        top_k=0, repetition_penalty=1.0, eos_token_id=None, **model_kwargs):
+                        top_k=0, repetition_penalty=1.0, eos_token_id=None, static_cache=False, **model_kwargs):
         """Yields the next token of every row, [B], once per step. Rows that produced EOS keep
         yielding EOS (the caller stops reading them); the loop ends when every row is done.
-        Batched prompts must be left-padded with attention_mask marking the real tokens."""
+        Batched prompts must be left-padded with attention_mask marking the real tokens.
+        static_cache: a StaticKVCache (fixed shapes, for CUDA graphs) instead of the growing KVCache;
+        the same tokens."""
         eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
         B, T = input_ids.shape
-        cache = KVCache(len(self.layers), capacity=T + max_new_tokens)
+        cache = (StaticKVCache if static_cache else KVCache)(len(self.layers), capacity=T + max_new_tokens)
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         seen = input_ids.clone()  # tokens the repetition penalty applies to
-        if attention_mask is not None:
-            attention_mask = attention_mask.clone()
+        if attention_mask is not None:  # the answer's positions are real tokens; the forward reads [:past+T]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], 1)
         step_ids = input_ids
         for _ in range(max_new_tokens):
             out = self(step_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
@@ -352,9 +383,9 @@ class MiniMindForCausalLM(PreTrainedModel):
             yield nxt
             if done.all():
                 return
-            step_ids, seen = nxt[:, None], torch.cat([seen, nxt[:, None]], 1)
-            if attention_mask is not None:
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], 1)
+            step_ids = nxt[:, None]
+            if repetition_penalty != 1.0:
+                seen = torch.cat([seen, step_ids], 1)
 
     def generate(self, input_ids, **kwargs):
         """Prompt + up to max_new_tokens new tokens, [B, T + n]; finished rows are EOS-padded."""
@@ -370,12 +401,15 @@ def supervised_positions(labels):
     return keep.reshape(-1).nonzero().squeeze(1)
 
 
-def padding_attention_mask(attention_mask, T, past):
-    """Boolean SDPA mask [B, 1, T, past+T]: causal, and never attending to padding keys.
+def padding_attention_mask(attention_mask, T, past, S=None):
+    """Boolean SDPA mask [B, 1, T, S], S = past+T unless given (a static cache's capacity: the keys
+    past the last query are masked, as later tokens are): causal, and never attending to padding keys.
     A query always sees itself, so rows of left padding are not all-masked (which gives NaN)."""
-    S = past + T
-    keys = attention_mask[:, None, None, :S].bool()  # [B, 1, 1, S]
-    q_pos = torch.arange(past, S, device=attention_mask.device)[:, None]
+    S = past + T if S is None else S
+    keys = attention_mask[:, None, None, :S].bool()  # [B, 1, 1, <= S]
+    if keys.shape[-1] < S:  # the mask covers the tokens so far; the keys after them are masked as causal
+        keys = F.pad(keys, (0, S - keys.shape[-1]))
+    q_pos = torch.arange(past, past + T, device=attention_mask.device)[:, None]
     k_pos = torch.arange(S, device=attention_mask.device)[None, :]
     return ((k_pos <= q_pos) & keys) | (k_pos == q_pos)
 

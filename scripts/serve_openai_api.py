@@ -39,7 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from cli import add_model_args, add_video_args, make_parser, old_spelling  # noqa: E402
+from cli import add_model_args, add_video_args, make_parser, old_spelling, switch  # noqa: E402
 from dataset.video import DEFAULT_FRAMES, MAX_VIDEO_SECONDS, read_frames  # noqa: E402
 from model.chat import ReasoningSplitter, Video, as_text, check_image_count, check_room, user_content  # noqa: E402
 from model.images import open_image  # noqa: E402
@@ -61,6 +61,8 @@ def parse_args(argv=None):
       help="milliseconds a batch may wait for more requests when fewer than --max_batch wait but more are on "
            "their way: admitted and still being read or prepared, or the clients of the batch that just ended, "
            "which tend to send their next request at once; 0 = start at once")
+    switch(a, "--static_cache", 0, help="KV cache of one fixed shape, written in place (what CUDA graphs need); "
+                                        "the same answers")
     a("--max_request_mb", type=float, default=20, help="largest request body accepted")
     a("--allow_local_files", metavar="DIR", default=None,
       help="also accept image paths / file:// URLs, only of images inside DIR (symlinks resolved "
@@ -664,8 +666,8 @@ def main(argv=None):
         model, tokenizer, processor = load_model(InferenceConfig.from_args(args))
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # CheckpointError is a RuntimeError
         sys.exit(f"error: {e}")
-    engine = Engine(VLMChat(model, tokenizer, processor, args.open_thinking), args.max_seq_len, args.max_queue,
-                    args.max_batch, args.batch_wait / 1000)
+    engine = Engine(VLMChat(model, tokenizer, processor, args.open_thinking, args.static_cache), args.max_seq_len,
+                    args.max_queue, args.max_batch, args.batch_wait / 1000)
     name = args.model_name or os.path.basename(os.path.normpath(
         args.weight if is_hf_dir(args.weight) else resolve_weight_path(args))).removesuffix(".pth")
     app = create_app(engine, args, name)

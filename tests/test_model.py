@@ -150,3 +150,35 @@ def test_forward_and_generation_print_no_transformers_deprecation(monkeypatch):
     model.train()
     model(ids, labels=ids).loss.backward()
     assert said == []
+
+
+@pytest.mark.parametrize("generation", ["minimind2", "minimind3"])
+def test_a_static_kv_cache_gives_the_dynamic_caches_greedy_tokens_with_fixed_shapes(generation):
+    """StaticKVCache (for CUDA graphs): whole fixed-size buffers every step, the same tokens, alone and
+    in a left-padded batch, with a repetition penalty too."""
+    from model.model_minimind import StaticKVCache
+    model = tiny_llm(generation=generation)
+    a, b = torch.randint(3, 300, (1, 9)), torch.randint(3, 300, (1, 5))
+    batch = torch.zeros(2, 9, dtype=torch.long)
+    batch[0], batch[1, 4:] = a[0], b[0]
+    mask = (torch.arange(9) >= torch.tensor([[0], [4]])).long()
+    for ids, kw in ((a, {}), (batch, {"attention_mask": mask}), (batch, {"attention_mask": mask,
+                                                                        "repetition_penalty": 1.3})):
+        dynamic = model.generate(ids, max_new_tokens=12, eos_token_id=-1, **kw)
+        assert torch.equal(model.generate(ids, max_new_tokens=12, eos_token_id=-1, static_cache=True, **kw), dynamic)
+    shapes = []
+    update = StaticKVCache.update
+
+    def spy(self, layer, k, v):
+        out = update(self, layer, k, v)
+        shapes.append(out[0].shape)
+        return out
+    StaticKVCache.update = spy
+    try:
+        model.generate(batch, attention_mask=mask, max_new_tokens=5, eos_token_id=-1, static_cache=True)
+    finally:
+        StaticKVCache.update = update
+    assert set(shapes) == {(2, model.config.n_kv_heads, 9 + 5, model.config.dim // model.config.n_heads)}
+    cache = StaticKVCache(len(model.layers), capacity=4)
+    with pytest.raises(ValueError, match="holds 4 tokens"):
+        model(a, past_key_values=cache, use_cache=True)
