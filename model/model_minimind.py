@@ -120,6 +120,11 @@ class KVCache:
         """The key count attention sees when T new tokens are stored: those stored so far."""
         return self.pos + T
 
+    def select_rows(self, rows):
+        """Keep only these batch rows (a 1-D index tensor), in this order."""
+        self.k = [k if k is None else k.index_select(0, rows) for k in self.k]
+        self.v = [v if v is None else v.index_select(0, rows) for v in self.v]
+
 
 class StaticKVCache(KVCache):
     """KV buffers of one fixed shape [B, n_kv, capacity, hd], written in place (index_copy_ at the write
@@ -356,12 +361,15 @@ class MiniMindForCausalLM(PreTrainedModel):
 
     @torch.inference_mode()
     def generate_stream(self, input_ids, attention_mask=None, max_new_tokens=256, temperature=0.0, top_p=1.0,
-                        top_k=0, repetition_penalty=1.0, eos_token_id=None, static_cache=False, **model_kwargs):
+                        top_k=0, repetition_penalty=1.0, eos_token_id=None, static_cache=False, wanted=None,
+                        **model_kwargs):
         """Yields the next token of every row, [B], once per step. Rows that produced EOS keep
         yielding EOS (the caller stops reading them); the loop ends when every row is done.
         Batched prompts must be left-padded with attention_mask marking the real tokens.
         static_cache: a StaticKVCache (fixed shapes, for CUDA graphs) instead of the growing KVCache;
-        the same tokens."""
+        the same tokens. wanted: a callable asked after each step -> B bools, the rows the caller still
+        reads (an answer at its length, a client gone: False). A row at EOS or no longer wanted leaves the
+        batch (not with a static cache, whose shapes stay), so it costs no more compute; it yields EOS."""
         eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
         B, T = input_ids.shape
         cache = (StaticKVCache if static_cache else KVCache)(len(self.layers), capacity=T + max_new_tokens)
@@ -369,23 +377,35 @@ class MiniMindForCausalLM(PreTrainedModel):
         seen = input_ids.clone()  # tokens the repetition penalty applies to
         if attention_mask is not None:  # the answer's positions are real tokens; the forward reads [:past+T]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], 1)
+        rows = None  # the rows still in the batch, by their index in input_ids (None: all of them)
         step_ids = input_ids
         for _ in range(max_new_tokens):
             out = self(step_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
                        logits_to_keep=1, **model_kwargs)
             model_kwargs = {}  # images are consumed by the prefill only
-            logits = out.logits[:, -1].float()  # [B, V]
+            logits = out.logits[:, -1].float()  # [b, V]
             if repetition_penalty != 1.0:
                 logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-            nxt = sample_next_token(logits, temperature, top_p, top_k)  # [B]
+            nxt = sample_next_token(logits, temperature, top_p, top_k)  # [b]
             nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
             done |= nxt == eos
-            yield nxt
-            if done.all():
+            yield nxt if rows is None else nxt.new_full((B,), eos).index_copy_(0, rows, nxt)
+            keep = ~done
+            if wanted is not None:
+                still = torch.tensor(wanted(), dtype=torch.bool, device=done.device)
+                keep &= still if rows is None else still[rows]
+            if not keep.any():
                 return
             step_ids = nxt[:, None]
             if repetition_penalty != 1.0:
                 seen = torch.cat([seen, step_ids], 1)
+            if not static_cache and not keep.all():  # rows that are done leave the batch
+                live = keep.nonzero().squeeze(1)
+                rows = live if rows is None else rows[live]
+                cache.select_rows(live)
+                step_ids, seen, done = step_ids[live], seen[live], done[live]
+                if attention_mask is not None:
+                    attention_mask = attention_mask[live]
 
     def generate(self, input_ids, **kwargs):
         """Prompt + up to max_new_tokens new tokens, [B, T + n]; finished rows are EOS-padded."""

@@ -405,7 +405,9 @@ class Engine:
             for pieces in self.chat.stream_batch([job["prompt"] for job in batch],
                                                  torch.cat(pixels) if pixels else None,
                                                  [job["max_tokens"] for job in batch], first["temperature"],
-                                                 first["top_p"], stats=stats):
+                                                 first["top_p"], stats=stats,
+                                                 wanted=lambda: [not e and not job["cancel"].is_set()
+                                                                 for e, job in zip(ended, batch)]):
                 emit_step(pieces)
                 if all(ended):  # every client gone or answered: nothing more to generate
                     break
