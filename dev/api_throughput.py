@@ -5,7 +5,8 @@ with a randomly initialised model (a tiny CLIP tower built here; no downloads).
     python dev/api_throughput.py --image 0             # text-only requests
     python dev/api_throughput.py --dim 768 --n_layers 16 --device cuda
 
-Each request is greedy, has one image (--image 0: none) and asks for --max_tokens tokens. The two ways of
+Each request is greedy, has one image (--image 0: none) and asks for --max_tokens tokens (--mixed 1: a
+quarter, half, three quarters or all of them, so that rows of one batch end at different steps). The two ways of
 sending alternate (one at a time, concurrent, one at a time, ...) for --rounds rounds, so a machine whose
 speed drifts (other work on its cores) affects both alike; prints each round, then the medians and the
 median of the rounds' speed-ups. --steps also times the model alone: the batch prefill and one decode step
@@ -78,6 +79,8 @@ def main():
     ap.add_argument("--max_tokens", type=int, default=32)
     ap.add_argument("--max_batch", type=int, default=8)
     ap.add_argument("--image", type=int, default=1, help="0: text-only requests")
+    ap.add_argument("--mixed", type=int, default=0, help="1: request i asks for max_tokens * (1 + i %% 4) / 4 tokens "
+                                                         "(answers of different lengths share a batch)")
     ap.add_argument("--steps", type=int, default=1, help="0: skip timing the model's prefill and decode steps")
     args = ap.parse_args()
 
@@ -141,7 +144,8 @@ def main():
     base = f"http://127.0.0.1:{port}"
     bodies = [{"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": png_url(colours[i % 4])}}] * args.image + [
-        {"type": "text", "text": f"Describe picture {i}."}]}], "max_tokens": args.max_tokens, "temperature": 0}
+        {"type": "text", "text": f"Describe picture {i}."}]}], "temperature": 0,
+        "max_tokens": max(1, args.max_tokens * (1 + i % 4) // 4) if args.mixed else args.max_tokens}
         for i in range(args.requests)]
     local = threading.local()
 
