@@ -252,6 +252,8 @@ def build_parser():
     a("--top_p", type=float, default=0.85, help="nucleus sampling: the smallest set of tokens with this much "
                                                 "probability (with --temperature > 0)")
     switch(a, "--stream", 1, help="print answers token by token")
+    switch(a, "--static_cache", 0, help="KV cache of one fixed shape, written in place (what CUDA graphs need); "
+                                        "the same answers")
     inputs = ap.add_argument_group("folder and chat modes")
     a = inputs.add_argument
     a("--image_dir", default="images/eval", help="folder mode: every png/jpg/jpeg/webp/bmp, sorted by name")
@@ -282,7 +284,7 @@ def main(argv=None):
         model, tokenizer, processor = load_model(InferenceConfig.from_args(args))
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # CheckpointError is a RuntimeError
         sys.exit(f"error: {e}")
-    chat = VLMChat(model, tokenizer, processor, args.open_thinking)
+    chat = VLMChat(model, tokenizer, processor, args.open_thinking, args.static_cache)
     if args.bench:
         try:
             summary, rows = run_benchmark(chat, args.bench, args.images_path, args.blind, args.limit,

@@ -102,9 +102,10 @@ def load_model(args):
 class VLMChat:
     """Messages with <image> tags + PIL images -> answers, streamed or batched."""
 
-    def __init__(self, model, tokenizer, processor, open_thinking=False):
+    def __init__(self, model, tokenizer, processor, open_thinking=False, static_cache=False):
         self.model, self.tokenizer, self.processor = model, tokenizer, processor
         self.open_thinking = open_thinking  # the model writes its reasoning first; answers leave it out
+        self.static_cache = bool(static_cache)  # fixed-shape KV buffers (StaticKVCache): the same answers
         self.encoder = ChatEncoder(tokenizer, model.config.image_token_id, model.config.image_token_count,
                                    open_thinking)
         self.device = next(model.parameters()).device
@@ -151,12 +152,13 @@ class VLMChat:
         return ids, mask, image_mask
 
     def stream_batch(self, prompts, pixel_values=None, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
-                     repetition_penalty=1.0, stats=None):
+                     repetition_penalty=1.0, stats=None, wanted=None):
         """Encoded prompts generated together, one left-padded batch: yields, once per step, each row's new
         text ("" when none yet: only complete UTF-8 characters are given). pixel_values: the images of all
         rows, in row order. max_new_tokens: one limit, or one per row. stats: one dict per row, as
         stream_ids fills it; a row's "finish_reason" is None until it has ended ("stop" or "length"),
-        and the steps go on until every row has."""
+        and the steps go on until every row has. wanted: a callable -> B bools, the rows the caller still
+        reads (a row that has ended, or that it no longer wants, leaves the batch and costs no more)."""
         B = len(prompts)
         limits = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
         stats = [{} for _ in prompts] if stats is None else stats
@@ -165,10 +167,14 @@ class VLMChat:
         ids, mask, image_mask = self.left_pad(prompts)
         eos = self.tokenizer.eos_token_id
         texts = [IncrementalDecoder(self.tokenizer) for _ in prompts]
+
+        def still_wanted():  # the rows not ended, of those the caller wants
+            return [not s["finish_reason"] and w for s, w in zip(stats, wanted() if wanted else [True] * B)]
         for tok in self.model.generate_stream(ids, attention_mask=mask, pixel_values=pixel_values,
                                               image_mask=image_mask, max_new_tokens=max(limits),
                                               temperature=temperature, top_p=top_p, top_k=top_k,
-                                              repetition_penalty=repetition_penalty, eos_token_id=eos):
+                                              repetition_penalty=repetition_penalty, eos_token_id=eos,
+                                              static_cache=self.static_cache, wanted=still_wanted):
             pieces = [""] * B
             for r, t in enumerate(tok.tolist()):
                 if stats[r]["finish_reason"]:
@@ -198,7 +204,8 @@ class VLMChat:
         T = ids.shape[1]
         all_images = [im for _, images in conversations for im in images]
         out = self.model.generate(ids, attention_mask=mask, image_mask=image_mask, pixel_values=self.pixels(all_images),
-                                  max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id, **kw)
+                                  max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+                                  static_cache=self.static_cache, **kw)
         answers = []
         for row in out[:, T:].tolist():
             row = row[:row.index(self.tokenizer.eos_token_id)] if self.tokenizer.eos_token_id in row else row

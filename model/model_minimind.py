@@ -116,6 +116,38 @@ class KVCache:
         self.k[layer][:, :, start:end], self.v[layer][:, :, start:end] = k, v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def keys(self, T):
+        """The key count attention sees when T new tokens are stored: those stored so far."""
+        return self.pos + T
+
+    def select_rows(self, rows):
+        """Keep only these batch rows (a 1-D index tensor), in this order."""
+        self.k = [k if k is None else k.index_select(0, rows) for k in self.k]
+        self.v = [v if v is None else v.index_select(0, rows) for v in self.v]
+
+
+class StaticKVCache(KVCache):
+    """KV buffers of one fixed shape [B, n_kv, capacity, hd], written in place (index_copy_ at the write
+    position); every layer attends over the whole buffer, the keys not written yet masked out (the mask's
+    causal part does it: they lie after every query). A decode step's shapes then never change, which
+    torch.compile(mode="reduce-overhead") needs to capture it as one CUDA graph. The tokens are those of
+    the dynamic KVCache; it refuses to grow past its capacity."""
+
+    def update(self, layer, k, v):
+        end = self.pos + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"a static KV cache holds {self.capacity} tokens; {end} asked")
+        if self.k[layer] is None:
+            self.k[layer], self.v[layer] = (k.new_zeros(*k.shape[:2], self.capacity, k.shape[3]) for _ in range(2))
+        where = torch.arange(self.pos, end, device=k.device)
+        self.k[layer].index_copy_(2, where, k)
+        self.v[layer].index_copy_(2, where, v)
+        return self.k[layer], self.v[layer]
+
+    def keys(self, T):
+        """The key count attention sees when T new tokens are stored: all of the buffer."""
+        return self.capacity
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: MiniMindConfig):
@@ -184,21 +216,27 @@ class MoEFeedForward(nn.Module):
         topk_w, topk_idx = probs.topk(self.cfg.num_experts_per_tok, dim=-1)  # [N, k]
         if self.cfg.norm_topk_prob:
             topk_w = topk_w / (topk_w.sum(-1, keepdim=True) + 1e-20)
-        out = torch.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
-            rows, slot = (topk_idx == e).nonzero(as_tuple=True)
-            # Every expert runs (possibly on zero rows) so every parameter gets a gradient under DDP.
-            out.index_add_(0, rows, (expert(flat[rows]) * topk_w[rows, slot, None].to(flat.dtype)).to(out.dtype))
+        # The routed slots sorted by expert (stable: each expert's rows stay in token order), then cut
+        # into one run per expert by their counts: a single read of the device (the counts, which the
+        # balance loss uses too) where a nonzero per expert would make a GPU host wait once per expert.
+        E, k = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
+        G = B if self.cfg.seq_aux else 1  # groups the balance loss takes its statistics over
+        slots = topk_idx.view(G, -1)  # [G, N*k/G], slot i is token i // k
+        counts = slots.new_zeros(G, E).scatter_add_(1, slots, torch.ones_like(slots))  # [G, E]
+        per_expert = counts.sum(0).tolist()
+        order = slots.reshape(-1).argsort(stable=True)
+        rows = order // k
+        weights = topk_w.reshape(-1)[order, None].to(flat.dtype)
+        # Every expert runs (possibly on zero rows) so every parameter gets a gradient under DDP.
+        routed = torch.cat([expert(xs) for expert, xs in zip(self.experts, flat[rows].split(per_expert))])
+        out = torch.zeros_like(flat).index_add_(0, rows, (routed * weights).to(flat.dtype))
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         # Balance loss: the fraction of routed slots per expert (scaled so uniform = 1) times its mean
         # gate probability, summed over experts. MiniMind2 measures both per sequence and averages
         # (seq_aux); MiniMind3 over the whole batch, which with top-1 is its
         # num_experts * coef * sum(load * mean_score).
-        E, k = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
-        G = B if self.cfg.seq_aux else 1  # groups the statistics are taken over
-        counts = F.one_hot(topk_idx.view(G, -1), E).float().sum(1)  # [G, E]
-        load = counts / (B * T / G * k / E)
+        load = counts.float() / (B * T / G * k / E)
         self.aux_loss = (load * probs.view(G, -1, E).mean(1)).sum(-1).mean() * self.cfg.aux_loss_alpha
         return out.view(B, T, D)
 
@@ -277,9 +315,11 @@ class MiniMindForCausalLM(PreTrainedModel):
         if start + T > self.rope_cos.shape[0]:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
-        if attention_mask is None and start > 0 and T > 1:  # a multi-token chunk after a cache needs a real mask
+        S = cache.keys(T) if cache is not None else T  # keys attended to
+        if attention_mask is None and (start > 0 and T > 1 or S > start + T):
+            # a multi-token chunk after a cache needs a real mask, and so does a static cache's unwritten part
             attention_mask = input_ids.new_ones(B, start + T)
-        attn_mask = padding_attention_mask(attention_mask, T, start) if attention_mask is not None else None
+        attn_mask = padding_attention_mask(attention_mask, T, start, S) if attention_mask is not None else None
         # Without a mask the only masking needed is causal, and only when several queries are new
         # (a single decode step sees the whole cache).
         causal = attn_mask is None and T > 1
@@ -321,34 +361,51 @@ class MiniMindForCausalLM(PreTrainedModel):
 
     @torch.inference_mode()
     def generate_stream(self, input_ids, attention_mask=None, max_new_tokens=256, temperature=0.0, top_p=1.0,
-                        top_k=0, repetition_penalty=1.0, eos_token_id=None, **model_kwargs):
+                        top_k=0, repetition_penalty=1.0, eos_token_id=None, static_cache=False, wanted=None,
+                        **model_kwargs):
         """Yields the next token of every row, [B], once per step. Rows that produced EOS keep
         yielding EOS (the caller stops reading them); the loop ends when every row is done.
-        Batched prompts must be left-padded with attention_mask marking the real tokens."""
+        Batched prompts must be left-padded with attention_mask marking the real tokens.
+        static_cache: a StaticKVCache (fixed shapes, for CUDA graphs) instead of the growing KVCache;
+        the same tokens. wanted: a callable asked after each step -> B bools, the rows the caller still
+        reads (an answer at its length, a client gone: False). A row at EOS or no longer wanted leaves the
+        batch (not with a static cache, whose shapes stay), so it costs no more compute; it yields EOS."""
         eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
         B, T = input_ids.shape
-        cache = KVCache(len(self.layers), capacity=T + max_new_tokens)
+        cache = (StaticKVCache if static_cache else KVCache)(len(self.layers), capacity=T + max_new_tokens)
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         seen = input_ids.clone()  # tokens the repetition penalty applies to
-        if attention_mask is not None:
-            attention_mask = attention_mask.clone()
+        if attention_mask is not None:  # the answer's positions are real tokens; the forward reads [:past+T]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], 1)
+        rows = None  # the rows still in the batch, by their index in input_ids (None: all of them)
         step_ids = input_ids
         for _ in range(max_new_tokens):
             out = self(step_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
                        logits_to_keep=1, **model_kwargs)
             model_kwargs = {}  # images are consumed by the prefill only
-            logits = out.logits[:, -1].float()  # [B, V]
+            logits = out.logits[:, -1].float()  # [b, V]
             if repetition_penalty != 1.0:
                 logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-            nxt = sample_next_token(logits, temperature, top_p, top_k)  # [B]
+            nxt = sample_next_token(logits, temperature, top_p, top_k)  # [b]
             nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
             done |= nxt == eos
-            yield nxt
-            if done.all():
+            yield nxt if rows is None else nxt.new_full((B,), eos).index_copy_(0, rows, nxt)
+            keep = ~done
+            if wanted is not None:
+                still = torch.tensor(wanted(), dtype=torch.bool, device=done.device)
+                keep &= still if rows is None else still[rows]
+            if not keep.any():
                 return
-            step_ids, seen = nxt[:, None], torch.cat([seen, nxt[:, None]], 1)
-            if attention_mask is not None:
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], 1)
+            step_ids = nxt[:, None]
+            if repetition_penalty != 1.0:
+                seen = torch.cat([seen, step_ids], 1)
+            if not static_cache and not keep.all():  # rows that are done leave the batch
+                live = keep.nonzero().squeeze(1)
+                rows = live if rows is None else rows[live]
+                cache.select_rows(live)
+                step_ids, seen, done = step_ids[live], seen[live], done[live]
+                if attention_mask is not None:
+                    attention_mask = attention_mask[live]
 
     def generate(self, input_ids, **kwargs):
         """Prompt + up to max_new_tokens new tokens, [B, T + n]; finished rows are EOS-padded."""
@@ -364,12 +421,15 @@ def supervised_positions(labels):
     return keep.reshape(-1).nonzero().squeeze(1)
 
 
-def padding_attention_mask(attention_mask, T, past):
-    """Boolean SDPA mask [B, 1, T, past+T]: causal, and never attending to padding keys.
+def padding_attention_mask(attention_mask, T, past, S=None):
+    """Boolean SDPA mask [B, 1, T, S], S = past+T unless given (a static cache's capacity: the keys
+    past the last query are masked, as later tokens are): causal, and never attending to padding keys.
     A query always sees itself, so rows of left padding are not all-masked (which gives NaN)."""
-    S = past + T
-    keys = attention_mask[:, None, None, :S].bool()  # [B, 1, 1, S]
-    q_pos = torch.arange(past, S, device=attention_mask.device)[:, None]
+    S = past + T if S is None else S
+    keys = attention_mask[:, None, None, :S].bool()  # [B, 1, 1, <= S]
+    if keys.shape[-1] < S:  # the mask covers the tokens so far; the keys after them are masked as causal
+        keys = F.pad(keys, (0, S - keys.shape[-1]))
+    q_pos = torch.arange(past, past + T, device=attention_mask.device)[:, None]
     k_pos = torch.arange(S, device=attention_mask.device)[None, :]
     return ((k_pos <= q_pos) & keys) | (k_pos == q_pos)
 

@@ -13,7 +13,8 @@ The server never fetches URLs. Local paths / file:// URLs only with --allow_loca
 for images inside DIR (after resolving symlinks); every refused local file gets the same answer.
 The model is shared: the requests waiting for it are generated together, up to --max_batch in one
 batch (those with the same temperature and top_p and no seed; a greedy answer is the same as alone,
-up to rounding in bfloat16 or float16); up to --max_queue requests wait, more get HTTP 429.
+up to rounding in bfloat16 or float16), waiting up to --batch_wait ms for the requests on their way;
+up to --max_queue requests wait, more get HTTP 429.
 A generation stops when its client disconnects, streaming or not.
 """
 import asyncio
@@ -38,7 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from cli import add_model_args, add_video_args, make_parser, old_spelling  # noqa: E402
+from cli import add_model_args, add_video_args, make_parser, old_spelling, switch  # noqa: E402
 from dataset.video import DEFAULT_FRAMES, MAX_VIDEO_SECONDS, read_frames  # noqa: E402
 from model.chat import ReasoningSplitter, Video, as_text, check_image_count, check_room, user_content  # noqa: E402
 from model.images import open_image  # noqa: E402
@@ -56,6 +57,12 @@ def parse_args(argv=None):
     a("--max_batch", type=int, default=8,
       help="waiting requests generated together in one batch (those with the same temperature and top_p and "
            "no seed); 1 = one at a time")
+    a("--batch_wait", type=float, default=20,
+      help="milliseconds a batch may wait for more requests when fewer than --max_batch wait but more are on "
+           "their way: admitted and still being read or prepared, or the clients of the batch that just ended, "
+           "which tend to send their next request at once; 0 = start at once")
+    switch(a, "--static_cache", 0, help="KV cache of one fixed shape, written in place (what CUDA graphs need); "
+                                        "the same answers")
     a("--max_request_mb", type=float, default=20, help="largest request body accepted")
     a("--allow_local_files", metavar="DIR", default=None,
       help="also accept image paths / file:// URLs, only of images inside DIR (symlinks resolved "
@@ -250,10 +257,12 @@ class Engine:
     finished (being prepared, waiting or generating); it is touched on the event loop only. stats counts
     generated tokens, cancelled requests and batches generated."""
 
-    def __init__(self, chat: VLMChat, max_seq_len=0, max_queue=16, max_batch=8):
+    def __init__(self, chat: VLMChat, max_seq_len=0, max_queue=16, max_batch=8, batch_wait=0.02):
         self.chat, self.lock = chat, threading.Lock()
         self.max_seq_len = max_seq_len or chat.model.config.max_seq_len
         self.max_queue, self.pending, self.max_batch = max_queue, 0, max(1, max_batch)
+        self.batch_wait = batch_wait  # seconds, see gather
+        self.last_batch = (0, 0.0)  # rows of the last batch and when it ended (time.monotonic)
         # one thread per admitted request, so a waiting one never holds up the one whose turn it is
         self.pool = ThreadPoolExecutor(max_queue + 1, thread_name_prefix="generate")
         self.stats, self.stats_lock = {"tokens": 0, "cancelled": 0, "batches": 0}, threading.Lock()
@@ -296,11 +305,31 @@ class Engine:
                     return
                 continue
             try:
+                self.gather()
                 batch = self.take_batch()
                 if batch:
                     self.generate(batch)
+                    self.last_batch = (len(batch), time.monotonic())
             finally:
                 self.lock.release()
+
+    def gather(self):
+        """With the model held, before taking a batch: wait up to batch_wait for the requests on their way,
+        so that they share this batch instead of waiting for the whole of the next one. On their way are
+        those admitted and not yet in the waiting list (being read and prepared: pending counts them), and,
+        just after a batch, as many as it had rows: its clients tend to send their next request at once.
+        Never waits for more than max_batch, nor when a lone client sends one request after another."""
+        if self.batch_wait <= 0:
+            return
+        start = time.monotonic()
+        rows, ended = self.last_batch
+        expected = max(self.pending, rows if start - ended < self.batch_wait else 0)
+        while time.monotonic() - start < self.batch_wait:
+            with self.waiting_lock:
+                n = len(self.waiting)
+            if n >= min(self.max_batch, expected):
+                return
+            time.sleep(0.001)
 
     def withdraw(self, job):
         """Take a job out of the waiting list; False if a batch has taken it already."""
@@ -376,7 +405,9 @@ class Engine:
             for pieces in self.chat.stream_batch([job["prompt"] for job in batch],
                                                  torch.cat(pixels) if pixels else None,
                                                  [job["max_tokens"] for job in batch], first["temperature"],
-                                                 first["top_p"], stats=stats):
+                                                 first["top_p"], stats=stats,
+                                                 wanted=lambda: [not e and not job["cancel"].is_set()
+                                                                 for e, job in zip(ended, batch)]):
                 emit_step(pieces)
                 if all(ended):  # every client gone or answered: nothing more to generate
                     break
@@ -637,8 +668,8 @@ def main(argv=None):
         model, tokenizer, processor = load_model(InferenceConfig.from_args(args))
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # CheckpointError is a RuntimeError
         sys.exit(f"error: {e}")
-    engine = Engine(VLMChat(model, tokenizer, processor, args.open_thinking), args.max_seq_len, args.max_queue,
-                    args.max_batch)
+    engine = Engine(VLMChat(model, tokenizer, processor, args.open_thinking, args.static_cache), args.max_seq_len,
+                    args.max_queue, args.max_batch, args.batch_wait / 1000)
     name = args.model_name or os.path.basename(os.path.normpath(
         args.weight if is_hf_dir(args.weight) else resolve_weight_path(args))).removesuffix(".pth")
     app = create_app(engine, args, name)

@@ -368,3 +368,47 @@ def test_only_requests_sampled_alike_and_without_a_seed_share_a_batch(chat):
     assert engine.withdraw(jobs[1]) and not engine.withdraw(jobs[1])
     assert [j["n"] for j in engine.waiting] == [0, 2]
 
+
+
+def test_a_batch_waits_for_the_requests_on_their_way_but_a_lone_client_never_waits(chat, monkeypatch):
+    """gather: requests admitted but still being prepared, or the clients of the batch that just ended,
+    get into the next batch; a client alone (one request after another) starts at once."""
+    engine = api.Engine(chat, max_batch=3, batch_wait=60)  # a bound never reached here
+    engine.pool.shutdown()
+
+    def job(n):
+        return {"pixels": None, "n": n, "temperature": 0, "top_p": 1.0, "seed": None,
+                "cancel": threading.Event(), "ended": threading.Event()}
+    engine.pending, engine.waiting[:] = 3, [job(0)]  # two more admitted, still being prepared
+    late = threading.Timer(0.05, lambda: engine.waiting.extend([job(1), job(2)]))
+    late.start()
+    engine.gather()
+    late.join()
+    assert [j["n"] for j in engine.take_batch()] == [0, 1, 2]
+    engine.pending, engine.waiting[:] = 1, [job(3)]  # a batch of 2 just ended: its clients come back
+    engine.last_batch = (2, time.monotonic())
+    late = threading.Timer(0.05, lambda: engine.waiting.append(job(4)))
+    late.start()
+    engine.gather()
+    late.join()
+    assert [j["n"] for j in engine.take_batch()] == [3, 4]
+
+    def no_sleep(_):
+        raise AssertionError("a lone client waited")
+    monkeypatch.setattr(api.time, "sleep", no_sleep)
+    engine.pending, engine.waiting[:] = 1, [job(5)]
+    engine.last_batch = (1, time.monotonic())
+    engine.gather()
+    assert [j["n"] for j in engine.take_batch()] == [5]
+
+
+def test_a_static_kv_cache_gives_the_same_batched_answers(chat):
+    """--static_cache: the same greedy answers, batched with images and prompts of different lengths."""
+    static = VLMChat(chat.model, chat.tokenizer, chat.processor, static_cache=True)
+    red, blue = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 32), "blue")
+    conversations = [([{"role": "user", "content": "<image>\nWhat is this?"}], [red]),
+                     ([{"role": "user", "content": "Hello there, tell me a story."}], []),
+                     ([{"role": "user", "content": "<image>\n<image>\nCompare them."}], [red, blue])]
+    answers = chat.answer_batch(conversations, max_new_tokens=8)
+    assert static.answer_batch(conversations, max_new_tokens=8) == answers and all(answers)
+    assert ["".join(static.stream(m, im, max_new_tokens=8)) for m, im in conversations[:1]] == answers[:1]

@@ -150,3 +150,63 @@ def test_forward_and_generation_print_no_transformers_deprecation(monkeypatch):
     model.train()
     model(ids, labels=ids).loss.backward()
     assert said == []
+
+
+@pytest.mark.parametrize("generation", ["minimind2", "minimind3"])
+def test_a_static_kv_cache_gives_the_dynamic_caches_greedy_tokens_with_fixed_shapes(generation):
+    """StaticKVCache (for CUDA graphs): whole fixed-size buffers every step, the same tokens, alone and
+    in a left-padded batch, with a repetition penalty too."""
+    from model.model_minimind import StaticKVCache
+    model = tiny_llm(generation=generation)
+    a, b = torch.randint(3, 300, (1, 9)), torch.randint(3, 300, (1, 5))
+    batch = torch.zeros(2, 9, dtype=torch.long)
+    batch[0], batch[1, 4:] = a[0], b[0]
+    mask = (torch.arange(9) >= torch.tensor([[0], [4]])).long()
+    for ids, kw in ((a, {}), (batch, {"attention_mask": mask}), (batch, {"attention_mask": mask,
+                                                                        "repetition_penalty": 1.3})):
+        dynamic = model.generate(ids, max_new_tokens=12, eos_token_id=-1, **kw)
+        assert torch.equal(model.generate(ids, max_new_tokens=12, eos_token_id=-1, static_cache=True, **kw), dynamic)
+    shapes = []
+    update = StaticKVCache.update
+
+    def spy(self, layer, k, v):
+        out = update(self, layer, k, v)
+        shapes.append(out[0].shape)
+        return out
+    StaticKVCache.update = spy
+    try:
+        model.generate(batch, attention_mask=mask, max_new_tokens=5, eos_token_id=-1, static_cache=True)
+    finally:
+        StaticKVCache.update = update
+    assert set(shapes) == {(2, model.config.n_kv_heads, 9 + 5, model.config.dim // model.config.n_heads)}
+    cache = StaticKVCache(len(model.layers), capacity=4)
+    with pytest.raises(ValueError, match="holds 4 tokens"):
+        model(a, past_key_values=cache, use_cache=True)
+
+
+def test_rows_that_are_done_or_no_longer_wanted_leave_the_batch_and_the_others_run_on_unchanged():
+    model = tiny_llm()
+    a, b, c = torch.randint(3, 300, (1, 9)), torch.randint(3, 300, (1, 5)), torch.randint(3, 300, (1, 7))
+    batch = torch.zeros(3, 9, dtype=torch.long)
+    batch[0], batch[1, 4:], batch[2, 2:] = a[0], b[0], c[0]
+    mask = (torch.arange(9) >= torch.tensor([[0], [4], [2]])).long()
+    free = model.generate(batch, attention_mask=mask, max_new_tokens=8, eos_token_id=-1)[:, 9:]
+    # row 2 ends at its token j: the first one rows 0 and 1 never produce
+    j = next(j for j, t in enumerate(free[2].tolist()) if t not in free[0].tolist() + free[1].tolist())
+    eos = int(free[2, j])
+    sizes = []
+    forward = model.forward
+    model.forward = lambda ids, **kw: sizes.append(ids.shape[0]) or forward(ids, **kw)
+    steps = []
+    try:  # row 0 is no longer wanted after 3 tokens
+        for tok in model.generate_stream(batch, attention_mask=mask, max_new_tokens=8, eos_token_id=eos,
+                                         wanted=lambda: [len(steps) < 3, True, True]):
+            steps.append(tok)
+    finally:
+        del model.forward
+    out = torch.stack(steps, 1)
+    # the prefill, then the rows left after each step: row 0 while wanted, row 2 until its EOS
+    assert sizes == [3] + [1 + (s < 2) + (s < j) for s in range(7)]
+    assert out[0, :3].tolist() == free[0, :3].tolist() and set(out[0, 3:].tolist()) == {eos}
+    assert out[1].tolist() == free[1].tolist()  # row 1 runs on, token for token
+    assert out[2, :j + 1].tolist() == free[2, :j + 1].tolist() and set(out[2, j:].tolist()) == {eos}

@@ -57,3 +57,39 @@ def test_a_training_step_reads_the_device_once(tower_dir, tmp_path, accumulation
     print(f"syncs in one step at accumulation {accumulation}: {sum(counter.counts.values())} {dict(counter.counts)}")
     assert step.applied and step.loss > 1
     assert sum(counter.counts.values()) == 1
+
+
+def moe_per_expert_reference(moe, x):
+    """The routed experts' output as MoEFeedForward computed it before, one nonzero per expert."""
+    flat = x.reshape(-1, x.shape[-1])
+    probs = moe.gate(flat).float().softmax(-1)
+    topk_w, topk_idx = probs.topk(moe.cfg.num_experts_per_tok, dim=-1)
+    if moe.cfg.norm_topk_prob:
+        topk_w = topk_w / (topk_w.sum(-1, keepdim=True) + 1e-20)
+    out = torch.zeros_like(flat)
+    for e, expert in enumerate(moe.experts):
+        rows, slot = (topk_idx == e).nonzero(as_tuple=True)
+        out.index_add_(0, rows, (expert(flat[rows]) * topk_w[rows, slot, None].to(flat.dtype)).to(out.dtype))
+    if moe.shared_experts is not None:
+        out = out + moe.shared_experts(flat)
+    return out.view(x.shape)
+
+
+# Counted this way, the MoE layer read the device once per routed expert, plus twice for its balance
+# loss's one_hot (a range check), before its tokens were sorted by expert: 8 with 6 experts; now once
+# (the experts' sizes), whatever the number of experts.
+@pytest.mark.parametrize("generation", ["minimind2", "minimind3"])
+def test_the_moe_layer_reads_the_device_once_and_routes_as_one_nonzero_per_expert_did(generation):
+    from model.model_minimind import MiniMindConfig, MoEFeedForward
+    torch.manual_seed(0)
+    moe = MoEFeedForward(MiniMindConfig(generation, dim=64, hidden_dim=128, use_moe=True, n_routed_experts=6))
+    x = torch.randn(3, 40, 64, requires_grad=True)
+    with SyncCounter() as counter:
+        out = moe(x)
+    assert dict(counter.counts) == {"tolist": 1}
+    reference = moe_per_expert_reference(moe, x)
+    assert torch.equal(out, reference)
+    grads = torch.autograd.grad(out.square().sum(), [x, *moe.parameters()], allow_unused=True)
+    ref_grads = torch.autograd.grad(reference.square().sum(), [x, *moe.parameters()], allow_unused=True)
+    assert all(g is not None for g in grads[1:])  # every expert's weights, as DDP needs
+    assert all(torch.allclose(g, r, atol=1e-6) for g, r in zip(grads, ref_grads))
