@@ -245,7 +245,7 @@ def chat_mode(chat, tokenizer, args):
 def build_parser():
     ap = make_parser(__doc__)
     add_model_args(ap)
-    a = ap.add_argument_group("generation").add_argument
+    a = ap.add_argument_group("decoding").add_argument
     a("--max_new_tokens", type=int, default=None, help="answer length limit; default: 128, or 16 with --bench "
                                                        "(short answers)")
     a("--temperature", type=float, default=0.0, help="0 = greedy (folder/chat; --bench is always greedy)")

@@ -46,7 +46,7 @@ def parse_args(argv=None):
     a("--host", default="127.0.0.1", help="0.0.0.0 to serve the local network")
     a("--port", type=int, default=8888, help="the port to listen on")
     switch(a, "--share", 0, help="also serve on a temporary public gradio.live link (needs the internet)")
-    a("--concurrency", type=int, default=1, help="generations running at once (others queue)")
+    a("--concurrency", type=int, default=1, help="answers generated at once (others queue)")
     a("--max_file_mb", type=float, default=25, help="largest upload accepted")
     limits = ap.add_argument_group("limits")
     a = limits.add_argument
@@ -55,7 +55,7 @@ def parse_args(argv=None):
            "image_token_count placeholders: 196 for CLIP ViT-B/16)")
     add_video_args(limits)  # a video upload becomes --frames images
     a("--max_seq_len", type=int, default=0, help="prompt + answer token limit; 0 = the model's max_seq_len")
-    a = ap.add_argument_group("generation", "the sliders' starting values").add_argument
+    a = ap.add_argument_group("decoding", "the sliders' starting values").add_argument
     a("--max_new_tokens", type=int, default=512, help="answer length limit")
     a("--temperature", type=float, default=0.85, help="0 = greedy")
     a("--top_p", type=float, default=0.85, help="nucleus sampling: the smallest set of tokens with this much "

@@ -127,16 +127,16 @@ def main():
               f"{b * one / (t[b, 'prefill'] + (n - 1) * t[b, 'decode']):.2f}x")
 
     server_args = api.parse_args([])
-    kw = {"max_batch": args.max_batch} if "max_batch" in inspect.signature(api.Engine).parameters else {}
-    engine = api.Engine(chat, 0, max(args.clients, 16), **kw)
+    kw = {"max_batch": args.max_batch} if "max_batch" in inspect.signature(api.Batcher).parameters else {}
+    batcher = api.Batcher(chat, 0, max(args.clients, 16), **kw)
     sizes = []
-    generate = engine.generate
-    engine.generate = lambda batch: sizes.append(len(batch)) or generate(batch)
+    generate = batcher.generate
+    batcher.generate = lambda batch: sizes.append(len(batch)) or generate(batch)
     sock = __import__("socket").socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    server = uvicorn.Server(uvicorn.Config(api.create_app(engine, server_args, "tiny"), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(api.create_app(batcher, server_args, "tiny"), host="127.0.0.1", port=port,
                                            log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:

@@ -147,7 +147,7 @@ def startup_scenario(parquet, tower):
     the first time (which makes the Arrow copy) and again (which memory-maps it)."""
     code = (f"import sys, time, resource; sys.path.insert(0, {ROOT!r}); t = time.time()\n"
             "from transformers import AutoTokenizer\nfrom model.images import load_processor\n"
-            "from dataset.lm_dataset import VLMDataset\nfrom model.chat import resolve_image_token_id\n"
+            "from dataset.vlm_dataset import VLMDataset\nfrom model.chat import resolve_image_token_id\n"
             f"tok = AutoTokenizer.from_pretrained({os.path.join(ROOT, 'model')!r}); t1 = time.time()\n"
             f"ds = VLMDataset({parquet!r}, None, tok, load_processor({tower!r}), "
             "resolve_image_token_id(tok))\n"
@@ -172,7 +172,7 @@ def loader_scenario(a, tower, parquet, workers):
     from torch.utils.data import DataLoader
     from transformers import AutoTokenizer
     from model.images import load_processor
-    from dataset.lm_dataset import VLMDataset, collate_batch
+    from dataset.vlm_dataset import VLMDataset, collate_batch
     from model.chat import resolve_image_token_id
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(ROOT, "model"))
     dataset = VLMDataset(parquet, None, tokenizer, load_processor(tower),

@@ -170,7 +170,7 @@ class ChatEncoder:
         return ids + tail, labels + [-100] * len(tail), is_image + tail_image
 
     def encode_prompt(self, messages):
-        """(ids, is_image) of a conversation plus the assistant header, ready for generation."""
+        """(ids, is_image) of a conversation plus the assistant header, ready for decoding."""
         return self.tokenize(self.render(messages, add_generation_prompt=True, **self.prompt_options))
 
 
@@ -200,7 +200,7 @@ class ReasoningSplitter:
         return [p for p in (("reasoning", reasoning), ("content", rest)) if p[1]]
 
     def flush(self):
-        """What is left when generation ends (a think block never closed counts as reasoning)."""
+        """What is left when decoding ends (a think block never closed counts as reasoning)."""
         held, self.held = self.held, ""
         return [("reasoning" if self.thinking else "content", held)] if held else []
 

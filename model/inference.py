@@ -129,7 +129,7 @@ class VLMChat:
     def stream_ids(self, prompt, images=(), max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
                    repetition_penalty=1.0, stats=None):
         """The answer to an encoded prompt (ids, is_image), piece by piece. `stats`, if given, is a
-        dict that gets the number of new tokens ("tokens") and why generation ended
+        dict that gets the number of new tokens ("tokens") and why decoding ended
         ("finish_reason": "stop" at the end-of-turn token, "length" at max_new_tokens), as an
         OpenAI response reports them."""
         stats = {} if stats is None else stats

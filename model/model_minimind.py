@@ -353,7 +353,7 @@ class MiniMindForCausalLM(PreTrainedModel):
             if aux_loss is not None:
                 loss = loss + aux_loss
         else:
-            # During generation only the last position's logits are needed: skip the [B, T, V] matmul.
+            # When decoding, only the last position's logits are needed: skip the [B, T, V] matmul.
             logits = self.output(h[:, -logits_to_keep:] if logits_to_keep else h)  # [B, T, V]
         out = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
         out["aux_loss"] = aux_loss

@@ -117,7 +117,7 @@ def tower_token_count(tower):
 
 
 def image_slot_error(per_row, n_images, n_per_image):
-    """The rule for image placeholder slots, checked by training's collate (dataset/lm_dataset.py)
+    """The rule for image placeholder slots, checked by training's collate (dataset/vlm_dataset.py)
     and by the model when it finds the slots itself: each row holds a whole number of images' runs
     of n_per_image slots, and the rows together those of the n_images images. per_row: each row's
     slot count, as Python ints (so checking reads no device). -> None when they fit, else what is wrong."""
@@ -177,7 +177,7 @@ class MiniMindVLM(MiniMindForCausalLM):
         pixel_values [N, 3, H, W] (or precomputed image_features [N, image_token_count, C]) hold every
         image of the batch, consumed in slot order: row 0's images first, then row 1's, ...
         image_slots [N * image_token_count] are the slots as flat indices into [B*T], in that order:
-        the trainer's collate finds and checks them on the CPU (dataset/lm_dataset.py), so that no
+        the trainer's collate finds and checks them on the CPU (dataset/vlm_dataset.py), so that no
         count here makes the host wait for a GPU. Without them they come from image_mask [B, T]
         (bool), as model/chat.py encoded them, so that the placeholder id typed in text stays text;
         without that, every placeholder id is a slot.

@@ -8,14 +8,14 @@ parts; each image becomes an <image> slot where its part stands. A {"type": "vid
 {"url": "data:video/mp4;base64,..."}} part becomes its --frames frames, each an image slot after a
 line with its time ("Frame 2 at 1.5s: "), as in training; a frame counts as one of --max_images. `stream: true` answers with
 server-sent events (`data: {chunk}` ... `data: [DONE]`). GET /v1/models lists the model; GET /health
-answers {"status": "ok"}; neither ever waits behind a generation.
+answers {"status": "ok"}; neither ever waits behind the model.
 The server never fetches URLs. Local paths / file:// URLs only with --allow_local_files DIR, and only
 for images inside DIR (after resolving symlinks); every refused local file gets the same answer.
 The model is shared: the requests waiting for it are generated together, up to --max_batch in one
 batch (those with the same temperature and top_p and no seed; a greedy answer is the same as alone,
 up to rounding in bfloat16 or float16), waiting up to --batch_wait ms for the requests on their way;
 up to --max_queue requests wait, more get HTTP 429.
-A generation stops when its client disconnects, streaming or not.
+An answer stops being generated when its client disconnects, streaming or not.
 """
 import asyncio
 import base64
@@ -53,7 +53,7 @@ def parse_args(argv=None):
     a("--host", default="127.0.0.1", help="0.0.0.0 to serve the local network")
     a("--port", type=int, default=8998, help="the port to listen on")
     a("--max_queue", type=int, default=16,
-      help="generation requests that may wait for the model at once; more get HTTP 429 (retry later)")
+      help="chat requests that may wait for the model at once; more get HTTP 429 (retry later)")
     a("--max_batch", type=int, default=8,
       help="waiting requests generated together in one batch (those with the same temperature and top_p and "
            "no seed); 1 = one at a time")
@@ -74,7 +74,7 @@ def parse_args(argv=None):
            "placeholders: 196 for CLIP ViT-B/16, 64 for SigLIP2)")
     add_video_args(limits)  # video_url parts: --frames per video, --max_video_seconds
     a("--max_seq_len", type=int, default=0, help="prompt + answer token limit; 0 = the model's max_seq_len")
-    a = ap.add_argument_group("generation", "for a request that does not set max_tokens, temperature, "
+    a = ap.add_argument_group("decoding", "for a request that does not set max_tokens, temperature, "
                                             "top_p").add_argument
     a("--max_new_tokens", type=int, default=512, help="answer length limit")
     old_spelling(a, "--max_tokens", "--max_new_tokens", type=int)  # its former name (a request's field keeps it)
@@ -250,7 +250,7 @@ def number(body, key, default, lo, hi, integer=False):
     return value
 
 
-class Engine:
+class Batcher:
     """The shared model. Each admitted request has a worker thread that puts its job in the waiting list;
     whichever worker takes the model generates the waiting jobs that can share a batch (up to max_batch),
     each row reporting its own pieces and ending on its own. pending counts the requests admitted and not
@@ -269,7 +269,7 @@ class Engine:
         self.waiting, self.waiting_lock = [], threading.Lock()
 
     def admit(self):
-        """Reserve a place for a generation request, or refuse it while max_queue wait behind the
+        """Reserve a place for a chat request, or refuse it while max_queue wait behind the
         running one: an unbounded queue would only grow answers that come too late."""
         if self.pending > self.max_queue:
             raise APIError(f"the server is busy: {self.max_queue} requests are already waiting for the model; "
@@ -442,7 +442,7 @@ def emitter(loop, queue):
 
 async def watch_disconnect(request, job, queue):
     """A non-streaming answer sends nothing until it is complete, so nothing else notices a client that
-    went away: check now and then, and cancel its generation (the handler gets ("gone", None))."""
+    went away: check now and then, and cancel its decoding (the handler gets ("gone", None))."""
     while not await request.is_disconnected():
         await asyncio.sleep(POLL)
     job["cancel"].set()
@@ -485,7 +485,7 @@ async def read_body(request, max_mb):
     return b"".join(chunks)
 
 
-def prepare(raw, engine, args):
+def prepare(raw, batcher, args):
     """Worker thread: raw body -> job. Hostile nesting is a client error, not a crash."""
     try:
         body = json.loads(raw)
@@ -494,12 +494,12 @@ def prepare(raw, engine, args):
     except ValueError as e:  # also UnicodeDecodeError, and integers with too many digits
         raise APIError(f"the request body is not valid JSON ({e})") from None
     try:
-        return make_job(body, engine, args)
+        return make_job(body, batcher, args)
     except RecursionError:
         raise APIError("the request is nested too deeply") from None
 
 
-def make_job(body, engine, args):
+def make_job(body, batcher, args):
     """A checked request -> the job a worker generates: prompt ids, images and sampling settings."""
     if not isinstance(body, dict):
         raise APIError("the request body must be a JSON object")
@@ -518,17 +518,17 @@ def make_job(body, engine, args):
     seed = number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True)
     messages, images = parse_messages(body["messages"], args.max_images, args.allow_local_files, args.frames,
                                       args.max_video_seconds)
-    prompt = engine.chat.encoder.encode_prompt(messages)  # (ids, is_image)
+    prompt = batcher.chat.encoder.encode_prompt(messages)  # (ids, is_image)
     ids = prompt[0]
     if max_tokens is None:
-        max_tokens = max(1, min(args.max_new_tokens, engine.max_seq_len - len(ids)))
+        max_tokens = max(1, min(args.max_new_tokens, batcher.max_seq_len - len(ids)))
     try:
-        check_room(len(ids), max_tokens, engine.max_seq_len)
+        check_room(len(ids), max_tokens, batcher.max_seq_len)
     except ValueError as e:
         raise APIError(str(e), param="messages", code="context_length_exceeded") from None
     options = body.get("stream_options") or {}
     # preprocessed here, in the prepare pool, so the model never waits for a request's images
-    return {"prompt": prompt, "pixels": engine.chat.pixels(images), "max_tokens": max_tokens, "temperature": temperature,
+    return {"prompt": prompt, "pixels": batcher.chat.pixels(images), "max_tokens": max_tokens, "temperature": temperature,
             "top_p": top_p if top_p > 0 else 1e-6, "seed": seed, "stream": stream,
             "include_usage": bool(isinstance(options, dict) and options.get("include_usage")),
             "cancel": threading.Event()}
@@ -551,7 +551,7 @@ class Answer:
         return {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}
 
     async def complete(self, request):
-        """The whole answer once generated; the generation is cancelled if the client goes away."""
+        """The whole answer once generated; decoding is cancelled if the client goes away."""
         watcher = asyncio.create_task(watch_disconnect(request, self.job, self.queue))
         pieces = {"content": [], "reasoning": []}
         try:
@@ -605,7 +605,7 @@ class Answer:
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def create_app(engine: Engine, args, model_id):
+def create_app(batcher: Batcher, args, model_id):
     app = FastAPI(title="MiniMind-V OpenAI-compatible API", docs_url=None, redoc_url=None)
     created = int(time.time())
     # JSON parsing and image decoding run here, never on the event loop (a few KB of PNG can take seconds
@@ -638,11 +638,11 @@ def create_app(engine: Engine, args, model_id):
 
     async def admitted_job(raw):
         """Take a place in the queue (or 429), then prepare the job off the event loop."""
-        engine.admit()
+        batcher.admit()
         try:
-            return await asyncio.get_running_loop().run_in_executor(prepare_pool, prepare, raw, engine, args)
+            return await asyncio.get_running_loop().run_in_executor(prepare_pool, prepare, raw, batcher, args)
         except BaseException:
-            engine.release()  # no generation follows
+            batcher.release()  # no generation follows
             raise
 
     @app.post("/v1/chat/completions")
@@ -654,7 +654,7 @@ def create_app(engine: Engine, args, model_id):
         except ClientDisconnect:  # went away while uploading
             return gone("(not started)")
         queue = asyncio.Queue()
-        engine.start(job, emitter(asyncio.get_running_loop(), queue))
+        batcher.start(job, emitter(asyncio.get_running_loop(), queue))
         answer = Answer(job, queue, model_id)
         return answer.stream() if job["stream"] else await answer.complete(request)
 
@@ -668,11 +668,11 @@ def main(argv=None):
         model, tokenizer, processor = load_model(InferenceConfig.from_args(args))
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # CheckpointError is a RuntimeError
         sys.exit(f"error: {e}")
-    engine = Engine(VLMChat(model, tokenizer, processor, args.open_thinking, args.static_cache), args.max_seq_len,
+    batcher = Batcher(VLMChat(model, tokenizer, processor, args.open_thinking, args.static_cache), args.max_seq_len,
                     args.max_queue, args.max_batch, args.batch_wait / 1000)
     name = args.model_name or os.path.basename(os.path.normpath(
         args.weight if is_hf_dir(args.weight) else resolve_weight_path(args))).removesuffix(".pth")
-    app = create_app(engine, args, name)
+    app = create_app(batcher, args, name)
     print(f"serving '{name}' at http://{args.host}:{args.port}/v1 "
           "(POST /v1/chat/completions, GET /v1/models, GET /health)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

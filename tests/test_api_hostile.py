@@ -1,6 +1,6 @@
 """scripts/serve_openai_api.py against hostile or careless clients: slow images, abandoned and
 cancelled requests, floods, local-file probing, deep JSON. The app runs in-process (uvicorn in a
-thread on 127.0.0.1) so a test can read the engine's counters and the server's log lines."""
+thread on 127.0.0.1) so a test can read the batcher's counters and the server's log lines."""
 import base64
 import contextlib
 import io
@@ -36,11 +36,11 @@ def chat(tower_dir, tokenizer, processor):
 
 @contextlib.contextmanager
 def serving(chat, *flags):
-    """The server's app with these command-line flags, on 127.0.0.1 -> (base URL, engine)."""
+    """The server's app with these command-line flags, on 127.0.0.1 -> (base URL, batcher)."""
     args = api.parse_args(list(flags))
-    engine = api.Engine(chat, args.max_seq_len, args.max_queue, args.max_batch)
+    batcher = api.Batcher(chat, args.max_seq_len, args.max_queue, args.max_batch)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(api.create_app(engine, args, "tiny"), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(api.create_app(batcher, args, "tiny"), host="127.0.0.1", port=port,
                                            log_config=None, access_log=False, timeout_graceful_shutdown=3))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -49,17 +49,17 @@ def serving(chat, *flags):
         while not server.started:
             assert thread.is_alive() and time.time() < deadline, "server did not start"
             time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}", engine
+        yield f"http://127.0.0.1:{port}", batcher
     finally:
         server.should_exit = True
         thread.join(10)
-        engine.pool.shutdown(wait=False, cancel_futures=True)
+        batcher.pool.shutdown(wait=False, cancel_futures=True)
 
 
 @pytest.fixture(scope="module")
 def server(chat):
-    with serving(chat) as (base, engine):
-        yield base, engine
+    with serving(chat) as (base, batcher):
+        yield base, batcher
 
 
 @pytest.fixture
@@ -80,8 +80,8 @@ def wait_for(condition, seconds=10):
         time.sleep(0.05)
 
 
-def idle(engine):
-    wait_for(lambda: engine.pending == 0)
+def idle(batcher):
+    wait_for(lambda: batcher.pending == 0)
 
 
 def openai_error(response, status):
@@ -106,7 +106,7 @@ def png_url(image):
 
 def test_image_decoding_does_not_block_the_event_loop(server, http):
     """Defect 1: a few KB of 1-bit PNG take long to decode; /v1/models must not wait for it."""
-    base, engine = server
+    base, batcher = server
     slow = png_url(Image.new("1", (8000, 8000)))  # ~8 KB, 64M pixels to decode
     body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": slow}}] * 4}],
             "max_tokens": 10**6}  # fails only after the images are decoded: nothing is generated
@@ -126,12 +126,12 @@ def test_image_decoding_does_not_block_the_event_loop(server, http):
     assert [openai_error(r, 400)["code"] for r in answers] == ["context_length_exceeded"] * 2  # really decoded
     # Blocked, a GET would wait out a decode: half the time the posts took or more, on any machine.
     assert len(latencies) >= 3 and max(latencies) < decoding / 4, (latencies, decoding)
-    idle(engine)
+    idle(batcher)
 
 
 def test_health_and_models_answer_during_a_generation(server, http):
     """Defect 4: GET /health exists and neither it nor /v1/models waits behind a generation."""
-    base, engine = server
+    base, batcher = server
     with http.stream("POST", "/v1/chat/completions", json=LONG | {"stream": True}) as r:
         lines = r.iter_lines()
         for _ in range(4):  # the role chunk, then tokens: the model is busy
@@ -141,14 +141,14 @@ def test_health_and_models_answer_during_a_generation(server, http):
             assert health == {"status": "ok"} and took < 1.0
             took, models = timed_get(http, "/v1/models")
             assert models["data"][0]["id"] == "tiny" and took < 1.0
-        assert engine.pending == 1
-    idle(engine)
+        assert batcher.pending == 1
+    idle(batcher)
 
 
 def test_abandoned_non_streaming_requests_stop_generating(server):
     """Defect 2: a client that times out cancels its generation (waiting or running)."""
-    base, engine = server
-    before = dict(engine.stats)
+    base, batcher = server
+    before = dict(batcher.stats)
     impatient = client(base, timeout=0.3)
     for _ in range(3):
         with pytest.raises(openai.APITimeoutError):
@@ -156,27 +156,27 @@ def test_abandoned_non_streaming_requests_stop_generating(server):
     t = time.perf_counter()
     r = client(base).chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)
     assert r.usage.completion_tokens >= 1 and time.perf_counter() - t < 3.0
-    idle(engine)
-    assert engine.stats["cancelled"] - before["cancelled"] == 3
-    assert engine.stats["tokens"] - before["tokens"] < 3000  # none of the three ran to its end
+    idle(batcher)
+    assert batcher.stats["cancelled"] - before["cancelled"] == 3
+    assert batcher.stats["tokens"] - before["tokens"] < 3000  # none of the three ran to its end
 
 
 def test_a_full_queue_answers_429(chat):
     """Defect 3: --max_queue bounds the waiting requests; more get an OpenAI-style 429."""
-    with serving(chat, "--max_queue", "1") as (base, engine), \
+    with serving(chat, "--max_queue", "1") as (base, batcher), \
             httpx.Client(base_url=base, trust_env=False, timeout=30) as http:
         with http.stream("POST", "/v1/chat/completions", json=LONG | {"stream": True}) as running, \
                 http.stream("POST", "/v1/chat/completions", json=LONG | {"stream": True}) as waiting:
             lines = [running.iter_lines(), waiting.iter_lines()]  # kept: a dropped iterator closes its stream
             next(lines[0]), next(lines[1])
-            assert engine.pending == 2
+            assert batcher.pending == 2
             r = http.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2})
             err = openai_error(r, 429)
             assert err["code"] == "queue_full" and "retry later" in err["message"] and r.headers["retry-after"]
             with pytest.raises(openai.RateLimitError):
                 client(base).chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)
             assert http.get("/health").status_code == 200
-        idle(engine)  # the two closed streams gave their places back
+        idle(batcher)  # the two closed streams gave their places back
         assert client(base).chat.completions.create(model="tiny", messages=HELLO, max_tokens=2).choices
 
 
@@ -223,7 +223,7 @@ def test_local_files_only_inside_the_folder_and_refusals_look_alike(local_files)
 
 def test_local_file_refusals_over_http_are_identical(chat, local_files):
     root, refused = local_files
-    with serving(chat, "--allow_local_files", str(root)) as (base, engine), \
+    with serving(chat, "--allow_local_files", str(root)) as (base, batcher), \
             httpx.Client(base_url=base, trust_env=False, timeout=30) as http:
         def ask(url):
             return http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
@@ -277,7 +277,7 @@ def test_n_must_be_the_integer_one(server, http):
 
 def test_client_disconnects_log_one_line_not_a_traceback(server, caplog, monkeypatch):
     """Defect 7: a client going away (uploading, streaming or waiting) is one log line."""
-    base, engine = server
+    base, batcher = server
     for name in ("uvicorn", "uvicorn.error"):  # in case another test configured uvicorn's logging
         monkeypatch.setattr(logging.getLogger(name), "propagate", True)
     caplog.set_level(logging.INFO)
@@ -296,8 +296,8 @@ def test_client_disconnects_log_one_line_not_a_traceback(server, caplog, monkeyp
     with pytest.raises(openai.APITimeoutError):  # gone while waiting for a whole answer
         client(base, timeout=0.3).chat.completions.create(model="tiny", messages=HELLO, max_tokens=3000,
                                                           temperature=0)
-    idle(engine)
-    deadline = time.time() + 10  # the last lines can follow the engine going idle by a moment
+    idle(batcher)
+    deadline = time.time() + 10  # the last lines can follow the batcher going idle by a moment
     while caplog.text.count("client disconnected") < 5 and time.time() < deadline:
         time.sleep(0.05)
     assert "Traceback" not in caplog.text
@@ -308,7 +308,7 @@ def test_client_disconnects_log_one_line_not_a_traceback(server, caplog, monkeyp
 def test_waiting_requests_are_generated_in_one_batch_with_the_answers_they_get_alone(server, chat, monkeypatch):
     """8 clients at once (prompts of different lengths, some with images, some streaming, each its own
     max_tokens) get the greedy answers each gets alone, from fewer generations than requests."""
-    base, engine = server
+    base, batcher = server
     colours = ["red", "green", "blue", "yellow"]
     bodies = []
     for i in range(8):
@@ -341,65 +341,65 @@ def test_waiting_requests_are_generated_in_one_batch_with_the_answers_they_get_a
             with httpx.Client(base_url=base, trust_env=False, timeout=60) as own:
                 answers[i] = ask(own, bodies[i])
         threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(8)]
-        with engine.lock:  # the model is busy until all 8 wait for it
+        with batcher.lock:  # the model is busy until all 8 wait for it
             for t in threads:
                 t.start()
-            wait_for(lambda: len(engine.waiting) == 8)
+            wait_for(lambda: len(batcher.waiting) == 8)
         for t in threads:
             t.join(60)
     assert answers == alone and all(text for text, _ in alone)
     assert rows == [8]
-    idle(engine)
+    idle(batcher)
 
 
 def test_only_requests_sampled_alike_and_without_a_seed_share_a_batch(chat):
-    engine = api.Engine(chat, max_batch=3)
-    engine.pool.shutdown()
+    batcher = api.Batcher(chat, max_batch=3)
+    batcher.pool.shutdown()
 
     def job(n, temperature, top_p=0.9, seed=None):  # pixels first: == on two jobs would compare tensors
         return {"pixels": torch.zeros(2, 3), "n": n, "temperature": temperature, "top_p": top_p, "seed": seed,
                 "cancel": threading.Event(), "ended": threading.Event()}
     settings = [(0,), (0.7,), (0, 0.9, 1), (0, 0.5), (0.7,), (0.7, 0.5), (0,), (0,)]
     jobs = [job(n, *s) for n, s in enumerate(settings)]
-    engine.waiting[:] = jobs
-    batches = [[j["n"] for j in engine.take_batch()] for _ in range(6)]
+    batcher.waiting[:] = jobs
+    batches = [[j["n"] for j in batcher.take_batch()] for _ in range(6)]
     assert batches == [[0, 3, 6], [1, 4], [2], [5], [7], []]  # oldest first; greedy ignores top_p
-    engine.waiting[:] = jobs[:3]
-    assert engine.withdraw(jobs[1]) and not engine.withdraw(jobs[1])
-    assert [j["n"] for j in engine.waiting] == [0, 2]
+    batcher.waiting[:] = jobs[:3]
+    assert batcher.withdraw(jobs[1]) and not batcher.withdraw(jobs[1])
+    assert [j["n"] for j in batcher.waiting] == [0, 2]
 
 
 
 def test_a_batch_waits_for_the_requests_on_their_way_but_a_lone_client_never_waits(chat, monkeypatch):
     """gather: requests admitted but still being prepared, or the clients of the batch that just ended,
     get into the next batch; a client alone (one request after another) starts at once."""
-    engine = api.Engine(chat, max_batch=3, batch_wait=60)  # a bound never reached here
-    engine.pool.shutdown()
+    batcher = api.Batcher(chat, max_batch=3, batch_wait=60)  # a bound never reached here
+    batcher.pool.shutdown()
 
     def job(n):
         return {"pixels": None, "n": n, "temperature": 0, "top_p": 1.0, "seed": None,
                 "cancel": threading.Event(), "ended": threading.Event()}
-    engine.pending, engine.waiting[:] = 3, [job(0)]  # two more admitted, still being prepared
-    late = threading.Timer(0.05, lambda: engine.waiting.extend([job(1), job(2)]))
+    batcher.pending, batcher.waiting[:] = 3, [job(0)]  # two more admitted, still being prepared
+    late = threading.Timer(0.05, lambda: batcher.waiting.extend([job(1), job(2)]))
     late.start()
-    engine.gather()
+    batcher.gather()
     late.join()
-    assert [j["n"] for j in engine.take_batch()] == [0, 1, 2]
-    engine.pending, engine.waiting[:] = 1, [job(3)]  # a batch of 2 just ended: its clients come back
-    engine.last_batch = (2, time.monotonic())
-    late = threading.Timer(0.05, lambda: engine.waiting.append(job(4)))
+    assert [j["n"] for j in batcher.take_batch()] == [0, 1, 2]
+    batcher.pending, batcher.waiting[:] = 1, [job(3)]  # a batch of 2 just ended: its clients come back
+    batcher.last_batch = (2, time.monotonic())
+    late = threading.Timer(0.05, lambda: batcher.waiting.append(job(4)))
     late.start()
-    engine.gather()
+    batcher.gather()
     late.join()
-    assert [j["n"] for j in engine.take_batch()] == [3, 4]
+    assert [j["n"] for j in batcher.take_batch()] == [3, 4]
 
     def no_sleep(_):
         raise AssertionError("a lone client waited")
     monkeypatch.setattr(api.time, "sleep", no_sleep)
-    engine.pending, engine.waiting[:] = 1, [job(5)]
-    engine.last_batch = (1, time.monotonic())
-    engine.gather()
-    assert [j["n"] for j in engine.take_batch()] == [5]
+    batcher.pending, batcher.waiting[:] = 1, [job(5)]
+    batcher.last_batch = (1, time.monotonic())
+    batcher.gather()
+    assert [j["n"] for j in batcher.take_batch()] == [5]
 
 
 def test_a_static_kv_cache_gives_the_same_batched_answers(chat):

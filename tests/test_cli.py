@@ -29,9 +29,9 @@ def test_on_off_flags_accept_the_bare_form_and_0_or_1():
 GROUPS = {
     "train_pretrain_vlm.py": {"data", "model", "training", "LoRA", "output", "distributed"},
     "train_sft_vlm.py": {"data", "model", "training", "LoRA", "output", "distributed"},
-    "eval_vlm.py": {"model", "generation", "folder and chat modes", "benchmark (--bench)"},
-    "web_demo_vlm.py": {"model", "model list", "serving", "limits", "generation"},
-    "scripts/serve_openai_api.py": {"model", "serving", "limits", "generation"},
+    "eval_vlm.py": {"model", "decoding", "folder and chat modes", "benchmark (--bench)"},
+    "web_demo_vlm.py": {"model", "model list", "serving", "limits", "decoding"},
+    "scripts/serve_openai_api.py": {"model", "serving", "limits", "decoding"},
     "scripts/convert_model.py": {"what to convert", "export (.pth -> directory)"},
     "scripts/cache_features.py": {"data", "the tower, as training runs it", "output"},
     "scripts/convert_data.py": set(),

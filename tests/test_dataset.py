@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from dataset.lm_dataset import VLMDataset, collate_batch
+from dataset.vlm_dataset import VLMDataset, collate_batch
 from model.chat import ChatEncoder
 from dataset.sampler import ResumableBatchSampler
 

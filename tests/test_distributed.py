@@ -136,7 +136,7 @@ def make_awkward_data(root):
 
 def test_two_process_sft_survives_an_all_skipped_batch_and_a_batch_without_images(tower_dir, tokenizer, processor,
                                                                                    tmp_path):
-    from dataset.lm_dataset import VLMDataset
+    from dataset.vlm_dataset import VLMDataset
     from model.chat import resolve_image_token_id
     from dataset.sampler import ResumableBatchSampler
     data = make_awkward_data(tmp_path / "data")

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from model.images import ImageError, open_image, to_pixels
-from dataset.lm_dataset import VLMDataset, collate_batch
+from dataset.vlm_dataset import VLMDataset, collate_batch
 
 IMG = 3
 

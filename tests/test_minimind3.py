@@ -80,7 +80,7 @@ def test_the_think_template_prompts_and_supervises_as_the_release_does(tokenizer
 def test_64_placeholders_per_image_with_0_1_and_2_images_per_sample(tmp_path, tokenizer3_dir, siglip2_dir, vlm3_pth):
     from transformers import AutoTokenizer
     from model.images import load_processor
-    from dataset.lm_dataset import VLMDataset, collate_batch
+    from dataset.vlm_dataset import VLMDataset, collate_batch
     from model.inference import load_model
     for name, colour in (("a.png", "red"), ("b.png", "blue")):
         write_image(tmp_path / name, colour, size=(300, 200))
@@ -141,7 +141,7 @@ def test_eval_web_demo_and_api_answer_with_a_2026_model_and_hide_the_reasoning(
     monkeypatch.setattr(thinking, "stream_batch", steps)
     assert thinking.encoder.prompt_options == {"open_thinking": True}
     app_args = api.parse_args(["--weight", vlm3_pth, "--open_thinking"])
-    client = TestClient(api.create_app(api.Engine(thinking), app_args, "minimind-3v"))
+    client = TestClient(api.create_app(api.Batcher(thinking), app_args, "minimind-3v"))
     message = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Colour?"}]}
                           ).json()["choices"][0]["message"]
     assert message["content"] == "Red." and message["reasoning_content"] == "It looks warm."

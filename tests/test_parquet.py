@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset.lm_dataset import VLMDataset, collate_batch
+from dataset.vlm_dataset import VLMDataset, collate_batch
 from dataset.samples import JsonlSource, ParquetSource, open_source
 
 from conftest import make_toy_data

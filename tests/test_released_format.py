@@ -211,7 +211,7 @@ def test_a_typed_at_sign_is_text_beside_an_image_in_serving_and_training(release
     an image are image slots; an e-mail address in the same turn is text, answered and trained on."""
     from PIL import Image
     from transformers import AutoTokenizer
-    from dataset.lm_dataset import VLMDataset, collate_batch
+    from dataset.vlm_dataset import VLMDataset, collate_batch
     from model.images import load_processor
     path, tok_dir, _ = released
     model, tokenizer, processor = load_model(model_args(path, tok_dir, tower_dir))

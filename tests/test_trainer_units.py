@@ -22,7 +22,7 @@ import trainer.loop
 import trainer.main
 import trainer.schedule
 from conftest import ROOT, TINY_LLM, make_toy_data
-from dataset.lm_dataset import collate_batch
+from dataset.vlm_dataset import collate_batch
 from dataset.sampler import ResumableBatchSampler
 from model.checkpoint import llm_state_dict
 from model.paths import RunFiles

@@ -161,7 +161,7 @@ def video_data(root, clip, bad=False):
 
 
 def dataset(path, images, tokenizer, processor, frames=4, **kw):
-    from dataset.lm_dataset import VLMDataset
+    from dataset.vlm_dataset import VLMDataset
     return VLMDataset(path, images, tokenizer, processor, image_token_id=3, image_token_count=196,
                       max_seq_len=2048, frames=frames, **kw)
 

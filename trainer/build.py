@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from cli import preparing_progress
 from dataset.feature_cache import encode_with_cache, open_cache_for
-from dataset.lm_dataset import VLMDataset, collate_batch
+from dataset.vlm_dataset import VLMDataset, collate_batch
 from dataset.samples import open_source
 from dataset.sampler import ResumableBatchSampler
 from model.chat import resolve_image_token_id
