@@ -56,7 +56,8 @@ def build_tower(path, generation):
 
 def start_weights(path, generation, dim, n_layers, use_moe, tower):
     """Random VLM weights of the generation's shapes and key format (what --from_weight reads)."""
-    from model.checkpoint import atomic_save, llm_state_dict
+    from model.checkpoint import llm_state_dict
+    from model.files import atomic_save
     from model.model_vlm import MiniMindVLM, VLMConfig
     torch.manual_seed(0)
     config = VLMConfig(generation=generation, dim=dim, n_layers=n_layers, use_moe=bool(use_moe),

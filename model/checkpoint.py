@@ -18,11 +18,9 @@ import re
 
 import torch
 
-# Re-exported: callers import the file-safety names from here as from model.files.
-from .files import (CheckpointError, DiskFullError, _first_line, _some, atomic_save,  # noqa: F401
-                    non_finite_keys, refuse_non_finite)
+from .files import CheckpointError, _first_line, _some, refuse_non_finite
 from .lora import fold_lora
-from .paths import RunFiles, local_path, weight_name  # noqa: F401 (RunFiles, weight_name: re-exported)
+from .paths import local_path, weight_name
 
 
 def weight_path(out_dir, name, dim, use_moe):

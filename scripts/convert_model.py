@@ -59,8 +59,9 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from model.checkpoint import (CheckpointError, atomic_save, check_state_dict, infer_config_from_state_dict,  # noqa: E402
-                              llm_state_dict, load_weights, read_checkpoint, weight_path)
+from model.checkpoint import (check_state_dict, infer_config_from_state_dict, llm_state_dict, load_weights,  # noqa: E402
+                              read_checkpoint, weight_path)
+from model.files import CheckpointError, atomic_save  # noqa: E402
 from model.model_vlm import MiniMindVLM, VLMConfig, load_vision_tower, tower_token_count  # noqa: E402
 from model.paths import load_tokenizer, local_path  # noqa: E402
 from model.record import RecordError, make_record, resolve_folders, write_record  # noqa: E402

@@ -29,9 +29,9 @@ def build_parser():
 if __name__ == "__main__":
     build_parser().parse_args()  # --help and a mistyped flag answer here, before torch loads (seconds)
 
-from model.checkpoint import (CheckpointError, atomic_save, check_state_dict,  # noqa: E402
-                              infer_config_from_state_dict, llm_state_dict, load_weights, non_finite_keys,
+from model.checkpoint import (check_state_dict, infer_config_from_state_dict, llm_state_dict, load_weights,  # noqa: E402
                               read_checkpoint)
+from model.files import CheckpointError, atomic_save, non_finite_keys  # noqa: E402
 from model.lora import adapter_projector, load_adapter, merge_lora  # noqa: E402
 from model.paths import RunFiles  # noqa: E402
 from model.model_vlm import MiniMindVLM, VLMConfig  # noqa: E402

@@ -288,7 +288,7 @@ def test_our_entry_points_load_an_exported_directory_without_running_its_code(to
 def test_an_exported_directory_with_nan_weights_is_refused_naming_its_safetensors(tower_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from model.checkpoint import CheckpointError
+    from model.files import CheckpointError
     from model.inference import InferenceConfig, load_model
     pth = str(tmp_path / "w.pth")
     make_checkpoint(tower_dir, pth)

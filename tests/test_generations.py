@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.checkpoint import CheckpointError, infer_config_from_state_dict, llm_state_dict, load_weights
+from model.checkpoint import infer_config_from_state_dict, llm_state_dict, load_weights
+from model.files import CheckpointError
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from model.model_vlm import MiniMindVLM, VLMConfig, load_vision_tower
 

@@ -5,7 +5,9 @@ import glob
 import os
 import sys
 
-from model.checkpoint import DiskFullError, atomic_save, llm_state_dict, non_finite_keys
+from model.checkpoint import llm_state_dict
+
+from model.files import DiskFullError, atomic_save, non_finite_keys
 from model.lora import adapter_state_dict, has_lora, save_adapter
 from model.record import write_record
 from trainer.config import plain_args

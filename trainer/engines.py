@@ -21,7 +21,9 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from model.checkpoint import CheckpointError, atomic_save, llm_state_dict, load_weights, read_checkpoint
+from model.checkpoint import llm_state_dict, load_weights, read_checkpoint
+
+from model.files import CheckpointError, atomic_save
 from model.lora import has_lora
 
 RESUME_KEYS = {"model", "optimizer", "scaler", "rng", "state"}

@@ -1,6 +1,6 @@
 """How a run ends early: on purpose (StopTraining), or with an error meant for the user, which
 launch() reports as one line."""
-from model.checkpoint import CheckpointError
+from model.files import CheckpointError
 
 
 class StopTraining(Exception):
