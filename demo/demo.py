@@ -59,7 +59,11 @@ def train_args(a, stage):
             "--epochs", epochs, "--batch_size", a.batch_size, "--learning_rate", lr, "--max_seq_len", 320,
             "--log_interval", a.log_interval, "--save_interval", 10**9, "--num_workers", a.num_workers,
             "--dtype", a.dtype, "--device", a.device, "--cache_features", os.path.join(a.out_dir, "feature_cache"),
-            "--freeze_llm", 0, "--seed", a.seed, "--use_compile", a.use_compile, "--projector", a.projector]
+            "--freeze_llm", 0, "--seed", a.seed, "--use_compile", a.use_compile, "--projector", a.projector,
+            # Here a sample's length says how many objects its image has: batches of one length would
+            # each hold one kind of scene, and the look-ups the questions need are then barely learned
+            # (docs/demo-experiments.md). Plain shuffled batches cost little padding at these lengths.
+            "--group_by_length", 0]
     if stage == "pretrain":
         args += ["--from_weight", "none"]
     return [str(x) for x in args]

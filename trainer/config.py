@@ -58,7 +58,9 @@ class TrainConfig:
     frames: int = shared("data", add_video_args)  # per video: a sample's "video" becomes that many images
     max_video_seconds: float = shared("data", add_video_args)
     skip_bad_samples: int = on_off("data", "skip (and count) malformed samples instead of stopping with an error")
-    group_by_length: int = on_off("data", "batch samples of similar length", default=1)
+    group_by_length: int = on_off("data", "batch samples of similar length: less padding, but each batch then "
+                                          "holds one length, which may go with content (docs/demo-experiments.md)",
+                                  default=1)
     pad_to_max_len: int = on_off("data", "pad every batch to --max_seq_len instead of its longest sample: fixed "
                                          "shapes (as the original implementation did), more work")
     num_workers: int = flag("data", "DataLoader workers decoding images", default=2)
