@@ -256,3 +256,25 @@ def test_tower_probe_reads_the_one_object_captions_and_scores_a_linear_probe(dat
     separable = torch.randn(300, 16) + 4 * torch.nn.functional.one_hot(torch.tensor(labels), 16)
     assert probe.probe_accuracy(separable, labels) > 0.95
     assert probe.probe_accuracy(torch.randn(300, 16), labels) < 0.6
+
+
+def test_a_captions_length_gives_its_object_count_so_the_demo_trains_in_shuffled_batches(data_dir):
+    """Batches grouped by length would each hold one number of objects (one kind of scene), and
+    the look-ups the questions need then stall near 0.70 (docs/demo-experiments.md)."""
+    by_count = {}
+    for rec in _read(data_dir / "pretrain.jsonl"):
+        caption = rec["conversations"][-1]["content"]
+        by_count.setdefault(len(shapes.parse_caption(caption)), []).append(len(caption))
+    # Every 3-object caption is longer than every 2-object one, and those than every 1-object one.
+    assert max(by_count[1]) < min(by_count[2]) and max(by_count[2]) < min(by_count[3])
+    demo = _load("demo")
+    args = demo.train_args(demo_flags(demo), "pretrain")
+    assert args[args.index("--group_by_length") + 1] == "0"
+
+
+def demo_flags(demo):
+    """demo.py's defaults, as its main() would hold them."""
+    from types import SimpleNamespace
+    return SimpleNamespace(data_dir="d", out_dir="o", tower_dir="t", dim=256, n_layers=4, pretrain_epochs=1,
+                           sft_epochs=1, pretrain_lr=2e-3, sft_lr=1e-3, batch_size=16, log_interval=20,
+                           num_workers=1, dtype="auto", device="cpu", seed=0, use_compile=1, projector="linear")
