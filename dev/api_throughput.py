@@ -15,7 +15,6 @@ rows costs nearly 8 steps of one, the matmuls are compute-bound and batching has
 """
 import argparse
 import base64
-import inspect
 import io
 import os
 import statistics
@@ -67,7 +66,10 @@ def step_times(chat, prompts, pixels, batch, rounds, decode_steps=16):
     return {k: statistics.median(v[1:]) for k, v in times.items()}
 
 
-def main():
+COLOURS = ["red", "green", "blue", "yellow"]
+
+
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--n_layers", type=int, default=8)
@@ -82,19 +84,18 @@ def main():
     ap.add_argument("--mixed", type=int, default=0, help="1: request i asks for max_tokens * (1 + i %% 4) / 4 tokens "
                                                          "(answers of different lengths share a batch)")
     ap.add_argument("--steps", type=int, default=1, help="0: skip timing the model's prefill and decode steps")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    import httpx
+
+def build_chat(args):
+    """A random model of the asked size on a tiny tower, as the server would hold it -> VLMChat."""
     import torch
-    import uvicorn
-    import serve_openai_api as api
     from make_demo_vision_tower import build_vision_tower
     from model.images import load_processor
     from model.inference import VLMChat
     from model.model_minimind import count_llm_params
     from model.model_vlm import MiniMindVLM, VLMConfig
     from model.precision import cpu_bf16_instructions, dtype_name, resolve_dtype
-    from PIL import Image
     from transformers import AutoTokenizer
 
     tower = tempfile.mkdtemp(prefix="tower")
@@ -108,42 +109,52 @@ def main():
           f"{dtype_name(dtype)} on {args.device}; CPU bf16 instructions: "
           f"{', '.join(cpu_bf16_instructions()) or 'none'}; {torch.get_num_threads()} torch threads, "
           f"{os.cpu_count()} cores; {args.image} image(s) of {model.config.image_token_count} tokens a request")
-    colours = ["red", "green", "blue", "yellow"]
-    if args.steps:
-        prompts, pixels = [], []
-        for i in range(args.max_batch):
-            prompts.append(chat.encoder.encode_prompt([{"role": "user", "content": "<image>\n" * args.image
-                                                        + f"Describe picture {i}."}]))
-            pixels.append(chat.pixels([Image.new("RGB", (64, 48), colours[i % 4])] * args.image))
-        t = step_times(chat, prompts, pixels, args.max_batch, args.rounds)
-        b = args.max_batch
-        print(f"model alone, medians of {args.rounds} alternations: prefill of {len(prompts[0][0])} tokens "
-              f"{t[1, 'prefill'] * 1e3:.1f} ms at batch 1, {t[b, 'prefill'] * 1e3:.1f} ms at batch {b} "
-              f"({t[b, 'prefill'] / t[1, 'prefill']:.2f}x); decode step {t[1, 'decode'] * 1e3:.2f} ms at batch 1, "
-              f"{t[b, 'decode'] * 1e3:.2f} ms at batch {b} ({t[b, 'decode'] / t[1, 'decode']:.2f}x)")
-        n = args.max_tokens
-        one = t[1, "prefill"] + (n - 1) * t[1, "decode"]
-        print(f"  -> the most batching can give for {n}-token answers, HTTP and all else free: "
-              f"{b * one / (t[b, 'prefill'] + (n - 1) * t[b, 'decode']):.2f}x")
+    return chat
 
-    server_args = api.parse_args([])
-    kw = {"max_batch": args.max_batch} if "max_batch" in inspect.signature(api.Batcher).parameters else {}
-    batcher = api.Batcher(chat, 0, max(args.clients, 16), **kw)
+
+def print_step_bound(chat, args):
+    """The model alone: prefill and decode step at batch 1 and --max_batch, and what they allow batching."""
+    from PIL import Image
+    prompts, pixels = [], []
+    for i in range(args.max_batch):
+        prompts.append(chat.encoder.encode_prompt([{"role": "user", "content": "<image>\n" * args.image
+                                                    + f"Describe picture {i}."}]))
+        pixels.append(chat.pixels([Image.new("RGB", (64, 48), COLOURS[i % 4])] * args.image))
+    t = step_times(chat, prompts, pixels, args.max_batch, args.rounds)
+    b = args.max_batch
+    print(f"model alone, medians of {args.rounds} alternations: prefill of {len(prompts[0][0])} tokens "
+          f"{t[1, 'prefill'] * 1e3:.1f} ms at batch 1, {t[b, 'prefill'] * 1e3:.1f} ms at batch {b} "
+          f"({t[b, 'prefill'] / t[1, 'prefill']:.2f}x); decode step {t[1, 'decode'] * 1e3:.2f} ms at batch 1, "
+          f"{t[b, 'decode'] * 1e3:.2f} ms at batch {b} ({t[b, 'decode'] / t[1, 'decode']:.2f}x)")
+    n = args.max_tokens
+    one = t[1, "prefill"] + (n - 1) * t[1, "decode"]
+    print(f"  -> the most batching can give for {n}-token answers, HTTP and all else free: "
+          f"{b * one / (t[b, 'prefill'] + (n - 1) * t[b, 'decode']):.2f}x")
+
+
+def start_server(chat, args):
+    """The API's app on a free local port, in a thread -> (base URL, uvicorn server, the batch sizes it ran)."""
+    import uvicorn
+    import serve_openai_api as api
+    from trainer.distributed import free_port
+    batcher = api.Batcher(chat, 0, max(args.clients, 16), max_batch=args.max_batch)
     sizes = []
     generate = batcher.generate
     batcher.generate = lambda batch: sizes.append(len(batch)) or generate(batch)
-    sock = __import__("socket").socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    server = uvicorn.Server(uvicorn.Config(api.create_app(batcher, server_args, "tiny"), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(api.create_app(batcher, api.parse_args([]), "tiny"), host="127.0.0.1",
+                                           port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{port}", server, sizes
+
+
+def compare(base, sizes, args):
+    """Both ways of sending, alternated for --rounds rounds; prints each round and the medians."""
+    import httpx
     bodies = [{"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": png_url(colours[i % 4])}}] * args.image + [
+        {"type": "image_url", "image_url": {"url": png_url(COLOURS[i % 4])}}] * args.image + [
         {"type": "text", "text": f"Describe picture {i}."}]}], "temperature": 0,
         "max_tokens": max(1, args.max_tokens * (1 + i % 4) // 4) if args.mixed else args.max_tokens}
         for i in range(args.requests)]
@@ -173,6 +184,15 @@ def main():
     print(f"medians of {args.rounds} rounds: one at a time {len(bodies) / statistics.median(one):.2f} requests/s, "
           f"concurrent {len(bodies) / statistics.median(many):.2f} requests/s; "
           f"speed-up {statistics.median(a / b for a, b in zip(one, many)):.2f}x (median of the rounds' ratios)")
+
+
+def main():
+    args = parse_args()
+    chat = build_chat(args)
+    if args.steps:
+        print_step_bound(chat, args)
+    base, server, sizes = start_server(chat, args)
+    compare(base, sizes, args)
     server.should_exit = True
 
 
