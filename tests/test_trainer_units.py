@@ -72,6 +72,17 @@ def test_lr_warms_up_linearly_then_follows_a_cosine_down_to_a_tenth():
     assert all(a >= b for a, b in zip(after, after[1:]))
 
 
+def test_lr_with_a_decay_ratio_holds_at_the_peak_then_falls_to_a_tenth_over_that_last_fraction():
+    lr, warmup, decay = 1e-3, 0.1, 0.2  # warmup-stable-decay
+    assert trainer.schedule.lr_at(0.05, lr, warmup, decay) == pytest.approx(lr / 2)
+    assert trainer.schedule.lr_at(0.5, lr, warmup, decay) == pytest.approx(lr)
+    assert trainer.schedule.lr_at(0.8, lr, warmup, decay) == pytest.approx(lr)
+    assert trainer.schedule.lr_at(0.9, lr, warmup, decay) == pytest.approx(lr * 0.55)
+    assert trainer.schedule.lr_at(1.0, lr, warmup, decay) == pytest.approx(lr / 10)
+    # decay 1 is the plain cosine from the end of the warmup
+    assert trainer.schedule.lr_at(0.55, lr, warmup, 1.0) == trainer.schedule.lr_at(0.55, lr, warmup)
+
+
 # 2. Token weighting: every supervised token of a step weighs the same, its micro-batches fetched lazily.
 
 def tiny_run(tower_dir, tmp_path, **flags):

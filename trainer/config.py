@@ -89,8 +89,12 @@ class TrainConfig:
     # training: how the run goes
     epochs: int = flag("training", "passes over the data")
     batch_size: int = flag("training", "samples per process per micro-step")
-    learning_rate: float = flag("training", "peak LR, reached after the warmup, then a cosine down to a tenth of it")
+    learning_rate: float = flag("training", "peak LR, reached after the warmup, then a cosine down to a tenth of it "
+                                            "(--decay_ratio: when)")
     warmup_ratio: float = flag("training", "fraction of training with linear LR warmup", default=0.03)
+    decay_ratio: float = flag("training", "fraction of training, at the end, over which the LR falls to a tenth "
+                                          "(1: from the warmup on; below 1 it holds at its peak until then)",
+                              default=1.0)
     accumulation_steps: int = flag("training", "micro-steps per optimizer step", default=1)
     grad_clip: float = flag("training", "max gradient norm (0 = no clipping)", default=1.0)
     seed: int = flag("training", "model init and data order", default=42)

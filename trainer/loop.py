@@ -144,7 +144,7 @@ def train_step(run, epoch, micro_batches, stop_signal):
         n_tokens, samples, tokens = n_tokens + n, samples + batch["n_samples"], tokens + batch["n_tokens"]
         skipped += batch["skipped"]
         state["samples_seen"] = min(state["samples_seen"] + run.sampler.global_batch, run.n_samples)
-    lr = lr_at(run.samples_done(epoch) / run.total_samples, cfg.learning_rate, cfg.warmup_ratio)
+    lr = lr_at(run.samples_done(epoch) / run.total_samples, cfg.learning_rate, cfg.warmup_ratio, cfg.decay_ratio)
     loss = torch.stack(losses).sum() if losses else torch.zeros((), device=cluster.device)
     if cluster.world == 1:
         if not n_tokens:  # not taken: AdamW's weight decay and momentum would move the weights even so

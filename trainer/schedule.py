@@ -3,12 +3,15 @@ import itertools
 import math
 
 
-def lr_at(progress, base_lr, warmup):
-    """Linear warmup, then cosine from base_lr down to base_lr/10. `progress` is the fraction of
-    all training samples consumed, so the schedule does not depend on the number of processes."""
+def lr_at(progress, base_lr, warmup, decay=1.0):
+    """Linear warmup, then a cosine from base_lr down to base_lr/10 over the last `decay` fraction of
+    training, flat at base_lr before it (decay 1: the cosine starts right after the warmup; below 1,
+    warmup-stable-decay). `progress` is the fraction of all training samples consumed, so the schedule
+    does not depend on the number of processes."""
     if progress < warmup:
         return base_lr * max(progress / warmup, 0.01)
-    t = (progress - warmup) / max(1 - warmup, 1e-8)
+    start = max(warmup, 1 - decay)  # where the cosine begins
+    t = max(progress - start, 0.0) / max(1 - start, 1e-8)
     return base_lr / 10 + 0.45 * base_lr * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
