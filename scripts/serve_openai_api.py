@@ -267,6 +267,7 @@ class Batcher:
         self.pool = ThreadPoolExecutor(max_queue + 1, thread_name_prefix="generate")
         self.stats, self.stats_lock = {"tokens": 0, "cancelled": 0, "batches": 0}, threading.Lock()
         self.waiting, self.waiting_lock = [], threading.Lock()
+        self.arrived = threading.Condition(self.waiting_lock)  # notified when a job joins the waiting list
 
     def admit(self):
         """Reserve a place for a chat request, or refuse it while max_queue wait behind the
@@ -295,8 +296,9 @@ class Batcher:
         ("error", msg), from this thread or the one generating its batch; returns when the job has ended.
         A cancelled job (its client went away) stops quietly: nobody is listening."""
         job["emit"], job["ended"] = emit, threading.Event()
-        with self.waiting_lock:
+        with self.arrived:
             self.waiting.append(job)
+            self.arrived.notify_all()
         while not job["ended"].is_set():
             if not self.lock.acquire(timeout=POLL):
                 # an abandoned request leaves the queue at once instead of when its turn comes
@@ -321,15 +323,10 @@ class Batcher:
         Never waits for more than max_batch, nor when a lone client sends one request after another."""
         if self.batch_wait <= 0:
             return
-        start = time.monotonic()
         rows, ended = self.last_batch
-        expected = max(self.pending, rows if start - ended < self.batch_wait else 0)
-        while time.monotonic() - start < self.batch_wait:
-            with self.waiting_lock:
-                n = len(self.waiting)
-            if n >= min(self.max_batch, expected):
-                return
-            time.sleep(0.001)
+        expected = max(self.pending, rows if time.monotonic() - ended < self.batch_wait else 0)
+        with self.arrived:
+            self.arrived.wait_for(lambda: len(self.waiting) >= min(self.max_batch, expected), self.batch_wait)
 
     def withdraw(self, job):
         """Take a job out of the waiting list; False if a batch has taken it already."""
