@@ -105,9 +105,12 @@ def make_question(rng, objs, qtype):
     return tpl.format(color=c, shape=s), answer
 
 
-def caption(objs):
-    # Reading order (row-major) gives the captions a consistent structure.
-    objs = sorted(objs, key=lambda o: CELLS.index(o[2]))
+def caption(objs, rng=None):
+    """Objects in reading order (row-major), or in a random order drawn from rng. In reading order a
+    caption can be written by scanning the cells; in a random order each object's next word must be
+    found by what was already said of it ("a small red" -> the small red object's shape), the look-up
+    that the questions ask for."""
+    objs = rng.sample(objs, len(objs)) if rng else sorted(objs, key=lambda o: CELLS.index(o[2]))
     parts = [f"a {z} {c} {s} {CELL_PHRASE.get(cell, 'at the ' + cell)}" for s, c, cell, z in objs]
     body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     head = "There is 1 shape" if len(objs) == 1 else f"There are {len(objs)} shapes"
@@ -237,7 +240,10 @@ def plan_split(rng, n, split, forbidden=frozenset(), sft_turns=5):
     return plans
 
 
-def generate(out_dir="dataset/demo", seed=0, n_train=3000, n_test=300, test_seed=None, verbose=True, sft_turns=5):
+def generate(out_dir="dataset/demo", seed=0, n_train=3000, n_test=300, test_seed=None, verbose=True, sft_turns=5,
+             caption_order="random"):
+    if caption_order not in ("random", "reading"):
+        raise ValueError(f"caption_order is 'random' or 'reading', not {caption_order!r}")
     t0 = time.time()
     test_seed = seed + 1000 if test_seed is None else test_seed
     img_dir = os.path.join(out_dir, "images")
@@ -253,7 +259,9 @@ def generate(out_dir="dataset/demo", seed=0, n_train=3000, n_test=300, test_seed
             print(f"  rendered {k + 1}/{len(train) + len(test)} images", flush=True)
     cap_rng = random.Random(seed + 1)
     files = {
-        "pretrain.jsonl": [sample(p["name"], [(cap_rng.choice(CAPTION_PROMPTS), caption(p["objs"]))]) for p in train],
+        "pretrain.jsonl": [sample(p["name"], [(cap_rng.choice(CAPTION_PROMPTS),
+                                               caption(p["objs"], cap_rng if caption_order == "random" else None))])
+                           for p in train],
         "sft.jsonl": [sample(p["name"], p["turns"], p["type"]) for p in train],
         "test.jsonl": [sample(p["name"], p["turns"], p["type"]) for p in test],
     }
@@ -283,9 +291,13 @@ def main():
     ap.add_argument("--sft_turns", type=int, default=5,
                     help="questions per SFT training image, all about different things (fewer where the "
                          "image offers fewer; test samples have one)")
+    ap.add_argument("--caption_order", default="random", choices=["random", "reading"],
+                    help="the order a caption lists its objects in: random makes writing it practise the "
+                         "questions' look-ups (docs/demo-experiments.md)")
     a = ap.parse_args()
     try:
-        generate(a.out_dir, a.seed, a.n_train, a.n_test, a.test_seed, sft_turns=a.sft_turns)
+        generate(a.out_dir, a.seed, a.n_train, a.n_test, a.test_seed, sft_turns=a.sft_turns,
+                 caption_order=a.caption_order)
     except OSError as e:  # a read-only or full disk, a file where the folder should be
         sys.exit(f"error: cannot write the demo data to {a.out_dir}: {e.strerror or e}; pass another --out_dir")
 

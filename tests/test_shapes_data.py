@@ -143,6 +143,19 @@ def test_a_caption_reads_back_to_its_objects_and_a_caption_missing_one_is_refuse
         shapes.parse_caption("There are 2 shapes: a small red star at the top left.")
 
 
+def test_captions_list_their_objects_in_a_random_order_unless_reading_order_is_asked_for():
+    rng, orders = random.Random(0), Counter()
+    for _ in range(300):
+        objs = shapes.random_layout(rng, 3)
+        reading = sorted(objs, key=lambda o: shapes.CELLS.index(o[2]))
+        assert shapes.caption(objs) == shapes.caption(reading)  # no rng: reading order
+        text = shapes.caption(objs, rng)
+        assert sorted(shapes.parse_caption(text)) == sorted(objs)
+        said = shapes.parse_caption(text)  # in the order the caption says them
+        orders[tuple(reading.index(o) for o in said)] += 1
+    assert len(orders) == 6 and min(orders.values()) > 20  # every order of three objects, about evenly
+
+
 def test_questions_only_about_unique_subjects():
     import random
     rng = random.Random(0)
