@@ -296,6 +296,10 @@ class MiniMindForCausalLM(PreTrainedModel):
         their data-dependent shapes, stay eager."""
         # fullgraph: a graph break is an error, not a silent slowdown. The MoE FFN's routing has
         # data-dependent shapes (which rows go to which expert), so its blocks may break there.
+        # No duck sizing: sizes equal on the first call would share one symbol, so a first batch whose
+        # size or length happens to equal a width (B == head_dim, n supervised == dim) would be tied to
+        # that width and every other batch compile again. Process-wide; read when a graph compiles.
+        torch.fx.experimental._config.use_duck_shape = False
         for layer in self.layers:
             layer.compile(dynamic=True, fullgraph=not self.config.use_moe)
         self.supervised_loss = torch.compile(self.supervised_loss, dynamic=True, fullgraph=True)

@@ -201,8 +201,12 @@ class MiniMindVLM(MiniMindForCausalLM):
             raise ValueError(f"{len(image_slots)} image slots for {n_images} images of {n_per_image} features each")
         proj_dtype = next(self.vision_proj.parameters()).dtype
         feats = self.vision_proj(image_features.to(proj_dtype))  # [N, image_token_count, D]
-        B, T, D = h.shape
-        return h.reshape(B * T, D).index_copy(0, image_slots, feats.reshape(-1, D).to(h.dtype)).view(B, T, D)
+        # Written in place into h's own storage, so the blocks get h itself, not a view of a [B*T, D]
+        # tensor: a compiled block guards on an input view's base, and only the first block's input
+        # would be one, so every later block would miss the first one's graph and compile another.
+        D = h.shape[-1]
+        h.view(-1, D).index_copy_(0, image_slots, feats.reshape(-1, D).to(h.dtype))
+        return h
 
     def image_slots(self, input_ids, image_mask, n_images):
         """The slots of image_mask [B, T] (or of every placeholder id) as flat indices into [B*T],

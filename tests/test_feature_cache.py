@@ -77,21 +77,31 @@ def test_compiled_and_eager_losses_agree(tiny_vlm):
     assert torch.allclose(eager, compiled, rtol=1e-4)
 
 
-def test_compiled_blocks_are_one_graph_each_across_batch_shapes():
+def test_compiled_blocks_are_one_graph_each_across_batch_shapes(monkeypatch):
     """--use_compile 1 compiles each block with fullgraph=True (a graph break raises) and dynamic
-    shapes: three batches of other sizes and lengths neither break a graph nor recompile one."""
+    shapes. Driven as the trainer drives it (image features spliced in, or a batch without images),
+    batches of other sizes and lengths neither break a graph nor recompile one, and all blocks share
+    one graph. The first batch has n supervised == dim (64) and the second B == head_dim (8): equal
+    sizes must not tie a batch dimension to a width."""
     from torch._dynamo.utils import counters
-    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+    from model.model_vlm import MiniMindVLM, VLMConfig
+    monkeypatch.setattr(torch.fx.experimental._config, "use_duck_shape", True)  # restored after the test
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    model = MiniMindForCausalLM(MiniMindConfig(dim=64, n_layers=2)).train()
+    config = VLMConfig(**TINY_LLM, image_token_count=16, vision_hidden_size=32)
+    model = MiniMindVLM(config, load_tower=False).train()  # the trainer runs the tower itself
     model.compile_for_training()
-    for B, T in ((2, 33), (3, 47), (4, 61)):
-        ids = torch.randint(0, 6400, (B, T))
-        model(ids, labels=ids).loss.backward()
-    assert not counters["graph_break"] and not counters["recompiles"]
-    assert counters["stats"]["unique_graphs"] >= 2  # it did compile: the blocks, and the head with its loss
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a recompile raises, naming the failed guard
+        for B, T, images in ((2, 33, True), (8, 40, True), (3, 47, False), (4, 61, True)):
+            ids = torch.randint(10, 6000, (B, T))
+            features = None
+            if images:
+                ids[:, 4:4 + config.image_token_count] = config.image_token_id
+                features = torch.randn(B, config.image_token_count, config.vision_hidden_size)
+            model(ids, labels=ids, image_features=features).loss.backward()
+    assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == 2  # one for every block, one for the head with its loss
 
 
 # A damaged cache: a line it did not write stops with the fix; a row its .bin lost is encoded again.
