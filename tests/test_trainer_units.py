@@ -247,6 +247,24 @@ def test_build_model_keeps_the_frozen_tower_apart_and_its_features_match_the_mod
     assert encoder({"pixel_values": torch.zeros(0, 3, 1, 1)}, "cpu") is None  # a batch without images
 
 
+def test_a_model_from_scratch_takes_the_generation_asked_for_and_a_checkpoint_its_own(tower_dir, tokenizer,
+                                                                                     tmp_path):
+    from model.checkpoint import infer_config_from_state_dict
+    model, _ = trainer.build.build_model(config(vision_model_path=tower_dir, **TINY_LLM), tokenizer, "cpu")
+    assert model.config.generation == "minimind2" and not model.config.qk_norm  # the default
+    cfg = config(vision_model_path=tower_dir, generation="minimind3", **TINY_LLM)
+    model, _ = trainer.build.build_model(cfg, tokenizer, "cpu")
+    assert model.config.qk_norm and model.config.n_kv_heads == 4
+    found = infer_config_from_state_dict(model.state_dict())
+    assert found["generation"] == "minimind3" and found["n_kv_heads"] == 4  # what a saved file says of itself
+    path = tmp_path / "llm.pth"
+    torch.save(trainer.build.build_model(config(vision_model_path=tower_dir, **TINY_LLM), tokenizer, "cpu")[0]
+               .state_dict(), path)
+    cfg = config(vision_model_path=tower_dir, generation="minimind3", from_weight=str(path), **TINY_LLM)
+    with pytest.raises(ValueError, match=r"--generation minimind3: .*llm.pth is a minimind2 model; drop --generation"):
+        trainer.build.build_model(cfg, tokenizer, "cpu")
+
+
 def test_the_forward_with_trainer_encoded_features_gives_the_pixel_forward_loss(tiny_vlm):
     n = tiny_vlm.config.image_token_count
     ids = torch.tensor([[1] + [tiny_vlm.config.image_token_id] * n + [5, 6, 7]])

@@ -73,6 +73,11 @@ def build_model(cfg, tokenizer, device):
     found = infer_config_from_state_dict(sd, start) if start else {"vocab_size": len(tokenizer)}
     if start:
         check_vocab(tokenizer, cfg.tokenizer_path, found["vocab_size"], start)
+        if cfg.generation and cfg.generation != found["generation"]:
+            raise ValueError(f"--generation {cfg.generation}: {start} is a {found['generation']} model; drop "
+                             f"--generation (a checkpoint brings its own) or pass --from_weight none")
+    else:
+        found["generation"] = cfg.generation or "minimind2"
     found.update(dim=cfg.dim, n_layers=cfg.n_layers, use_moe=bool(cfg.use_moe))
     found.setdefault("projector", cfg.projector)
     config = VLMConfig(**found, gradient_checkpointing=bool(cfg.gradient_checkpointing),

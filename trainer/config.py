@@ -72,6 +72,12 @@ class TrainConfig:
                              "minimind-3v: 8)", default=512)
     n_layers: int = flag("model", "the LLM's layers (see --dim)", default=8)
     use_moe: int = on_off("model", "mixture-of-experts FFN")
+    # None: the --from_weight checkpoint's, else minimind2 (see build.build_model)
+    generation: str | None = flag("model", "the LLM architecture of a model trained from scratch (--from_weight "
+                                           "none): minimind2 (2025: 2 KV heads) or minimind3 (2026: QK-norm, 4 KV "
+                                           "heads, a wider FFN); default: minimind2, or a --from_weight checkpoint's "
+                                           "own",
+                                  choices=["minimind2", "minimind3"])
     freeze_llm: int | None = flag("model", FREEZE_HELP, choices=[0, 1, 2, 3])
     projector: str = flag("model", "a new projector's kind: linear (one bias-free Linear, the design) or mlp "
                                    "(LayerNorm, Linear, GELU, Linear, as the 2026 release); a --from_weight VLM "
