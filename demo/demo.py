@@ -65,7 +65,7 @@ def train_args(a, stage):
             # (docs/demo-experiments.md). Plain shuffled batches cost little padding at these lengths.
             "--group_by_length", 0]
     if stage == "pretrain":
-        args += ["--from_weight", "none"]
+        args += ["--from_weight", "none", "--generation", a.generation]
     return [str(x) for x in args]
 
 
@@ -83,6 +83,9 @@ def main():
            "docs/demo-experiments.md compares them")
     a("--dim", type=int, default=256, help="the LLM's width (trained from scratch)")
     a("--n_layers", type=int, default=4, help="the LLM's layers")
+    a("--generation", default="minimind2", choices=["minimind2", "minimind3"],
+      help="the LLM architecture: the 2025 release's, or the 2026 one's (QK-norm, 4 KV heads; "
+           "docs/demo-experiments.md compares them)")
     a("--projector", default="linear", choices=["linear", "mlp"], help="the projector kind (passed to training)")
     a = p.add_argument_group("training").add_argument
     a("--pretrain_epochs", type=int, default=1, help="epochs of captions")

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow  # every test here runs the scripts in subprocesse
 def test_tiny_demo_runs_every_stage_and_writes_the_results_file(tmp_path):
     cmd = [sys.executable, "demo/demo.py", "--data_dir", tmp_path / "data", "--out_dir", tmp_path / "out",
            "--n_train", 24, "--n_test", 10, "--tower_steps", 3, "--dim", 64, "--n_layers", 2, "--pretrain_epochs", 1,
-           "--sft_epochs", 1, "--batch_size", 8, "--num_workers", 0, "--log_interval", 1, "--samples", 3]
+           "--sft_epochs", 1, "--generation", "minimind3", "--batch_size", 8, "--num_workers", 0, "--log_interval", 1,
+           "--samples", 3]
     proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for n in range(1, 7):
@@ -27,6 +28,9 @@ def test_tiny_demo_runs_every_stage_and_writes_the_results_file(tmp_path):
     assert results["n"] == 10 and set(results["per_type"]) <= {"color", "shape", "position", "count", "exists"}
     assert 0 < results["train_seconds"] <= results["total_seconds"]
     assert len(results["samples"]) == 3 and "held-out answers:" in proc.stdout
+    import torch
+    weights = torch.load(tmp_path / "out" / "sft_vlm_64.pth", weights_only=True)
+    assert any(k.endswith("q_norm.weight") for k in weights)  # --generation reached training
 
     # The README's commands on the demo's model work as written (at this test's paths and size).
     with open(f"{ROOT}/README.md") as f:
