@@ -290,4 +290,5 @@ def demo_flags(demo):
     from types import SimpleNamespace
     return SimpleNamespace(data_dir="d", out_dir="o", tower_dir="t", dim=256, n_layers=4, pretrain_epochs=1,
                            sft_epochs=1, pretrain_lr=2e-3, sft_lr=1e-3, batch_size=16, log_interval=20,
-                           num_workers=1, dtype="auto", device="cpu", seed=0, use_compile=1, projector="linear")
+                           num_workers=1, dtype="auto", device="cpu", seed=0, use_compile=1, projector="linear",
+                           generation="minimind2")
