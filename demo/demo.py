@@ -69,7 +69,7 @@ def train_args(a, stage):
     return [str(x) for x in args]
 
 
-def main():
+def build_parser():
     p = make_parser(__doc__)
     a = p.add_argument_group("data").add_argument
     a("--data_dir", default="dataset/demo", help="where the shapes world is written")
@@ -103,8 +103,17 @@ def main():
     a("--out_dir", default="out/demo", help="weights, logs, the tower and results.json")
     a("--log_interval", type=int, default=20, help="optimizer steps between training's log lines")
     a("--samples", type=int, default=6, help="held-out answers to print")
-    args = p.parse_args()
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     args.tower_dir = os.path.join(args.out_dir, "vision_tower")
+    return args
+
+
+def main():
+    args = parse_args()
     t_start = time.time()
 
     step(1, f"generate the shapes world: {args.n_train} training images, {args.n_test} held-out questions")

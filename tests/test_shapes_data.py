@@ -281,14 +281,5 @@ def test_a_captions_length_gives_its_object_count_so_the_demo_trains_in_shuffled
     # Every 3-object caption is longer than every 2-object one, and those than every 1-object one.
     assert max(by_count[1]) < min(by_count[2]) and max(by_count[2]) < min(by_count[3])
     demo = _load("demo")
-    args = demo.train_args(demo_flags(demo), "pretrain")
+    args = demo.train_args(demo.parse_args([]), "pretrain")  # its defaults
     assert args[args.index("--group_by_length") + 1] == "0"
-
-
-def demo_flags(demo):
-    """demo.py's defaults, as its main() would hold them."""
-    from types import SimpleNamespace
-    return SimpleNamespace(data_dir="d", out_dir="o", tower_dir="t", dim=256, n_layers=4, pretrain_epochs=1,
-                           sft_epochs=1, pretrain_lr=2e-3, sft_lr=1e-3, batch_size=16, log_interval=20,
-                           num_workers=1, dtype="auto", device="cpu", seed=0, use_compile=1, projector="linear",
-                           generation="minimind2")
