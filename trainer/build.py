@@ -76,8 +76,8 @@ def build_model(cfg, tokenizer, device):
         if cfg.generation and cfg.generation != found["generation"]:
             raise ValueError(f"--generation {cfg.generation}: {start} is a {found['generation']} model; drop "
                              f"--generation (a checkpoint brings its own) or pass --from_weight none")
-    else:
-        found["generation"] = cfg.generation or "minimind2"
+    elif cfg.generation:  # else MiniMindConfig's default
+        found["generation"] = cfg.generation
     found.update(dim=cfg.dim, n_layers=cfg.n_layers, use_moe=bool(cfg.use_moe))
     found.setdefault("projector", cfg.projector)
     config = VLMConfig(**found, gradient_checkpointing=bool(cfg.gradient_checkpointing),

@@ -72,7 +72,7 @@ class TrainConfig:
                              "minimind-3v: 8)", default=512)
     n_layers: int = flag("model", "the LLM's layers (see --dim)", default=8)
     use_moe: int = on_off("model", "mixture-of-experts FFN")
-    # None: the --from_weight checkpoint's, else minimind2 (see build.build_model)
+    # None: the --from_weight checkpoint's, else MiniMindConfig's default, minimind2 (see build.build_model)
     generation: str | None = flag("model", "the LLM architecture of a model trained from scratch (--from_weight "
                                            "none): minimind2 (2025: 2 KV heads) or minimind3 (2026: QK-norm, 4 KV "
                                            "heads, a wider FFN); default: minimind2, or a --from_weight checkpoint's "
