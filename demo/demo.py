@@ -75,6 +75,9 @@ def build_parser():
     a("--data_dir", default="dataset/demo", help="where the shapes world is written")
     a("--n_train", type=int, default=9000, help="training images (one caption and one Q&A sample each)")
     a("--n_test", type=int, default=300, help="held-out questions")
+    a("--object_mix", type=float, nargs=3, default=None, metavar=("ONE", "TWO", "THREE"),
+      help="relative weights of 1, 2 and 3 objects in a training image (default: even; held-out images "
+           "are always even)")
     a = p.add_argument_group("model").add_argument
     a("--tower_steps", type=int, default=800,
       help="steps that teach the vision tower this world before the VLM is built on it (0: a random tower)")
@@ -102,7 +105,7 @@ def build_parser():
     a = p.add_argument_group("output").add_argument
     a("--out_dir", default="out/demo", help="weights, logs, the tower and results.json")
     a("--log_interval", type=int, default=20, help="optimizer steps between training's log lines")
-    a("--samples", type=int, default=6, help="held-out answers to print")
+    a("--samples", type=int, default=6, help="held-out answers to print (results.json keeps every one)")
     return p
 
 
@@ -118,7 +121,8 @@ def main():
 
     step(1, f"generate the shapes world: {args.n_train} training images, {args.n_test} held-out questions")
     run(["demo/make_shapes_data.py", "--out_dir", args.data_dir, "--seed", str(args.seed),
-         "--n_train", str(args.n_train), "--n_test", str(args.n_test)])
+         "--n_train", str(args.n_train), "--n_test", str(args.n_test),
+         *(["--object_mix", *map(str, args.object_mix)] if args.object_mix else [])])
 
     make_tower(args)
 
@@ -155,7 +159,7 @@ def main():
                                 "n": s["n"]} for t, s in seeing["per_type"].items()},
                "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - t_start, 1),
                "config": {k: v for k, v in vars(args).items() if k != "samples"},
-               "samples": rows[:args.samples]}
+               "answers": rows}  # every held-out question, to see what the wrong answers say
     path = os.path.join(args.out_dir, "results.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=1)

@@ -216,13 +216,14 @@ def follow_ups(rng, objs, qtype, first, n_turns):
     return turns, types
 
 
-def plan_split(rng, n, split, forbidden=frozenset(), sft_turns=5):
-    """Decide layouts and questions for one split (cheap; rendering happens later)."""
+def plan_split(rng, n, split, forbidden=frozenset(), sft_turns=5, object_mix=None):
+    """Decide layouts and questions for one split (cheap; rendering happens later). object_mix: the
+    relative weights of 1, 2 and 3 objects per image (None: evenly)."""
     schedule = [TYPES[i % len(TYPES)] for i in range(n)]
     rng.shuffle(schedule)
     plans = []
     for i, qtype in enumerate(schedule):
-        n_obj = rng.randint(1, 3)
+        n_obj = rng.choices((1, 2, 3), object_mix)[0] if object_mix else rng.randint(1, 3)
         for attempt in range(10000):
             if attempt == 200:  # all layouts of this size already used in train: allow another size
                 n_obj = rng.randint(1, 3)
@@ -241,16 +242,18 @@ def plan_split(rng, n, split, forbidden=frozenset(), sft_turns=5):
 
 
 def generate(out_dir="dataset/demo", seed=0, n_train=3000, n_test=300, test_seed=None, verbose=True, sft_turns=5,
-             caption_order="random"):
+             caption_order="random", object_mix=None):
     if caption_order not in ("random", "reading"):
         raise ValueError(f"caption_order is 'random' or 'reading', not {caption_order!r}")
+    if object_mix is not None and (len(object_mix) != 3 or min(object_mix) < 0 or sum(object_mix) <= 0):
+        raise ValueError(f"object_mix is three weights, for 1, 2 and 3 objects, not {object_mix!r}")
     t0 = time.time()
     test_seed = seed + 1000 if test_seed is None else test_seed
     img_dir = os.path.join(out_dir, "images")
     os.makedirs(img_dir, exist_ok=True)
     for old in glob.glob(os.path.join(img_dir, "train_*.png")) + glob.glob(os.path.join(img_dir, "test_*.png")):
         os.remove(old)  # stale images from an earlier, larger run would silently linger
-    train = plan_split(random.Random(seed), n_train, "train", sft_turns=sft_turns)
+    train = plan_split(random.Random(seed), n_train, "train", sft_turns=sft_turns, object_mix=object_mix)
     train_sigs = {layout_signature(p["objs"]) for p in train}
     test = plan_split(random.Random(test_seed), n_test, "test", forbidden=train_sigs)
     for k, p in enumerate(train + test):
@@ -273,6 +276,7 @@ def generate(out_dir="dataset/demo", seed=0, n_train=3000, n_test=300, test_seed
         "sft_samples_by_type": dict(Counter(p["type"] for p in train)),
         "sft_questions_by_type": dict(Counter(t for p in train for t in p["types"])),
         "sft_multi_turn": sum(len(p["turns"]) > 1 for p in train),
+        "train_images_by_objects": dict(sorted(Counter(len(p["objs"]) for p in train).items())),
         "test_by_type": dict(Counter(p["type"] for p in test)),
         "seconds": round(time.time() - t0, 1),
     }
@@ -294,10 +298,15 @@ def main():
     ap.add_argument("--caption_order", default="random", choices=["random", "reading"],
                     help="the order a caption lists its objects in: random makes writing it practise the "
                          "questions' look-ups (docs/demo-experiments.md)")
+    ap.add_argument("--object_mix", type=float, nargs=3, default=None, metavar=("ONE", "TWO", "THREE"),
+                    help="relative weights of 1, 2 and 3 objects in a training image (default: even); "
+                         "held-out images always draw them evenly")
     a = ap.parse_args()
     try:
         generate(a.out_dir, a.seed, a.n_train, a.n_test, a.test_seed, sft_turns=a.sft_turns,
-                 caption_order=a.caption_order)
+                 caption_order=a.caption_order, object_mix=a.object_mix)
+    except ValueError as e:  # a mix of weights that draws nothing
+        sys.exit(f"error: --object_mix: {e}")
     except OSError as e:  # a read-only or full disk, a file where the folder should be
         sys.exit(f"error: cannot write the demo data to {a.out_dir}: {e.strerror or e}; pass another --out_dir")
 

@@ -27,7 +27,9 @@ def test_tiny_demo_runs_every_stage_and_writes_the_results_file(tmp_path):
     assert {"accuracy", "blind_accuracy", "n", "per_type", "train_seconds", "total_seconds"} <= set(results)
     assert results["n"] == 10 and set(results["per_type"]) <= {"color", "shape", "position", "count", "exists"}
     assert 0 < results["train_seconds"] <= results["total_seconds"]
-    assert len(results["samples"]) == 3 and "held-out answers:" in proc.stdout
+    assert len(results["answers"]) == 10 and {"question", "prediction", "reference", "correct"} <= set(
+        results["answers"][0])
+    assert proc.stdout.split("held-out answers:")[1].count("(reference ") == 3
     import torch
     weights = torch.load(tmp_path / "out" / "sft_vlm_64.pth", weights_only=True)
     assert any(k.endswith("q_norm.weight") for k in weights)  # --generation reached training

@@ -183,6 +183,16 @@ def test_more_sft_turns_ask_more_questions_never_the_same_thing_twice():
     assert sum(len(p["turns"]) == 10 for p in three) > 0.6 * len(three)
 
 
+def test_the_object_mix_weights_training_images_while_held_out_ones_stay_even(tmp_path):
+    summary = shapes.generate(str(tmp_path), seed=0, n_train=200, n_test=60, verbose=False, object_mix=(0, 1, 3))
+    assert set(summary["train_images_by_objects"]) == {2, 3}
+    assert summary["train_images_by_objects"][3] > 2 * summary["train_images_by_objects"][2]
+    held_out = Counter(len(p["objs"]) for p in shapes.plan_split(random.Random(1000), 60, "test"))
+    assert set(held_out) == {1, 2, 3}  # the held-out split is planned without the mix
+    with pytest.raises(ValueError, match="three weights"):
+        shapes.generate(str(tmp_path), object_mix=(0, 0, 0), verbose=False)
+
+
 def _pixels(d):
     from model.images import load_processor
     proc = load_processor(d)
