@@ -152,6 +152,29 @@ def toy_data(tmp_path):
     return make_toy_data(tmp_path)
 
 
+@pytest.fixture(scope="session")
+def mixed_toy_data(tmp_path_factory):
+    """12 samples, 3 global batches of 4 per epoch: 10 with an image, and 2 text-only ones, the
+    longest, so length grouping puts them together first: with batch size 2 the very first
+    micro-batch (or rank 0's first batch) has no image at all."""
+    path, images = make_toy_data(tmp_path_factory.mktemp("toy"), n=10)
+    with open(path, "a") as f:
+        for color in ("red", "blue"):
+            f.write(json.dumps({"conversations": [{"role": "user", "content": "Name a color" + " please" * 80},
+                                                  {"role": "assistant", "content": color}]}) + "\n")
+    return path, images
+
+
+@pytest.fixture(scope="session")
+def one_process_reference(mixed_toy_data, tower_dir, tmp_path_factory):
+    """The uninterrupted 1-process pretrain run of mixed_toy_data (batch 4, float32, 6 steps) that the
+    distributed and the parquet runs are compared with: its output folder."""
+    from test_distributed import flags, launch
+    out = tmp_path_factory.mktemp("ref")
+    launch("train_pretrain_vlm.py", flags(mixed_toy_data, tower_dir, out))
+    return out
+
+
 def script_flags(data, tower_dir, out_dir, **overrides):
     """Command-line flags for the train scripts on toy data with the tiny LLM; keywords override."""
     data_path, images = data

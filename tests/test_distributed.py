@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY_LLM, free_port, make_toy_data, read_log, script_flags, write_image
+from conftest import ROOT, TINY_LLM, free_port, read_log, script_flags, write_image
 
 pytestmark = pytest.mark.slow  # every test here runs the scripts under torchrun or DeepSpeed
 
@@ -76,24 +76,15 @@ def assert_losses_match(log, ref, tol=LOSS_TOL):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """12 samples, 3 global batches of 4 per epoch: 10 with an image, and 2 text-only ones, the
-    longest, so length grouping puts them together first: with batch size 2 the very first
-    micro-batch (or rank 0's first batch) has no image at all."""
-    path, images = make_toy_data(tmp_path_factory.mktemp("toy"), n=10)
-    with open(path, "a") as f:
-        for color in ("red", "blue"):
-            f.write(json.dumps({"conversations": [{"role": "user", "content": "Name a color" + " please" * 80},
-                                                  {"role": "assistant", "content": color}]}) + "\n")
-    return path, images
+def data(mixed_toy_data):
+    """12 samples, 3 global batches of 4 per epoch, the very first micro-batch text-only (see conftest)."""
+    return mixed_toy_data
 
 
 @pytest.fixture(scope="module")
-def reference(data, tower_dir, tmp_path_factory):
+def reference(one_process_reference):
     """The uninterrupted 1-process pretrain run every distributed run is compared with (6 steps)."""
-    out = tmp_path_factory.mktemp("ref")
-    launch("train_pretrain_vlm.py", flags(data, tower_dir, out))
-    return out
+    return one_process_reference
 
 
 def test_two_process_pretrain_matches_one_process(data, tower_dir, reference, tmp_path):

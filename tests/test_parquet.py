@@ -188,25 +188,20 @@ def test_training_on_parquet_equals_training_on_its_jsonl(tmp_path, tower_dir):
 
 
 @pytest.fixture(scope="module")
-def parquet_data(tmp_path_factory):
-    """test_distributed's 12 samples (10 with an image, 2 text-only) as parquet."""
-    root = tmp_path_factory.mktemp("pq")
-    path, images = make_toy_data(root, n=10)
-    with open(path, "a") as f:
-        for color in ("red", "blue"):
-            f.write(json.dumps({"conversations": [{"role": "user", "content": "Name a color" + " please" * 80},
-                                                  {"role": "assistant", "content": color}]}) + "\n")
-    convert("--data_path", path, "--images_path", images, "--out", root / "d.parquet")
-    return (path, images), (str(root / "d.parquet"), "unused")
+def parquet_data(mixed_toy_data, tmp_path_factory):
+    """test_distributed's 12 samples (10 with an image, 2 text-only), as jsonl and as parquet."""
+    path, images = mixed_toy_data
+    parquet = tmp_path_factory.mktemp("pq") / "d.parquet"
+    convert("--data_path", path, "--images_path", images, "--out", parquet)
+    return (path, images), (str(parquet), "unused")
 
 
 @pytest.mark.slow
 def test_two_process_pretrain_and_a_resumed_run_from_parquet_match_the_one_process_jsonl_run(
-        parquet_data, tower_dir, tmp_path):
+        parquet_data, tower_dir, one_process_reference, tmp_path):
     from test_distributed import assert_losses_match, flags, launch, read_log
-    jsonl, parquet = parquet_data
-    launch("train_pretrain_vlm.py", flags(jsonl, tower_dir, tmp_path / "ref"))
-    ref = read_log(tmp_path / "ref" / "pretrain_vlm_64_log.jsonl")
+    _, parquet = parquet_data
+    ref = read_log(one_process_reference / "pretrain_vlm_64_log.jsonl")  # the jsonl, 1 process, batch 4
     launch("train_pretrain_vlm.py", flags(parquet, tower_dir, tmp_path / "ddp", batch_size=2), nproc=2,
            launcher="torchrun")
     assert_losses_match(read_log(tmp_path / "ddp" / "pretrain_vlm_64_log.jsonl"), ref)
@@ -247,15 +242,16 @@ def test_inspect_data_shows_samples_as_the_model_sees_them(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_cache_features_script_reads_parquet_and_encodes_each_distinct_image_once(parquet_data, tower_dir, tmp_path):
-    import subprocess
+def test_cache_features_script_reads_parquet_and_encodes_each_distinct_image_once(parquet_data, tower_dir, tmp_path,
+                                                                                   capsys, monkeypatch):
     import sys
-    from conftest import ROOT
+    import cache_features
     _, (parquet, _) = parquet_data
-    build = [sys.executable, os.path.join(ROOT, "scripts", "cache_features.py"), "--data_path", parquet,
-             "--cache_dir", str(tmp_path / "cache"), "--vision_model_path", tower_dir, "--num_workers", "0"]
-    first = subprocess.run(build, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr
-    assert "4 images in" in first.stdout and "4 to encode" in first.stdout  # 10 embedded images, 4 distinct
-    again = subprocess.run(build, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert "4 already cached" in again.stdout and "0 to encode" in again.stdout
+    monkeypatch.setattr(sys, "argv", ["cache_features.py", "--data_path", parquet, "--cache_dir", str(tmp_path / "cache"),
+                                      "--vision_model_path", tower_dir, "--num_workers", "0"])
+    cache_features.main()  # the script's entry, in this process: an error would end it with SystemExit
+    first = capsys.readouterr().out
+    assert "4 images in" in first and "4 to encode" in first  # 10 embedded images, 4 distinct
+    cache_features.main()
+    again = capsys.readouterr().out
+    assert "4 already cached" in again and "0 to encode" in again
