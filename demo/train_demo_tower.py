@@ -118,30 +118,12 @@ class CellReader(torch.nn.Module):
         return {h: head(tokens) for h, head in self.heads.items()}
 
 
-def load_pixels(processor, paths, log=print, chunk=1000):
-    """Every image through the tower's processor once -> [N, 3, H, W] float16. The processor's numpy
-    arithmetic costs more than a training step of this small tower, and training draws each image
-    about three times, so it is paid once here. float16 holds a pixel to a small fraction of one grey
-    level of the processor's float32 (and under bf16 autocast the tower's first layer rounds further)."""
-    pixels = None
-    t0 = time.time()
-    for b in range(0, len(paths), chunk):
-        part = to_pixels(processor, [open_image(path) for path in paths[b:b + chunk]])
-        if pixels is None:
-            pixels = torch.empty(len(paths), *part.shape[1:], dtype=torch.float16)
-        pixels[b:b + len(part)] = part
-        done = b + len(part)
-        log(f"images read {done}/{len(paths)}, eta {(len(paths) - done) * (time.time() - t0) / done:.0f}s")
-    return pixels
-
-
 def train_tower(items, steps, batch_size=32, lr=3e-4, seed=0, dtype=torch.float32, log=print, **tower_kw):
     """-> (tower, processor, held-out accuracy per head on occupied cells). items: [(image, objects)]."""
     tower, processor = make_vision_tower(seed=seed, **tower_kw)
     reader = CellReader(tower.train().requires_grad_(True))
-    n_eval = min(256, len(items) // 10)  # items[:n_eval] are held out
-    pixels = load_pixels(processor, [path for path, _ in items], log)  # as training will see them
-    labels = {h: torch.tensor([cell_labels(objs)[h] for _, objs in items]) for h in HEADS}  # [N, 9] each
+    n_eval = min(256, len(items) // 10)
+    train, held_out = items[n_eval:], items[:n_eval]
     # The fresh heads learn faster than the tower under them; a warm-up and clipping keep the ViT,
     # trained from scratch, from diverging early.
     opt = torch.optim.AdamW([{"params": reader.tower.parameters(), "base_lr": lr},
@@ -149,18 +131,20 @@ def train_tower(items, steps, batch_size=32, lr=3e-4, seed=0, dtype=torch.float3
     gen = torch.Generator().manual_seed(seed)
     autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
 
-    def batch(rows):  # rows: [B] item indices
-        return pixels[rows].float(), {h: labels[h][rows] for h in HEADS}
+    def batch(rows):
+        pixels = to_pixels(processor, [open_image(path) for path, _ in rows])  # as training will see them
+        labels = [cell_labels(objs) for _, objs in rows]
+        return pixels, {h: torch.tensor([l[h] for l in labels]) for h in HEADS}  # [B, 9] each
 
     t0 = time.time()
     for step in range(1, steps + 1):
         schedule = min(1.0, step / 50) * min(1.0, 4 * (1 - step / steps) + 0.1)  # warm-up, flat, decay over the last quarter
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * schedule
-        pixels_b, labels_b = batch(n_eval + torch.randint(len(items) - n_eval, (batch_size,), generator=gen))
+        pixels, labels = batch([train[int(i)] for i in torch.randint(len(train), (batch_size,), generator=gen)])
         with autocast:
-            logits = reader(pixels_b)  # {head: [B, P, classes]}
-        loss = sum(F.cross_entropy(logits[h].float().flatten(0, 1), labels_b[h][:, reader.cell_of_patch].flatten())
+            logits = reader(pixels)  # {head: [B, P, classes]}
+        loss = sum(F.cross_entropy(logits[h].float().flatten(0, 1), labels[h][:, reader.cell_of_patch].flatten())
                    for h in HEADS)  # every token: its cell's label
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -173,13 +157,13 @@ def train_tower(items, steps, batch_size=32, lr=3e-4, seed=0, dtype=torch.float3
     reader.eval()
     correct, total = {h: 0 for h in HEADS}, 0
     with torch.no_grad(), autocast:
-        for b in range(0, n_eval, 64):
-            pixels_b, labels_b = batch(torch.arange(b, min(b + 64, n_eval)))
-            logits = reader(pixels_b, per_cell=True)
-            occupied = labels_b["shape"] > 0
+        for b in range(0, len(held_out), 64):
+            pixels, labels = batch(held_out[b:b + 64])
+            logits = reader(pixels, per_cell=True)
+            occupied = labels["shape"] > 0
             total += int(occupied.sum())
             for h in HEADS:
-                correct[h] += int(((logits[h].argmax(-1) == labels_b[h]) & occupied).sum())
+                correct[h] += int(((logits[h].argmax(-1) == labels[h]) & occupied).sum())
     accuracy = {h: correct[h] / max(total, 1) for h in HEADS}
     return tower.eval().requires_grad_(False), processor, accuracy
 

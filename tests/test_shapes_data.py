@@ -247,21 +247,6 @@ def test_building_and_training_the_demo_tower_prints_only_its_own_lines(data_dir
     assert "trained the tower" in train.stdout and (tmp_path / "trained" / "model.safetensors").is_file()
 
 
-def test_the_tower_trains_on_the_pixels_of_the_processor_read_once(data_dir):
-    """Tower training reads every image once and holds it in float16: within a quarter of one grey
-    level (1/255 over CLIP's channel std) of what the image processor gives training and serving."""
-    from model.images import open_image, to_pixels
-    trainer = _load("train_demo_tower")
-    _, processor = tower.make_vision_tower(hidden_size=32, num_layers=1, num_heads=2, patch_size=32)
-    paths = sorted(str(p) for p in (data_dir / "images").glob("train_*.png"))[:7]
-    lines = []
-    held = trainer.load_pixels(processor, paths, lines.append, chunk=3)
-    exact = to_pixels(processor, [open_image(p) for p in paths])
-    assert held.dtype == torch.float16 and held.shape == exact.shape == (7, 3, 224, 224)
-    assert (held.float() - exact).abs().max() < 0.25 / 255 / max(tower.CLIP_STD)
-    assert len(lines) == 3 and lines[-1].startswith("images read 7/7")
-
-
 def test_demo_tower_patch_tokens_say_where_they_are(tmp_path):
     """With the library's 0.02 init the position signal drowns in the patch content; the demo
     tower's position embeddings are as strong as the content, so a flat image's patch tokens
