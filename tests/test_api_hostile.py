@@ -379,18 +379,26 @@ def test_a_batch_waits_for_the_requests_on_their_way_but_a_lone_client_never_wai
     def job(n):
         return {"pixels": None, "n": n, "temperature": 0, "top_p": 1.0, "seed": None,
                 "cancel": threading.Event(), "ended": threading.Event()}
+    def arrive(*jobs):  # as a request's worker thread joins the waiting list
+        with batcher.arrived:
+            batcher.waiting.extend(jobs)
+            batcher.arrived.notify_all()
+
+    def gather_while(*jobs):
+        """gather() while the jobs arrive 50 ms later; -> seconds it took (it returns as the last arrives)."""
+        late = threading.Timer(0.05, arrive, jobs)
+        start = time.monotonic()
+        late.start()
+        batcher.gather()
+        late.join()
+        return time.monotonic() - start
+
     batcher.pending, batcher.waiting[:] = 3, [job(0)]  # two more admitted, still being prepared
-    late = threading.Timer(0.05, lambda: batcher.waiting.extend([job(1), job(2)]))
-    late.start()
-    batcher.gather()
-    late.join()
+    assert gather_while(job(1), job(2)) < 30  # woken by their arrival, long before the 60 s bound
     assert [j["n"] for j in batcher.take_batch()] == [0, 1, 2]
     batcher.pending, batcher.waiting[:] = 1, [job(3)]  # a batch of 2 just ended: its clients come back
     batcher.last_batch = (2, time.monotonic())
-    late = threading.Timer(0.05, lambda: batcher.waiting.append(job(4)))
-    late.start()
-    batcher.gather()
-    late.join()
+    assert gather_while(job(4)) < 30
     assert [j["n"] for j in batcher.take_batch()] == [3, 4]
 
     def no_sleep(_):
