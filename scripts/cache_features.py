@@ -83,8 +83,8 @@ class Pixels(Dataset):
         return to_pixels(self.processor, [image])[0]
 
 
-def main():
-    args = build_parser().parse_args()
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     args.device = resolve_device(args.device)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if args.device.startswith("cuda") and world > 1:

@@ -243,15 +243,14 @@ def test_inspect_data_shows_samples_as_the_model_sees_them(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_cache_features_script_reads_parquet_and_encodes_each_distinct_image_once(parquet_data, tower_dir, tmp_path,
-                                                                                   capsys, monkeypatch):
-    import sys
+                                                                                   capsys):
     import cache_features
     _, (parquet, _) = parquet_data
-    monkeypatch.setattr(sys, "argv", ["cache_features.py", "--data_path", parquet, "--cache_dir", str(tmp_path / "cache"),
-                                      "--vision_model_path", tower_dir, "--num_workers", "0"])
-    cache_features.main()  # the script's entry, in this process: an error would end it with SystemExit
+    build = ["--data_path", parquet, "--cache_dir", str(tmp_path / "cache"), "--vision_model_path", tower_dir,
+             "--num_workers", "0"]
+    cache_features.main(build)  # the script's entry, in this process: an error would end it with SystemExit
     first = capsys.readouterr().out
     assert "4 images in" in first and "4 to encode" in first  # 10 embedded images, 4 distinct
-    cache_features.main()
+    cache_features.main(build)
     again = capsys.readouterr().out
     assert "4 already cached" in again and "0 to encode" in again

@@ -108,16 +108,16 @@ def test_feature_cache_gives_the_same_run_cold_and_warm(toy_data, tower_dir, tmp
     assert losses[0] == losses[1]
 
 
-def test_cache_features_script_prebuilds_what_training_reads(toy_data, tower_dir, tmp_path, capsys, monkeypatch):
+def test_cache_features_script_prebuilds_what_training_reads(toy_data, tower_dir, tmp_path, capsys):
     import cache_features
     cache = tmp_path / "cache"
     data_path, images = toy_data
-    monkeypatch.setattr(sys, "argv", ["cache_features.py", "--data_path", data_path, "--images_path", images,
-                                      "--cache_dir", str(cache), "--vision_model_path", tower_dir, "--num_workers", "0"])
-    cache_features.main()  # the script's entry, in this process: an error would end it with SystemExit
+    build = ["--data_path", data_path, "--images_path", images, "--cache_dir", str(cache), "--vision_model_path",
+             tower_dir, "--num_workers", "0"]
+    cache_features.main(build)  # the script's entry, in this process: an error would end it with SystemExit
     first = capsys.readouterr().out
     assert "0 already cached" in first and "12 to encode" in first and "MB on disk" in first
-    cache_features.main()
+    cache_features.main(build)
     again = capsys.readouterr().out
     assert "12 already cached" in again and "0 to encode" in again
     files = sorted(p.name for p in cache.rglob("*"))
@@ -139,13 +139,12 @@ def test_cache_features_script_names_the_line_of_an_unreadable_image(tower_dir, 
     assert proc.returncode == 1 and "d.jsonl:1: cannot read image" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_cache_features_script_names_the_line_of_a_damaged_index(toy_data, tower_dir, tmp_path, monkeypatch):
+def test_cache_features_script_names_the_line_of_a_damaged_index(toy_data, tower_dir, tmp_path):
     import cache_features
     data_path, images = toy_data
     flags = ["--data_path", data_path, "--images_path", images, "--cache_dir", str(tmp_path / "cache"),
              "--vision_model_path", tower_dir, "--num_workers", "0"]
-    monkeypatch.setattr(sys, "argv", ["cache_features.py", *flags])
-    cache_features.main()  # a cache to damage, built in this process
+    cache_features.main(flags)  # a cache to damage, built in this process
     build = [sys.executable, os.path.join(ROOT, "scripts", "cache_features.py"), *flags]
     (index,) = (tmp_path / "cache").rglob("*.idx")
     with open(index, "a") as f:
