@@ -40,15 +40,16 @@ def run(cmd):
 
 
 def make_tower(a):
-    geometry = f"CLIP, 224 px, patch {a.patch_size}: {(224 // a.patch_size) ** 2} tokens per image"
+    geometry = f"CLIP, {a.image_size} px, patch {a.patch_size}: {(a.image_size // a.patch_size) ** 2} tokens per image"
     if a.tower_steps:
         step(2, f"train the vision tower on the captions, {a.tower_steps} steps ({geometry}), then freeze it")
         run(["demo/train_demo_tower.py", "--data_dir", a.data_dir, "--out_dir", a.tower_dir, "--steps",
-             str(a.tower_steps), "--patch_size", str(a.patch_size), "--seed", str(a.seed), "--dtype", a.dtype])
+             str(a.tower_steps), "--patch_size", str(a.patch_size), "--image_size", str(a.image_size),
+             "--seed", str(a.seed), "--dtype", a.dtype])
     else:
         step(2, f"build an untrained vision tower ({geometry}), frozen as it is")
         run(["demo/make_demo_vision_tower.py", "--out_dir", a.tower_dir, "--patch_size", str(a.patch_size),
-             "--seed", str(a.seed)])
+             "--image_size", str(a.image_size), "--seed", str(a.seed)])
 
 
 def train_args(a, stage):
@@ -84,6 +85,7 @@ def build_parser():
     a("--patch_size", type=int, default=32, choices=[16, 32],
       help="the tower's patch: 32 gives 49 image tokens (ViT-B/32 geometry), 16 the design's 196 (ViT-B/16); "
            "docs/demo-experiments.md compares them")
+    a("--image_size", type=int, default=224, help="the side the tower's processor resizes images to")
     a("--dim", type=int, default=256, help="the LLM's width (trained from scratch)")
     a("--n_layers", type=int, default=4, help="the LLM's layers")
     a("--generation", default="minimind2", choices=["minimind2", "minimind3"],

@@ -31,7 +31,7 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def make_vision_tower(hidden_size=256, num_layers=2, num_heads=4, intermediate_size=None, seed=0,
-                      position_std=1.0, patch_size=16):
+                      position_std=1.0, patch_size=16, image_size=224):
     """A random-init CLIPVisionModel of ViT-B/16 geometry and the standard CLIP image processor."""
     import torch  # here: the --help of this script and of train_demo_tower.py answers without torch
     from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -39,35 +39,36 @@ def make_vision_tower(hidden_size=256, num_layers=2, num_heads=4, intermediate_s
     from model.images import clip_processor
     torch.manual_seed(seed)  # same seed -> same weights
     model = CLIPVisionModel(CLIPVisionConfig(**vision_config(hidden_size, num_layers, num_heads, intermediate_size,
-                                                                  patch_size)))
+                                                                  patch_size, image_size)))
     # The default init (std 0.02) makes the position embeddings ~40x smaller than a patch's content
     # embedding (~0.9 here), so identical background patches would look the same wherever they are.
     # A trained ViT's position embeddings are of the same order as the content; match that, so
     # the patch tokens say where they are and "top left" is learnable.
     with torch.no_grad():
         getattr(model, "vision_model", model).embeddings.position_embedding.weight.normal_(0.0, position_std)
-    # The same preprocessing as real CLIP: resize the short side to 224, centre-crop 224x224, normalise.
-    processor = clip_processor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
-                                   do_resize=True, do_center_crop=True, do_normalize=True,
-                                   image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3)  # 3 = bicubic
+    # The same preprocessing as real CLIP (at its 224 px): resize the short side, centre-crop a square, normalise.
+    processor = clip_processor(size={"shortest_edge": image_size},
+                               crop_size={"height": image_size, "width": image_size},
+                               do_resize=True, do_center_crop=True, do_normalize=True,
+                               image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3)  # 3 = bicubic
     return model.eval(), processor
 
 
-def vision_config(hidden_size, num_layers, num_heads, intermediate_size=None, patch_size=16):
+def vision_config(hidden_size, num_layers, num_heads, intermediate_size=None, patch_size=16, image_size=224):
     return dict(hidden_size=hidden_size, intermediate_size=intermediate_size or 4 * hidden_size,
                 num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                image_size=224, patch_size=patch_size, num_channels=3, projection_dim=hidden_size)
+                image_size=image_size, patch_size=patch_size, num_channels=3, projection_dim=hidden_size)
 
 
 def build_vision_tower(out_dir, hidden_size=256, num_layers=2, num_heads=4,
                        intermediate_size=None, seed=0, full_clip=False, verbose=True, position_std=1.0,
-                       patch_size=16):
+                       patch_size=16, image_size=224):
     """Save a random-init CLIP vision tower (or full CLIP model) and its processor to out_dir.
 
     Returns the number of parameters of the vision tower.
     """
     model, processor = make_vision_tower(hidden_size, num_layers, num_heads, intermediate_size, seed, position_std,
-                                         patch_size)
+                                         patch_size, image_size)
     n_params = sum(p.numel() for p in model.parameters())
     if full_clip:
         from transformers import CLIPConfig, CLIPModel
@@ -76,7 +77,7 @@ def build_vision_tower(out_dir, hidden_size=256, num_layers=2, num_heads=4,
                         bos_token_id=0, eos_token_id=1, pad_token_id=1)
         full = CLIPModel(CLIPConfig(text_config=text_cfg, projection_dim=hidden_size,
                                     vision_config=vision_config(hidden_size, num_layers, num_heads, intermediate_size,
-                                                                patch_size)))
+                                                                patch_size, image_size)))
         # Same vision weights as the vision-only tower of this seed, so both layouts give identical features.
         # (transformers 5 flattened CLIPVisionModel; older versions wrap it in .vision_model.)
         full.vision_model.load_state_dict(getattr(model, "vision_model", model).state_dict())
@@ -112,11 +113,12 @@ def main():
                                 ("--num_heads", 4, "attention heads (must divide hidden_size)"),
                                 ("--intermediate_size", None, "MLP width (default: 4 * hidden_size)"),
                                 ("--patch_size", 16, "16: 196 tokens per image (ViT-B/16); 32: 49 (ViT-B/32)"),
+                                ("--image_size", 224, "the side the processor resizes images to (CLIP: 224)"),
                                 ("--seed", 0, "torch seed for the random weights")):
         add(flag, type=int, default=default, help=what)
     a = ap.parse_args()
     build_vision_tower(a.out_dir, a.hidden_size, a.num_layers, a.num_heads, a.intermediate_size, a.seed,
-                       patch_size=a.patch_size)
+                       patch_size=a.patch_size, image_size=a.image_size)
 
 
 if __name__ == "__main__":

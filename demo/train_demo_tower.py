@@ -36,6 +36,7 @@ def build_parser():
     a("--num_layers", type=int, default=2, help="transformer layers (real ViT-B/16: 12)")
     a("--num_heads", type=int, default=4, help="attention heads (must divide hidden_size)")
     a("--patch_size", type=int, default=16, help="16: 196 tokens per image (ViT-B/16); 32: 49 (ViT-B/32)")
+    a("--image_size", type=int, default=224, help="the side the processor resizes images to (CLIP: 224)")
     a = p.add_argument_group("training").add_argument
     a("--steps", type=int, default=800, help="optimizer steps")
     a("--batch_size", type=int, default=32, help="images per step")
@@ -193,7 +194,7 @@ def main():
     tower, processor, accuracy = train_tower(
         items, args.steps, args.batch_size, args.learning_rate, args.seed, dtype,
         log=lambda s: print(s, flush=True), hidden_size=args.hidden_size, num_layers=args.num_layers,
-        num_heads=args.num_heads, patch_size=args.patch_size)
+        num_heads=args.num_heads, patch_size=args.patch_size, image_size=args.image_size)
     save_tower(tower, processor, args.out_dir)
     print(f"trained the tower in {time.time() - t0:.0f}s on {len(items)} captioned images; held-out occupied "
           f"cells read right: " + ", ".join(f"{h} {v:.3f}" for h, v in accuracy.items()) + f" -> {args.out_dir}")
