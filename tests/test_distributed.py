@@ -10,52 +10,13 @@ differently shaped (differently padded) batches.
 """
 import json
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY_LLM, free_port, read_log, script_flags, write_image
+from conftest import ROOT, TINY_LLM, assert_losses_match, flags, free_port, launch, read_log, write_image
 
 pytestmark = pytest.mark.slow  # every test here runs the scripts under torchrun or DeepSpeed
-
-TIMEOUT = 240
-LOSS_TOL = 1e-4  # measured: ~1.5e-6 (float32); without token weighting the 2-process losses were off by up to 0.07
-
-
-def launch(script, args, nproc=1, launcher=None, env=None, check=True):
-    """Run a training script: `python script`, or under torchrun / the deepspeed launcher."""
-    if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(free_port())]
-    elif launcher == "deepspeed":
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-               "--master_port", str(free_port())]
-    else:
-        cmd = [sys.executable]
-    # One thread per process: 2 processes on 2 cores (torchrun does this itself, the deepspeed launcher not).
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    # A session of its own, so a hung run's workers can be killed with the launcher (no strays in CI).
-    proc = subprocess.Popen(cmd + [os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise AssertionError(f"{script} did not finish in {TIMEOUT} s: a rank is probably stuck in a collective")
-    proc = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def flags(data, tower_dir, out_dir, **extra):
-    defaults = dict(batch_size=4, learning_rate=3e-3, from_weight="none", freeze_llm=0, dtype="float32", seed=7)
-    return script_flags(data, tower_dir, out_dir, **{**defaults, **extra})
-
 
 def load_for_eval(path, tower_dir):
     """Load a .pth the way eval_vlm.py does."""
@@ -66,13 +27,6 @@ def load_for_eval(path, tower_dir):
         ["--weight", str(path), "--vision_model_path", tower_dir, "--device", "cpu", "--dtype", "float32"])
     model, _, _ = load_model(args)
     return model
-
-
-def assert_losses_match(log, ref, tol=LOSS_TOL):
-    assert [r["step"] for r in log] == [r["step"] for r in ref]
-    diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(log, ref)]
-    assert max(diffs) < tol, diffs
-    return max(diffs)
 
 
 @pytest.fixture(scope="module")

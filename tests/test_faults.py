@@ -8,8 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, TINY_LLM
-from test_distributed import flags, launch, read_log
+from conftest import ROOT, TINY_LLM, flags, launch, read_log
 
 pytestmark = pytest.mark.slow  # every test here runs the scripts in subprocesses
 

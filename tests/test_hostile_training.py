@@ -20,11 +20,10 @@ import trainer.errors
 import trainer.logs
 import trainer.loop
 import trainer.main
-from conftest import ROOT, TINY_LLM, make_toy_data, read_log
+from conftest import ROOT, TINY_LLM, flags, launch, make_toy_data, read_log
 from model.model_vlm import MiniMindVLM, VLMConfig
 from model.checkpoint import load_weights
 from model.files import CheckpointError, DiskFullError, atomic_save
-from test_distributed import flags, launch
 from test_trainer_units import checkpointer, config
 from trainer.engines import check_deepspeed_files
 

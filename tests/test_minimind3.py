@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, write_image
+from conftest import ROOT, launch, make_toy_data, script_flags, write_image
 from test_generations import spec_2026_state_dict
 
 SIGLIP_WIDTH, SIGLIP_SIZE, SIGLIP_PATCH = 32, 256, 32  # the release's geometry, a tiny width
@@ -192,8 +192,6 @@ def test_an_export_written_without_its_siglip_tower_takes_the_towers_placeholder
 def test_pretrain_then_sft_of_a_2026_model_through_the_real_scripts(tmp_path, tokenizer3_dir, siglip2_dir):
     """From the 2026 release's LLM-only file: pretrain a fresh MLP projector (LLM frozen), then SFT
     the projector with the first and last layers (--freeze_llm 3); both save the 2026 key format."""
-    from conftest import make_toy_data, script_flags
-    from test_distributed import launch
     out = tmp_path / "out"
     out.mkdir()
     llm = {k: v for k, v in spec_2026_state_dict().items()}

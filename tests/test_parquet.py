@@ -14,7 +14,7 @@ from PIL import Image
 from dataset.vlm_dataset import VLMDataset, collate_batch
 from dataset.samples import JsonlSource, ParquetSource, open_source
 
-from conftest import make_toy_data
+from conftest import assert_losses_match, flags, launch, make_toy_data, read_log
 
 IMG = 3  # the placeholder id of our tokenizer
 
@@ -178,7 +178,6 @@ def test_a_million_rows_open_without_a_python_object_per_row(tmp_path):
 
 @pytest.mark.slow  # two trainings
 def test_training_on_parquet_equals_training_on_its_jsonl(tmp_path, tower_dir):
-    from test_distributed import flags, launch, read_log
     jsonl, images = make_toy_data(tmp_path / "src")
     convert("--data_path", jsonl, "--images_path", images, "--out", tmp_path / "d.parquet")
     launch("train_pretrain_vlm.py", flags((jsonl, images), tower_dir, tmp_path / "a", epochs=1))
@@ -189,7 +188,7 @@ def test_training_on_parquet_equals_training_on_its_jsonl(tmp_path, tower_dir):
 
 @pytest.fixture(scope="module")
 def parquet_data(mixed_toy_data, tmp_path_factory):
-    """test_distributed's 12 samples (10 with an image, 2 text-only), as jsonl and as parquet."""
+    """conftest's mixed_toy_data (12 samples, 10 with an image and 2 text-only), as jsonl and as parquet."""
     path, images = mixed_toy_data
     parquet = tmp_path_factory.mktemp("pq") / "d.parquet"
     convert("--data_path", path, "--images_path", images, "--out", parquet)
@@ -199,7 +198,6 @@ def parquet_data(mixed_toy_data, tmp_path_factory):
 @pytest.mark.slow
 def test_two_process_pretrain_and_a_resumed_run_from_parquet_match_the_one_process_jsonl_run(
         parquet_data, tower_dir, one_process_reference, tmp_path):
-    from test_distributed import assert_losses_match, flags, launch, read_log
     _, parquet = parquet_data
     ref = read_log(one_process_reference / "pretrain_vlm_64_log.jsonl")  # the jsonl, 1 process, batch 4
     launch("train_pretrain_vlm.py", flags(parquet, tower_dir, tmp_path / "ddp", batch_size=2), nproc=2,
@@ -214,7 +212,6 @@ def test_two_process_pretrain_and_a_resumed_run_from_parquet_match_the_one_proce
 
 @pytest.mark.slow
 def test_the_feature_cache_keys_embedded_images_by_content_and_encodes_each_once(parquet_data, tower_dir, tmp_path):
-    from test_distributed import flags, launch
     _, (parquet, _) = parquet_data
     cache = tmp_path / "cache"
     run = launch("train_pretrain_vlm.py", flags((parquet, "x"), tower_dir, tmp_path / "a", epochs=2,

@@ -7,7 +7,7 @@ import struct
 
 import torch
 
-from test_distributed import flags, launch
+from conftest import flags, launch
 
 pytestmark = pytest.mark.slow  # every test here runs the scripts in subprocesses
 
