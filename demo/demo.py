@@ -79,6 +79,9 @@ def build_parser():
     a("--object_mix", type=float, nargs=3, default=None, metavar=("ONE", "TWO", "THREE"),
       help="relative weights of 1, 2 and 3 objects in a training image (default: even; held-out images "
            "are always even)")
+    a("--question_mix", type=float, nargs=5, default=None, metavar=("COLOR", "SHAPE", "POSITION", "COUNT", "EXISTS"),
+      help="relative weights of the first question's type in training (default: even; held-out "
+           "questions are always even)")
     a = p.add_argument_group("model").add_argument
     a("--tower_steps", type=int, default=800,
       help="steps that teach the vision tower this world before the VLM is built on it (0: a random tower)")
@@ -124,7 +127,8 @@ def main():
     step(1, f"generate the shapes world: {args.n_train} training images, {args.n_test} held-out questions")
     run(["demo/make_shapes_data.py", "--out_dir", args.data_dir, "--seed", str(args.seed),
          "--n_train", str(args.n_train), "--n_test", str(args.n_test),
-         *(["--object_mix", *map(str, args.object_mix)] if args.object_mix else [])])
+         *(["--object_mix", *map(str, args.object_mix)] if args.object_mix else []),
+         *(["--question_mix", *map(str, args.question_mix)] if args.question_mix else [])])
 
     make_tower(args)
 

@@ -216,10 +216,23 @@ def follow_ups(rng, objs, qtype, first, n_turns):
     return turns, types
 
 
-def plan_split(rng, n, split, forbidden=frozenset(), sft_turns=5, object_mix=None):
+def type_schedule(n, question_mix=None):
+    """The first question's type of each of n images: evenly, or in proportion to question_mix (one
+    weight per TYPES entry), counts rounded so that they add up to n."""
+    if question_mix is None:
+        return [TYPES[i % len(TYPES)] for i in range(n)]
+    share = [n * w / sum(question_mix) for w in question_mix]
+    counts = [int(s) for s in share]
+    for k in sorted(range(len(TYPES)), key=lambda k: counts[k] - share[k])[:n - sum(counts)]:
+        counts[k] += 1  # the largest remainders take what rounding down left over
+    return [t for t, c in zip(TYPES, counts) for _ in range(c)]
+
+
+def plan_split(rng, n, split, forbidden=frozenset(), sft_turns=5, object_mix=None, question_mix=None):
     """Decide layouts and questions for one split (cheap; rendering happens later). object_mix: the
-    relative weights of 1, 2 and 3 objects per image (None: evenly)."""
-    schedule = [TYPES[i % len(TYPES)] for i in range(n)]
+    relative weights of 1, 2 and 3 objects per image (None: evenly); question_mix: of the first
+    question's type (None: evenly)."""
+    schedule = type_schedule(n, question_mix)
     rng.shuffle(schedule)
     plans = []
     for i, qtype in enumerate(schedule):
@@ -242,18 +255,22 @@ def plan_split(rng, n, split, forbidden=frozenset(), sft_turns=5, object_mix=Non
 
 
 def generate(out_dir="dataset/demo", seed=0, n_train=3000, n_test=300, test_seed=None, verbose=True, sft_turns=5,
-             caption_order="random", object_mix=None):
+             caption_order="random", object_mix=None, question_mix=None):
     if caption_order not in ("random", "reading"):
         raise ValueError(f"caption_order is 'random' or 'reading', not {caption_order!r}")
     if object_mix is not None and (len(object_mix) != 3 or min(object_mix) < 0 or sum(object_mix) <= 0):
         raise ValueError(f"object_mix is three weights, for 1, 2 and 3 objects, not {object_mix!r}")
+    if question_mix is not None and (len(question_mix) != len(TYPES) or min(question_mix) < 0
+                                     or sum(question_mix) <= 0):
+        raise ValueError(f"question_mix is {len(TYPES)} weights, for {', '.join(TYPES)}, not {question_mix!r}")
     t0 = time.time()
     test_seed = seed + 1000 if test_seed is None else test_seed
     img_dir = os.path.join(out_dir, "images")
     os.makedirs(img_dir, exist_ok=True)
     for old in glob.glob(os.path.join(img_dir, "train_*.png")) + glob.glob(os.path.join(img_dir, "test_*.png")):
         os.remove(old)  # stale images from an earlier, larger run would silently linger
-    train = plan_split(random.Random(seed), n_train, "train", sft_turns=sft_turns, object_mix=object_mix)
+    train = plan_split(random.Random(seed), n_train, "train", sft_turns=sft_turns, object_mix=object_mix,
+                       question_mix=question_mix)
     train_sigs = {layout_signature(p["objs"]) for p in train}
     test = plan_split(random.Random(test_seed), n_test, "test", forbidden=train_sigs)
     for k, p in enumerate(train + test):
@@ -301,12 +318,15 @@ def main():
     ap.add_argument("--object_mix", type=float, nargs=3, default=None, metavar=("ONE", "TWO", "THREE"),
                     help="relative weights of 1, 2 and 3 objects in a training image (default: even); "
                          "held-out images always draw them evenly")
+    ap.add_argument("--question_mix", type=float, nargs=len(TYPES), default=None, metavar=tuple(t.upper() for t in TYPES),
+                    help="relative weights of the first question's type in training (default: even); "
+                         "held-out questions are always even")
     a = ap.parse_args()
     try:
         generate(a.out_dir, a.seed, a.n_train, a.n_test, a.test_seed, sft_turns=a.sft_turns,
-                 caption_order=a.caption_order, object_mix=a.object_mix)
+                 caption_order=a.caption_order, object_mix=a.object_mix, question_mix=a.question_mix)
     except ValueError as e:  # a mix of weights that draws nothing
-        sys.exit(f"error: --object_mix: {e}")
+        sys.exit(f"error: {e}")
     except OSError as e:  # a read-only or full disk, a file where the folder should be
         sys.exit(f"error: cannot write the demo data to {a.out_dir}: {e.strerror or e}; pass another --out_dir")
 

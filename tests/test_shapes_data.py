@@ -193,6 +193,17 @@ def test_the_object_mix_weights_training_images_while_held_out_ones_stay_even(tm
         shapes.generate(str(tmp_path), object_mix=(0, 0, 0), verbose=False)
 
 
+def test_the_question_mix_weights_the_first_question_of_training_images_while_held_out_ones_stay_even(tmp_path):
+    summary = shapes.generate(str(tmp_path), seed=0, n_train=100, n_test=50, verbose=False,
+                              question_mix=(3, 0, 1, 0, 1))
+    assert summary["sft_samples_by_type"] == {"color": 60, "position": 20, "exists": 20}
+    assert summary["test_by_type"] == {t: 10 for t in shapes.TYPES}
+    assert Counter(shapes.type_schedule(7, (1, 1, 1, 1, 3))) == {"exists": 3, "color": 1, "shape": 1,
+                                                                 "position": 1, "count": 1}
+    with pytest.raises(ValueError, match="5 weights"):
+        shapes.generate(str(tmp_path), question_mix=(1, 1), verbose=False)
+
+
 def _pixels(d):
     from model.images import load_processor
     proc = load_processor(d)
