@@ -210,13 +210,33 @@ def launch(script, args, nproc=1, launcher=None, env=None, check=True):
     try:
         out, err = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        # torchrun starts each rank in a session of its own: kill those too, or a stuck rank keeps
+        # the output pipes open (and a rank orphaned earlier still may: hence the bounded wait).
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=30)
         raise AssertionError(f"{script} did not finish in {TIMEOUT} s: a rank is probably stuck in a collective")
     proc = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def descendants(pid):
+    """Every living process below pid, whatever its session (read from /proc, Linux)."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{entry}/stat") as f:
+                parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])  # field 4: the parent's pid
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, pp in parent.items() if pp in frontier]
+        found += children
+        frontier = children
+    return found
 
 
 def flags(data, tower_dir, out_dir, **extra):
