@@ -115,7 +115,11 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.image_size % args.patch_size:
+        parser.error(f"--image_size {args.image_size} is not a multiple of --patch_size {args.patch_size}: "
+                     f"the patches would leave a strip of every image unseen")
     args.tower_dir = os.path.join(args.out_dir, "vision_tower")
     return args
 

@@ -240,6 +240,26 @@ def test_demo_vision_tower(tmp_path):
     assert torch.allclose(h, hf)
 
 
+def test_the_demo_tower_takes_its_image_size_and_patch_into_its_processor_and_token_count(tmp_path):
+    from model.images import load_processor, to_pixels
+    from model.model_vlm import load_vision_tower, tower_token_count
+    d = tmp_path / "tower"
+    tower.build_vision_tower(str(d), hidden_size=32, num_layers=1, num_heads=2, patch_size=32, image_size=96,
+                             verbose=False)
+    pixels = to_pixels(load_processor(str(d)), [Image.new("RGB", (224, 224), (240, 240, 240))])
+    assert pixels.shape == (1, 3, 96, 96)
+    model = load_vision_tower(str(d))
+    assert tower_token_count(model) == 9  # one token per cell of the 3x3 grid
+
+
+def test_the_demo_refuses_an_image_size_that_its_patches_do_not_tile(capsys):
+    from demo import parse_args  # demo/demo.py (conftest puts demo/ on the path)
+    assert parse_args(["--image_size", "96", "--patch_size", "32"]).image_size == 96
+    with pytest.raises(SystemExit):
+        parse_args(["--image_size", "100", "--patch_size", "32"])
+    assert "--image_size 100 is not a multiple of --patch_size 32" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_building_and_training_the_demo_tower_prints_only_its_own_lines(data_dir, tmp_path):
     """No deepspeed "Setting accelerator to CPU" (save_pretrained's unwrapping of distributed
