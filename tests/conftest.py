@@ -204,15 +204,19 @@ def launch(script, args, nproc=1, launcher=None, env=None, check=True):
         cmd = [sys.executable]
     # One thread per process: 2 processes on 2 cores (torchrun does this itself, the deepspeed launcher not).
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    # A session of its own, so a hung run's workers can be killed with the launcher (no strays in CI).
+    # A session of its own, so that a hung run's processes can be killed as a group (no strays in CI).
     proc = subprocess.Popen(cmd + [os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        # torchrun starts each rank in a session of its own: kill those too, or a stuck rank keeps
-        # the output pipes open (and a rank orphaned earlier still may: hence the bounded wait).
-        for pid in [proc.pid, *descendants(proc.pid)]:
+        # The launcher's group, and the processes below it in other sessions (torchrun starts each rank
+        # in one of its own), or a stuck rank keeps the output pipes open. A rank orphaned earlier, out
+        # of both, still may: hence the bounded wait.
+        others = descendants(proc.pid)  # before the kill: an orphan's parent is no longer the launcher
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in others:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):

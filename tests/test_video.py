@@ -225,4 +225,3 @@ def test_sft_on_video_data_then_eval_video_answers(tmp_path, clip, tower_dir, ca
         eval_vlm.main(ask[:-8] + ["--video", str(tmp_path / "notes.txt")])
     assert isinstance(stop.value.code, str) and stop.value.code.startswith("error: ")
     assert "notes.txt is not a video" in stop.value.code
-    assert "notes.txt is not a video" in stop.value.code
