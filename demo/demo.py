@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from cli import add_model_args, make_parser, switch  # noqa: E402
+from make_shapes_data import TYPES  # noqa: E402
 
 
 def step(n, title):
@@ -79,7 +80,7 @@ def build_parser():
     a("--object_mix", type=float, nargs=3, default=None, metavar=("ONE", "TWO", "THREE"),
       help="relative weights of 1, 2 and 3 objects in a training image (default: even; held-out images "
            "are always even)")
-    a("--question_mix", type=float, nargs=5, default=None, metavar=("COLOR", "SHAPE", "POSITION", "COUNT", "EXISTS"),
+    a("--question_mix", type=float, nargs=len(TYPES), default=None, metavar=tuple(t.upper() for t in TYPES),
       help="relative weights of the first question's type in training (default: even; held-out "
            "questions are always even)")
     a = p.add_argument_group("model").add_argument

@@ -318,7 +318,8 @@ def main():
     ap.add_argument("--object_mix", type=float, nargs=3, default=None, metavar=("ONE", "TWO", "THREE"),
                     help="relative weights of 1, 2 and 3 objects in a training image (default: even); "
                          "held-out images always draw them evenly")
-    ap.add_argument("--question_mix", type=float, nargs=len(TYPES), default=None, metavar=tuple(t.upper() for t in TYPES),
+    ap.add_argument("--question_mix", type=float, nargs=len(TYPES), default=None,
+                    metavar=tuple(t.upper() for t in TYPES),
                     help="relative weights of the first question's type in training (default: even); "
                          "held-out questions are always even")
     a = ap.parse_args()
