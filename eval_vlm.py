@@ -254,6 +254,9 @@ def build_parser():
     switch(a, "--stream", 1, help="print answers token by token")
     switch(a, "--static_cache", 0, help="KV cache of one fixed shape, written in place (what CUDA graphs need); "
                                         "the same answers")
+    switch(a, "--compile_decode", 0, help="decode steps as one compiled graph in a static KV cache (on CUDA "
+                                          "a CUDA graph: torch.compile mode reduce-overhead); the same answers, "
+                                          "after a compile of each new batch size")
     inputs = ap.add_argument_group("folder and chat modes")
     a = inputs.add_argument
     a("--image_dir", default="images/eval", help="folder mode: every png/jpg/jpeg/webp/bmp, sorted by name")
@@ -282,9 +285,9 @@ def main(argv=None):
 
     try:
         model, tokenizer, processor = load_model(InferenceConfig.from_args(args))
+        chat = VLMChat(model, tokenizer, processor, args.open_thinking, args.static_cache, args.compile_decode)
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # CheckpointError is a RuntimeError
         sys.exit(f"error: {e}")
-    chat = VLMChat(model, tokenizer, processor, args.open_thinking, args.static_cache)
     if args.bench:
         try:
             summary, rows = run_benchmark(chat, args.bench, args.images_path, args.blind, args.limit,

@@ -23,7 +23,8 @@ Scenarios:
                                 then of --max_seq_len (what padding every sample to the maximum costs),
                                 then the typical length under torch.compile
   decode, batch 1 / 8           prefill latency (time to first token) and decode tokens/s, in the
-                                inference dtype and, on CPU, with int8 weights (--quantize int8)
+                                inference dtype and, on CPU, with int8 weights (--quantize int8), and
+                                with the decode steps compiled (--compile_decode 1) unless --compile 0
 """
 import argparse
 import glob
@@ -264,8 +265,9 @@ def llm_step_scenario(a, T, compiled=False):
             "tflops": flops / dt / 1e12}
 
 
-def decode_scenario(a, tower, batch, int8=False):
-    """Prefill (image + prompt) latency to the first token, then decode speed, with the KV cache."""
+def decode_scenario(a, tower, batch, int8=False, compiled=False):
+    """Prefill (image + prompt) latency to the first token, then decode speed, with the KV cache
+    (compiled: the decode steps as one compiled graph, --compile_decode 1)."""
     from model.model_vlm import MiniMindVLM, VLMConfig
     torch.manual_seed(0)
     from model.precision import resolve_dtype
@@ -278,12 +280,14 @@ def decode_scenario(a, tower, batch, int8=False):
     ids = torch.cat([ids[:, :4], torch.full((batch, 196), 3, device=a.device), ids[:, 4:]], 1)  # image + prompt
     pixels = torch.randn(batch, 3, 224, 224, device=a.device)
     n_new = a.decode_tokens
-    for _ in range(2):  # warm-up
-        list(model.generate_stream(ids, pixel_values=pixels, max_new_tokens=4, eos_token_id=-1))
+    from model.compiled_decode import CompiledDecoder
+    decoder = CompiledDecoder(model) if compiled else None
+    for _ in range(2):  # warm-up (and the compile, in the bucket the timed run uses)
+        list(model.generate_stream(ids, pixel_values=pixels, max_new_tokens=n_new, eos_token_id=-1, decoder=decoder))
     t0 = time.perf_counter()
     times = []
     for _ in model.generate_stream(ids, pixel_values=pixels, max_new_tokens=n_new, eos_token_id=-1,
-                                   temperature=0.0):
+                                   temperature=0.0, decoder=decoder):
         times.append(time.perf_counter())
     ttft = times[0] - t0
     decode = (len(times) - 1) * batch / (times[-1] - times[0])
@@ -306,7 +310,8 @@ def parse_args():
     a("--typical_len", type=int, default=256, help="the dynamic-padding length of a typical batch")
     a("--tower", default="base", choices=["base", "tiny"], help="base: ViT-B/16-sized (768 wide, 12 layers)")
     switch(a, "--compile", 1,
-           help="also time warm-cache pretrain and the LLM step under torch.compile (--use_compile 1)")
+           help="also time warm-cache pretrain and the LLM step under torch.compile (--use_compile 1), "
+                "and decoding with --compile_decode 1")
     a("--decode_tokens", type=int, default=64)
     a("--decode_dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
       help="inference dtype (auto: as eval_vlm.py resolves it)")
@@ -392,10 +397,11 @@ def run_decode(args, tower, results):
     from model.precision import dtype_name, resolve_dtype
     decode_dtype = dtype_name(resolve_dtype(args.decode_dtype, args.device)[0])
     int8 = [False, True] if args.device == "cpu" else [False]  # --quantize int8 is CPU-only
-    for batch, quantized in [(b, q) for q in int8 for b in (1, 8)]:
-        label = f"batch {batch}" + (", int8" if quantized else "")
-        r = results["decode"][label] = decode_scenario(args, tower, batch, quantized)
-        print(f"  decode, {label:<13} ({'int8 weights' if quantized else decode_dtype}) time to first token "
+    runs = [(b, q, False) for q in int8 for b in (1, 8)] + ([(b, False, True) for b in (1, 8)] if args.compile else [])
+    for batch, quantized, compiled in runs:
+        label = f"batch {batch}" + (", int8" if quantized else "") + (", compiled" if compiled else "")
+        r = results["decode"][label] = decode_scenario(args, tower, batch, quantized, compiled)
+        print(f"  decode, {label:<17} ({'int8 weights' if quantized else decode_dtype}) time to first token "
               f"{r['ttft_s']:.3f} s, {r['decode_tokens_per_s']:7.1f} tok/s "
               f"({r['decode_tokens_per_s_per_row']:.1f} per row)", flush=True)
 

@@ -10,7 +10,8 @@ For dim 512 x 8 layers and 768 x 16 (the MiniMind2 sizes), with a ViT-B/16-sized
   - one SFT optimizer step (2 micro-batches, eager) under torch.cuda.set_sync_debug_mode("warn"):
     every synchronizing operation it made, with the line that made it (one is expected: the step
     reads whether its update was applied);
-  - decode tokens/s at batch 1 (dev/bench.py's decode_scenario), and the API server under 8
+  - decode tokens/s at batch 1 (dev/bench.py's decode_scenario), eager and with the decode steps
+    compiled as CUDA graphs (--compile_decode 1), and the API server under 8
     concurrent clients against one at a time (dev/api_throughput.py).
 MFU counts the LLM's matmuls only (no tower, no attention scores), against the matmul peak measured
 here (dev/bench.py): a lower bound, comparable between runs on the same card.
@@ -129,9 +130,10 @@ def serving(a, tower):
     """Decode tokens/s at batch 1 and the API under 8 concurrent clients, at each size."""
     from bench import decode_scenario
     for a.dim, a.n_layers in SIZES:
-        r = decode_scenario(a, tower, 1)
-        print(f"  decode, dim {a.dim} x {a.n_layers}, batch 1: {r['decode_tokens_per_s']:.1f} tok/s, "
-              f"time to first token {r['ttft_s'] * 1e3:.0f} ms", flush=True)
+        for compiled in (False, True):  # eager, then --compile_decode 1 (a CUDA graph per step)
+            r = decode_scenario(a, tower, 1, compiled=compiled)
+            print(f"  decode, dim {a.dim} x {a.n_layers}, batch 1{', compiled' if compiled else ''}: "
+                  f"{r['decode_tokens_per_s']:.1f} tok/s, time to first token {r['ttft_s'] * 1e3:.0f} ms", flush=True)
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "dev", "api_throughput.py"), "--dim", str(a.dim),
                                "--n_layers", str(a.n_layers), "--device", a.device, "--clients", "8",
                                "--requests", "32", "--max_tokens", "64"], capture_output=True, text=True, cwd=ROOT)

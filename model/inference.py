@@ -102,10 +102,14 @@ def load_model(args):
 class VLMChat:
     """Messages with <image> tags + PIL images -> answers, streamed or batched."""
 
-    def __init__(self, model, tokenizer, processor, open_thinking=False, static_cache=False):
+    def __init__(self, model, tokenizer, processor, open_thinking=False, static_cache=False, compile_decode=False):
         self.model, self.tokenizer, self.processor = model, tokenizer, processor
         self.open_thinking = open_thinking  # the model writes its reasoning first; answers leave it out
         self.static_cache = bool(static_cache)  # fixed-shape KV buffers (StaticKVCache): the same answers
+        self.decoder = None  # with compile_decode: the decode steps as one compiled graph, the same answers
+        if compile_decode:
+            from .compiled_decode import CompiledDecoder
+            self.decoder = CompiledDecoder(model)
         self.encoder = ChatEncoder(tokenizer, model.config.image_token_id, model.config.image_token_count,
                                    open_thinking)
         self.device = next(model.parameters()).device
@@ -174,7 +178,8 @@ class VLMChat:
                                               image_mask=image_mask, max_new_tokens=max(limits),
                                               temperature=temperature, top_p=top_p, top_k=top_k,
                                               repetition_penalty=repetition_penalty, eos_token_id=eos,
-                                              static_cache=self.static_cache, wanted=still_wanted):
+                                              static_cache=self.static_cache, wanted=still_wanted,
+                                              decoder=self.decoder):
             pieces = [""] * B
             for r, t in enumerate(tok.tolist()):
                 if stats[r]["finish_reason"]:
@@ -205,7 +210,7 @@ class VLMChat:
         all_images = [im for _, images in conversations for im in images]
         out = self.model.generate(ids, attention_mask=mask, image_mask=image_mask, pixel_values=self.pixels(all_images),
                                   max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
-                                  static_cache=self.static_cache, **kw)
+                                  static_cache=self.static_cache, decoder=self.decoder, **kw)
         answers = []
         for row in out[:, T:].tolist():
             row = row[:row.index(self.tokenizer.eos_token_id)] if self.tokenizer.eos_token_id in row else row

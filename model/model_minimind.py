@@ -366,28 +366,37 @@ class MiniMindForCausalLM(PreTrainedModel):
     @torch.inference_mode()
     def generate_stream(self, input_ids, attention_mask=None, max_new_tokens=256, temperature=0.0, top_p=1.0,
                         top_k=0, repetition_penalty=1.0, eos_token_id=None, static_cache=False, wanted=None,
-                        **model_kwargs):
+                        decoder=None, **model_kwargs):
         """Yields the next token of every row, [B], once per step. Rows that produced EOS keep
         yielding EOS (the caller stops reading them); the loop ends when every row is done.
         Batched prompts must be left-padded with attention_mask marking the real tokens.
         static_cache: a StaticKVCache (fixed shapes, for CUDA graphs) instead of the growing KVCache;
         the same tokens. wanted: a callable asked after each step -> B bools, the rows the caller still
         reads (an answer at its length, a client gone: False). A row at EOS or no longer wanted leaves the
-        batch (not with a static cache, whose shapes stay), so it costs no more compute; it yields EOS."""
+        batch (not with a static cache, whose shapes stay), so it costs no more compute; it yields EOS.
+        decoder: a model/compiled_decode.py CompiledDecoder, which runs the steps after the prefill as
+        one compiled graph, in a static cache of its own."""
         eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
         B, T = input_ids.shape
-        cache = (StaticKVCache if static_cache else KVCache)(len(self.layers), capacity=T + max_new_tokens)
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        seen = input_ids.clone()  # tokens the repetition penalty applies to
+        static_cache = static_cache or decoder is not None
         if attention_mask is not None:  # the answer's positions are real tokens; the forward reads [:past+T]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], 1)
+        if decoder is not None:
+            cache = decoder.new_cache(B, T + max_new_tokens, attention_mask)
+        else:
+            cache = (StaticKVCache if static_cache else KVCache)(len(self.layers), capacity=T + max_new_tokens)
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        seen = input_ids.clone()  # tokens the repetition penalty applies to
         rows = None  # the rows still in the batch, by their index in input_ids (None: all of them)
         step_ids = input_ids
-        for _ in range(max_new_tokens):
-            out = self(step_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
-                       logits_to_keep=1, **model_kwargs)
+        for step in range(max_new_tokens):
+            if decoder is not None and step:
+                logits = decoder(step_ids, cache).float()  # [B, V]
+            else:
+                out = self(step_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                           logits_to_keep=1, **model_kwargs)
+                logits = out.logits[:, -1].float()  # [b, V]
             model_kwargs = {}  # images are consumed by the prefill only
-            logits = out.logits[:, -1].float()  # [b, V]
             if repetition_penalty != 1.0:
                 logits = apply_repetition_penalty(logits, seen, repetition_penalty)
             nxt = sample_next_token(logits, temperature, top_p, top_k)  # [b]

@@ -63,6 +63,9 @@ def parse_args(argv=None):
            "which tend to send their next request at once; 0 = start at once")
     switch(a, "--static_cache", 0, help="KV cache of one fixed shape, written in place (what CUDA graphs need); "
                                         "the same answers")
+    switch(a, "--compile_decode", 0, help="decode steps as one compiled graph in a static KV cache (on CUDA "
+                                          "a CUDA graph: torch.compile mode reduce-overhead); the same answers, "
+                                          "after a compile of each new batch size")
     a("--max_request_mb", type=float, default=20, help="largest request body accepted")
     a("--allow_local_files", metavar="DIR", default=None,
       help="also accept image paths / file:// URLs, only of images inside DIR (symlinks resolved "
@@ -663,10 +666,10 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         model, tokenizer, processor = load_model(InferenceConfig.from_args(args))
+        chat = VLMChat(model, tokenizer, processor, args.open_thinking, args.static_cache, args.compile_decode)
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # CheckpointError is a RuntimeError
         sys.exit(f"error: {e}")
-    batcher = Batcher(VLMChat(model, tokenizer, processor, args.open_thinking, args.static_cache), args.max_seq_len,
-                    args.max_queue, args.max_batch, args.batch_wait / 1000)
+    batcher = Batcher(chat, args.max_seq_len, args.max_queue, args.max_batch, args.batch_wait / 1000)
     name = args.model_name or os.path.basename(os.path.normpath(
         args.weight if is_hf_dir(args.weight) else resolve_weight_path(args))).removesuffix(".pth")
     app = create_app(batcher, args, name)

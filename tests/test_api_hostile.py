@@ -420,3 +420,18 @@ def test_a_static_kv_cache_gives_the_same_batched_answers(chat):
     answers = chat.answer_batch(conversations, max_new_tokens=8)
     assert static.answer_batch(conversations, max_new_tokens=8) == answers and all(answers)
     assert ["".join(static.stream(m, im, max_new_tokens=8)) for m, im in conversations[:1]] == answers[:1]
+
+
+@pytest.mark.slow
+def test_compiled_decode_steps_give_the_same_batched_answers(chat):
+    """--compile_decode: the decode steps compiled by inductor (a CUDA graph on CUDA), the same greedy
+    answers, batched with images and prompts of different lengths, and streamed."""
+    torch._dynamo.reset()
+    compiled = VLMChat(chat.model, chat.tokenizer, chat.processor, compile_decode=True)
+    red, blue = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 32), "blue")
+    conversations = [([{"role": "user", "content": "<image>\nWhat is this?"}], [red]),
+                     ([{"role": "user", "content": "Hello there, tell me a story."}], []),
+                     ([{"role": "user", "content": "<image>\n<image>\nCompare them."}], [red, blue])]
+    answers = chat.answer_batch(conversations, max_new_tokens=8)
+    assert compiled.answer_batch(conversations, max_new_tokens=8) == answers and all(answers)
+    assert ["".join(compiled.stream(m, im, max_new_tokens=8)) for m, im in conversations[:1]] == answers[:1]

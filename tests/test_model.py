@@ -210,3 +210,31 @@ def test_rows_that_are_done_or_no_longer_wanted_leave_the_batch_and_the_others_r
     assert out[0, :3].tolist() == free[0, :3].tolist() and set(out[0, 3:].tolist()) == {eos}
     assert out[1].tolist() == free[1].tolist()  # row 1 runs on, token for token
     assert out[2, :j + 1].tolist() == free[2, :j + 1].tolist() and set(out[2, j:].tolist()) == {eos}
+
+
+@pytest.mark.parametrize("generation", ["minimind2", "minimind3"])
+def test_compiled_decode_steps_give_the_eager_tokens_from_one_graph(generation):
+    """CompiledDecoder (--compile_decode): decode steps compile with fullgraph into one graph that every
+    later step, position and prompt length of the same batch size and bucket reuses (what a CUDA graph
+    needs), and the greedy tokens are those of the eager model, alone and left-padded in a batch."""
+    from torch._dynamo.testing import CompileCounter
+    from model.compiled_decode import CompiledDecoder
+    torch._dynamo.reset()
+    model = tiny_llm(generation=generation)
+    counter = CompileCounter()
+    decoder = CompiledDecoder(model, bucket=64, backend=counter)
+    a, b = torch.randint(3, 300, (1, 9)), torch.randint(3, 300, (1, 5))
+    batch = torch.zeros(2, 9, dtype=torch.long)
+    batch[0], batch[1, 4:] = a[0], b[0]
+    mask = (torch.arange(9) >= torch.tensor([[0], [4]])).long()
+    for ids, kw in ((a, {}), (b, {}), (batch, {"attention_mask": mask}),
+                    (batch, {"attention_mask": mask, "repetition_penalty": 1.3})):
+        eager = model.generate(ids, max_new_tokens=12, eos_token_id=-1, **kw)
+        assert torch.equal(model.generate(ids, max_new_tokens=12, eos_token_id=-1, decoder=decoder, **kw), eager)
+    assert counter.frame_count == 2  # batch 1 and batch 2: 44 decode steps, 4 calls, 2 prompt lengths
+    from model.quantize import quantize_int8
+    with pytest.raises(ValueError, match="does not compile int8 weights"):
+        CompiledDecoder(quantize_int8(tiny_llm(generation=generation)))
+    short = tiny_llm(generation=generation, max_seq_len=16)
+    with pytest.raises(ValueError, match="exceeds max_seq_len=16"):
+        short.generate(a, max_new_tokens=12, eos_token_id=-1, decoder=CompiledDecoder(short, backend=counter))
