@@ -142,6 +142,14 @@ def trained(tmp_path_factory, tower_dir):
             "bench": write_sft(root / "bench", held_out), "train": train, "root": root}
 
 
+@pytest.fixture(scope="module")
+def direct(trained):
+    """lmms-eval with our model on the local task, run once: (score, {doc index: answer}), which the
+    other paths (an API server, a transformers directory) must give too."""
+    return lmms_eval({"weight": trained["weight"], "dtype": "float32", "device": "cpu"}, trained["task"],
+                     trained["root"] / "lmms_out")
+
+
 def bench(trained, out, *flags):
     """eval_vlm.py --bench on the task's questions -> (accuracy, {doc index: the model's answer})."""
     proc = run("eval_vlm.py", *flags, "--dtype", "float32", "--device", "cpu", "--bench", trained["bench"][0],
@@ -151,9 +159,8 @@ def bench(trained, out, *flags):
     return accuracy, {int(r["image"].split(".")[0]): r["prediction"] for r in rows}
 
 
-def test_the_local_task_scores_as_eval_vlm_bench_answer_for_answer(trained):
-    flags = {"weight": trained["weight"], "dtype": "float32", "device": "cpu"}
-    score, answers = lmms_eval(flags, trained["task"], trained["root"] / "lmms_out")
+def test_the_local_task_scores_as_eval_vlm_bench_answer_for_answer(trained, direct):
+    score, answers = direct
     accuracy, expected = bench(trained, trained["root"] / "bench.json", "--weight", trained["weight"])
     assert answers == expected  # the same prompt, pixels and greedy answer through both paths
     assert set(answers.values()) <= set(COLORS) | {""}, answers  # letters only, so both scorers read them alike
@@ -178,7 +185,7 @@ def test_an_unknown_model_arg_is_refused_by_name(trained, tmp_path):
     assert "unknown model_args ['wieght']" in proc.stdout + proc.stderr and not os.listdir(tmp_path)
 
 
-def test_openai_compatible_against_our_api_server_answers_the_same(trained, tmp_path):
+def test_openai_compatible_against_our_api_server_answers_the_same(trained, direct, tmp_path):
     """The other path: lmms-eval's own OpenAI client, many requests at once, against
     scripts/serve_openai_api.py, which batches them."""
     from conftest import api_server
@@ -187,16 +194,14 @@ def test_openai_compatible_against_our_api_server_answers_the_same(trained, tmp_
         got = lmms_eval({"model_version": "sft_vlm_64", "base_url": f"{base}/v1", "api_key": "unused", "timeout": 300,
                          "num_concurrent": 8, "httpx_trust_env": False}, trained["task"], tmp_path / "out", 8,
                         "openai_compatible", "--gen_kwargs", "max_new_tokens=16")
-    alone = lmms_eval({"weight": trained["weight"], "dtype": "float32"}, trained["task"], tmp_path / "alone")
-    assert got == alone
+    assert got == direct
 
 
-def test_a_transformers_directory_scores_the_same(trained, tmp_path):
+def test_a_transformers_directory_scores_the_same(trained, direct, tmp_path):
     """scripts/convert_model.py's directory, with its own tokenizer and tower: the same answers."""
     hf_dir = tmp_path / "hf"
     run("scripts/convert_model.py", "--weight", trained["weight"], "--out", hf_dir)
-    base = lmms_eval({"weight": trained["weight"], "dtype": "float32"}, trained["task"], tmp_path / "a")
-    assert lmms_eval({"weight": hf_dir, "dtype": "float32"}, trained["task"], tmp_path / "b") == base
+    assert lmms_eval({"weight": hf_dir, "dtype": "float32", "device": "cpu"}, trained["task"], tmp_path / "b") == direct
 
 
 def test_both_generations_stand_ins_load_and_answer(tower_dir, siglip_dir, tmp_path):  # noqa: F811
