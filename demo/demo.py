@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from cli import add_model_args, make_parser, switch  # noqa: E402
+from make_demo_vision_tower import geometry_problem  # noqa: E402
 from make_shapes_data import TYPES  # noqa: E402
 
 
@@ -118,9 +119,8 @@ def build_parser():
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.image_size % args.patch_size:
-        parser.error(f"--image_size {args.image_size} is not a multiple of --patch_size {args.patch_size}: "
-                     f"the patches would leave a strip of every image unseen")
+    if problem := geometry_problem(args.image_size, args.patch_size):
+        parser.error(problem)
     args.tower_dir = os.path.join(args.out_dir, "vision_tower")
     return args
 

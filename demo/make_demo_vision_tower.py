@@ -30,6 +30,14 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
+def geometry_problem(image_size, patch_size):
+    """Why a tower of this image and patch size would not see the whole image, or None."""
+    if image_size % patch_size:
+        return (f"--image_size {image_size} is not a multiple of --patch_size {patch_size}: the patches would "
+                f"leave a strip of every image unseen")
+    return None
+
+
 def make_vision_tower(hidden_size=256, num_layers=2, num_heads=4, intermediate_size=None, seed=0,
                       position_std=1.0, patch_size=16, image_size=224):
     """A random-init CLIPVisionModel of ViT-B/16 geometry and the standard CLIP image processor."""
@@ -117,6 +125,8 @@ def main():
                                 ("--seed", 0, "torch seed for the random weights")):
         add(flag, type=int, default=default, help=what)
     a = ap.parse_args()
+    if problem := geometry_problem(a.image_size, a.patch_size):
+        ap.error(problem)
     build_vision_tower(a.out_dir, a.hidden_size, a.num_layers, a.num_heads, a.intermediate_size, a.seed,
                        patch_size=a.patch_size, image_size=a.image_size)
 

@@ -47,8 +47,17 @@ def build_parser():
     return p
 
 
+def parse_args(argv=None):
+    from make_demo_vision_tower import geometry_problem
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if problem := geometry_problem(args.image_size, args.patch_size):
+        parser.error(problem)
+    return args
+
+
 if __name__ == "__main__":
-    build_parser().parse_args()  # --help and a mistyped flag answer here, before torch loads (seconds)
+    parse_args()  # --help and a mistyped flag answer here, before torch loads (seconds)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -179,7 +188,7 @@ def save_tower(tower, processor, out_dir):
 
 
 def main():
-    args = build_parser().parse_args()
+    args = parse_args()
     from model.precision import describe, resolve_dtype
     dtype, why = resolve_dtype(args.dtype, "cpu")
     print(describe(dtype, why), flush=True)

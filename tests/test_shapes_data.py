@@ -252,12 +252,17 @@ def test_the_demo_tower_takes_its_image_size_and_patch_into_its_processor_and_to
     assert tower_token_count(model) == 9  # one token per cell of the 3x3 grid
 
 
-def test_the_demo_refuses_an_image_size_that_its_patches_do_not_tile(capsys):
+def test_the_demo_and_both_tower_scripts_refuse_an_image_size_that_its_patches_do_not_tile(capsys, monkeypatch):
     from demo import parse_args  # demo/demo.py (conftest puts demo/ on the path)
+    from train_demo_tower import parse_args as train_tower_args
     assert parse_args(["--image_size", "96", "--patch_size", "32"]).image_size == 96
-    with pytest.raises(SystemExit):
-        parse_args(["--image_size", "100", "--patch_size", "32"])
-    assert "--image_size 100 is not a multiple of --patch_size 32" in capsys.readouterr().err
+    assert train_tower_args(["--image_size", "96", "--patch_size", "32"]).image_size == 96
+    monkeypatch.setattr(sys, "argv", ["make_demo_vision_tower.py", "--image_size", "100", "--patch_size", "32"])
+    for refuse in (lambda: parse_args(["--image_size", "100", "--patch_size", "32"]),
+                   lambda: train_tower_args(["--image_size", "100", "--patch_size", "32"]), tower.main):
+        with pytest.raises(SystemExit):
+            refuse()
+        assert "--image_size 100 is not a multiple of --patch_size 32" in capsys.readouterr().err
 
 
 @pytest.mark.slow
