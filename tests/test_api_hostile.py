@@ -410,28 +410,17 @@ def test_a_batch_waits_for_the_requests_on_their_way_but_a_lone_client_never_wai
     assert [j["n"] for j in batcher.take_batch()] == [5]
 
 
-def test_a_static_kv_cache_gives_the_same_batched_answers(chat):
-    """--static_cache: the same greedy answers, batched with images and prompts of different lengths."""
-    static = VLMChat(chat.model, chat.tokenizer, chat.processor, static_cache=True)
-    red, blue = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 32), "blue")
-    conversations = [([{"role": "user", "content": "<image>\nWhat is this?"}], [red]),
-                     ([{"role": "user", "content": "Hello there, tell me a story."}], []),
-                     ([{"role": "user", "content": "<image>\n<image>\nCompare them."}], [red, blue])]
-    answers = chat.answer_batch(conversations, max_new_tokens=8)
-    assert static.answer_batch(conversations, max_new_tokens=8) == answers and all(answers)
-    assert ["".join(static.stream(m, im, max_new_tokens=8)) for m, im in conversations[:1]] == answers[:1]
-
-
-@pytest.mark.slow
-def test_compiled_decode_steps_give_the_same_batched_answers(chat):
-    """--compile_decode: the decode steps compiled by inductor (a CUDA graph on CUDA), the same greedy
-    answers, batched with images and prompts of different lengths, and streamed."""
+@pytest.mark.parametrize("flag", ["static_cache", pytest.param("compile_decode", marks=pytest.mark.slow)])
+def test_a_static_or_compiled_decode_gives_the_same_batched_answers(chat, flag):
+    """--static_cache (fixed-shape KV buffers) and --compile_decode (the decode steps compiled by
+    inductor; a CUDA graph on CUDA): the same greedy answers, batched with images and prompts of
+    different lengths, and streamed."""
     torch._dynamo.reset()
-    compiled = VLMChat(chat.model, chat.tokenizer, chat.processor, compile_decode=True)
+    other = VLMChat(chat.model, chat.tokenizer, chat.processor, **{flag: True})
     red, blue = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 32), "blue")
     conversations = [([{"role": "user", "content": "<image>\nWhat is this?"}], [red]),
                      ([{"role": "user", "content": "Hello there, tell me a story."}], []),
                      ([{"role": "user", "content": "<image>\n<image>\nCompare them."}], [red, blue])]
     answers = chat.answer_batch(conversations, max_new_tokens=8)
-    assert compiled.answer_batch(conversations, max_new_tokens=8) == answers and all(answers)
-    assert ["".join(compiled.stream(m, im, max_new_tokens=8)) for m, im in conversations[:1]] == answers[:1]
+    assert other.answer_batch(conversations, max_new_tokens=8) == answers and all(answers)
+    assert ["".join(other.stream(m, im, max_new_tokens=8)) for m, im in conversations[:1]] == answers[:1]
