@@ -9,7 +9,7 @@ reads the position from a device tensor instead, and the KV buffers are allocate
 capacity bucket) and reused by later calls: a step compiles once per batch size and bucket.
 
 The prefill (a prompt of any length, images written in) runs eagerly through the model's forward
-into the same cache; the tokens are those of the eager KV caches (tests/test_decoding.py).
+into the same cache; the tokens are those of the eager KV caches (tests/test_model.py).
 
     decoder = CompiledDecoder(model)  # eval_vlm.py and the API server: --compile_decode 1
     model.generate_stream(ids, ..., decoder=decoder)
@@ -50,6 +50,11 @@ class CompiledDecoder:
         self.model, self.bucket, self.caches = model, bucket, {}
         device = next(model.parameters()).device
         compile_kw.setdefault("mode", "reduce-overhead" if device.type == "cuda" else None)
+        # A graph per batch size and bucket: an API server's batches of 1 to --max_batch rows, in a few
+        # buckets, pass dynamo's default of 8 graphs per function, which under fullgraph is an error.
+        # Process-wide; read when a graph compiles.
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, config.accumulated_recompile_limit)
         # An MoE layer routes tokens with data-dependent shapes: graph breaks there are expected.
         self.step = torch.compile(self.decode_step, dynamic=False, fullgraph=not model.config.use_moe, **compile_kw)
 

@@ -238,3 +238,18 @@ def test_compiled_decode_steps_give_the_eager_tokens_from_one_graph(generation):
     short = tiny_llm(generation=generation, max_seq_len=16)
     with pytest.raises(ValueError, match="exceeds max_seq_len=16"):
         short.generate(a, max_new_tokens=12, eos_token_id=-1, decoder=CompiledDecoder(short, backend=counter))
+
+
+def test_compiled_decode_takes_more_batch_sizes_than_dynamos_default_limit_of_graphs():
+    """An API server batches 1 to --max_batch rows: a graph each, past dynamo's default of 8 per
+    function (which, under fullgraph, is an error, not a fallback)."""
+    from torch._dynamo.testing import CompileCounter
+    from model.compiled_decode import CompiledDecoder
+    torch._dynamo.reset()
+    model, counter = tiny_llm(), CompileCounter()
+    decoder = CompiledDecoder(model, backend=counter)
+    for rows in range(1, 11):
+        ids = torch.randint(3, 300, (rows, 5))
+        assert torch.equal(model.generate(ids, max_new_tokens=3, eos_token_id=-1, decoder=decoder),
+                           model.generate(ids, max_new_tokens=3, eos_token_id=-1))
+    assert counter.frame_count == 10
