@@ -78,6 +78,8 @@ def build_parser():
     a("--data_dir", default="dataset/demo", help="where the shapes world is written")
     a("--n_train", type=int, default=9000, help="training images (one caption and one Q&A sample each)")
     a("--n_test", type=int, default=300, help="held-out questions")
+    a("--color_answers", default="sentence", choices=["sentence", "word"],
+      help='a colour answer as "The star is red." (the shape named first) or as "red"')
     a("--object_mix", type=float, nargs=3, default=None, metavar=("ONE", "TWO", "THREE"),
       help="relative weights of 1, 2 and 3 objects in a training image (default: even; held-out images "
            "are always even)")
@@ -99,7 +101,8 @@ def build_parser():
     a("--projector", default="linear", choices=["linear", "mlp"], help="the projector kind (passed to training)")
     a = p.add_argument_group("training").add_argument
     a("--pretrain_epochs", type=int, default=1, help="epochs of captions")
-    a("--sft_epochs", type=int, default=1, help="epochs of questions")
+    a("--sft_epochs", type=int, default=2, help="epochs of questions: in one, a run often learns some of the "
+                                                 "look-ups the questions need and not others (docs/demo-experiments.md)")
     a("--pretrain_lr", type=float, default=2e-3, help="pretraining's learning rate")
     a("--sft_lr", type=float, default=1e-3, help="SFT's learning rate")
     a("--batch_size", type=int, default=16, help="samples per step")
@@ -131,7 +134,7 @@ def main():
 
     step(1, f"generate the shapes world: {args.n_train} training images, {args.n_test} held-out questions")
     run(["demo/make_shapes_data.py", "--out_dir", args.data_dir, "--seed", str(args.seed),
-         "--n_train", str(args.n_train), "--n_test", str(args.n_test),
+         "--n_train", str(args.n_train), "--n_test", str(args.n_test), "--color_answers", args.color_answers,
          *(["--object_mix", *map(str, args.object_mix)] if args.object_mix else []),
          *(["--question_mix", *map(str, args.question_mix)] if args.question_mix else [])])
 

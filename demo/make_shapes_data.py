@@ -5,8 +5,8 @@ Each 224x224 PNG shows 1-3 flat shapes on a light background. An object is
 The output is ``pretrain.jsonl`` (one caption per image), ``sft.jsonl`` (short
 Q&A, sometimes 2-3 turns) and ``test.jsonl`` (single-turn, held-out images),
 plus ``images/``. Every line looks like
-``{"conversations": [{"role": "user", "content": "<image>\\n..."},
-{"role": "assistant", "content": "red"}], "image": "train_000001.png", "type": "color"}``.
+``{"conversations": [{"role": "user", "content": "<image>\\nWhat color is the star?"},
+{"role": "assistant", "content": "The star is red."}], "image": "train_000001.png", "type": "color"}``.
 
 Design choices:
 * The answers must not be guessable from the question text alone, because the
@@ -17,6 +17,10 @@ Design choices:
   and the "no" questions often share a colour or shape with something that is
   in the picture, so the model has to bind colour to shape.
 * Question types are assigned from a shuffled, balanced schedule.
+* A colour answer names the shape first ("The star is red."), so the colour is read with the
+  shape's word just before it; the other answers are one word or number. With bare colours ("red",
+  ``--color_answers word``) the look-up by shape was the one the demo's model learned least
+  (docs/demo-experiments.md).
 * The test split uses its own seed, and its layouts never repeat a training
   layout. A layout is the sorted (shape, colour, cell, size) tuple, i.e.
   ignoring jitter and background.
@@ -54,7 +58,8 @@ CELL_PHRASE = {"top": "at the top", "bottom": "at the bottom", "left": "on the l
 BACKGROUNDS = [(248, 248, 248), (232, 232, 232), (242, 238, 226), (226, 236, 244),
                (232, 242, 230), (244, 232, 236)]  # light tints, all far from every shape colour
 TYPES = ("color", "shape", "position", "count", "exists")
-ANSWERS = {"color": set(COLORS), "shape": set(SHAPES), "position": set(CELLS),
+ANSWERS = {"color": set(COLORS) | {f"The {s} is {c}." for s in SHAPES for c in COLORS}, "shape": set(SHAPES),
+           "position": set(CELLS),
            "count": {"1", "2", "3"}, "exists": {"yes", "no"}}
 TEMPLATES = {
     "color": ["What color is the {shape}?", "What is the color of the {shape}?"],
@@ -179,6 +184,14 @@ def render(objs, seed):
     return img.reduce(SCALE)  # box-filter downsample = anti-aliased edges
 
 
+def written(qtype, question, answer, color_answers="sentence"):
+    """An answer as the data writes it: a colour answer as a sentence that names the shape first
+    ("The star is red."), unless color_answers is "word"; every other answer as it is."""
+    if qtype != "color" or color_answers == "word":
+        return answer
+    return f"The {subject(qtype, question)[1][0]} is {answer}."
+
+
 def sample(name, turns, qtype=None):
     conv = []
     for k, (q, a) in enumerate(turns):
@@ -255,9 +268,11 @@ def plan_split(rng, n, split, forbidden=frozenset(), sft_turns=5, object_mix=Non
 
 
 def generate(out_dir="dataset/demo", seed=0, n_train=3000, n_test=300, test_seed=None, verbose=True, sft_turns=5,
-             caption_order="random", object_mix=None, question_mix=None):
+             caption_order="random", object_mix=None, question_mix=None, color_answers="sentence"):
     if caption_order not in ("random", "reading"):
         raise ValueError(f"caption_order is 'random' or 'reading', not {caption_order!r}")
+    if color_answers not in ("sentence", "word"):
+        raise ValueError(f"color_answers is 'sentence' or 'word', not {color_answers!r}")
     if object_mix is not None and (len(object_mix) != 3 or min(object_mix) < 0 or sum(object_mix) <= 0):
         raise ValueError(f"object_mix is three weights, for 1, 2 and 3 objects, not {object_mix!r}")
     if question_mix is not None and (len(question_mix) != len(TYPES) or min(question_mix) < 0
@@ -282,8 +297,9 @@ def generate(out_dir="dataset/demo", seed=0, n_train=3000, n_test=300, test_seed
         "pretrain.jsonl": [sample(p["name"], [(cap_rng.choice(CAPTION_PROMPTS),
                                                caption(p["objs"], cap_rng if caption_order == "random" else None))])
                            for p in train],
-        "sft.jsonl": [sample(p["name"], p["turns"], p["type"]) for p in train],
-        "test.jsonl": [sample(p["name"], p["turns"], p["type"]) for p in test],
+        **{f"{split}.jsonl": [sample(p["name"], [(q, written(t, q, a, color_answers)) for (q, a), t in
+                                                zip(p["turns"], p["types"])], p["type"]) for p in plans]
+           for split, plans in (("sft", train), ("test", test))},
     }
     for fname, recs in files.items():
         with open(os.path.join(out_dir, fname), "w", encoding="utf-8") as f:
@@ -315,6 +331,9 @@ def main():
     ap.add_argument("--caption_order", default="random", choices=["random", "reading"],
                     help="the order a caption lists its objects in: random makes writing it practise the "
                          "questions' look-ups (docs/demo-experiments.md)")
+    ap.add_argument("--color_answers", default="sentence", choices=["sentence", "word"],
+                    help='a colour answer as "The star is red." (the shape named first), or as "red" '
+                         "(docs/demo-experiments.md)")
     ap.add_argument("--object_mix", type=float, nargs=3, default=None, metavar=("ONE", "TWO", "THREE"),
                     help="relative weights of 1, 2 and 3 objects in a training image (default: even); "
                          "held-out images always draw them evenly")
@@ -325,7 +344,8 @@ def main():
     a = ap.parse_args()
     try:
         generate(a.out_dir, a.seed, a.n_train, a.n_test, a.test_seed, sft_turns=a.sft_turns,
-                 caption_order=a.caption_order, object_mix=a.object_mix, question_mix=a.question_mix)
+                 caption_order=a.caption_order, object_mix=a.object_mix, question_mix=a.question_mix,
+                 color_answers=a.color_answers)
     except ValueError as e:  # a mix of weights that draws nothing
         sys.exit(f"error: {e}")
     except OSError as e:  # a read-only or full disk, a file where the folder should be

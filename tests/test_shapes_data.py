@@ -156,6 +156,23 @@ def test_captions_list_their_objects_in_a_random_order_unless_reading_order_is_a
     assert len(orders) == 6 and min(orders.values()) > 20  # every order of three objects, about evenly
 
 
+def test_a_colour_answer_names_the_shape_asked_about_first_unless_words_are_asked_for(tmp_path):
+    summary = shapes.generate(str(tmp_path / "s"), seed=1, n_train=40, n_test=20, verbose=False)
+    words = shapes.generate(str(tmp_path / "w"), seed=1, n_train=40, n_test=20, verbose=False, color_answers="word")
+    assert summary["sft_questions_by_type"] == words["sft_questions_by_type"]  # the same questions
+    for f in ("sft.jsonl", "test.jsonl"):
+        for sentence, word in zip(_read(tmp_path / "s" / f), _read(tmp_path / "w" / f)):
+            for q, a, w in zip(sentence["conversations"][::2], sentence["conversations"][1::2],
+                               word["conversations"][1::2]):
+                if "color" in q["content"]:
+                    shape = q["content"].rstrip("?").split()[-1]
+                    assert w["content"] in shapes.COLORS and a["content"] == f"The {shape} is {w['content']}."
+                else:
+                    assert a == w
+    with pytest.raises(ValueError, match="color_answers"):
+        shapes.generate(str(tmp_path / "x"), n_train=4, n_test=2, verbose=False, color_answers="shout")
+
+
 def test_questions_only_about_unique_subjects():
     import random
     rng = random.Random(0)
