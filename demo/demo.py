@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 
 from cli import add_model_args, make_parser, switch  # noqa: E402
 from make_demo_vision_tower import geometry_problem  # noqa: E402
-from make_shapes_data import TYPES  # noqa: E402
+from make_shapes_data import COLOR_ANSWERS, TYPES  # noqa: E402
 
 
 def step(n, title):
@@ -78,7 +78,7 @@ def build_parser():
     a("--data_dir", default="dataset/demo", help="where the shapes world is written")
     a("--n_train", type=int, default=9000, help="training images (one caption and one Q&A sample each)")
     a("--n_test", type=int, default=300, help="held-out questions")
-    a("--color_answers", default="sentence", choices=["sentence", "word"],
+    a("--color_answers", default="sentence", choices=COLOR_ANSWERS,
       help='a colour answer as "The star is red." (the shape named first) or as "red"')
     a("--object_mix", type=float, nargs=3, default=None, metavar=("ONE", "TWO", "THREE"),
       help="relative weights of 1, 2 and 3 objects in a training image (default: even; held-out images "

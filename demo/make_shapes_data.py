@@ -58,6 +58,7 @@ CELL_PHRASE = {"top": "at the top", "bottom": "at the bottom", "left": "on the l
 BACKGROUNDS = [(248, 248, 248), (232, 232, 232), (242, 238, 226), (226, 236, 244),
                (232, 242, 230), (244, 232, 236)]  # light tints, all far from every shape colour
 TYPES = ("color", "shape", "position", "count", "exists")
+COLOR_ANSWERS = ("sentence", "word")  # "The star is red." or "red" (written())
 ANSWERS = {"color": set(COLORS) | {f"The {s} is {c}." for s in SHAPES for c in COLORS}, "shape": set(SHAPES),
            "position": set(CELLS),
            "count": {"1", "2", "3"}, "exists": {"yes", "no"}}
@@ -271,8 +272,8 @@ def generate(out_dir="dataset/demo", seed=0, n_train=3000, n_test=300, test_seed
              caption_order="random", object_mix=None, question_mix=None, color_answers="sentence"):
     if caption_order not in ("random", "reading"):
         raise ValueError(f"caption_order is 'random' or 'reading', not {caption_order!r}")
-    if color_answers not in ("sentence", "word"):
-        raise ValueError(f"color_answers is 'sentence' or 'word', not {color_answers!r}")
+    if color_answers not in COLOR_ANSWERS:
+        raise ValueError(f"color_answers is one of {COLOR_ANSWERS}, not {color_answers!r}")
     if object_mix is not None and (len(object_mix) != 3 or min(object_mix) < 0 or sum(object_mix) <= 0):
         raise ValueError(f"object_mix is three weights, for 1, 2 and 3 objects, not {object_mix!r}")
     if question_mix is not None and (len(question_mix) != len(TYPES) or min(question_mix) < 0
@@ -331,7 +332,7 @@ def main():
     ap.add_argument("--caption_order", default="random", choices=["random", "reading"],
                     help="the order a caption lists its objects in: random makes writing it practise the "
                          "questions' look-ups (docs/demo-experiments.md)")
-    ap.add_argument("--color_answers", default="sentence", choices=["sentence", "word"],
+    ap.add_argument("--color_answers", default="sentence", choices=COLOR_ANSWERS,
                     help='a colour answer as "The star is red." (the shape named first), or as "red" '
                          "(docs/demo-experiments.md)")
     ap.add_argument("--object_mix", type=float, nargs=3, default=None, metavar=("ONE", "TWO", "THREE"),

@@ -282,8 +282,9 @@ def decode_scenario(a, tower, batch, int8=False, compiled=False):
     n_new = a.decode_tokens
     from model.compiled_decode import CompiledDecoder
     decoder = CompiledDecoder(model) if compiled else None
-    for _ in range(2):  # warm-up (and the compile, in the bucket the timed run uses)
-        list(model.generate_stream(ids, pixel_values=pixels, max_new_tokens=n_new, eos_token_id=-1, decoder=decoder))
+    for _ in range(2):  # warm-up; compiled, the timed run's length, so that its graph is compiled here
+        list(model.generate_stream(ids, pixel_values=pixels, max_new_tokens=n_new if compiled else 4, eos_token_id=-1,
+                                   decoder=decoder))
     t0 = time.perf_counter()
     times = []
     for _ in model.generate_stream(ids, pixel_values=pixels, max_new_tokens=n_new, eos_token_id=-1,

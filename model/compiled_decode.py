@@ -48,8 +48,8 @@ class CompiledDecoder:
         if any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules()):
             raise ValueError("--compile_decode does not compile int8 weights (--quantize int8): use one or the other")
         self.model, self.bucket, self.caches = model, bucket, {}
-        device = next(model.parameters()).device
-        compile_kw.setdefault("mode", "reduce-overhead" if device.type == "cuda" else None)
+        self.device = next(model.parameters()).device
+        compile_kw.setdefault("mode", "reduce-overhead" if self.device.type == "cuda" else None)
         # A graph per batch size and bucket: an API server's batches of 1 to --max_batch rows, in a few
         # buckets, pass dynamo's default of 8 graphs per function, which under fullgraph is an error.
         # Process-wide; read when a graph compiles.
@@ -67,8 +67,7 @@ class CompiledDecoder:
         if cache is None:
             cache = self.caches[(batch, capacity)] = TensorPositionCache(len(self.model.layers), capacity)
         cache.pos, cache.at = 0, None  # what the last call wrote is overwritten before it is attended to
-        device = next(self.model.parameters()).device
-        real = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        real = torch.zeros(batch, capacity, dtype=torch.bool, device=self.device)
         real[:, :length] = True if attention_mask is None else attention_mask.bool()
         cache.real = real
         return cache
@@ -88,8 +87,7 @@ class CompiledDecoder:
 
     def __call__(self, ids, cache):
         """One decode step after the prefill wrote cache.pos tokens -> logits [B, V]."""
-        if cache.pos >= self.model.rope_cos.shape[0]:  # as the model's forward says it
-            raise ValueError(f"sequence of {cache.pos + 1} tokens exceeds max_seq_len={self.model.config.max_seq_len}")
+        self.model.check_length(cache.pos + 1)
         if cache.at is None:  # the first step after the prefill, which allocated the buffers
             cache.at = torch.tensor([cache.pos], device=ids.device)
             for buffer in cache.k + cache.v:  # written in place by the graph: CUDA graphs keep their address

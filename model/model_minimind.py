@@ -304,6 +304,11 @@ class MiniMindForCausalLM(PreTrainedModel):
             layer.compile(dynamic=True, fullgraph=not self.config.use_moe)
         self.supervised_loss = torch.compile(self.supervised_loss, dynamic=True, fullgraph=True)
 
+    def check_length(self, n):
+        """Refuse a sequence of n tokens longer than the RoPE tables (max_seq_len)."""
+        if n > self.rope_cos.shape[0]:
+            raise ValueError(f"sequence of {n} tokens exceeds max_seq_len={self.config.max_seq_len}")
+
     def embed(self, input_ids, **kwargs):
         """Token embeddings [B, T, D]; the VLM subclass overrides this to write image features in."""
         return self.tok_embeddings(input_ids)
@@ -316,8 +321,7 @@ class MiniMindForCausalLM(PreTrainedModel):
         B, T = input_ids.shape
         cache = past_key_values if past_key_values is not None else (KVCache(len(self.layers)) if use_cache else None)
         start = cache.pos if cache is not None else 0
-        if start + T > self.rope_cos.shape[0]:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        self.check_length(start + T)
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         S = cache.keys(T) if cache is not None else T  # keys attended to
         if attention_mask is None and (start > 0 and T > 1 or S > start + T):
