@@ -214,18 +214,35 @@ def launch(script, args, nproc=1, launcher=None, env=None, check=True):
         # in one of its own), or a stuck rank keeps the output pipes open. A rank orphaned earlier, out
         # of both, still may: hence the bounded wait.
         others = descendants(proc.pid)  # before the kill: an orphan's parent is no longer the launcher
+        ranks = [pid for pid in others if is_rank(pid, script)]
+        for pid in ranks:  # each prints its threads' stacks on stderr (trainer/main.py): where it waits
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+        time.sleep(2)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         for pid in others:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        out = err = ""
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.communicate(timeout=30)
-        raise AssertionError(f"{script} did not finish in {TIMEOUT} s: a rank is probably stuck in a collective")
+            out, err = proc.communicate(timeout=30)
+        raise AssertionError(f"{script} did not finish in {TIMEOUT} s: a rank is probably stuck in a collective; "
+                             f"the stacks of its {len(ranks)} ranks are at the end\n{out[-3000:]}\n{err[-12000:]}")
     proc = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def is_rank(pid, script):
+    """Whether process `pid` runs `script` itself (not a launcher in front of it)."""
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+        return any(a.endswith(script) for a in argv) and not any(
+            a in ("torch.distributed.run", "deepspeed.launcher.runner", "deepspeed.launcher.launch") for a in argv)
+    return False
 
 
 def descendants(pid):

@@ -128,3 +128,15 @@ def test_ctrl_c_saves_a_resume_checkpoint_and_the_run_continues_from_it(toy_data
     proc = launch("train_pretrain_vlm.py", args + ["--from_resume", 1])
     assert f"step {stopped_at}," in proc.stdout
     assert [r["step"] for r in read_log(tmp_path / "pretrain_vlm_64_log.jsonl")] == list(range(1, TOTAL_STEPS + 1))
+
+
+def test_sigusr1_prints_where_each_thread_is_and_training_goes_on(toy_data, tower_dir, tmp_path):
+    """How to see where a stuck rank waits: `kill -USR1 <pid>` prints the stacks, the run is unharmed."""
+    args = flags(toy_data, tower_dir, tmp_path, batch_size=2, epochs=3, dtype="float32")
+    proc = start(args, tmp_path / "run.txt")
+    wait_for(lambda: logged_steps(tmp_path) >= 1, proc)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=120) == 0
+    output = (tmp_path / "run.txt").read_text()
+    assert "most recent call first" in output and os.path.join("trainer", "loop.py") in output
+    assert [r["step"] for r in read_log(tmp_path / "pretrain_vlm_64_log.jsonl")] == list(range(1, TOTAL_STEPS + 1))

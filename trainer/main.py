@@ -1,6 +1,8 @@
 """The train scripts' entry, once their flags are parsed: launch(cfg) trains, and ends a run that
 fails with an error meant for the user with one line."""
+import faulthandler
 import os
+import signal
 import sys
 
 from trainer import loop
@@ -17,6 +19,9 @@ def launch(cfg):
     """The train scripts' entry, once their flags are parsed: train. A run that fails with
     a USER_ERRORS error ends with the line `error: <message>` (exit code 1); --debug or
     MINIMIND_DEBUG=1 shows the traceback instead. A StopTraining ends it with its own code."""
+    # `kill -USR1 <pid>` prints where each thread of this process is, on stderr, and training goes on:
+    # how to see which collective a stuck rank waits in.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         loop.train(cfg)
     except StopTraining as e:
