@@ -192,8 +192,9 @@ def read_log(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def launch(script, args, nproc=1, launcher=None, env=None, check=True):
-    """Run a training script: `python script`, or under torchrun / the deepspeed launcher."""
+def launch(script, args, nproc=1, launcher=None, env=None, check=True, stdin=None):
+    """Run a repo script (a path from the repo's root): `python script`, or a training script under
+    torchrun / the deepspeed launcher; `stdin`: text typed into it."""
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(free_port())]
@@ -206,16 +207,17 @@ def launch(script, args, nproc=1, launcher=None, env=None, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     # A session of its own, so that a hung run's processes can be killed as a group (no strays in CI).
     proc = subprocess.Popen(cmd + [os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env, text=True,
+                            stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=TIMEOUT)
+        out, err = proc.communicate(stdin, timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         # The launcher's group, and the processes below it in other sessions (torchrun starts each rank
         # in one of its own), or a stuck rank keeps the output pipes open. A rank orphaned earlier, out
         # of both, still may: hence the bounded wait.
         others = descendants(proc.pid)  # before the kill: an orphan's parent is no longer the launcher
-        ranks = [pid for pid in others if is_rank(pid, script)]
-        for pid in ranks:  # each prints its threads' stacks on stderr (trainer/main.py): where it waits
+        ranks = [pid for pid in others if is_rank(pid, script)] if launcher else [proc.pid]
+        for pid in ranks:  # a training script prints its threads' stacks on stderr (trainer/main.py)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGUSR1)
         time.sleep(2)
@@ -227,8 +229,10 @@ def launch(script, args, nproc=1, launcher=None, env=None, check=True):
         out = err = ""
         with contextlib.suppress(subprocess.TimeoutExpired):
             out, err = proc.communicate(timeout=30)
-        raise AssertionError(f"{script} did not finish in {TIMEOUT} s: a rank is probably stuck in a collective; "
-                             f"the stacks of its {len(ranks)} ranks are at the end\n{out[-3000:]}\n{err[-12000:]}")
+        # pytest.ini reruns a test that fails with "stuck in a collective", once
+        why = "a rank is probably stuck in a collective" if launcher else "it is stuck"
+        raise AssertionError(f"{script} did not finish in {TIMEOUT} s: {why}; its output and (for a training "
+                             f"script) the stacks of its {len(ranks)} processes follow\n{out[-3000:]}\n{err[-12000:]}")
     proc = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")

@@ -18,7 +18,7 @@ from model.inference import VLMChat, load_model
 from model.model_vlm import MiniMindVLM, VLMConfig
 from model.checkpoint import llm_state_dict
 
-from conftest import ROOT, TINY_LLM, write_image
+from conftest import ROOT, TINY_LLM, launch, write_image
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +62,6 @@ def qa(question, answer, image=True):
 def single_turn(n):
     return [(qa("What color?", "red"), [f"{i}.png"], ["color", "shape"][i % 2]) for i in range(n)]
 
-
-def run_script(*args, stdin=None, check=True):
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, input=stdin, capture_output=True, text=True,
-                          timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args[0]} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -242,8 +235,8 @@ def test_folder_mode_takes_regular_files_only_and_says_how_many_entries_it_skipp
 def test_benchmark_script_prints_the_summary_line_and_writes_rows(ckpt, tower_dir, tmp_path):
     path, images = write_bench(tmp_path, single_turn(5) + [(qa("Q1", "a") + qa("Q2", "b", image=False), ["x.png"], None)])
     out = tmp_path / "res" / "results.json"
-    proc = run_script("eval_vlm.py", *model_flags(ckpt, tower_dir), "--bench", path, "--images_path", images,
-                      "--batch_size", 4, "--blind", "--out", out)
+    proc = launch("eval_vlm.py", [*model_flags(ckpt, tower_dir), "--bench", path, "--images_path", images,
+                  "--batch_size", 4, "--blind", "--out", out])
     lines = proc.stdout.strip().splitlines()
     assert re.fullmatch(r"accuracy=\d\.\d{3} n=7", lines[-1]), proc.stdout
     assert any(line.split()[:2] == ["color", "3"] for line in lines)
@@ -258,8 +251,8 @@ def test_folder_mode_answers_every_image_in_sorted_order(ckpt, tower_dir, tmp_pa
     for name, color in [("b.png", "red"), ("a.jpg", "green"), ("c.webp", "blue"), ("d.BMP", "white")]:
         Image.new("RGB", (32, 32), color).save(tmp_path / name)
     (tmp_path / "notes.txt").write_text("not an image")
-    proc = run_script("eval_vlm.py", *model_flags(ckpt, tower_dir), "--image_dir", tmp_path, "--max_new_tokens", 4,
-                      "--prompt", "What color is it?")
+    proc = launch("eval_vlm.py", [*model_flags(ckpt, tower_dir), "--image_dir", tmp_path, "--max_new_tokens", 4,
+                  "--prompt", "What color is it?"])
     headers = [line for line in proc.stdout.splitlines() if re.fullmatch(r"\[\S+\] What color is it\?", line)]
     assert headers == [f"[{n}] What color is it?" for n in ("a.jpg", "b.png", "c.webp", "d.BMP")]
     assert len(re.findall(r"\[\d+ tokens, ", proc.stderr)) == 4
@@ -270,8 +263,8 @@ def test_folder_mode_reports_an_unreadable_image_and_answers_the_rest(ckpt, towe
     for name, color in [("a.png", "red"), ("c.png", "blue")]:
         Image.new("RGB", (32, 32), color).save(tmp_path / name)
     (tmp_path / "b.png").write_bytes(b"\x89PNG broken")
-    proc = run_script("eval_vlm.py", *model_flags(ckpt, tower_dir), "--image_dir", tmp_path, "--max_new_tokens", 4,
-                      check=False)
+    proc = launch("eval_vlm.py", [*model_flags(ckpt, tower_dir), "--image_dir", tmp_path, "--max_new_tokens", 4],
+                  check=False)
     assert "[a.png]" in proc.stdout and "[c.png]" in proc.stdout and "[b.png]" not in proc.stdout
     assert "error: b.png is not an image" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.returncode == 1 and "1 of 3 images could not be read: b.png" in proc.stderr
@@ -280,8 +273,8 @@ def test_folder_mode_reports_an_unreadable_image_and_answers_the_rest(ckpt, towe
 @pytest.mark.slow
 def test_chat_mode_in_a_terminal_session(ckpt, tower_dir, tmp_path):
     write_image(tmp_path / "a.png", "red")
-    proc = run_script("eval_vlm.py", *model_flags(ckpt, tower_dir), "--chat", "--image", tmp_path / "a.png",
-                      "--max_new_tokens", 4, "--stream", 0, stdin="What is this?\n/clear\n/image nope.png\nAnd now?\n/quit\n")
+    proc = launch("eval_vlm.py", [*model_flags(ckpt, tower_dir), "--chat", "--image", tmp_path / "a.png",
+                  "--max_new_tokens", 4, "--stream", 0], stdin="What is this?\n/clear\n/image nope.png\nAnd now?\n/quit\n")
     assert "(history cleared)" in proc.stdout and "error: nope.png" in proc.stdout
     assert len(re.findall(r"\[\d+ tokens, ", proc.stderr)) == 2
 

@@ -1,13 +1,9 @@
 """LoRA fine-tuning (peft): what trains, what is saved, and that an adapter applied to its base
 weights gives the same model as its merge, for both model generations."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from conftest import ROOT, TINY_LLM, read_log, script_flags
+from conftest import TINY_LLM, launch, read_log, script_flags
 from model.checkpoint import llm_state_dict, load_weights
 from model.lora import (LORA_LAYERS, LoraSettings, adapter_state_dict, add_lora, load_adapter, merge_lora, plain_key,
                         save_adapter)
@@ -38,13 +34,6 @@ def logits(model, tower_dir, seed=1):
     with torch.no_grad():
         return model(ids, pixel_values=torch.randn(2, 3, 224, 224, generator=g)).logits
 
-
-def run_script(script, *args, check=True):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 # 1. Settings and the wrapped layers.
@@ -234,15 +223,15 @@ def pretrained(tmp_path_factory, tower_dir):
     from conftest import make_toy_data
     root = tmp_path_factory.mktemp("lora")
     data = make_toy_data(root)
-    run_script("train_pretrain_vlm.py", *script_flags(data, tower_dir, str(root / "out"), from_weight="none",
-                                                      freeze_llm=0, epochs=1, dtype="float32"))
+    launch("train_pretrain_vlm.py", script_flags(data, tower_dir, str(root / "out"), from_weight="none",
+                                                freeze_llm=0, epochs=1, dtype="float32"))
     return data, root / "out"
 
 
 @pytest.mark.slow
 def test_lora_sft_trains_only_the_adapters_and_the_projector(pretrained, tower_dir):
     data, out = pretrained
-    proc = run_script("train_sft_vlm.py", *sft_flags(data, tower_dir, out))
+    proc = launch("train_sft_vlm.py", sft_flags(data, tower_dir, out))
     assert "LoRA rank 4" in proc.stdout and "sft_vlm_64_lora.safetensors" in proc.stdout
     from safetensors.torch import load_file
     adapter = load_file(out / "sft_vlm_64_lora.safetensors")
@@ -267,7 +256,7 @@ def test_lora_sft_trains_only_the_adapters_and_the_projector(pretrained, tower_d
 @pytest.mark.slow
 def test_lora_with_freeze_llm_1_also_trains_the_last_layer_in_full(pretrained, tower_dir, tmp_path):
     data, out = pretrained
-    run_script("train_sft_vlm.py", *sft_flags(data, tower_dir, out, freeze_llm=1, save_weight="lora_f1", epochs=1))
+    launch("train_sft_vlm.py", sft_flags(data, tower_dir, out, freeze_llm=1, save_weight="lora_f1", epochs=1))
     from safetensors.torch import load_file
     adapter = load_file(out / "lora_f1_64_lora.safetensors")
     assert {"layers.1.attention_norm.weight", "layers.1.attention.wq.weight"} <= set(adapter)
@@ -279,23 +268,23 @@ def test_lora_resume_with_accumulation_reproduces_the_uninterrupted_run(pretrain
     data, out = pretrained
     base = out / "pretrain_vlm_64.pth"
     args = dict(from_weight=str(base), accumulation_steps=2, batch_size=1, epochs=2)
-    run_script("train_sft_vlm.py", *sft_flags(data, tower_dir, tmp_path / "a", **args))
-    run_script("train_sft_vlm.py", *sft_flags(data, tower_dir, tmp_path / "b", stop_after_steps=5, **args))
-    resumed = run_script("train_sft_vlm.py", *sft_flags(data, tower_dir, tmp_path / "b", from_resume=1, **args))
+    launch("train_sft_vlm.py", sft_flags(data, tower_dir, tmp_path / "a", **args))
+    launch("train_sft_vlm.py", sft_flags(data, tower_dir, tmp_path / "b", stop_after_steps=5, **args))
+    resumed = launch("train_sft_vlm.py", sft_flags(data, tower_dir, tmp_path / "b", from_resume=1, **args))
     assert "resumed from" in resumed.stdout
     full, split = read_log(tmp_path / "a" / "sft_vlm_64_log.jsonl"), read_log(tmp_path / "b" / "sft_vlm_64_log.jsonl")
     assert [r["step"] for r in split] == [r["step"] for r in full] == list(range(1, 13))
     for a, b in zip(full, split):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5)
-    wrong = run_script("train_sft_vlm.py", *sft_flags(data, tower_dir, tmp_path / "b", from_resume=1, lora_rank=8,
-                                                      **args), check=False)
+    wrong = launch("train_sft_vlm.py", sft_flags(data, tower_dir, tmp_path / "b", from_resume=1, lora_rank=8,
+                                                **args), check=False)
     assert wrong.returncode == 1 and "other LoRA adapters" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
 @pytest.mark.slow
 def test_merge_script_and_eval_lora_flag_agree_with_the_trained_pth(pretrained, tower_dir, tmp_path):
     data, out = pretrained
-    run_script("train_sft_vlm.py", *sft_flags(data, tower_dir, out, save_weight="lora_m", epochs=1))
+    launch("train_sft_vlm.py", sft_flags(data, tower_dir, out, save_weight="lora_m", epochs=1))
     import eval_vlm
     import merge_lora
     merged = tmp_path / "merged_64.pth"

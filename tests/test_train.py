@@ -1,32 +1,21 @@
 """The real training scripts, end to end on toy data: checkpoints, resume, logs, errors."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from model.model_vlm import MiniMindVLM, VLMConfig
 from model.checkpoint import load_weights
 
-from conftest import ROOT, TINY_LLM, read_log, script_flags as common
+from conftest import TINY_LLM, launch, read_log, script_flags as common
 
 pytestmark = pytest.mark.slow  # every test here runs the scripts in subprocesses
 
 
-def run_script(script, *args, check=True):
-    cmd = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
 
 def test_two_step_pretrain_then_sft_write_loadable_checkpoints(toy_data, tower_dir, tmp_path):
     out = tmp_path / "out"
-    pretrain = run_script("train_pretrain_vlm.py", *common(toy_data, tower_dir, out, from_weight="none", epochs=1,
-                                                            batch_size=6, freeze_llm=0))
-    run_script("train_sft_vlm.py", *common(toy_data, tower_dir, out, epochs=1, batch_size=6))
+    pretrain = launch("train_pretrain_vlm.py", common(toy_data, tower_dir, out, from_weight="none", epochs=1,
+                                                      batch_size=6, freeze_llm=0))
+    launch("train_sft_vlm.py", common(toy_data, tower_dir, out, epochs=1, batch_size=6))
     from model.precision import describe, resolve_dtype
     assert describe(*resolve_dtype("auto", "cpu")) in pretrain.stdout.splitlines()  # the default, said once
     for name in ("pretrain_vlm_64", "sft_vlm_64"):
@@ -41,7 +30,7 @@ def test_two_step_pretrain_then_sft_write_loadable_checkpoints(toy_data, tower_d
 
 def test_pretrain_trains_only_the_projection_and_last_layer_by_default(toy_data, tower_dir, tmp_path):
     out = tmp_path / "out"
-    run_script("train_pretrain_vlm.py", *common(toy_data, tower_dir, out, from_weight="none", epochs=1))
+    launch("train_pretrain_vlm.py", common(toy_data, tower_dir, out, from_weight="none", epochs=1))
     torch.manual_seed(42)  # the scripts' default seed: the same random init
     init = MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM)).state_dict()
     trained = torch.load(out / "pretrain_vlm_64.pth")
@@ -52,10 +41,10 @@ def test_pretrain_trains_only_the_projection_and_last_layer_by_default(toy_data,
 
 def test_resumed_run_reproduces_the_uninterrupted_losses_and_weights(toy_data, tower_dir, tmp_path):
     args = dict(from_weight="none", freeze_llm=0, seed=7)
-    run_script("train_pretrain_vlm.py", *common(toy_data, tower_dir, tmp_path / "a", **args))
-    run_script("train_pretrain_vlm.py", *common(toy_data, tower_dir, tmp_path / "b", stop_after_steps=4, **args))
+    launch("train_pretrain_vlm.py", common(toy_data, tower_dir, tmp_path / "a", **args))
+    launch("train_pretrain_vlm.py", common(toy_data, tower_dir, tmp_path / "b", stop_after_steps=4, **args))
     assert len(read_log(tmp_path / "b" / "pretrain_vlm_64_log.jsonl")) == 4  # stopped mid-epoch 1 (6 steps/epoch)
-    resumed = run_script("train_pretrain_vlm.py", *common(toy_data, tower_dir, tmp_path / "b", from_resume=1, **args))
+    resumed = launch("train_pretrain_vlm.py", common(toy_data, tower_dir, tmp_path / "b", from_resume=1, **args))
     assert "resumed from" in resumed.stdout
     full = read_log(tmp_path / "a" / "pretrain_vlm_64_log.jsonl")
     split = read_log(tmp_path / "b" / "pretrain_vlm_64_log.jsonl")
@@ -67,9 +56,9 @@ def test_resumed_run_reproduces_the_uninterrupted_losses_and_weights(toy_data, t
 
 
 def test_missing_start_weights_explain_how_to_get_them(toy_data, tower_dir, tmp_path):
-    proc = run_script("train_pretrain_vlm.py", *common(toy_data, tower_dir, tmp_path), check=False)
+    proc = launch("train_pretrain_vlm.py", common(toy_data, tower_dir, tmp_path), check=False)
     assert proc.returncode != 0 and "lm_64.pth not found" in proc.stderr and "--from_weight none" in proc.stderr
-    proc = run_script("train_sft_vlm.py", *common(toy_data, tower_dir, tmp_path), check=False)
+    proc = launch("train_sft_vlm.py", common(toy_data, tower_dir, tmp_path), check=False)
     assert proc.returncode != 0 and "Run train_pretrain_vlm.py first" in proc.stderr
 
 
@@ -80,8 +69,8 @@ def test_samples_too_long_are_announced_before_training_and_counted_after_each_e
     data, images = make_toy_data(tmp_path, n=6)  # short ones, with the same image names
     with open(data, "a") as f:
         f.write(long_lines + "{broken\n")
-    proc = run_script("train_sft_vlm.py", *common((data, images), tower_dir, tmp_path / "out", from_weight="none",
-                                                   max_seq_len=300, epochs=1, skip_bad_samples=1))
+    proc = launch("train_sft_vlm.py", common((data, images), tower_dir, tmp_path / "out", from_weight="none",
+                                             max_seq_len=300, epochs=1, skip_bad_samples=1))
     assert "skipped 1 bad ones" in proc.stdout and ":13: not valid JSON" in proc.stdout
     warning = proc.stdout.find("warning: 50% of the samples (6 of 12) do not fit --max_seq_len 300")
     assert 0 <= warning < proc.stdout.find("epoch 1 step 1/")  # at the start, not only at the end
@@ -91,8 +80,8 @@ def test_samples_too_long_are_announced_before_training_and_counted_after_each_e
 def test_data_of_which_no_sample_fits_stops_before_the_first_step_with_one_line(tower_dir, tmp_path):
     from conftest import make_toy_data
     data = make_toy_data(tmp_path, n=6, text_len=150)
-    proc = run_script("train_sft_vlm.py", *common(data, tower_dir, tmp_path / "out", from_weight="none",
-                                                   max_seq_len=100, epochs=1), check=False)
+    proc = launch("train_sft_vlm.py", common(data, tower_dir, tmp_path / "out", from_weight="none",
+                                             max_seq_len=100, epochs=1), check=False)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert last.startswith(f"error: {data[0]}: no sample fits --max_seq_len 100") and "Raise --max_seq_len" in last
@@ -101,8 +90,8 @@ def test_data_of_which_no_sample_fits_stops_before_the_first_step_with_one_line(
 
 def test_feature_cache_gives_the_same_run_cold_and_warm(toy_data, tower_dir, tmp_path):
     args = dict(from_weight="none", epochs=1, cache_features=tmp_path / "cache", num_workers=2)
-    cold = run_script("train_pretrain_vlm.py", *common(toy_data, tower_dir, tmp_path / "a", **args))
-    warm = run_script("train_pretrain_vlm.py", *common(toy_data, tower_dir, tmp_path / "b", **args))
+    cold = launch("train_pretrain_vlm.py", common(toy_data, tower_dir, tmp_path / "a", **args))
+    warm = launch("train_pretrain_vlm.py", common(toy_data, tower_dir, tmp_path / "b", **args))
     assert ": 0 images cached" in cold.stdout and ": 12 images cached" in warm.stdout
     losses = [[r["loss"] for r in read_log(tmp_path / d / "pretrain_vlm_64_log.jsonl")] for d in "ab"]
     assert losses[0] == losses[1]
@@ -121,8 +110,8 @@ def test_cache_features_script_prebuilds_what_training_reads(toy_data, tower_dir
     again = capsys.readouterr().out
     assert "12 already cached" in again and "0 to encode" in again
     files = sorted(p.name for p in cache.rglob("*"))
-    train = run_script("train_pretrain_vlm.py", *common(toy_data, tower_dir, tmp_path / "out", from_weight="none",
-                                                        epochs=1, cache_features=cache))
+    train = launch("train_pretrain_vlm.py", common(toy_data, tower_dir, tmp_path / "out", from_weight="none",
+                                                  epochs=1, cache_features=cache))
     assert ": 12 images cached" in train.stdout  # same tower identity, dtype and keys as the trainer's
     assert sorted(p.name for p in cache.rglob("*")) == files  # training had nothing left to encode
 
@@ -132,10 +121,9 @@ def test_cache_features_script_names_the_line_of_an_unreadable_image(tower_dir, 
     line = '{"conversations": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "a"}], ' \
            '"image": "bad.png"}\n'
     (tmp_path / "d.jsonl").write_text(line)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "cache_features.py"), "--data_path",
-                           str(tmp_path / "d.jsonl"), "--images_path", str(tmp_path), "--cache_dir",
-                           str(tmp_path / "cache"), "--vision_model_path", tower_dir, "--num_workers", "0"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = launch("scripts/cache_features.py", ["--data_path", tmp_path / "d.jsonl", "--images_path", tmp_path,
+                                                 "--cache_dir", tmp_path / "cache", "--vision_model_path", tower_dir,
+                                                 "--num_workers", 0], check=False)
     assert proc.returncode == 1 and "d.jsonl:1: cannot read image" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -145,11 +133,10 @@ def test_cache_features_script_names_the_line_of_a_damaged_index(toy_data, tower
     flags = ["--data_path", data_path, "--images_path", images, "--cache_dir", str(tmp_path / "cache"),
              "--vision_model_path", tower_dir, "--num_workers", "0"]
     cache_features.main(flags)  # a cache to damage, built in this process
-    build = [sys.executable, os.path.join(ROOT, "scripts", "cache_features.py"), *flags]
     (index,) = (tmp_path / "cache").rglob("*.idx")
     with open(index, "a") as f:
         f.write("not json\n")
-    proc = subprocess.run(build, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = launch("scripts/cache_features.py", flags, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == (f"error: {index}:13: not JSON, not a line of a feature-cache index: delete the "
                                    f"folder {index.parent}, and the features are encoded and cached again")
