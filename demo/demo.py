@@ -27,6 +27,7 @@ sys.path.insert(0, ROOT)
 from cli import add_model_args, make_parser, switch  # noqa: E402
 from make_demo_vision_tower import geometry_problem  # noqa: E402
 from make_shapes_data import COLOR_ANSWERS, TYPES  # noqa: E402
+from model.generations import GENERATIONS  # noqa: E402
 
 
 def step(n, title):
@@ -95,7 +96,7 @@ def build_parser():
     a("--image_size", type=int, default=224, help="the side the tower's processor resizes images to")
     a("--dim", type=int, default=256, help="the LLM's width (trained from scratch)")
     a("--n_layers", type=int, default=4, help="the LLM's layers")
-    a("--generation", default="minimind2", choices=["minimind2", "minimind3"],
+    a("--generation", default="minimind2", choices=list(GENERATIONS),
       help="the LLM architecture: the 2025 release's, or the 2026 one's (QK-norm, 4 KV heads; "
            "docs/demo-experiments.md compares them)")
     a("--projector", default="linear", choices=["linear", "mlp"], help="the projector kind (passed to training)")

@@ -9,34 +9,17 @@ only in settings, so `MiniMindConfig.generation` picks a preset of config fields
 Module names and the RoPE pair layout are the 2025 release's (interleaved pairs), so its checkpoints
 load as they are; model/checkpoint.py renames and permutes the 2026 ones on load and back on save.
 """
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .generations import GENERATIONS, default_hidden_dim
+
 # The output's cache field: `cache` from transformers 5 on (the old name there logs a deprecation
 # line between a prompt and its answer), `past_key_values` before.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-# What each released generation sets; a field passed explicitly to MiniMindConfig wins over these.
-GENERATIONS = {
-    "minimind2": dict(n_kv_heads=2, norm_eps=1e-5, qk_norm=False, max_seq_len=8192, n_shared_experts=1,
-                      num_experts_per_tok=2, aux_loss_alpha=0.1, seq_aux=True),
-    "minimind3": dict(n_kv_heads=4, norm_eps=1e-6, qk_norm=True, max_seq_len=32768, n_shared_experts=0,
-                      num_experts_per_tok=1, aux_loss_alpha=5e-4, seq_aux=False),
-}
-
-
-def default_hidden_dim(generation, dim, multiple_of=64):
-    """SwiGLU FFN width. MiniMind2 keeps ~the parameter count of a 4*dim MLP by using 2/3 of it;
-    MiniMind3 uses dim*pi. Both rounded up to a multiple of 64."""
-    if generation == "minimind3":
-        return math.ceil(dim * math.pi / multiple_of) * multiple_of
-    return multiple_of * math.ceil(int(2 * 4 * dim / 3) / multiple_of)
-
 
 class MiniMindConfig(PretrainedConfig):
     model_type = "minimind"

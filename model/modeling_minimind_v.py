@@ -1,6 +1,6 @@
 """The transformers entry point of an exported MiniMind-V directory (scripts/convert_model.py copies
-this file there as it is, next to model_minimind.py, model_vlm.py, chat.py, images.py, paths.py and
-precision.py).
+this file there as it is, next to model_minimind.py, generations.py, model_vlm.py, chat.py, images.py,
+paths.py and precision.py).
 
     model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
     print(model.chat(PIL.Image.open("cat.jpg"), "What is in the picture?"))

@@ -9,7 +9,8 @@ writes a self-contained directory that loads offline with
     model.safetensors       LLM + projection; the tied output head is stored once (as tok_embeddings.weight)
     tokenizer files         from --tokenizer_path (chat template included)
     preprocessor_config.json  the tower's image processor (from --vision_model_path, else standard CLIP settings)
-    model_minimind.py, model_vlm.py, chat.py, images.py, paths.py, precision.py, modeling_minimind_v.py: the code
+    model_minimind.py, generations.py, model_vlm.py, chat.py, images.py, paths.py, precision.py,
+    modeling_minimind_v.py: the code
 
 Import (directory -> .pth in the released key format):
     python scripts/convert_model.py --reverse --weight out/MiniMind2-V-hf --out out/sft_vlm_512.pth
@@ -68,8 +69,8 @@ from model.record import RecordError, make_record, resolve_folders, write_record
 
 # The model code an exported directory carries, copied as it is: modeling_minimind_v.py is the
 # transformers entry point (from_pretrained without the tower, then the tower attached; chat()).
-CODE_FILES = ("model_minimind.py", "model_vlm.py", "chat.py", "images.py", "paths.py", "precision.py",
-              "modeling_minimind_v.py")
+CODE_FILES = ("model_minimind.py", "generations.py", "model_vlm.py", "chat.py", "images.py", "paths.py",
+              "precision.py", "modeling_minimind_v.py")
 AUTO_MAP = {"AutoConfig": "model_vlm.VLMConfig",
             "AutoModelForCausalLM": "modeling_minimind_v.MiniMindVLMForCausalLM"}
 # Standard OpenAI CLIP ViT-B/16 preprocessing, written when the vision directory is not at hand.

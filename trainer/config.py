@@ -11,6 +11,7 @@ import dataclasses
 import types
 
 from cli import DEVICE_HELP, DTYPE_HELP, IMAGES_PATH_DEFAULT, add_video_args, make_parser, switch
+from model.generations import GENERATIONS
 from model.lora import LORA_LAYERS
 from model.paths import DEFAULT_VISION_MODEL
 from model.precision import DTYPES
@@ -77,7 +78,7 @@ class TrainConfig:
                                            "none): minimind2 (2025: 2 KV heads) or minimind3 (2026: QK-norm, 4 KV "
                                            "heads, a wider FFN); default: minimind2, or a --from_weight checkpoint's "
                                            "own",
-                                  choices=["minimind2", "minimind3"])
+                                  choices=list(GENERATIONS))
     freeze_llm: int | None = flag("model", FREEZE_HELP, choices=[0, 1, 2, 3])
     projector: str = flag("model", "a new projector's kind: linear (one bias-free Linear, the design) or mlp "
                                    "(LayerNorm, Linear, GELU, Linear, as the 2026 release); a --from_weight VLM "
