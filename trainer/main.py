@@ -1,5 +1,6 @@
 """The train scripts' entry, once their flags are parsed: launch(cfg) trains, and ends a run that
 fails with an error meant for the user with one line."""
+import contextlib
 import faulthandler
 import os
 import signal
@@ -20,8 +21,10 @@ def launch(cfg):
     a USER_ERRORS error ends with the line `error: <message>` (exit code 1); --debug or
     MINIMIND_DEBUG=1 shows the traceback instead. A StopTraining ends it with its own code."""
     # `kill -USR1 <pid>` prints where each thread of this process is, on stderr, and training goes on:
-    # how to see which collective a stuck rank waits in.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # how to see which collective a stuck rank waits in. Not where there is no SIGUSR1 (Windows) or no
+    # stderr file (a pythonw process).
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
     try:
         loop.train(cfg)
     except StopTraining as e:
