@@ -26,6 +26,7 @@ from make_demo_vision_tower import build_vision_tower  # noqa: E402
 TINY_LLM = dict(dim=64, n_layers=2)  # the scripts' --dim 64 --n_layers 2 (8 heads, 2 kv heads)
 TIMEOUT = 150  # seconds for one launched training run (the slowest takes about 20)
 LOSS_TOL = 1e-4  # measured: ~1.5e-6 (float32); without token weighting the 2-process losses were off by up to 0.07
+SIGLIP_WIDTH, SIGLIP_SIZE, SIGLIP_PATCH = 32, 64, 16  # siglip_dir's tower
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +54,19 @@ def tiny_vlm(tower_dir):
     from model.model_vlm import MiniMindVLM, VLMConfig
     torch.manual_seed(0)
     return MiniMindVLM(VLMConfig(vision_model_path=tower_dir, **TINY_LLM)).eval()
+
+
+@pytest.fixture(scope="module")
+def siglip_dir(tmp_path_factory):
+    """A tiny random SigLIP vision model (64 px, patch 16: 16 tokens, width 32) with its processor."""
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+    path = str(tmp_path_factory.mktemp("siglip"))
+    torch.manual_seed(0)
+    config = SiglipVisionConfig(image_size=SIGLIP_SIZE, patch_size=SIGLIP_PATCH, hidden_size=SIGLIP_WIDTH,
+                                intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    SiglipVisionModel(config).save_pretrained(path)
+    SiglipImageProcessor(size={"height": SIGLIP_SIZE, "width": SIGLIP_SIZE}).save_pretrained(path)
+    return path
 
 
 def free_port():

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from model.model_vlm import MiniMindVLM, VLMConfig
 from model.checkpoint import llm_state_dict
 
-from conftest import ROOT, TINY_LLM
+from builders import make_checkpoint
+from conftest import ROOT
 
 from convert_model import export_hf, main as convert_main  # noqa: E402
 
@@ -23,15 +23,6 @@ def photo(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("photo") / "astronaut.png")
     Image.fromarray(data.astronaut()).save(path)
     return path
-
-
-def make_checkpoint(tower_dir, path, proj_bias=False, seed=0, **kw):
-    torch.manual_seed(seed)
-    model = MiniMindVLM(VLMConfig(vision_model_path=tower_dir, proj_bias=proj_bias, **{**TINY_LLM, **kw})).eval()
-    if proj_bias:
-        torch.nn.init.normal_(model.vision_proj.vision_proj[0].bias, std=0.5)
-    torch.save(llm_state_dict(model), path)
-    return model
 
 
 def inputs(tokenizer, processor, photo):

@@ -2,8 +2,6 @@
 here in exactly the 2026 release's key format (dense and MoE, LLM-only and VLM, fp16) load strictly,
 give the logits of an independent implementation of the spec's formulas, and save back unchanged;
 a SigLIP tower keeps all its tokens and feeds the MLP projector."""
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,46 +11,10 @@ from model.files import CheckpointError
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from model.model_vlm import MiniMindVLM, VLMConfig, load_vision_tower
 
-DIM, LAYERS, HEADS, KV_HEADS, VOCAB = 128, 2, 8, 4, 6400
-HEAD_DIM, FFN = DIM // HEADS, math.ceil(DIM * math.pi / 64) * 64  # 16, 448
-SIGLIP_WIDTH, SIGLIP_SIZE, SIGLIP_PATCH = 32, 64, 16
+from builders import DIM, FFN, HEAD_DIM, HEADS, KV_HEADS, LAYERS, VOCAB, spec_2026_state_dict
+from conftest import SIGLIP_PATCH, SIGLIP_SIZE, SIGLIP_WIDTH
+
 IMG = 12  # <|image_pad|> in the 2026 tokenizer
-
-
-def spec_2026_state_dict(moe=False, projector_width=None, seed=0):
-    """Random weights under exactly the spec's keys and shapes, fp16 like the release. Norm weights
-    are far from 1 and differ per dimension, so a norm or a RoPE pairing applied to the wrong
-    dimensions changes the logits."""
-    g = torch.Generator().manual_seed(seed)
-
-    def w(*shape):
-        return (torch.randn(*shape, generator=g) / math.sqrt(shape[-1])).half()
-
-    def norm(n):
-        return (1 + 0.5 * torch.randn(n, generator=g)).half()
-
-    sd = {"model.embed_tokens.weight": w(VOCAB, DIM)}
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        sd.update({p + "self_attn.q_proj.weight": w(HEADS * HEAD_DIM, DIM),
-                   p + "self_attn.k_proj.weight": w(KV_HEADS * HEAD_DIM, DIM),
-                   p + "self_attn.v_proj.weight": w(KV_HEADS * HEAD_DIM, DIM),
-                   p + "self_attn.o_proj.weight": w(DIM, HEADS * HEAD_DIM),
-                   p + "self_attn.q_norm.weight": norm(HEAD_DIM), p + "self_attn.k_norm.weight": norm(HEAD_DIM),
-                   p + "input_layernorm.weight": norm(DIM), p + "post_attention_layernorm.weight": norm(DIM)})
-        ffns = [f"{p}mlp.experts.{e}." for e in range(4)] if moe else [f"{p}mlp."]
-        if moe:
-            sd[p + "mlp.gate.weight"] = w(4, DIM)
-        for f in ffns:
-            sd.update({f + "gate_proj.weight": w(FFN, DIM), f + "up_proj.weight": w(FFN, DIM),
-                       f + "down_proj.weight": w(DIM, FFN)})
-    sd["model.norm.weight"] = norm(DIM)
-    sd["lm_head.weight"] = sd["model.embed_tokens.weight"]  # tied: the same tensor
-    if projector_width:
-        sd.update({"vision_proj.mlp.0.weight": norm(projector_width), "vision_proj.mlp.0.bias": w(projector_width),
-                   "vision_proj.mlp.1.weight": w(DIM, projector_width), "vision_proj.mlp.1.bias": w(DIM),
-                   "vision_proj.mlp.3.weight": w(DIM, DIM), "vision_proj.mlp.3.bias": w(DIM)})
-    return sd
 
 
 def spec_projector(sd, features):
@@ -250,19 +212,6 @@ def test_fused_projections_for_int8_keep_a_2026_model_and_its_moe_the_same():
 
 
 # --- the vision side: a SigLIP tower and the MLP projector -------------------------------------------
-
-@pytest.fixture(scope="module")
-def siglip_dir(tmp_path_factory):
-    """A tiny random SigLIP vision model (64 px, patch 16: 16 tokens, width 32) with its processor."""
-    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
-    path = str(tmp_path_factory.mktemp("siglip"))
-    torch.manual_seed(0)
-    config = SiglipVisionConfig(image_size=SIGLIP_SIZE, patch_size=SIGLIP_PATCH, hidden_size=SIGLIP_WIDTH,
-                                intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    SiglipVisionModel(config).save_pretrained(path)
-    SiglipImageProcessor(size={"height": SIGLIP_SIZE, "width": SIGLIP_SIZE}).save_pretrained(path)
-    return path
-
 
 def test_a_siglip_tower_gives_all_its_patch_tokens(siglip_dir):
     from transformers import SiglipVisionModel

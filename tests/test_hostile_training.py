@@ -20,11 +20,11 @@ import trainer.errors
 import trainer.logs
 import trainer.loop
 import trainer.main
+from builders import checkpointer, config
 from conftest import ROOT, TINY_LLM, flags, launch, make_toy_data, read_log
 from model.model_vlm import MiniMindVLM, VLMConfig
 from model.checkpoint import load_weights
 from model.files import CheckpointError, DiskFullError, atomic_save
-from test_trainer_units import checkpointer, config
 from trainer.engines import check_deepspeed_files
 
 
@@ -338,7 +338,6 @@ def test_a_checkpoint_whose_embedding_is_all_nan_is_refused_naming_the_file(towe
 def test_a_tokenizer_larger_than_the_checkpoints_embedding_is_refused_in_eval_and_training(tower_dir, tokenizer,
                                                                                            tmp_path):
     from model.inference import InferenceConfig, load_model
-    from test_trainer_units import config
     wider = tmp_path / "tokenizer"
     bigger = type(tokenizer).from_pretrained(os.path.join(ROOT, "model"))
     bigger.add_tokens(["<extra_0>", "<extra_1>"])

@@ -12,18 +12,9 @@ from PIL import Image
 from model.images import ImageError, open_image, to_pixels
 from dataset.vlm_dataset import VLMDataset, collate_batch
 
+from builders import exif_rotated_jpeg
+
 IMG = 3
-
-
-def exif_rotated_jpeg(path):
-    """A 64x32 photo stored sideways with EXIF orientation 6 ("rotate 90 clockwise to view"), as phones do."""
-    from skimage import data
-    upright = Image.fromarray(data.astronaut()).resize((64, 32))
-    stored = upright.transpose(Image.Transpose.ROTATE_90)  # 32x64 on disk
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    stored.save(path, format="JPEG", exif=exif, quality=95)
-    return upright
 
 
 def bomb_png(path):
@@ -81,7 +72,7 @@ def test_an_exif_rotated_photo_gives_the_same_pixels_in_training_eval_cache_and_
     import eval_vlm
     import trainer.build
     import trainer.distributed
-    from test_trainer_units import config
+    from builders import config
     from cache_features import Pixels
     from dataset.samples import open_source
     from model.inference import VLMChat
@@ -114,8 +105,7 @@ def test_training_and_the_exported_chat_read_the_same_pixels_as_eval_whatever_ba
     import trainer.distributed
     from convert_model import export_hf
     from model.images import load_processor
-    from test_convert import make_checkpoint
-    from test_trainer_units import config
+    from builders import config, make_checkpoint
     real = transformers.AutoImageProcessor.from_pretrained.__func__
 
     def backend_of_the_machine(cls, path, *args, **kwargs):

@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TINY_LLM, script_flags
-from test_generations import SIGLIP_WIDTH, siglip_dir, spec_2026_state_dict  # noqa: F401 (a fixture)
+from builders import spec_2026_state_dict
+from conftest import ROOT, SIGLIP_WIDTH, TINY_LLM, script_flags
 
 EVAL_PYTHON = os.environ.get("MINIMIND_EVAL_PYTHON", os.path.join(ROOT, ".venv-eval", "bin", "python"))
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
@@ -204,7 +204,7 @@ def test_a_transformers_directory_scores_the_same(trained, direct, tmp_path):
     assert lmms_eval({"weight": hf_dir, "dtype": "float32", "device": "cpu"}, trained["task"], tmp_path / "b") == direct
 
 
-def test_both_generations_stand_ins_load_and_answer(tower_dir, siglip_dir, tmp_path):  # noqa: F811
+def test_both_generations_stand_ins_load_and_answer(tower_dir, siglip_dir, tmp_path):
     """MiniMind2-V's format (a .pth of the 2025 model, CLIP tower) and minimind-3v's (the 2026 spec's
     keys, SigLIP tower and MLP projector), random weights: each scores, near chance."""
     from model.checkpoint import llm_state_dict

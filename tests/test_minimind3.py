@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from builders import spec_2026_state_dict
 from conftest import ROOT, launch, make_toy_data, script_flags, write_image
-from test_generations import spec_2026_state_dict
 
 SIGLIP_WIDTH, SIGLIP_SIZE, SIGLIP_PATCH = 32, 256, 32  # the release's geometry, a tiny width
 N_TOKENS = (SIGLIP_SIZE // SIGLIP_PATCH) ** 2  # 64

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
+from builders import AT, SPEC_TEMPLATE, write_released_tokenizer
 from conftest import ROOT, TINY_LLM, api_server, script_flags
 from model.checkpoint import llm_state_dict
 from model.model_vlm import MiniMindVLM, VLMConfig
 from model.record import RecordError, make_record, read_record, record_path, resolve_folders, write_record
-from test_released_format import AT, SPEC_TEMPLATE, write_released_tokenizer
 
 pytestmark = pytest.mark.slow  # trains through the real script, then eval from another folder
 

@@ -14,16 +14,9 @@ from model.inference import VLMChat, load_model
 from model.model_vlm import MiniMindVLM, VLMConfig
 from model.checkpoint import llm_state_dict
 
+from builders import AT, SPEC_TEMPLATE, SYSTEM, write_released_tokenizer
 from conftest import TINY_LLM
 
-SYSTEM = "你是 MiniMind，是一个有用的人工智能助手。"
-# Renders exactly the spec's text; the generation prompt only when asked for.
-SPEC_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{{ '<s>system\\n' + messages[0]['content'] + '</s>\\n' }}"
-    "{% else %}{{ '<s>system\\n" + SYSTEM + "</s>\\n' }}{% endif %}"
-    "{% for message in messages %}{% if message['role'] != 'system' %}"
-    "{{ '<s>' + message['role'] + '\\n' + message['content'] + '</s>\\n' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<s>assistant\\n' }}{% endif %}")
 # The template shipped in the released tokenizer_config.json: it opens the assistant turn after
 # every user turn by itself and ignores add_generation_prompt.
 RELEASED_TEMPLATE = (
@@ -32,32 +25,6 @@ RELEASED_TEMPLATE = (
     "{% endif %}{% for message in messages %}{% set content = message['content'] %}"
     "{% if message['role'] == 'user' %}{{ '<s>user\\n' + content + '</s>\\n<s>assistant\\n' }}"
     "{% elif message['role'] == 'assistant' %}{{ content + '</s>' + '\\n' }}{% endif %}{% endfor %}")
-AT = 34  # '@' in the released tokenizer
-
-
-def write_released_tokenizer(path, chat_template):
-    """A small byte-level BPE laid out like the release: tokenizer.json + tokenizer_config.json.
-    No training text contains '@', so no merge ever includes it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["What is in the picture? A cat on a mat, red and blue.", SYSTEM,
-                             "system user assistant describe the image"] * 20, trainer)
-    os.makedirs(path, exist_ok=True)
-    tok.save(os.path.join(path, "tokenizer.json"))
-    special = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                        "special": True} for i, t in enumerate(["<unk>", "<s>", "</s>"])}
-    config = {"add_bos_token": False, "add_eos_token": False, "added_tokens_decoder": special,
-              "additional_special_tokens": [], "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<unk>",
-              "unk_token": "<unk>", "clean_up_tokenization_spaces": False, "legacy": True,
-              "model_max_length": 32768, "spaces_between_special_tokens": False,
-              "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": chat_template}
-    with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, ensure_ascii=False, indent=2)
-    return path
 
 
 def spec_keys(dim, n_layers, hidden, vocab, vision):

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import trainer.loop
 import trainer.schedule
-from test_trainer_units import tiny_run
+from builders import tiny_run
 
 
 class SyncCounter(TorchDispatchMode):

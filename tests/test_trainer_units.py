@@ -21,20 +21,13 @@ import trainer.logs
 import trainer.loop
 import trainer.main
 import trainer.schedule
+from builders import checkpointer, config, tiny_run
 from conftest import ROOT, TINY_LLM, make_toy_data
 from dataset.vlm_dataset import collate_batch
 from dataset.sampler import ResumableBatchSampler
 from model.checkpoint import llm_state_dict
 from model.paths import RunFiles
 from trainer.engines import TorchEngine
-
-
-def config(**overrides):
-    """A TrainConfig as main() builds it: the parser's defaults, then these flags."""
-    defaults = dict(epochs=1, batch_size=2, learning_rate=1e-3, max_seq_len=640, from_weight="none", save_weight="unit",
-                    freeze_llm=0, device="cpu", dtype="float32")
-    parser = trainer.config.build_parser("test", **{**defaults, **overrides})
-    return trainer.config.TrainConfig(**vars(parser.parse_args([])))
 
 
 def test_cache_features_takes_0_1_or_a_folder(tower_dir, tmp_path, monkeypatch):
@@ -84,17 +77,6 @@ def test_lr_with_a_decay_ratio_holds_at_the_peak_then_falls_to_a_tenth_over_that
 
 
 # 2. Token weighting: every supervised token of a step weighs the same, its micro-batches fetched lazily.
-
-def tiny_run(tower_dir, tmp_path, **flags):
-    """A run of the tiny model on 12 toy samples, ready for train_step."""
-    data, images = make_toy_data(tmp_path / "data")
-    cfg = config(data_path=data, images_path=images, vision_model_path=tower_dir, num_workers=0,
-                 tokenizer_path=os.path.join(ROOT, "model"), out_dir=str(tmp_path / "out"), **TINY_LLM, **flags)
-    run = trainer.build.build_run(cfg, trainer.distributed.Cluster())
-    run.model.train()
-    run.sampler.set_epoch(0, 0)
-    return run
-
 
 @pytest.mark.parametrize("use_moe", [0, 1])
 def test_a_step_has_the_gradient_of_its_token_mean_though_its_micro_batches_come_one_by_one(
@@ -191,15 +173,6 @@ def test_the_config_round_trips_through_a_resume_files_plain_args(tmp_path):
 
 
 # 5. Checkpoints: the periodic-vs-final policy, and save -> resume in one place.
-
-def checkpointer(model, cfg, out):
-    params = [p for p in model.parameters() if p.requires_grad]
-    files = RunFiles(str(out / "unit_64"))
-    engine = TorchEngine(model, params, "cpu", files.resume, learning_rate=cfg.learning_rate, dtype=cfg.dtype,
-                         grad_clip=cfg.grad_clip)
-    return trainer.checkpoints.Checkpointer(engine, files, cfg, trainer.distributed.Cluster(),
-                                            record={"format": "unit"})
-
 
 def test_a_saved_checkpoint_resumes_weights_state_and_random_streams(tower_dir, tmp_path, capsys):
     from model.model_vlm import MiniMindVLM, VLMConfig

@@ -34,7 +34,7 @@ def files(tmp_path_factory):
         f.write(head)
     with open(paths["text"], "w") as f:
         f.write("not a picture\n")
-    from test_images import exif_rotated_jpeg
+    from builders import exif_rotated_jpeg
     paths["phone"] = str(root / "phone.jpg")
     exif_rotated_jpeg(paths["phone"])  # 32x64 on disk, 64x32 upright
     return paths
