@@ -96,9 +96,9 @@ def build_parser():
     a("--image_size", type=int, default=224, help="the side the tower's processor resizes images to")
     a("--dim", type=int, default=256, help="the LLM's width (trained from scratch)")
     a("--n_layers", type=int, default=4, help="the LLM's layers")
-    a("--generation", default="minimind2", choices=list(GENERATIONS),
-      help="the LLM architecture: the 2025 release's, or the 2026 one's (QK-norm, 4 KV heads; "
-           "docs/demo-experiments.md compares them)")
+    a("--generation", default="minimind3", choices=list(GENERATIONS),
+      help="the LLM architecture: the 2026 release's (QK-norm, 4 KV heads), or the 2025 one's; with the "
+           "2026 one the look-ups form on every seed tried (docs/demo-experiments.md)")
     a("--projector", default="linear", choices=["linear", "mlp"], help="the projector kind (passed to training)")
     a = p.add_argument_group("training").add_argument
     a("--pretrain_epochs", type=int, default=1, help="epochs of captions")
@@ -142,7 +142,8 @@ def main():
     make_tower(args)
 
     t_train = time.time()
-    step(3, f"pretrain: captions, LLM {args.dim}x{args.n_layers} trained from scratch with the projection")
+    step(3, f"pretrain: captions, LLM {args.dim}x{args.n_layers} ({args.generation}) trained from scratch with "
+            f"the projection")
     run(["train_pretrain_vlm.py", *train_args(args, "pretrain")])
     step(4, "SFT: short questions and answers about the images")
     run(["train_sft_vlm.py", *train_args(args, "sft"), "--from_weight", "pretrain_vlm"])
