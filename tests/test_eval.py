@@ -63,7 +63,6 @@ def single_turn(n):
     return [(qa("What color?", "red"), [f"{i}.png"], ["color", "shape"][i % 2]) for i in range(n)]
 
 
-
 # ----------------------------------------------------------------------------- scoring
 
 def test_normalize_ignores_case_punctuation_whitespace_and_width():

@@ -35,7 +35,6 @@ def logits(model, tower_dir, seed=1):
         return model(ids, pixel_values=torch.randn(2, 3, 224, 224, generator=g)).logits
 
 
-
 # 1. Settings and the wrapped layers.
 
 def test_adapters_wrap_every_attention_and_ffn_projection_of_the_llm_only(tower_dir):

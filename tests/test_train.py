@@ -10,7 +10,6 @@ from conftest import TINY_LLM, launch, read_log, script_flags as common
 pytestmark = pytest.mark.slow  # every test here runs the scripts in subprocesses
 
 
-
 def test_two_step_pretrain_then_sft_write_loadable_checkpoints(toy_data, tower_dir, tmp_path):
     out = tmp_path / "out"
     pretrain = launch("train_pretrain_vlm.py", common(toy_data, tower_dir, out, from_weight="none", epochs=1,
