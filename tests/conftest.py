@@ -208,7 +208,8 @@ def read_log(path):
 
 def launch(script, args, nproc=1, launcher=None, env=None, check=True, stdin=None):
     """Run a repo script (a path from the repo's root): `python script`, or a training script under
-    torchrun / the deepspeed launcher; `stdin`: text typed into it."""
+    torchrun / the deepspeed launcher; `env`: variables to set (None: to remove); `stdin`: text typed
+    into it."""
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(free_port())]
@@ -218,7 +219,7 @@ def launch(script, args, nproc=1, launcher=None, env=None, check=True, stdin=Non
     else:
         cmd = [sys.executable]
     # One thread per process: 2 processes on 2 cores (torchrun does this itself, the deepspeed launcher not).
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    env = {k: v for k, v in {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}.items() if v is not None}
     # A session of its own, so that a hung run's processes can be killed as a group (no strays in CI).
     proc = subprocess.Popen(cmd + [os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env, text=True,
                             stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,

@@ -3,8 +3,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -283,13 +281,10 @@ def test_the_script_prints_only_its_own_lines(ckpt, tower_dir, tmp_path):
     """No library's warning (a transformers deprecation between a prompt and its answer, deepspeed's
     accelerator note, a hint of gradio's...) at the libraries' own default verbosity, which the
     tests otherwise lower (conftest.py)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}
     path, images = write_bench(tmp_path, single_turn(3))
     ours = r"dtype \w+ \(.*\)|\[\d+ tokens, .*\]|scored \d+/\d+.*|"  # the dtype note, an answer's pace, progress
     for mode in (["--image_dir", images, "--max_new_tokens", "4"], ["--bench", path]):
-        proc = subprocess.run([sys.executable, "eval_vlm.py", *model_flags(ckpt, tower_dir), *mode], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr
+        proc = launch("eval_vlm.py", [*model_flags(ckpt, tower_dir), *mode], env={"TRANSFORMERS_VERBOSITY": None})
         assert [line for line in proc.stderr.replace("\r", "\n").splitlines() if not re.fullmatch(ours, line)] == []
         assert not re.search(r"(?i)warn|deprecat|accelerator", proc.stdout)  # the answers' own lines
         assert "[0.png] Describe the image." in proc.stdout or "accuracy=" in proc.stdout
