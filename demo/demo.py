@@ -78,7 +78,8 @@ def build_parser():
     a = p.add_argument_group("data").add_argument
     a("--data_dir", default="dataset/demo", help="where the shapes world is written")
     a("--n_train", type=int, default=9000, help="training images (one caption and one Q&A sample each)")
-    a("--n_test", type=int, default=300, help="held-out questions")
+    a("--n_test", type=int, default=1500, help="held-out questions, a fifth of each type: with 300 a type's score "
+                                                "is known to about +-0.04, with 60 only to about +-0.09")
     a("--color_answers", default="sentence", choices=COLOR_ANSWERS,
       help='a colour answer as "The star is red." (the shape named first) or as "red"')
     a("--object_mix", type=float, nargs=3, default=None, metavar=("ONE", "TWO", "THREE"),
@@ -97,11 +98,12 @@ def build_parser():
     a("--dim", type=int, default=256, help="the LLM's width (trained from scratch)")
     a("--n_layers", type=int, default=4, help="the LLM's layers")
     a("--generation", default="minimind3", choices=list(GENERATIONS),
-      help="the LLM architecture: the 2026 release's (QK-norm, 4 KV heads), or the 2025 one's; with the "
-           "2026 one the look-ups form on every seed tried (docs/demo-experiments.md)")
+      help="the LLM architecture: the 2026 release's (QK-norm, 4 KV heads), or the 2025 one's; the 2026 one "
+           "learns the look-ups the questions need on more seeds (docs/demo-experiments.md)")
     a("--projector", default="linear", choices=["linear", "mlp"], help="the projector kind (passed to training)")
     a = p.add_argument_group("training").add_argument
-    a("--pretrain_epochs", type=int, default=1, help="epochs of captions")
+    a("--pretrain_epochs", type=int, default=2, help="epochs of captions: in one, a run often binds an object's "
+                                                     "colour and shape to its cell only partly (docs/demo-experiments.md)")
     a("--sft_epochs", type=int, default=2, help="epochs of questions: in one, a run often learns some of the "
                                                  "look-ups the questions need and not others (docs/demo-experiments.md)")
     a("--pretrain_lr", type=float, default=2e-3, help="pretraining's learning rate")
