@@ -56,3 +56,25 @@ def test_every_script_defaults_to_auto():
     import argparse
     assert trainer.config.build_parser("t").get_default("dtype") == "auto"
     assert add_model_args(argparse.ArgumentParser()).get_default("dtype") == "auto"
+
+
+@pytest.mark.parametrize("flags, attention_dtype", [(("avx512_bf16",), torch.float32),
+                                                     (("amx_bf16", "avx512_bf16"), torch.bfloat16)])
+def test_attention_on_a_cpu_without_amx_computes_in_fp32_under_bf16(monkeypatch, flags, attention_dtype):
+    """PyTorch's CPU attention kernel is slower in bf16 than in fp32 without AMX (docs/performance.md):
+    there the LLM hands it fp32, and the rest of the step keeps the compute dtype."""
+    from model import model_minimind
+    from conftest import TINY_LLM
+    monkeypatch.setattr(model_minimind, "cpu_bf16_instructions", lambda: flags)
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append(q.dtype) or sdpa(q, k, v, **kw))
+    torch.manual_seed(0)
+    llm = model_minimind.MiniMindForCausalLM(model_minimind.MiniMindConfig(**{**TINY_LLM, "vocab_size": 300}))
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = llm(ids, labels=ids)
+    assert seen and set(seen) == {attention_dtype}
+    assert out.logits.dtype == torch.bfloat16  # the head still ran in bf16
+    exact = llm(ids, labels=ids).loss  # all in fp32
+    assert abs(out.loss.item() - exact.item()) < 0.05
