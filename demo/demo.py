@@ -43,16 +43,17 @@ def run(cmd):
 
 
 def make_tower(a):
-    geometry = f"CLIP, {a.image_size} px, patch {a.patch_size}: {(a.image_size // a.patch_size) ** 2} tokens per image"
+    geometry = (f"CLIP, {a.tower_layers} layers, {a.image_size} px, patch {a.patch_size}: "
+                f"{(a.image_size // a.patch_size) ** 2} tokens per image")
     if a.tower_steps:
         step(2, f"train the vision tower on the captions, {a.tower_steps} steps ({geometry}), then freeze it")
         run(["demo/train_demo_tower.py", "--data_dir", a.data_dir, "--out_dir", a.tower_dir, "--steps",
              str(a.tower_steps), "--patch_size", str(a.patch_size), "--image_size", str(a.image_size),
-             "--seed", str(a.seed), "--dtype", a.dtype])
+             "--seed", str(a.seed), "--dtype", a.dtype, "--num_layers", str(a.tower_layers)])
     else:
         step(2, f"build an untrained vision tower ({geometry}), frozen as it is")
         run(["demo/make_demo_vision_tower.py", "--out_dir", a.tower_dir, "--patch_size", str(a.patch_size),
-             "--image_size", str(a.image_size), "--seed", str(a.seed)])
+             "--image_size", str(a.image_size), "--seed", str(a.seed), "--num_layers", str(a.tower_layers)])
 
 
 def train_args(a, stage):
@@ -91,6 +92,9 @@ def build_parser():
     a = p.add_argument_group("model").add_argument
     a("--tower_steps", type=int, default=800,
       help="steps that teach the vision tower this world before the VLM is built on it (0: a random tower)")
+    a("--tower_layers", type=int, default=3,
+      help="the tower's transformer layers: with 2, a run's tower reads the shape of an object less surely, "
+           "and the colour of 'the circle' can then go unlearned (docs/demo-experiments.md)")
     a("--patch_size", type=int, default=32, choices=[16, 32],
       help="the tower's patch: 32 gives 49 image tokens (ViT-B/32 geometry), 16 the design's 196 (ViT-B/16); "
            "docs/demo-experiments.md compares them")
