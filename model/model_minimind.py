@@ -9,6 +9,8 @@ only in settings, so `MiniMindConfig.generation` picks a preset of config fields
 Module names and the RoPE pair layout are the 2025 release's (interleaved pairs), so its checkpoints
 load as they are; model/checkpoint.py renames and permutes the 2026 ones on load and back on save.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,7 +18,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .generations import GENERATIONS, default_hidden_dim
-from .precision import cpu_bf16_instructions
+from .precision import cpu_attention_in_fp32
 
 # The output's cache field: `cache` from transformers 5 on (the old name there logs a deprecation
 # line between a prompt and its answer), `past_key_values` before.
@@ -146,11 +148,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.dropout = cfg.dropout
-        # PyTorch's fused attention on a CPU without AMX converts bf16 to fp32 inside the kernel, and
-        # runs slower than when it is given fp32 (docs/performance.md). There it is given fp32, which
-        # is also the more exact. With AMX, where the bf16 kernel has a path of its own, and on a GPU,
-        # it runs in the compute dtype.
-        self.cpu_attention_fp32 = "amx_bf16" not in cpu_bf16_instructions()
+        self.cpu_attention_fp32 = cpu_attention_in_fp32()  # on a CPU (model/precision.py says why); never on a GPU
 
     def project_qkv(self, x):
         """[B, T, D] -> q [B, T, H*hd], k and v [B, T, KV*hd]. A method of its own so that a variant
@@ -170,15 +168,14 @@ class Attention(nn.Module):
         # computed here from T it would be symbolic under torch.compile(dynamic=True), which SDPA
         # refuses, breaking every block into pieces. enable_gqa: each group of n_heads / n_kv_heads
         # query heads shares one key/value head, without copying k and v.
-        dropout = self.dropout if self.training else 0.0
-        if self.cpu_attention_fp32 and q.device.type == "cpu":  # (no-ops in an fp32 run)
-            with torch.autocast("cpu", enabled=False):  # which would cast the fp32 inputs back
-                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
-                                                     is_causal=causal, dropout_p=dropout, enable_gqa=True).to(v.dtype)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, dropout_p=dropout,
-                                                 enable_gqa=True)  # [B, H, T, hd]
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        dtype, fp32 = v.dtype, self.cpu_attention_fp32 and q.device.type == "cpu"  # (no-ops in an fp32 run)
+        if fp32:
+            q, k, v = q.float(), k.float(), v.float()
+        # With fp32 inputs autocast is off around the kernel: it would cast them back.
+        with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, enable_gqa=True,
+                                                 dropout_p=self.dropout if self.training else 0.0)  # [B, H, T, hd]
+        return self.wo(out.to(dtype).transpose(1, 2).reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):

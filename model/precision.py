@@ -37,6 +37,14 @@ def cpu_bf16_instructions():
     return tuple(name for name in ("amx_bf16", "avx512_bf16") if name in flags)
 
 
+def cpu_attention_in_fp32():
+    """Whether the LLM hands attention fp32 inputs on this CPU, whatever the compute dtype: PyTorch's
+    fused CPU attention converts bf16 to fp32 inside the kernel where there is no AMX, and runs
+    slower than when it is given fp32 (docs/performance.md). With AMX, where the bf16 kernel has a
+    path of its own, it is not."""
+    return "amx_bf16" not in cpu_bf16_instructions()
+
+
 def resolve_dtype(name, device):
     """'auto' (or an explicit name) and a device string -> (torch dtype, why, in a few words)."""
     import torch

@@ -60,12 +60,12 @@ def test_every_script_defaults_to_auto():
 
 @pytest.mark.parametrize("flags, attention_dtype", [(("avx512_bf16",), torch.float32),
                                                      (("amx_bf16", "avx512_bf16"), torch.bfloat16)])
-def test_attention_on_a_cpu_without_amx_computes_in_fp32_under_bf16(monkeypatch, flags, attention_dtype):
+def test_attention_on_a_cpu_without_amx_computes_in_fp32_under_bf16(monkeypatch, cpu_flags, flags, attention_dtype):
     """PyTorch's CPU attention kernel is slower in bf16 than in fp32 without AMX (docs/performance.md):
     there the LLM hands it fp32, and the rest of the step keeps the compute dtype."""
     from model import model_minimind
     from conftest import TINY_LLM
-    monkeypatch.setattr(model_minimind, "cpu_bf16_instructions", lambda: flags)
+    cpu_flags(*flags)
     seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda q, k, v, **kw: seen.append(q.dtype) or sdpa(q, k, v, **kw))
