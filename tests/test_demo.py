@@ -15,10 +15,11 @@ pytestmark = pytest.mark.slow  # every test here runs the scripts in subprocesse
 
 
 def test_tiny_demo_runs_every_stage_and_writes_the_results_file(tmp_path):
+    # Uncompiled: compiling would take most of this test (test_trainer_units.py trains compiled).
     cmd = [sys.executable, "demo/demo.py", "--data_dir", tmp_path / "data", "--out_dir", tmp_path / "out",
            "--n_train", 24, "--n_test", 10, "--tower_steps", 3, "--tower_layers", 1, "--dim", 64, "--n_layers", 2,
-           "--pretrain_epochs", 1, "--sft_epochs", 1, "--generation", "minimind2", "--batch_size", 8, "--num_workers", 0, "--log_interval", 1,
-           "--samples", 3, "--use_compile", 0]  # compiling would take most of this test; test_trainer_units.py trains compiled
+           "--pretrain_epochs", 1, "--sft_epochs", 1, "--generation", "minimind2", "--batch_size", 8,
+           "--num_workers", 0, "--log_interval", 1, "--samples", 3, "--use_compile", 0]
     proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for n in range(1, 7):
