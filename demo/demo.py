@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from cli import add_model_args, make_parser, switch  # noqa: E402
-from make_demo_vision_tower import geometry_problem  # noqa: E402
+from make_demo_vision_tower import TOWER_LAYERS, geometry_problem  # noqa: E402
 from make_shapes_data import COLOR_ANSWERS, TYPES  # noqa: E402
 from model.generations import GENERATIONS  # noqa: E402
 
@@ -92,7 +92,7 @@ def build_parser():
     a = p.add_argument_group("model").add_argument
     a("--tower_steps", type=int, default=800,
       help="steps that teach the vision tower this world before the VLM is built on it (0: a random tower)")
-    a("--tower_layers", type=int, default=3,
+    a("--tower_layers", type=int, default=TOWER_LAYERS,
       help="the tower's transformer layers: with 2, a run's tower reads the shape of an object less surely, "
            "and the colour of 'the circle' can then go unlearned (docs/demo-experiments.md)")
     a("--patch_size", type=int, default=32, choices=[16, 32],

@@ -28,6 +28,9 @@ from cli import make_parser  # noqa: E402
 # The standard OpenAI CLIP normalisation constants.
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+# The demo tower's depth, here and in train_demo_tower.py and demo.py: with 2 layers a run's tower
+# reads an object's shape less surely (docs/demo-experiments.md, "a tower of three layers").
+TOWER_LAYERS = 3
 
 
 def geometry_problem(image_size, patch_size):
@@ -38,7 +41,7 @@ def geometry_problem(image_size, patch_size):
     return None
 
 
-def make_vision_tower(hidden_size=256, num_layers=2, num_heads=4, intermediate_size=None, seed=0,
+def make_vision_tower(hidden_size=256, num_layers=TOWER_LAYERS, num_heads=4, intermediate_size=None, seed=0,
                       position_std=1.0, patch_size=16, image_size=224):
     """A random-init CLIPVisionModel of ViT-B/16 geometry and the standard CLIP image processor."""
     import torch  # here: the --help of this script and of train_demo_tower.py answers without torch
@@ -68,7 +71,7 @@ def vision_config(hidden_size, num_layers, num_heads, intermediate_size=None, pa
                 image_size=image_size, patch_size=patch_size, num_channels=3, projection_dim=hidden_size)
 
 
-def build_vision_tower(out_dir, hidden_size=256, num_layers=2, num_heads=4,
+def build_vision_tower(out_dir, hidden_size=256, num_layers=TOWER_LAYERS, num_heads=4,
                        intermediate_size=None, seed=0, full_clip=False, verbose=True, position_std=1.0,
                        patch_size=16, image_size=224):
     """Save a random-init CLIP vision tower (or full CLIP model) and its processor to out_dir.
@@ -117,7 +120,7 @@ def main():
     add = ap.add_argument
     add("--out_dir", default="model/vision_model/demo-clip-vit-b16", help="where to save model + processor")
     for flag, default, what in (("--hidden_size", 256, "token width (real ViT-B/16: 768)"),
-                                ("--num_layers", 2, "transformer layers (real ViT-B/16: 12)"),
+                                ("--num_layers", TOWER_LAYERS, "transformer layers (real ViT-B/16: 12)"),
                                 ("--num_heads", 4, "attention heads (must divide hidden_size)"),
                                 ("--intermediate_size", None, "MLP width (default: 4 * hidden_size)"),
                                 ("--patch_size", 16, "16: 196 tokens per image (ViT-B/16); 32: 49 (ViT-B/32)"),

@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "demo")]
 
 from cli import make_parser  # noqa: E402
+from make_demo_vision_tower import TOWER_LAYERS  # noqa: E402  (no torch at import: --help stays fast)
 
 
 def build_parser():
@@ -33,7 +34,7 @@ def build_parser():
     a("--out_dir", default="out/demo/vision_tower", help="where the trained tower and its processor go")
     a = p.add_argument_group("the tower").add_argument
     a("--hidden_size", type=int, default=256, help="token width (real ViT-B/16: 768)")
-    a("--num_layers", type=int, default=2, help="transformer layers (real ViT-B/16: 12)")
+    a("--num_layers", type=int, default=TOWER_LAYERS, help="transformer layers (real ViT-B/16: 12)")
     a("--num_heads", type=int, default=4, help="attention heads (must divide hidden_size)")
     a("--patch_size", type=int, default=16, help="16: 196 tokens per image (ViT-B/16); 32: 49 (ViT-B/32)")
     a("--image_size", type=int, default=224, help="the side the processor resizes images to (CLIP: 224)")

@@ -6,6 +6,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import importlib.util
 import json
 import random
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -280,6 +281,18 @@ def test_the_demo_and_both_tower_scripts_refuse_an_image_size_that_its_patches_d
         with pytest.raises(SystemExit):
             refuse()
         assert "--image_size 100 is not a multiple of --patch_size 32" in capsys.readouterr().err
+
+
+def test_both_tower_scripts_run_alone_build_the_towers_depth_that_the_demo_builds(capsys, monkeypatch):
+    from demo import parse_args  # demo/demo.py
+    from train_demo_tower import parse_args as train_tower_args
+    depth = parse_args([]).tower_layers
+    assert train_tower_args([]).num_layers == depth
+    monkeypatch.setattr(sys, "argv", ["make_demo_vision_tower.py", "--help"])
+    with pytest.raises(SystemExit):
+        tower.main()
+    assert re.search(rf"--num_layers NUM_LAYERS\s+transformer layers \(real ViT-B/16: 12\) \(default: {depth}\)",
+                     capsys.readouterr().out)
 
 
 @pytest.mark.slow
