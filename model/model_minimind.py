@@ -40,6 +40,9 @@ class MiniMindConfig(PretrainedConfig):
         for key, preset in GENERATIONS[generation].items():
             setattr(self, key, preset if given[key] is None else given[key])
         self.generation, self.dim, self.n_layers, self.n_heads = generation, dim, n_layers, n_heads
+        if dim % n_heads or n_heads % self.n_kv_heads:
+            raise ValueError(f"{n_heads} heads of {self.n_kv_heads} key/value heads in dim {dim}: n_heads must divide "
+                             f"dim, and n_kv_heads n_heads")
         self.vocab_size, self.multiple_of, self.rope_theta = vocab_size, multiple_of, rope_theta
         self.hidden_dim = hidden_dim or default_hidden_dim(generation, dim, multiple_of)
         self.dropout, self.use_moe, self.n_routed_experts = dropout, bool(use_moe), n_routed_experts

@@ -283,6 +283,42 @@ def test_load_model_builds_a_2026_vlm_from_the_checkpoint_and_chats(siglip_dir, 
     assert isinstance(answer, str)
 
 
+def test_a_2026_model_trained_with_wider_heads_is_recorded_and_read_back_from_its_weights_alone(tower_dir, tmp_path):
+    """--n_heads/--n_kv_heads (the demo's 64-wide heads): QK-norm weights are one head wide, so the
+    weights say the layout, and the loader builds the same model from them."""
+    import argparse
+
+    from builders import tiny_run
+    from cli import add_model_args
+    from model.inference import load_model
+    from model.record import make_record
+    run = tiny_run(tower_dir, tmp_path, generation="minimind3", n_heads=4, n_kv_heads=2)
+    cfg, attention = run.model.config, run.model.layers[0].attention
+    assert (cfg.n_heads, cfg.n_kv_heads, attention.head_dim, attention.wk.out_features) == (4, 2, 16, 32)
+    assert {k: make_record(cfg, "model", tower_dir)["model"][k] for k in ("n_heads", "n_kv_heads")} == \
+        {"n_heads": 4, "n_kv_heads": 2}
+    path = str(tmp_path / "pretrain_vlm_64.pth")
+    torch.save(llm_state_dict(run.model), path)
+    found = infer_config_from_state_dict(torch.load(path, weights_only=True))
+    assert (found["n_heads"], found["n_kv_heads"]) == (4, 2)
+    args = add_model_args(argparse.ArgumentParser()).parse_args(
+        ["--weight", path, "--vision_model_path", tower_dir, "--device", "cpu", "--dtype", "float32",
+         "--tokenizer_path", "model", "--dim", "64", "--n_layers", "2"])
+    model = load_model(args)[0]
+    ids = torch.tensor([[5, 9, 30, 41]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, run.model.eval()(ids).logits)
+
+
+def test_a_2025_model_keeps_eight_heads_because_its_files_could_not_say_another_count(tower_dir, tmp_path):
+    from builders import tiny_run
+    with pytest.raises(ValueError, match="--n_heads 4: a minimind2 model keeps the releases' 8 heads .* use "
+                                         "--generation minimind3"):
+        tiny_run(tower_dir, tmp_path, n_heads=4)
+    with pytest.raises(ValueError, match="n_heads must divide dim, and n_kv_heads n_heads"):
+        MiniMindConfig(generation="minimind3", dim=64, n_heads=4, n_kv_heads=3)
+
+
 def test_a_full_clip_directory_loads_without_a_report_of_its_text_tower(tmp_path, caplog):
     from make_demo_vision_tower import build_vision_tower
     from transformers import CLIPVisionModel

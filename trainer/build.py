@@ -79,10 +79,16 @@ def build_model(cfg, tokenizer, device):
     elif cfg.generation:  # else MiniMindConfig's default
         found["generation"] = cfg.generation
     found.update(dim=cfg.dim, n_layers=cfg.n_layers, use_moe=bool(cfg.use_moe))
+    # A head layout asked for wins; against a checkpoint of another one, load_weights names the shapes.
+    found.update({k: v for k, v in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.n_kv_heads)) if v})
     found.setdefault("projector", cfg.projector)
     config = VLMConfig(**found, gradient_checkpointing=bool(cfg.gradient_checkpointing),
                        vision_model_path=cfg.vision_model_path,
                        image_token_id=resolve_image_token_id(tokenizer, cfg.image_token_id))
+    if config.generation == "minimind2" and config.n_heads != 8:
+        # Its weights have the same shapes for any head count: a file could not say how to read it back.
+        raise ValueError(f"--n_heads {config.n_heads}: a minimind2 model keeps the releases' 8 heads (its files do "
+                         f"not record the count); use --generation minimind3, whose QK-norm weights do")
     model = MiniMindVLM(config)
     if start:
         load_weights(model, sd, start)

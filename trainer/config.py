@@ -79,6 +79,12 @@ class TrainConfig:
                                            "heads, a wider FFN); default: minimind2, or a --from_weight checkpoint's "
                                            "own",
                                   choices=list(GENERATIONS))
+    # None: the --from_weight checkpoint's, else MiniMindConfig's (8 heads; KV heads by generation)
+    n_heads: int | None = flag("model", "attention heads of a model trained from scratch (a --from_weight "
+                                        "checkpoint brings its own): a head is --dim / --n_heads wide; default: 8, "
+                                        "as every release. Only with --generation minimind3, whose files say it")
+    n_kv_heads: int | None = flag("model", "key/value heads, a divisor of --n_heads; default: the generation's "
+                                           "(minimind2 2, minimind3 4), or a --from_weight checkpoint's own")
     freeze_llm: int | None = flag("model", FREEZE_HELP, choices=[0, 1, 2, 3])
     projector: str = flag("model", "a new projector's kind: linear (one bias-free Linear, the design) or mlp "
                                    "(LayerNorm, Linear, GELU, Linear, as the 2026 release); a --from_weight VLM "
