@@ -71,6 +71,7 @@ def train_args(a, stage):
             "--group_by_length", 0]
     if stage == "pretrain":
         args += ["--from_weight", "none", "--generation", a.generation]
+        args += [x for flag in ("n_heads", "n_kv_heads") if getattr(a, flag) for x in (f"--{flag}", getattr(a, flag))]
     return [str(x) for x in args]
 
 
@@ -104,6 +105,11 @@ def build_parser():
     a("--generation", default="minimind3", choices=list(GENERATIONS),
       help="the LLM architecture: the 2026 release's (QK-norm, 4 KV heads), or the 2025 one's; the 2026 one "
            "learns the look-ups the questions need on more seeds (docs/demo-experiments.md)")
+    a("--n_heads", type=int, default=None, help="the LLM's attention heads (minimind3 only); default: 8, as the "
+                                                  "releases. 4 (64 wide at --dim 256) find an object's cell more "
+                                                  "sharply, but in 2 runs of 4 colour was then not learned "
+                                                  "(docs/demo-experiments.md)")
+    a("--n_kv_heads", type=int, default=None, help="the LLM's key/value heads; default: the generation's (minimind3: 4)")
     a("--projector", default="linear", choices=["linear", "mlp"], help="the projector kind (passed to training)")
     a = p.add_argument_group("training").add_argument
     a("--pretrain_epochs", type=int, default=2, help="epochs of captions: in one, a run often binds an object's "

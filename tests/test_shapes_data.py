@@ -362,3 +362,12 @@ def test_a_captions_length_gives_its_object_count_so_the_demo_trains_in_shuffled
     demo = _load("demo")
     args = demo.train_args(demo.parse_args([]), "pretrain")  # its defaults
     assert args[args.index("--group_by_length") + 1] == "0"
+
+
+def test_the_demo_gives_pretraining_a_head_layout_only_when_asked_and_questions_take_the_checkpoints():
+    demo = _load("demo")
+    assert "--n_heads" not in demo.train_args(demo.parse_args([]), "pretrain")  # the release's 8 heads
+    wide = demo.parse_args(["--n_heads", "4", "--n_kv_heads", "2"])
+    pretrain = demo.train_args(wide, "pretrain")
+    assert pretrain[pretrain.index("--n_heads") + 1] == "4" and pretrain[pretrain.index("--n_kv_heads") + 1] == "2"
+    assert "--n_heads" not in demo.train_args(wide, "sft")  # SFT starts from the pretrained weights, their layout
