@@ -284,7 +284,7 @@ def test_load_model_builds_a_2026_vlm_from_the_checkpoint_and_chats(siglip_dir, 
 
 
 def test_a_2026_model_trained_with_wider_heads_is_recorded_and_read_back_from_its_weights_alone(tower_dir, tmp_path):
-    """--n_heads/--n_kv_heads (the demo's 64-wide heads): QK-norm weights are one head wide, so the
+    """--n_heads/--n_kv_heads (as `demo.sh --n_heads 4`): QK-norm weights are one head wide, so the
     weights say the layout, and the loader builds the same model from them."""
     import argparse
 
