@@ -208,7 +208,8 @@ def infer_config_from_state_dict(sd, name="the checkpoint"):
 
 def _describe(found):
     return (f"generation {found['generation']}, dim {found['dim']}, {found['n_layers']} layers, "
-            f"use_moe {int(found['use_moe'])}" + (f", {found['projector']} projector" if "projector" in found else ""))
+            f"use_moe {int(found['use_moe'])}" + (f", {found['projector']} projector" if "projector" in found else "")
+            + (f", {found['n_heads']} heads ({found['n_kv_heads']} key/value)" if "n_heads" in found else ""))
 
 
 def load_weights(model, path_or_sd, name=None, fix="check --dim/--n_layers/--use_moe"):
@@ -243,6 +244,8 @@ def load_weights(model, path_or_sd, name=None, fix="check --dim/--n_layers/--use
         model_found = {"generation": cfg.generation, "dim": cfg.dim, "n_layers": cfg.n_layers, "use_moe": cfg.use_moe}
         if getattr(cfg, "projector", None):
             model_found["projector"] = cfg.projector
+        if cfg.qk_norm:  # the head layout, where a file can say it too (its QK-norm weights are one head wide)
+            model_found.update(n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads)
         raise CheckpointError(
             f"{name} does not match the model ({fix}): the file has {_describe(found)}; "
             f"the model {_describe(model_found)}; missing: {_some(missing)}; unexpected: {_some(unexpected)}"

@@ -308,6 +308,11 @@ def test_a_2026_model_trained_with_wider_heads_is_recorded_and_read_back_from_it
     ids = torch.tensor([[5, 9, 30, 41]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, run.model.eval()(ids).logits)
+    # Into a model of the release's 8 heads, the error says both layouts, not only the keys.
+    with pytest.raises(CheckpointError, match=r"the file has generation minimind3, dim 64, 2 layers, .*4 heads \(2 "
+                                              r"key/value\); the model generation minimind3, .*8 heads \(4 key/value\)"):
+        load_weights(MiniMindVLM(VLMConfig(generation="minimind3", dim=64, n_layers=2, vision_model_path=tower_dir)),
+                     path)
 
 
 def test_a_2025_model_keeps_eight_heads_because_its_files_could_not_say_another_count(tower_dir, tmp_path):
