@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 from cli import add_model_args, make_parser, switch  # noqa: E402
 from make_demo_vision_tower import TOWER_LAYERS, geometry_problem  # noqa: E402
 from make_shapes_data import COLOR_ANSWERS, TYPES  # noqa: E402
-from model.generations import GENERATIONS  # noqa: E402
+from model.generations import GENERATIONS, RELEASE_N_HEADS  # noqa: E402
 
 
 def step(n, title):
@@ -71,7 +71,9 @@ def train_args(a, stage):
             "--group_by_length", 0]
     if stage == "pretrain":
         args += ["--from_weight", "none", "--generation", a.generation]
-        args += [x for flag in ("n_heads", "n_kv_heads") if getattr(a, flag) for x in (f"--{flag}", getattr(a, flag))]
+        for flag in ("n_heads", "n_kv_heads"):  # only when asked: else the generation's own
+            if getattr(a, flag):
+                args += [f"--{flag}", getattr(a, flag)]
     return [str(x) for x in args]
 
 
@@ -105,10 +107,10 @@ def build_parser():
     a("--generation", default="minimind3", choices=list(GENERATIONS),
       help="the LLM architecture: the 2026 release's (QK-norm, 4 KV heads), or the 2025 one's; the 2026 one "
            "learns the look-ups the questions need on more seeds (docs/demo-experiments.md)")
-    a("--n_heads", type=int, default=None, help="the LLM's attention heads (minimind3 only); default: 8, as the "
-                                                  "releases. 4 (64 wide at --dim 256) find an object's cell more "
-                                                  "sharply, but in 2 runs of 4 colour was then not learned "
-                                                  "(docs/demo-experiments.md)")
+    a("--n_heads", type=int, default=None,
+      help=f"the LLM's attention heads (minimind3 only); default: {RELEASE_N_HEADS}, as the releases. 4 (64 wide at "
+           "--dim 256) find an object's cell more sharply, but in 2 runs of 4 colour was then not learned "
+           "(docs/demo-experiments.md)")
     a("--n_kv_heads", type=int, default=None, help="the LLM's key/value heads; default: the generation's (minimind3: 4)")
     a("--projector", default="linear", choices=["linear", "mlp"], help="the projector kind (passed to training)")
     a = p.add_argument_group("training").add_argument

@@ -19,6 +19,7 @@ import re
 import torch
 
 from .files import CheckpointError, _first_line, _some, refuse_non_finite
+from .generations import RELEASE_N_HEADS
 from .lora import fold_lora
 from .paths import local_path, weight_name
 
@@ -184,8 +185,7 @@ def infer_config_from_state_dict(sd, name="the checkpoint"):
              "dim": emb.shape[1], "vocab_size": emb.shape[0],
              "n_layers": 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers.")),
              "use_moe": any(".experts." in k for k in sd)}
-    # The 2025 files do not record the head count (8 in every release); QK-norm weights are one head wide.
-    head_dim = q_norm.shape[0] if q_norm is not None else emb.shape[1] // 8
+    head_dim = q_norm.shape[0] if q_norm is not None else emb.shape[1] // RELEASE_N_HEADS
     wq, wk = _first(sd, r"attention\.wq\.weight$"), _first(sd, r"attention\.wk\.weight$")
     if q_norm is not None and wq is not None:
         found["n_heads"] = wq.shape[0] // head_dim

@@ -11,6 +11,12 @@ GENERATIONS = {
 }
 
 
+# Every release has 8 attention heads. The 2025 files do not record the count (their weights have the
+# same shapes for any), so a file without QK-norm weights is read back with 8; QK-norm weights are one
+# head wide, and so say it.
+RELEASE_N_HEADS = 8
+
+
 def default_hidden_dim(generation, dim, multiple_of=64):
     """SwiGLU FFN width. MiniMind2 keeps ~the parameter count of a 4*dim MLP by using 2/3 of it;
     MiniMind3 uses dim*pi. Both rounded up to a multiple of 64."""

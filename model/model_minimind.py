@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .generations import GENERATIONS, default_hidden_dim
+from .generations import GENERATIONS, RELEASE_N_HEADS, default_hidden_dim
 from .precision import cpu_attention_in_fp32
 
 # The output's cache field: `cache` from transformers 5 on (the old name there logs a deprecation
@@ -27,11 +27,11 @@ CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ 
 class MiniMindConfig(PretrainedConfig):
     model_type = "minimind"
 
-    def __init__(self, generation="minimind2", dim=512, n_layers=8, n_heads=8, n_kv_heads=None, vocab_size=6400,
-                 hidden_dim=None, multiple_of=64, norm_eps=None, qk_norm=None, rope_theta=1e6, max_seq_len=None,
-                 dropout=0.0, use_moe=False, n_routed_experts=4, num_experts_per_tok=None, n_shared_experts=None,
-                 aux_loss_alpha=None, seq_aux=None, norm_topk_prob=True, gradient_checkpointing=False,
-                 bos_token_id=1, eos_token_id=2, pad_token_id=0, **kwargs):
+    def __init__(self, generation="minimind2", dim=512, n_layers=8, n_heads=RELEASE_N_HEADS, n_kv_heads=None,
+                 vocab_size=6400, hidden_dim=None, multiple_of=64, norm_eps=None, qk_norm=None, rope_theta=1e6,
+                 max_seq_len=None, dropout=0.0, use_moe=False, n_routed_experts=4, num_experts_per_tok=None,
+                 n_shared_experts=None, aux_loss_alpha=None, seq_aux=None, norm_topk_prob=True,
+                 gradient_checkpointing=False, bos_token_id=1, eos_token_id=2, pad_token_id=0, **kwargs):
         if generation not in GENERATIONS:
             raise ValueError(f"generation must be one of {sorted(GENERATIONS)}, not {generation!r}")
         given = dict(n_kv_heads=n_kv_heads, norm_eps=norm_eps, qk_norm=qk_norm, max_seq_len=max_seq_len,

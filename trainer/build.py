@@ -17,6 +17,7 @@ from dataset.samples import open_source
 from dataset.sampler import ResumableBatchSampler
 from model.chat import resolve_image_token_id
 from model.checkpoint import check_vocab, infer_config_from_state_dict, load_weights, read_checkpoint, weight_path
+from model.generations import RELEASE_N_HEADS
 from model.images import load_processor
 from model.lora import LoraSettings, add_lora, has_lora
 from model.model_minimind import count_llm_params
@@ -85,10 +86,9 @@ def build_model(cfg, tokenizer, device):
     config = VLMConfig(**found, gradient_checkpointing=bool(cfg.gradient_checkpointing),
                        vision_model_path=cfg.vision_model_path,
                        image_token_id=resolve_image_token_id(tokenizer, cfg.image_token_id))
-    if config.generation == "minimind2" and config.n_heads != 8:
-        # Its weights have the same shapes for any head count: a file could not say how to read it back.
-        raise ValueError(f"--n_heads {config.n_heads}: a minimind2 model keeps the releases' 8 heads (its files do "
-                         f"not record the count); use --generation minimind3, whose QK-norm weights do")
+    if config.generation == "minimind2" and config.n_heads != RELEASE_N_HEADS:
+        raise ValueError(f"--n_heads {config.n_heads}: a minimind2 model keeps the releases' {RELEASE_N_HEADS} heads "
+                         f"(its files do not record the count); use --generation minimind3, whose QK-norm weights do")
     model = MiniMindVLM(config)
     if start:
         load_weights(model, sd, start)

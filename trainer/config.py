@@ -11,7 +11,7 @@ import dataclasses
 import types
 
 from cli import DEVICE_HELP, DTYPE_HELP, IMAGES_PATH_DEFAULT, add_video_args, make_parser, switch
-from model.generations import GENERATIONS
+from model.generations import GENERATIONS, RELEASE_N_HEADS
 from model.lora import LORA_LAYERS
 from model.paths import DEFAULT_VISION_MODEL
 from model.precision import DTYPES
@@ -79,10 +79,11 @@ class TrainConfig:
                                            "heads, a wider FFN); default: minimind2, or a --from_weight checkpoint's "
                                            "own",
                                   choices=list(GENERATIONS))
-    # None: the --from_weight checkpoint's, else MiniMindConfig's (8 heads; KV heads by generation)
+    # None: the --from_weight checkpoint's, else MiniMindConfig's (RELEASE_N_HEADS; KV heads by generation)
     n_heads: int | None = flag("model", "attention heads of a model trained from scratch (a --from_weight "
-                                        "checkpoint brings its own): a head is --dim / --n_heads wide; default: 8, "
-                                        "as every release. Only with --generation minimind3, whose files say it")
+                                        "checkpoint brings its own): a head is --dim / --n_heads wide; default: "
+                                        f"{RELEASE_N_HEADS}, as every release. Only with --generation minimind3, whose "
+                                        "files say it")
     n_kv_heads: int | None = flag("model", "key/value heads, a divisor of --n_heads; default: the generation's "
                                            "(minimind2 2, minimind3 4), or a --from_weight checkpoint's own")
     freeze_llm: int | None = flag("model", FREEZE_HELP, choices=[0, 1, 2, 3])
