@@ -91,7 +91,7 @@ def to_file_format(sd, config):
     """Our state dict -> the key names and RoPE layout of config.generation's release."""
     if config.generation != "minimind3":
         return sd
-    inverse = rope_permutation(config.dim // config.n_heads).argsort()
+    inverse = rope_permutation(config.head_dim).argsort()
     return {name_2026(k): _permute_heads(v, inverse) if ROPE_ROWS.search(k) else v for k, v in sd.items()}
 
 
@@ -173,7 +173,7 @@ def _first(sd, pattern):
 def infer_config_from_state_dict(sd, name="the checkpoint"):
     """What a checkpoint says about itself, as MiniMindConfig/VLMConfig fields: generation, dim,
     n_layers, vocab_size, n_kv_heads, hidden_dim, use_moe (with n_routed_experts, n_shared_experts),
-    n_heads where the file shows it (QK-norm weights are one head wide), and for a VLM checkpoint its
+    n_heads and head_dim where the file shows them (QK-norm weights are one head wide), and for a VLM checkpoint its
     projector (projector, proj_bias, vision_hidden_size: the width of the tower it needs)."""
     sd = check_state_dict(sd, name)
     fmt = key_format(sd)
@@ -188,7 +188,7 @@ def infer_config_from_state_dict(sd, name="the checkpoint"):
     head_dim = q_norm.shape[0] if q_norm is not None else emb.shape[1] // RELEASE_N_HEADS
     wq, wk = _first(sd, r"attention\.wq\.weight$"), _first(sd, r"attention\.wk\.weight$")
     if q_norm is not None and wq is not None:
-        found["n_heads"] = wq.shape[0] // head_dim
+        found.update(n_heads=wq.shape[0] // head_dim, head_dim=head_dim)
     if wk is not None:
         found["n_kv_heads"] = wk.shape[0] // head_dim
     w1 = _first(sd, r"feed_forward\.(experts\.\d+\.)?w1\.weight$")
@@ -209,7 +209,8 @@ def infer_config_from_state_dict(sd, name="the checkpoint"):
 def _describe(found):
     return (f"generation {found['generation']}, dim {found['dim']}, {found['n_layers']} layers, "
             f"use_moe {int(found['use_moe'])}" + (f", {found['projector']} projector" if "projector" in found else "")
-            + (f", {found['n_heads']} heads ({found['n_kv_heads']} key/value)" if "n_heads" in found else ""))
+            + (f", {found['n_heads']} heads of {found['head_dim']} ({found['n_kv_heads']} key/value)"
+               if "n_heads" in found else ""))
 
 
 def load_weights(model, path_or_sd, name=None, fix="check --dim/--n_layers/--use_moe"):
@@ -245,7 +246,7 @@ def load_weights(model, path_or_sd, name=None, fix="check --dim/--n_layers/--use
         if getattr(cfg, "projector", None):
             model_found["projector"] = cfg.projector
         if cfg.qk_norm:  # the head layout, where a file can say it too (its QK-norm weights are one head wide)
-            model_found.update(n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads)
+            model_found.update(n_heads=cfg.n_heads, head_dim=cfg.head_dim, n_kv_heads=cfg.n_kv_heads)
         raise CheckpointError(
             f"{name} does not match the model ({fix}): the file has {_describe(found)}; "
             f"the model {_describe(model_found)}; missing: {_some(missing)}; unexpected: {_some(unexpected)}"
@@ -253,5 +254,5 @@ def load_weights(model, path_or_sd, name=None, fix="check --dim/--n_layers/--use
     refuse_non_finite(sd, name, "it is damaged, or was saved by a run that diverged; use another checkpoint (an "
                                 "earlier one of that run)")
     # strict=False: strictness was checked above, with the tower (and an LLM-only file's projector) allowed out
-    model.load_state_dict(from_file_format(sd, model.config.dim // model.config.n_heads), strict=False)
+    model.load_state_dict(from_file_format(sd, model.config.head_dim), strict=False)
     return sd

@@ -28,10 +28,11 @@ class MiniMindConfig(PretrainedConfig):
     model_type = "minimind"
 
     def __init__(self, generation="minimind2", dim=512, n_layers=8, n_heads=RELEASE_N_HEADS, n_kv_heads=None,
-                 vocab_size=6400, hidden_dim=None, multiple_of=64, norm_eps=None, qk_norm=None, rope_theta=1e6,
-                 max_seq_len=None, dropout=0.0, use_moe=False, n_routed_experts=4, num_experts_per_tok=None,
-                 n_shared_experts=None, aux_loss_alpha=None, seq_aux=None, norm_topk_prob=True,
-                 gradient_checkpointing=False, bos_token_id=1, eos_token_id=2, pad_token_id=0, **kwargs):
+                 head_dim=None, vocab_size=6400, hidden_dim=None, multiple_of=64, norm_eps=None, qk_norm=None,
+                 rope_theta=1e6, max_seq_len=None, dropout=0.0, use_moe=False, n_routed_experts=4,
+                 num_experts_per_tok=None, n_shared_experts=None, aux_loss_alpha=None, seq_aux=None,
+                 norm_topk_prob=True, gradient_checkpointing=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                 **kwargs):
         if generation not in GENERATIONS:
             raise ValueError(f"generation must be one of {sorted(GENERATIONS)}, not {generation!r}")
         given = dict(n_kv_heads=n_kv_heads, norm_eps=norm_eps, qk_norm=qk_norm, max_seq_len=max_seq_len,
@@ -40,9 +41,15 @@ class MiniMindConfig(PretrainedConfig):
         for key, preset in GENERATIONS[generation].items():
             setattr(self, key, preset if given[key] is None else given[key])
         self.generation, self.dim, self.n_layers, self.n_heads = generation, dim, n_layers, n_heads
-        if dim % n_heads or n_heads % self.n_kv_heads:
+        if min(n_heads, self.n_kv_heads, head_dim or 1) < 1:
+            raise ValueError(f"{n_heads} heads, {self.n_kv_heads} key/value heads, head_dim {head_dim}: each must "
+                             f"be 1 or more")
+        if (not head_dim and dim % n_heads) or n_heads % self.n_kv_heads:
             raise ValueError(f"{n_heads} heads of {self.n_kv_heads} key/value heads in dim {dim}: n_heads must divide "
-                             f"dim, and n_kv_heads n_heads")
+                             f"dim (or head_dim be given), and n_kv_heads n_heads")
+        # A head's width: dim / n_heads in every release; wider is allowed (as Qwen3's head_dim), so that the
+        # scores QK-norm bounds by sqrt(head_dim) can be sharper without fewer heads.
+        self.head_dim = head_dim or dim // n_heads
         self.vocab_size, self.multiple_of, self.rope_theta = vocab_size, multiple_of, rope_theta
         self.hidden_dim = hidden_dim or default_hidden_dim(generation, dim, multiple_of)
         self.dropout, self.use_moe, self.n_routed_experts = dropout, bool(use_moe), n_routed_experts
@@ -141,7 +148,7 @@ class StaticKVCache(KVCache):
 class Attention(nn.Module):
     def __init__(self, cfg: MiniMindConfig):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.dim // cfg.n_heads
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
@@ -263,7 +270,7 @@ class MiniMindForCausalLM(PreTrainedModel):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.output.weight = self.tok_embeddings.weight  # tied: one tensor, saved under both names
-        cos, sin = rope_cos_sin(config.dim // config.n_heads, config.max_seq_len, config.rope_theta)
+        cos, sin = rope_cos_sin(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # not in checkpoints, like the release
         self.register_buffer("rope_sin", sin, persistent=False)
         self.post_init()

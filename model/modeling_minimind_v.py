@@ -37,7 +37,7 @@ class MiniMindVLMForCausalLM(MiniMindVLM):
             kwargs["dtype"] = resolve_dtype("auto", "cpu")[0]
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         # The RoPE tables are non-persistent buffers: transformers leaves them uninitialised.
-        cos, sin = rope_cos_sin(model.config.dim // model.config.n_heads, model.config.max_seq_len,
+        cos, sin = rope_cos_sin(model.config.head_dim, model.config.max_seq_len,
                                 model.config.rope_theta)
         with torch.no_grad():
             model.rope_cos.copy_(cos.to(model.rope_cos.dtype))

@@ -43,8 +43,9 @@ def files_hash(folder, names):
 def make_record(config, tokenizer_path, vision_model_path, trained_from=None, data=None):
     """A model config (VLMConfig) and the folders it was trained with -> the record's dict."""
     tokenizer_path, vision_model_path = (os.path.abspath(local_path(p)) for p in (tokenizer_path, vision_model_path))
-    shape = {k: getattr(config, k) for k in ("generation", "dim", "n_layers", "n_heads", "n_kv_heads", "use_moe",
-                                             "projector", "vocab_size", "image_token_id", "image_token_count")}
+    shape = {k: getattr(config, k) for k in ("generation", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                                             "use_moe", "projector", "vocab_size", "image_token_id",
+                                             "image_token_count")}
     return {"format": FORMAT, "model": shape,
             "tokenizer": {"path": tokenizer_path, "sha256": files_hash(tokenizer_path, TOKENIZER_FILES)},
             "vision_tower": {"path": vision_model_path, "sha256": files_hash(vision_model_path, TOWER_FILES)},

@@ -74,6 +74,16 @@ def test_round_trip_gives_identical_logits(tower_dir, tokenizer, processor, phot
     assert isinstance(answer, str)
 
 
+def test_heads_wider_than_dim_over_n_heads_export_and_load_back_with_the_same_logits(tower_dir, tmp_path):
+    pth = str(tmp_path / "w.pth")
+    original = make_checkpoint(tower_dir, pth, generation="minimind3", head_dim=16)  # dim 64, 8 heads of 16
+    model = load_hf(export_hf(pth, str(tmp_path / "hf"), os.path.join(ROOT, "model"), tower_dir))
+    assert model.config.head_dim == 16 and model.rope_cos.shape[-1] == 16
+    ids = torch.tensor([[5, 9, 30, 41, 7]])
+    with torch.no_grad():
+        assert (original(ids).logits - model(ids).logits).abs().max() < 1e-5
+
+
 def test_reverse_conversion_gives_the_original_state_dict(tower_dir, tmp_path):
     pth = str(tmp_path / "w.pth")
     make_checkpoint(tower_dir, pth, proj_bias=True, seed=3)

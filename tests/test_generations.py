@@ -84,7 +84,7 @@ def test_a_2026_checkpoint_loads_strictly_and_gives_the_spec_formulas_logits(moe
     torch.save(sd, path)
     found = infer_config_from_state_dict(torch.load(path, weights_only=True))
     assert found == {"generation": "minimind3", "dim": DIM, "vocab_size": VOCAB, "n_layers": LAYERS, "n_heads": HEADS,
-                     "n_kv_heads": KV_HEADS, "hidden_dim": FFN, "use_moe": moe,
+                     "n_kv_heads": KV_HEADS, "head_dim": DIM // HEADS, "hidden_dim": FFN, "use_moe": moe,
                      **({"n_routed_experts": 4, "n_shared_experts": 0} if moe else {})}
     model = MiniMindForCausalLM(MiniMindConfig(**found)).eval()
     cfg = model.config
@@ -283,24 +283,30 @@ def test_load_model_builds_a_2026_vlm_from_the_checkpoint_and_chats(siglip_dir, 
     assert isinstance(answer, str)
 
 
-def test_a_2026_model_trained_with_wider_heads_is_recorded_and_read_back_from_its_weights_alone(tower_dir, tmp_path):
-    """--n_heads/--n_kv_heads (as `demo.sh --n_heads 4`): QK-norm weights are one head wide, so the
-    weights say the layout, and the loader builds the same model from them."""
+@pytest.mark.parametrize("layout, shape", [
+    (dict(n_heads=4, n_kv_heads=2), (4, 2, 16, 32)),  # fewer, wider heads (as `demo.sh --n_heads 4`)
+    (dict(n_heads=8, n_kv_heads=4, head_dim=16), (8, 4, 16, 64)),  # wider than dim / n_heads (`--head_dim`)
+])
+def test_a_2026_model_trained_with_wider_heads_is_recorded_and_read_back_from_its_weights_alone(
+        tower_dir, tmp_path, layout, shape):
+    """--n_heads/--n_kv_heads/--head_dim: QK-norm weights are one head wide, so the weights say the
+    layout, and the loader builds the same model from them."""
     import argparse
 
     from builders import tiny_run
     from cli import add_model_args
     from model.inference import load_model
     from model.record import make_record
-    run = tiny_run(tower_dir, tmp_path, generation="minimind3", n_heads=4, n_kv_heads=2)
+    run = tiny_run(tower_dir, tmp_path, generation="minimind3", **layout)
     cfg, attention = run.model.config, run.model.layers[0].attention
-    assert (cfg.n_heads, cfg.n_kv_heads, attention.head_dim, attention.wk.out_features) == (4, 2, 16, 32)
-    assert {k: make_record(cfg, "model", tower_dir)["model"][k] for k in ("n_heads", "n_kv_heads")} == \
-        {"n_heads": 4, "n_kv_heads": 2}
+    assert (cfg.n_heads, cfg.n_kv_heads, attention.head_dim, attention.wk.out_features) == shape
+    assert run.model.rope_cos.shape[-1] == shape[2]  # RoPE turns the head's own width
+    record = make_record(cfg, "model", tower_dir)["model"]
+    assert (record["n_heads"], record["n_kv_heads"], record["head_dim"]) == shape[:3]
     path = str(tmp_path / "pretrain_vlm_64.pth")
-    torch.save(llm_state_dict(run.model), path)
+    torch.save(llm_state_dict(run.model), path)  # in the 2026 release's layout: RoPE rows permuted per head
     found = infer_config_from_state_dict(torch.load(path, weights_only=True))
-    assert (found["n_heads"], found["n_kv_heads"]) == (4, 2)
+    assert (found["n_heads"], found["n_kv_heads"], found["head_dim"]) == shape[:3]
     args = add_model_args(argparse.ArgumentParser()).parse_args(
         ["--weight", path, "--vision_model_path", tower_dir, "--device", "cpu", "--dtype", "float32",
          "--tokenizer_path", "model", "--dim", "64", "--n_layers", "2"])
@@ -309,18 +315,20 @@ def test_a_2026_model_trained_with_wider_heads_is_recorded_and_read_back_from_it
     with torch.no_grad():
         assert torch.equal(model(ids).logits, run.model.eval()(ids).logits)
     # Into a model of the release's 8 heads, the error says both layouts, not only the keys.
-    with pytest.raises(CheckpointError, match=r"the file has generation minimind3, dim 64, 2 layers, .*4 heads \(2 "
-                                              r"key/value\); the model generation minimind3, .*8 heads \(4 key/value\)"):
+    with pytest.raises(CheckpointError, match=rf"the file has generation minimind3, dim 64, 2 layers, .*{shape[0]} "
+                                              rf"heads of 16 \({shape[1]} key/value\); the model generation "
+                                              r"minimind3, .*8 heads of 8 \(4 key/value\)"):
         load_weights(MiniMindVLM(VLMConfig(generation="minimind3", dim=64, n_layers=2, vision_model_path=tower_dir)),
                      path)
 
 
 def test_a_2025_model_keeps_eight_heads_because_its_files_could_not_say_another_count(tower_dir, tmp_path):
     from builders import tiny_run
-    with pytest.raises(ValueError, match="--n_heads 4: a minimind2 model keeps the releases' 8 heads .* use "
-                                         "--generation minimind3"):
-        tiny_run(tower_dir, tmp_path, n_heads=4)
-    with pytest.raises(ValueError, match="n_heads must divide dim, and n_kv_heads n_heads"):
+    for layout in (dict(n_heads=4), dict(head_dim=16)):
+        with pytest.raises(ValueError, match="a minimind2 model keeps the releases' 8 heads of --dim / 8 .* use "
+                                             "--generation minimind3"):
+            tiny_run(tower_dir, tmp_path, **layout)
+    with pytest.raises(ValueError, match=r"n_heads must divide dim \(or head_dim be given\), and n_kv_heads n_heads"):
         MiniMindConfig(generation="minimind3", dim=64, n_heads=4, n_kv_heads=3)
 
 

@@ -47,7 +47,7 @@ def test_training_writes_a_record_beside_the_weights(trained):
     assert record["tokenizer"]["path"] == os.path.join(ROOT, "model") and record["tokenizer"]["sha256"]
     assert record["vision_tower"]["path"] == os.path.abspath(tower_dir) and record["vision_tower"]["sha256"]
     assert record["model"] == {"generation": "minimind2", "dim": 64, "n_layers": 2, "n_heads": 8, "n_kv_heads": 2,
-                               "use_moe": False,
+                               "head_dim": 8, "use_moe": False,
                                "projector": "linear", "vocab_size": 6400, "image_token_id": 3,
                                "image_token_count": 196}
     assert record["trained_from"] is None and record["data"].endswith("data.jsonl")

@@ -81,14 +81,18 @@ def build_model(cfg, tokenizer, device):
         found["generation"] = cfg.generation
     found.update(dim=cfg.dim, n_layers=cfg.n_layers, use_moe=bool(cfg.use_moe))
     # A head layout asked for wins; against a checkpoint of another one, load_weights names the shapes.
-    found.update({k: v for k, v in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.n_kv_heads)) if v})
+    found.update({k: getattr(cfg, k) for k in ("n_heads", "n_kv_heads", "head_dim") if getattr(cfg, k)})
+    if cfg.n_heads and not cfg.head_dim:  # a head count asked for alone sets the width, not the checkpoint's
+        found.pop("head_dim", None)
     found.setdefault("projector", cfg.projector)
     config = VLMConfig(**found, gradient_checkpointing=bool(cfg.gradient_checkpointing),
                        vision_model_path=cfg.vision_model_path,
                        image_token_id=resolve_image_token_id(tokenizer, cfg.image_token_id))
-    if config.generation == "minimind2" and config.n_heads != RELEASE_N_HEADS:
-        raise ValueError(f"--n_heads {config.n_heads}: a minimind2 model keeps the releases' {RELEASE_N_HEADS} heads "
-                         f"(its files do not record the count); use --generation minimind3, whose QK-norm weights do")
+    release_heads = (RELEASE_N_HEADS, config.dim // RELEASE_N_HEADS)
+    if config.generation == "minimind2" and (config.n_heads, config.head_dim) != release_heads:
+        raise ValueError(f"--n_heads {config.n_heads} of width {config.head_dim}: a minimind2 model keeps the "
+                         f"releases' {RELEASE_N_HEADS} heads of --dim / {RELEASE_N_HEADS} (its files do not record the "
+                         f"layout); use --generation minimind3, whose QK-norm weights do")
     model = MiniMindVLM(config)
     if start:
         load_weights(model, sd, start)

@@ -86,6 +86,10 @@ class TrainConfig:
                                         "files say it")
     n_kv_heads: int | None = flag("model", "key/value heads, a divisor of --n_heads; default: the generation's "
                                            "(minimind2 2, minimind3 4), or a --from_weight checkpoint's own")
+    head_dim: int | None = flag("model", "the width of an attention head of a model trained from scratch; default: "
+                                         "--dim / --n_heads, as every release. QK-norm bounds a score by sqrt(width) "
+                                         "times its gains, so wider heads can look up more sharply. Only with "
+                                         "--generation minimind3")
     freeze_llm: int | None = flag("model", FREEZE_HELP, choices=[0, 1, 2, 3])
     projector: str = flag("model", "a new projector's kind: linear (one bias-free Linear, the design) or mlp "
                                    "(LayerNorm, Linear, GELU, Linear, as the 2026 release); a --from_weight VLM "
