@@ -30,6 +30,9 @@ from make_shapes_data import COLOR_ANSWERS, TYPES  # noqa: E402
 from model.generations import GENERATIONS, RELEASE_N_HEADS  # noqa: E402
 
 
+HEAD_DIM = 64  # the LLM's attention head width, where the architecture lets it be chosen (minimind3)
+
+
 def step(n, title):
     print(f"\n=== [{n}/6] {title}", flush=True)
 
@@ -71,7 +74,7 @@ def train_args(a, stage):
             "--group_by_length", 0]
     if stage == "pretrain":
         args += ["--from_weight", "none", "--generation", a.generation]
-        for flag in ("n_heads", "n_kv_heads"):  # only when asked: else the generation's own
+        for flag in ("n_heads", "n_kv_heads", "head_dim"):  # when set (head_dim: see parse_args), else the LLM's own
             if getattr(a, flag):
                 args += [f"--{flag}", getattr(a, flag)]
     return [str(x) for x in args]
@@ -108,10 +111,13 @@ def build_parser():
       help="the LLM architecture: the 2026 release's (QK-norm, 4 KV heads), or the 2025 one's; the 2026 one "
            "learns the look-ups the questions need on more seeds (docs/demo-experiments.md)")
     a("--n_heads", type=int, default=None,
-      help=f"the LLM's attention heads (minimind3 only); default: {RELEASE_N_HEADS}, as the releases. 4 (64 wide at "
-           "--dim 256) find an object's cell more sharply, but in 2 runs of 4 colour was then not learned "
-           "(docs/demo-experiments.md)")
+      help=f"the LLM's attention heads (minimind3 only); default: {RELEASE_N_HEADS}, as the releases. With 4 of "
+           "the same width, colour went unlearned in 2 runs of 4 (docs/demo-experiments.md)")
     a("--n_kv_heads", type=int, default=None, help="the LLM's key/value heads; default: the generation's (minimind3: 4)")
+    a("--head_dim", type=int, default=None,
+      help=f"the width of the LLM's attention heads (minimind3 only); default: {HEAD_DIM} with minimind3, twice "
+           "--dim 256 / 8 heads: QK-norm bounds a score by sqrt(width), and with 32-wide heads the look-up of an "
+           "object's cell stayed soft (docs/demo-experiments.md); --dim / 8 with minimind2")
     a("--projector", default="linear", choices=["linear", "mlp"], help="the projector kind (passed to training)")
     a = p.add_argument_group("training").add_argument
     a("--pretrain_epochs", type=int, default=2, help="epochs of captions: in one, a run often binds an object's "
@@ -139,6 +145,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if problem := geometry_problem(args.image_size, args.patch_size):
         parser.error(problem)
+    if args.head_dim is None and args.generation == "minimind3":
+        args.head_dim = HEAD_DIM
     args.tower_dir = os.path.join(args.out_dir, "vision_tower")
     return args
 
@@ -156,8 +164,9 @@ def main():
     make_tower(args)
 
     t_train = time.time()
-    step(3, f"pretrain: captions, LLM {args.dim}x{args.n_layers} ({args.generation}) trained from scratch with "
-            f"the projection")
+    heads = f", heads {args.head_dim} wide" if args.head_dim else ""
+    step(3, f"pretrain: captions, LLM {args.dim}x{args.n_layers} ({args.generation}{heads}) trained from scratch "
+            f"with the projection")
     run(["train_pretrain_vlm.py", *train_args(args, "pretrain")])
     step(4, "SFT: short questions and answers about the images")
     run(["train_sft_vlm.py", *train_args(args, "sft"), "--from_weight", "pretrain_vlm"])

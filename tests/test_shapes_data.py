@@ -364,10 +364,14 @@ def test_a_captions_length_gives_its_object_count_so_the_demo_trains_in_shuffled
     assert args[args.index("--group_by_length") + 1] == "0"
 
 
-def test_the_demo_gives_pretraining_a_head_layout_only_when_asked_and_questions_take_the_checkpoints():
+def test_the_demo_gives_pretraining_its_head_layout_and_questions_take_the_checkpoints():
     demo = _load("demo")
-    assert "--n_heads" not in demo.train_args(demo.parse_args([]), "pretrain")  # the release's 8 heads
-    wide = demo.parse_args(["--n_heads", "4", "--n_kv_heads", "2"])
+    default = demo.train_args(demo.parse_args([]), "pretrain")
+    assert "--n_heads" not in default and default[default.index("--head_dim") + 1] == "64"  # 8 heads, 64 wide
+    assert "--head_dim" not in demo.train_args(demo.parse_args(["--generation", "minimind2"]), "pretrain")
+    wide = demo.parse_args(["--n_heads", "4", "--n_kv_heads", "2", "--head_dim", "48"])
     pretrain = demo.train_args(wide, "pretrain")
-    assert pretrain[pretrain.index("--n_heads") + 1] == "4" and pretrain[pretrain.index("--n_kv_heads") + 1] == "2"
-    assert "--n_heads" not in demo.train_args(wide, "sft")  # SFT starts from the pretrained weights, their layout
+    flags = ("n_heads", "n_kv_heads", "head_dim")
+    assert [pretrain[pretrain.index(f"--{flag}") + 1] for flag in flags] == ["4", "2", "48"]
+    sft = demo.train_args(wide, "sft")
+    assert "--n_heads" not in sft and "--head_dim" not in sft  # SFT starts from the pretrained weights, their layout
