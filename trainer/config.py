@@ -81,9 +81,9 @@ class TrainConfig:
                                   choices=list(GENERATIONS))
     # None: the --from_weight checkpoint's, else MiniMindConfig's (RELEASE_N_HEADS; KV heads by generation)
     n_heads: int | None = flag("model", "attention heads of a model trained from scratch (a --from_weight "
-                                        "checkpoint brings its own): a head is --dim / --n_heads wide; default: "
-                                        f"{RELEASE_N_HEADS}, as every release. Only with --generation minimind3, whose "
-                                        "files say it")
+                                        "checkpoint brings its own), each --dim / --n_heads wide unless --head_dim; "
+                                        f"default: {RELEASE_N_HEADS}, as every release. Only with --generation "
+                                        "minimind3, whose files say it")
     n_kv_heads: int | None = flag("model", "key/value heads, a divisor of --n_heads; default: the generation's "
                                            "(minimind2 2, minimind3 4), or a --from_weight checkpoint's own")
     head_dim: int | None = flag("model", "the width of an attention head of a model trained from scratch; default: "
