@@ -75,7 +75,7 @@ def train_args(a, stage):
     if stage == "pretrain":
         args += ["--from_weight", "none", "--generation", a.generation]
         for flag in ("n_heads", "n_kv_heads", "head_dim"):  # when set (head_dim: see parse_args), else the LLM's own
-            if getattr(a, flag):
+            if getattr(a, flag) is not None:
                 args += [f"--{flag}", getattr(a, flag)]
     return [str(x) for x in args]
 

@@ -41,15 +41,15 @@ class MiniMindConfig(PretrainedConfig):
         for key, preset in GENERATIONS[generation].items():
             setattr(self, key, preset if given[key] is None else given[key])
         self.generation, self.dim, self.n_layers, self.n_heads = generation, dim, n_layers, n_heads
-        if min(n_heads, self.n_kv_heads, head_dim or 1) < 1:
+        if min(n_heads, self.n_kv_heads, 1 if head_dim is None else head_dim) < 1:
             raise ValueError(f"{n_heads} heads, {self.n_kv_heads} key/value heads, head_dim {head_dim}: each must "
                              f"be 1 or more")
-        if (not head_dim and dim % n_heads) or n_heads % self.n_kv_heads:
+        if (head_dim is None and dim % n_heads) or n_heads % self.n_kv_heads:
             raise ValueError(f"{n_heads} heads of {self.n_kv_heads} key/value heads in dim {dim}: n_heads must divide "
                              f"dim (or head_dim be given), and n_kv_heads n_heads")
         # A head's width: dim / n_heads in every release; wider is allowed (as Qwen3's head_dim), so that the
         # scores QK-norm bounds by sqrt(head_dim) can be sharper without fewer heads.
-        self.head_dim = head_dim or dim // n_heads
+        self.head_dim = dim // n_heads if head_dim is None else head_dim
         self.vocab_size, self.multiple_of, self.rope_theta = vocab_size, multiple_of, rope_theta
         self.hidden_dim = hidden_dim or default_hidden_dim(generation, dim, multiple_of)
         self.dropout, self.use_moe, self.n_routed_experts = dropout, bool(use_moe), n_routed_experts

@@ -328,6 +328,9 @@ def test_a_2025_model_keeps_eight_heads_because_its_files_could_not_say_another_
         with pytest.raises(ValueError, match="a minimind2 model keeps the releases' 8 heads of --dim / 8 .* use "
                                              "--generation minimind3"):
             tiny_run(tower_dir, tmp_path, **layout)
+    for layout in (dict(n_heads=0), dict(head_dim=0)):  # not read as "the default"
+        with pytest.raises(ValueError, match="each must be 1 or more"):
+            MiniMindConfig(generation="minimind3", dim=64, **layout)
     with pytest.raises(ValueError, match=r"n_heads must divide dim \(or head_dim be given\), and n_kv_heads n_heads"):
         MiniMindConfig(generation="minimind3", dim=64, n_heads=4, n_kv_heads=3)
 

@@ -81,8 +81,9 @@ def build_model(cfg, tokenizer, device):
         found["generation"] = cfg.generation
     found.update(dim=cfg.dim, n_layers=cfg.n_layers, use_moe=bool(cfg.use_moe))
     # A head layout asked for wins; against a checkpoint of another one, load_weights names the shapes.
-    found.update({k: getattr(cfg, k) for k in ("n_heads", "n_kv_heads", "head_dim") if getattr(cfg, k)})
-    if cfg.n_heads and not cfg.head_dim:  # a head count asked for alone sets the width, not the checkpoint's
+    asked = {k: getattr(cfg, k) for k in ("n_heads", "n_kv_heads", "head_dim")}
+    found.update({k: v for k, v in asked.items() if v is not None})
+    if cfg.n_heads is not None and cfg.head_dim is None:  # a head count asked for alone: --dim / it wide
         found.pop("head_dim", None)
     found.setdefault("projector", cfg.projector)
     config = VLMConfig(**found, gradient_checkpointing=bool(cfg.gradient_checkpointing),
