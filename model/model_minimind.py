@@ -50,6 +50,12 @@ class MiniMindConfig(PretrainedConfig):
         # A head's width: dim / n_heads in every release; wider is allowed (as Qwen3's head_dim), so that the
         # scores QK-norm bounds by sqrt(head_dim) can be sharper without fewer heads.
         self.head_dim = dim // n_heads if head_dim is None else head_dim
+        # Without QK-norm (one head wide) the weights cannot say the head layout, and a file is read back as the
+        # releases' one; any other would load as a different model.
+        if not self.qk_norm and (n_heads, self.head_dim) != (RELEASE_N_HEADS, dim // RELEASE_N_HEADS):
+            raise ValueError(f"n_heads {n_heads} of width {self.head_dim}: a {generation} model keeps the releases' "
+                             f"{RELEASE_N_HEADS} heads of dim / {RELEASE_N_HEADS} (without QK-norm its files do not "
+                             f"record the layout); use generation minimind3, whose QK-norm weights do")
         self.vocab_size, self.multiple_of, self.rope_theta = vocab_size, multiple_of, rope_theta
         self.hidden_dim = hidden_dim or default_hidden_dim(generation, dim, multiple_of)
         self.dropout, self.use_moe, self.n_routed_experts = dropout, bool(use_moe), n_routed_experts

@@ -325,9 +325,14 @@ def test_a_2026_model_trained_with_wider_heads_is_recorded_and_read_back_from_it
 def test_a_2025_model_keeps_eight_heads_because_its_files_could_not_say_another_count(tower_dir, tmp_path):
     from builders import tiny_run
     for layout in (dict(n_heads=4), dict(head_dim=16)):
-        with pytest.raises(ValueError, match="a minimind2 model keeps the releases' 8 heads of --dim / 8 .* use "
-                                             "--generation minimind3"):
-            tiny_run(tower_dir, tmp_path, **layout)
+        with pytest.raises(ValueError, match="a minimind2 model keeps the releases' 8 heads of dim / 8 .* use "
+                                             "generation minimind3"):
+            tiny_run(tower_dir, tmp_path, **layout)  # the trainer's flags
+        with pytest.raises(ValueError, match=r"n_heads \d+ of width 16: a minimind2 model keeps"):
+            MiniMindConfig(generation="minimind2", dim=64, **layout)  # a library user's config, refused alike
+        with pytest.raises(ValueError, match="a minimind3 model keeps"):  # QK-norm turned off: no layout in the file
+            MiniMindConfig(generation="minimind3", dim=64, qk_norm=False, **layout)
+    assert MiniMindConfig(generation="minimind2", dim=64, n_heads=8, head_dim=8).head_dim == 8  # the release layout
     for layout in (dict(n_heads=0), dict(head_dim=0)):  # not read as "the default"
         with pytest.raises(ValueError, match="each must be 1 or more"):
             MiniMindConfig(generation="minimind3", dim=64, **layout)

@@ -17,7 +17,6 @@ from dataset.samples import open_source
 from dataset.sampler import ResumableBatchSampler
 from model.chat import resolve_image_token_id
 from model.checkpoint import check_vocab, infer_config_from_state_dict, load_weights, read_checkpoint, weight_path
-from model.generations import RELEASE_N_HEADS
 from model.images import load_processor
 from model.lora import LoraSettings, add_lora, has_lora
 from model.model_minimind import count_llm_params
@@ -89,11 +88,6 @@ def build_model(cfg, tokenizer, device):
     config = VLMConfig(**found, gradient_checkpointing=bool(cfg.gradient_checkpointing),
                        vision_model_path=cfg.vision_model_path,
                        image_token_id=resolve_image_token_id(tokenizer, cfg.image_token_id))
-    release_heads = (RELEASE_N_HEADS, config.dim // RELEASE_N_HEADS)
-    if config.generation == "minimind2" and (config.n_heads, config.head_dim) != release_heads:
-        raise ValueError(f"--n_heads {config.n_heads} of width {config.head_dim}: a minimind2 model keeps the "
-                         f"releases' {RELEASE_N_HEADS} heads of --dim / {RELEASE_N_HEADS} (its files do not record the "
-                         f"layout); use --generation minimind3, whose QK-norm weights do")
     model = MiniMindVLM(config)
     if start:
         load_weights(model, sd, start)
