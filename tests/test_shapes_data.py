@@ -368,6 +368,7 @@ def test_the_demo_gives_pretraining_its_head_layout_and_questions_take_the_check
     demo = _load("demo")
     default = demo.train_args(demo.parse_args([]), "pretrain")
     assert "--n_heads" not in default and default[default.index("--head_dim") + 1] == "64"  # 8 heads, 64 wide
+    assert default[default.index("--n_layers") + 1] == "3"  # the LLM's depth of the README's table
     assert "--head_dim" not in demo.train_args(demo.parse_args(["--generation", "minimind2"]), "pretrain")
     wide = demo.parse_args(["--n_heads", "4", "--n_kv_heads", "2", "--head_dim", "48"])
     pretrain = demo.train_args(wide, "pretrain")
