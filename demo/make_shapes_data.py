@@ -28,8 +28,10 @@ Design choices:
 * Everything is deterministic: all randomness comes from ``random.Random``
   instances derived from the seeds, and each image is drawn from its own seed.
 """
+import contextlib
 import glob
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -186,6 +188,13 @@ def render(objs, seed):
     return img.reduce(SCALE)  # box-filter downsample = anti-aliased edges
 
 
+def render_to(job):
+    """Draw one image and write it. PNG's fastest level: it compresses these flat colours half as well
+    (4 KB an image instead of 3) in half the time, and the pixels are the same."""
+    objs, seed, path = job
+    render(objs, seed).save(path, compress_level=1)
+
+
 def written(qtype, question, answer, color_answers="sentence"):
     """An answer as the data writes it: a colour answer as a sentence that names the shape first
     ("The star is red."), unless color_answers is "word"; every other answer as it is."""
@@ -274,7 +283,7 @@ def plan_split(rng, n, split, forbidden=frozenset(), sft_turns=5, object_mix=Non
 
 
 def generate(out_dir="dataset/demo", seed=0, n_train=3000, n_test=300, test_seed=None, verbose=True, sft_turns=5,
-             caption_order="random", object_mix=None, question_mix=None, color_answers="sentence"):
+             caption_order="random", object_mix=None, question_mix=None, color_answers="sentence", workers=1):
     if caption_order not in ("random", "reading"):
         raise ValueError(f"caption_order is 'random' or 'reading', not {caption_order!r}")
     if color_answers not in COLOR_ANSWERS:
@@ -294,10 +303,12 @@ def generate(out_dir="dataset/demo", seed=0, n_train=3000, n_test=300, test_seed
                        question_mix=question_mix)
     train_sigs = {layout_signature(p["objs"]) for p in train}
     test = plan_split(random.Random(test_seed), n_test, "test", forbidden=train_sigs)
-    for k, p in enumerate(train + test):
-        render(p["objs"], p["seed"]).save(os.path.join(img_dir, p["name"]))
-        if verbose and (k + 1) % 500 == 0:
-            print(f"  rendered {k + 1}/{len(train) + len(test)} images", flush=True)
+    jobs = [(p["objs"], p["seed"], os.path.join(img_dir, p["name"])) for p in train + test]
+    # Each image is a function of its layout and seed alone, so workers draw them in any order.
+    with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        for k, _ in enumerate(pool.imap_unordered(render_to, jobs, chunksize=50) if pool else map(render_to, jobs)):
+            if verbose and (k + 1) % 500 == 0:
+                print(f"  rendered {k + 1}/{len(jobs)} images", flush=True)
     cap_rng = random.Random(seed + 1)
     files = {
         "pretrain.jsonl": [sample(p["name"], [(cap_rng.choice(CAPTION_PROMPTS),
@@ -347,11 +358,13 @@ def main():
                     metavar=tuple(t.upper() for t in TYPES),
                     help="relative weights of the first question's type in training (default: even); "
                          "held-out questions are always even")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="processes drawing the images (default: one per core); the images are the same with any")
     a = ap.parse_args()
     try:
         generate(a.out_dir, a.seed, a.n_train, a.n_test, a.test_seed, sft_turns=a.sft_turns,
                  caption_order=a.caption_order, object_mix=a.object_mix, question_mix=a.question_mix,
-                 color_answers=a.color_answers)
+                 color_answers=a.color_answers, workers=max(1, a.workers))
     except ValueError as e:  # a mix of weights that draws nothing
         sys.exit(f"error: {e}")
     except OSError as e:  # a read-only or full disk, a file where the folder should be
