@@ -376,3 +376,21 @@ def test_the_demo_gives_pretraining_its_head_layout_and_questions_take_the_check
     assert [pretrain[pretrain.index(f"--{flag}") + 1] for flag in flags] == ["4", "2", "48"]
     sft = demo.train_args(wide, "sft")
     assert "--n_heads" not in sft and "--head_dim" not in sft  # SFT starts from the pretrained weights, their layout
+
+
+@pytest.mark.slow
+def test_the_tower_stage_teaches_a_tower_the_shapes_that_heads_on_a_random_one_do_not_read(tmp_path):
+    """The tower stage's fast proxy, at a tenth of its cost (a tower half as wide with 2 layers, 300 steps
+    of 32 out of 1200 images): linear heads read the shape of each held-out cell's object off the trained
+    tower at about 0.5, and off the random tower it starts from, the heads trained alone, at about 0.25,
+    which is chance among four shapes. The demo's own tower stage reads 0.98."""
+    from model.precision import resolve_dtype
+    from train_demo_tower import read_captions, train_tower
+    shapes.generate(str(tmp_path), seed=0, n_train=1200, n_test=10, verbose=False, workers=2)
+    items = read_captions(str(tmp_path))
+    small = dict(lr=1e-3, dtype=resolve_dtype("auto", "cpu")[0], log=lambda line: None, hidden_size=128,
+                 num_layers=2, num_heads=4, patch_size=32, image_size=224)
+    heads_on_random = train_tower(items, 300, frozen=True, **small)[2]
+    trained = train_tower(items, 300, **small)[2]
+    assert heads_on_random["shape"] < 0.4 < trained["shape"]
+    assert trained["colour"] > 0.95
