@@ -3,8 +3,8 @@ show that it really sees. Run it as `bash demo/demo.sh` (which calls this file).
 
   1. generate the "shapes world" data (dataset/demo/)
   2. train the vision tower on the pretrain captions, then freeze it (out/demo/vision_tower): a CLIP
-     ViT (224 px, patch 32: 49 tokens per image, ViT-B/32's geometry) learns to see this world, as
-     the real CLIP was pretrained on the world's images (demo/train_demo_tower.py)
+     ViT (the 224 px images seen at 128 px in 32 px patches: 16 tokens per image) learns to see this
+     world, as the real CLIP was pretrained on the world's images (demo/train_demo_tower.py)
   3. pretrain on captions; with no pretrained LLM offline, the whole LLM is trained (--freeze_llm 0)
   4. SFT on short questions and answers
   5. score the held-out split with the images, then with blank images ("blind")
@@ -102,9 +102,12 @@ def build_parser():
       help="the tower's transformer layers: with 2, a run's tower reads the shape of an object less surely, "
            "and the colour of 'the circle' can then go unlearned (docs/demo-experiments.md)")
     a("--patch_size", type=int, default=32, choices=[16, 32],
-      help="the tower's patch: 32 gives 49 image tokens (ViT-B/32 geometry), 16 the design's 196 (ViT-B/16); "
-           "docs/demo-experiments.md compares them")
-    a("--image_size", type=int, default=224, help="the side the tower's processor resizes images to")
+      help="the tower's patch: at 224 px, 32 gives 49 image tokens (ViT-B/32 geometry), 16 the design's 196 "
+           "(ViT-B/16); docs/demo-experiments.md compares them")
+    a("--image_size", type=int, default=128,
+      help="the side the tower's processor resizes the 224 px images to: 128 gives 16 tokens, and a run takes 11 "
+           "minutes instead of 17 at 224 (49 tokens), scoring as well; at 96 (one token per grid cell) position is "
+           "at chance where there are several objects (docs/demo-experiments.md)")
     a("--dim", type=int, default=256, help="the LLM's width (trained from scratch)")
     a("--n_layers", type=int, default=3, help="the LLM's layers: with 4, position fell below 0.85 on two seeds of "
                                                "three, and a run took 2 min longer (docs/demo-experiments.md)")
