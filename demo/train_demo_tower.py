@@ -151,11 +151,10 @@ def train_tower(items, steps, batch_size=32, lr=3e-4, seed=0, dtype=torch.float3
     kept = {} if dtype != torch.float32 else None
 
     def pixels_of(paths):
-        if kept is None:
-            return to_pixels(processor, [open_image(path) for path in paths])
-        if new := [path for path in dict.fromkeys(paths) if path not in kept]:
-            kept.update(zip(new, to_pixels(processor, [open_image(path) for path in new]).to(dtype)))
-        return torch.stack([kept[path] for path in paths])  # [B, 3, H, W]
+        store = {} if kept is None else kept  # in fp32, this batch's own
+        if new := [path for path in dict.fromkeys(paths) if path not in store]:
+            store.update(zip(new, to_pixels(processor, [open_image(path) for path in new]).to(dtype)))
+        return torch.stack([store[path] for path in paths])  # [B, 3, H, W]
 
     def batch(rows):
         pixels = pixels_of([path for path, _ in rows])  # as training will see them
