@@ -52,11 +52,17 @@ def make_tower(a):
         step(2, f"train the vision tower on the captions, {a.tower_steps} steps ({geometry}), then freeze it")
         run(["demo/train_demo_tower.py", "--data_dir", a.data_dir, "--out_dir", a.tower_dir, "--steps",
              str(a.tower_steps), "--patch_size", str(a.patch_size), "--image_size", str(a.image_size),
-             "--seed", str(a.seed), "--dtype", a.dtype, "--num_layers", str(a.tower_layers)])
+             "--seed", str(a.seed), "--dtype", a.dtype, "--num_layers", str(a.tower_layers),
+             "--cache_features", feature_cache(a)])
     else:
         step(2, f"build an untrained vision tower ({geometry}), frozen as it is")
         run(["demo/make_demo_vision_tower.py", "--out_dir", a.tower_dir, "--patch_size", str(a.patch_size),
              "--image_size", str(a.image_size), "--seed", str(a.seed), "--num_layers", str(a.tower_layers)])
+
+
+def feature_cache(a):
+    """The trainers' feature cache, which the tower stage fills as it ends (from the pixels it holds)."""
+    return os.path.join(a.out_dir, "feature_cache")
 
 
 def train_args(a, stage):
@@ -66,7 +72,7 @@ def train_args(a, stage):
             "--vision_model_path", a.tower_dir, "--dim", a.dim, "--n_layers", a.n_layers,
             "--epochs", epochs, "--batch_size", a.batch_size, "--learning_rate", lr, "--max_seq_len", 320,
             "--log_interval", a.log_interval, "--save_interval", 10**9, "--num_workers", a.num_workers,
-            "--dtype", a.dtype, "--device", a.device, "--cache_features", os.path.join(a.out_dir, "feature_cache"),
+            "--dtype", a.dtype, "--device", a.device, "--cache_features", feature_cache(a),
             "--freeze_llm", 0, "--seed", a.seed, "--use_compile", a.use_compile, "--projector", a.projector,
             # Here a sample's length says how many objects its image has: batches of one length would
             # each hold one kind of scene, and the look-ups the questions need are then barely learned

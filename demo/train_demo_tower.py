@@ -45,6 +45,9 @@ def build_parser():
     a("--seed", type=int, default=0, help="weights and data order")
     a("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
       help="autocast dtype on the CPU (auto: bf16 where the CPU computes it natively)")
+    a("--cache_features", default=None, metavar="DIR",
+      help="then write the trained tower's features of every captioned image into the trainers' feature cache "
+           "DIR (their --cache_features DIR), from the pixels this stage already holds (default: none)")
     return p
 
 
@@ -130,17 +133,23 @@ class CellReader(torch.nn.Module):
 
 
 def train_tower(items, steps, batch_size=32, lr=3e-4, seed=0, dtype=torch.float32, log=print, frozen=False,
-                **tower_kw):
+                kept=None, **tower_kw):
     """-> (tower, processor, held-out accuracy per head on occupied cells). items: [(image, objects)].
-    frozen: train the heads only, over the random tower (the control: what a tower reads before it is taught)."""
+    frozen: train the heads only, over the random tower (the control: what a tower reads before it is taught).
+    kept: where each image's pixels are kept across batches (path -> [3, H, W] in dtype), for the caller
+    to reuse; by default the stage's own dict in 16-bit, and none in fp32 (see below)."""
     tower, processor = make_vision_tower(seed=seed, **tower_kw)
+    # At the demo's 17 tokens an image, the plain attention's backward is cheaper than the fused
+    # kernel's (docs/demo-experiments.md); the tower is handed back with its default attention.
+    tower.set_attn_implementation("eager")
     reader = CellReader(tower.train(not frozen).requires_grad_(not frozen))
     n_eval = min(256, len(items) // 10)
     train, held_out = items[n_eval:], items[:n_eval]
     # The fresh heads learn faster than the tower under them; a warm-up and clipping keep the ViT,
     # trained from scratch, from diverging early.
     opt = torch.optim.AdamW([*([] if frozen else [{"params": reader.tower.parameters(), "base_lr": lr}]),
-                             {"params": reader.heads.parameters(), "base_lr": 10 * lr}], weight_decay=0.01)
+                             {"params": reader.heads.parameters(), "base_lr": 10 * lr}], weight_decay=0.01,
+                            fused=True)  # one kernel for the update instead of several per tensor
     gen = torch.Generator().manual_seed(seed)
     autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
 
@@ -148,16 +157,11 @@ def train_tower(items, steps, batch_size=32, lr=3e-4, seed=0, dtype=torch.float3
     # in the autocast dtype, which the tower's first layer casts them to anyway (the same numbers; 0.9 GB
     # for the demo's 9000 images at 128 px, 2.6 GB at 224). In fp32 they would take twice that, so there
     # they are computed each time.
-    kept = {} if dtype != torch.float32 else None
-
-    def pixels_of(paths):
-        store = {} if kept is None else kept  # in fp32, this batch's own
-        if new := [path for path in dict.fromkeys(paths) if path not in store]:
-            store.update(zip(new, to_pixels(processor, [open_image(path) for path in new]).to(dtype)))
-        return torch.stack([store[path] for path in paths])  # [B, 3, H, W]
+    if kept is None:
+        kept = {} if dtype != torch.float32 else None
 
     def batch(rows):
-        pixels = pixels_of([path for path, _ in rows])  # as training will see them
+        pixels = pixels_of(processor, [path for path, _ in rows], dtype, kept)  # as training will see them
         labels = [cell_labels(objs) for _, objs in rows]
         return pixels, {h: torch.tensor([l[h] for l in labels]) for h in HEADS}  # [B, 9] each
 
@@ -190,7 +194,38 @@ def train_tower(items, steps, batch_size=32, lr=3e-4, seed=0, dtype=torch.float3
             for h in HEADS:
                 correct[h] += int(((logits[h].argmax(-1) == labels[h]) & occupied).sum())
     accuracy = {h: correct[h] / max(total, 1) for h in HEADS}
+    tower.set_attn_implementation("sdpa")
     return tower.eval().requires_grad_(False), processor, accuracy
+
+
+def pixels_of(processor, paths, dtype, kept=None):
+    """[B, 3, H, W] in dtype for these image paths, through the processor once per image: from `kept`
+    where it holds them, and kept there (None: this call's own)."""
+    store = {} if kept is None else kept
+    if new := [path for path in dict.fromkeys(paths) if path not in store]:
+        store.update(zip(new, to_pixels(processor, [open_image(path) for path in new]).to(dtype)))
+    return torch.stack([store[path] for path in paths])
+
+
+def cache_features(tower_dir, paths, cache_dir, dtype, kept=None):
+    """Write the saved tower's features of these images into the trainers' feature cache (--cache_features
+    DIR), as training would compute them: the tower's weights in dtype, under autocast, through the trainer's
+    own encoder. Pretraining then reads them in its first epoch instead of decoding and encoding every image
+    again, beside its own steps. -> how many were encoded (those already cached are skipped)."""
+    from dataset.feature_cache import image_key, open_cache_for
+    from model.images import load_processor
+    from model.model_vlm import load_vision_tower
+    from trainer.build import ImageEncoder
+    tower = load_vision_tower(tower_dir).to(dtype).requires_grad_(False)
+    processor = load_processor(tower_dir)
+    cache = open_cache_for(tower, processor, cache_dir)
+    encoder = ImageEncoder(tower, torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32), cache)
+    todo = [path for path in dict.fromkeys(paths) if cache.lookup(image_key(path)) is None]
+    for b in range(0, len(todo), 64):
+        chunk = todo[b:b + 64]
+        encoder({"pixel_values": pixels_of(processor, chunk, dtype, kept), "image_keys": list(map(image_key, chunk)),
+                 "cached": [None] * len(chunk)}, "cpu")
+    return len(todo)
 
 
 def save_tower(tower, processor, out_dir):
@@ -215,13 +250,19 @@ def main():
     except ValueError as e:
         sys.exit(f"error: {e}: {fix}")
     t0 = time.time()
+    kept = {} if dtype != torch.float32 else None  # the pixels, also for the feature cache
     tower, processor, accuracy = train_tower(
         items, args.steps, args.batch_size, args.learning_rate, args.seed, dtype,
-        log=lambda s: print(s, flush=True), hidden_size=args.hidden_size, num_layers=args.num_layers,
+        log=lambda s: print(s, flush=True), kept=kept, hidden_size=args.hidden_size, num_layers=args.num_layers,
         num_heads=args.num_heads, patch_size=args.patch_size, image_size=args.image_size)
     save_tower(tower, processor, args.out_dir)
     print(f"trained the tower in {time.time() - t0:.0f}s on {len(items)} captioned images; held-out occupied "
-          f"cells read right: " + ", ".join(f"{h} {v:.3f}" for h, v in accuracy.items()) + f" -> {args.out_dir}")
+          f"cells read right: " + ", ".join(f"{h} {v:.3f}" for h, v in accuracy.items()) + f" -> {args.out_dir}",
+          flush=True)
+    if args.cache_features:
+        t0 = time.time()
+        n = cache_features(args.out_dir, [path for path, _ in items], args.cache_features, dtype, kept)
+        print(f"cached the features of {n} images in {time.time() - t0:.0f}s -> {args.cache_features}")
 
 
 if __name__ == "__main__":

@@ -316,6 +316,31 @@ def test_building_and_training_the_demo_tower_prints_only_its_own_lines(data_dir
     assert "trained the tower" in train.stdout and (tmp_path / "trained" / "model.safetensors").is_file()
 
 
+def test_the_tower_stage_fills_the_trainers_feature_cache_with_the_features_training_computes(data_dir, tmp_path):
+    """The tower stage ends by writing its tower's features where the trainers look them up, from the
+    pixels it kept: what the trainer would compute for the same image, to bf16 rounding."""
+    from dataset.feature_cache import image_key, open_cache_for
+    from model.images import load_processor, open_image, to_pixels
+    from model.model_vlm import load_vision_tower, tower_features
+    from train_demo_tower import cache_features, read_captions, save_tower, train_tower
+    items, kept = read_captions(str(data_dir)), {}
+    trained, processor, _ = train_tower(items, 3, 4, dtype=torch.bfloat16, log=lambda line: None, kept=kept,
+                                        hidden_size=32, num_layers=1, num_heads=2, patch_size=32)
+    assert kept and trained.config._attn_implementation == "sdpa"  # trained with the plain one, handed back as it was
+    save_tower(trained, processor, str(tmp_path / "tower"))
+    paths = [path for path, _ in items]
+    assert cache_features(str(tmp_path / "tower"), paths, str(tmp_path / "cache"), torch.bfloat16, kept) == N_TRAIN
+    assert cache_features(str(tmp_path / "tower"), paths, str(tmp_path / "cache"), torch.bfloat16) == 0  # all there
+
+    tower = load_vision_tower(str(tmp_path / "tower")).to(torch.bfloat16)  # as the trainer loads it
+    cache = open_cache_for(tower, load_processor(str(tmp_path / "tower")), str(tmp_path / "cache"))
+    assert len(cache) == N_TRAIN
+    for path in (paths[0], paths[-1]):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            fresh = tower_features(tower, to_pixels(processor, [open_image(path)]))[0].half()
+        assert torch.allclose(cache.lookup(image_key(path)), fresh, atol=0.05, rtol=0.02)
+
+
 def test_demo_tower_patch_tokens_say_where_they_are(tmp_path):
     """With the library's 0.02 init the position signal drowns in the patch content; the demo
     tower's position embeddings are as strong as the content, so a flat image's patch tokens
