@@ -222,10 +222,15 @@ def subject(qtype, question):
 def follow_ups(rng, objs, qtype, first, n_turns):
     """Up to n_turns distinct questions about one layout: `first`, then other types in turn, each
     type again (about another object) once all have been asked, but none more than `cap` times,
-    so yes/no questions (always askable) do not crowd out the rest. -> (turns, types)"""
+    so yes/no questions (always askable) do not crowd out the rest. -> (turns, types)
+
+    The other types come in a random order, but count, which the caption states outright ("There
+    are 2 shapes: ..."), comes last: with fewer turns than types it is the one left out, and the
+    turns go to the look-ups (docs/demo-experiments.md)."""
     turns, types, asked = [first], [qtype], {subject(qtype, first[0])}
     cap = -(-n_turns // len(TYPES)) + 1
-    order = rng.sample([t for t in TYPES if t != qtype], len(TYPES) - 1) + [qtype]
+    order = sorted(rng.sample([t for t in TYPES if t != qtype], len(TYPES) - 1), key=lambda t: t == "count")
+    order += [qtype]
     for k in range(8 * n_turns):  # a few tries per turn: a type may have nothing new to ask
         if len(turns) >= n_turns:
             break

@@ -204,6 +204,16 @@ def test_more_sft_turns_ask_more_questions_never_the_same_thing_twice():
     assert sum(len(p["turns"]) == 10 for p in three) > 0.6 * len(three)
 
 
+def test_with_four_turns_the_question_left_out_is_count_which_the_captions_state():
+    plans = shapes.plan_split(random.Random(5), 300, "train", sft_turns=4)
+    for plan in plans:
+        follow_ups = plan["types"][1:]
+        # count follows up only where no other type has anything new left to ask, so it comes last
+        assert "count" not in follow_ups[:-1]
+    asked = Counter(t for plan in plans for t in plan["types"])
+    assert asked["count"] < 0.4 * min(asked[t] for t in shapes.TYPES if t != "count")
+
+
 def test_the_object_mix_weights_training_images_while_held_out_ones_stay_even(tmp_path):
     summary = shapes.generate(str(tmp_path), seed=0, n_train=200, n_test=60, verbose=False, object_mix=(0, 1, 3))
     assert set(summary["train_images_by_objects"]) == {2, 3}
