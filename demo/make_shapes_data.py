@@ -225,8 +225,9 @@ def follow_ups(rng, objs, qtype, first, n_turns):
     so yes/no questions (always askable) do not crowd out the rest. -> (turns, types)
 
     The other types come in a random order, but count, which the caption states outright ("There
-    are 2 shapes: ..."), comes last: with fewer turns than types it is the one left out, and the
-    turns go to the look-ups (docs/demo-experiments.md)."""
+    are 2 shapes: ..."), comes last: with fewer turns than types it is the one left out, unless the
+    others run out of things to ask (two purple squares), and the turns go to the look-ups
+    (docs/demo-experiments.md)."""
     turns, types, asked = [first], [qtype], {subject(qtype, first[0])}
     cap = -(-n_turns // len(TYPES)) + 1
     order = sorted(rng.sample([t for t in TYPES if t != qtype], len(TYPES) - 1), key=lambda t: t == "count")

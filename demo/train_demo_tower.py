@@ -140,7 +140,8 @@ def train_tower(items, steps, batch_size=32, lr=3e-4, seed=0, dtype=torch.float3
     to reuse; by default the stage's own dict in 16-bit, and none in fp32 (see below)."""
     tower, processor = make_vision_tower(seed=seed, **tower_kw)
     # At the demo's 17 tokens an image, the plain attention's backward is cheaper than the fused
-    # kernel's (docs/demo-experiments.md); the tower is handed back with its default attention.
+    # kernel's (docs/demo-experiments.md); the tower is handed back with the attention it came with.
+    attention = tower.config._attn_implementation
     tower.set_attn_implementation("eager")
     reader = CellReader(tower.train(not frozen).requires_grad_(not frozen))
     n_eval = min(256, len(items) // 10)
@@ -194,7 +195,7 @@ def train_tower(items, steps, batch_size=32, lr=3e-4, seed=0, dtype=torch.float3
             for h in HEADS:
                 correct[h] += int(((logits[h].argmax(-1) == labels[h]) & occupied).sum())
     accuracy = {h: correct[h] / max(total, 1) for h in HEADS}
-    tower.set_attn_implementation("sdpa")
+    tower.set_attn_implementation(attention)
     return tower.eval().requires_grad_(False), processor, accuracy
 
 
