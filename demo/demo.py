@@ -115,9 +115,9 @@ def build_parser():
       help="the tower's patch: at 224 px, 32 gives 49 image tokens (ViT-B/32 geometry), 16 the design's 196 "
            "(ViT-B/16); docs/demo-experiments.md compares them")
     a("--image_size", type=int, default=128,
-      help="the side the tower's processor resizes the 224 px images to: 128 gives 16 tokens, and a run takes 11 "
-           "minutes instead of 17 at 224 (49 tokens), scoring as well; at 96 (one token per grid cell) position is "
-           "at chance where there are several objects (docs/demo-experiments.md)")
+      help="the side the tower's processor resizes the 224 px images to: 128 gives 16 tokens, and a run takes about "
+           "60%% of its time at 224 (49 tokens), scoring as well; at 96 (one token per grid cell) position is at "
+           "chance where there are several objects (docs/demo-experiments.md)")
     a("--dim", type=int, default=256, help="the LLM's width (trained from scratch)")
     a("--n_layers", type=int, default=3, help="the LLM's layers: with 4, position fell below 0.85 on two seeds of "
                                                "three, and a run took 2 min longer (docs/demo-experiments.md)")
