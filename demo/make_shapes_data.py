@@ -310,8 +310,11 @@ def generate(out_dir="dataset/demo", seed=0, n_train=3000, n_test=300, test_seed
     train_sigs = {layout_signature(p["objs"]) for p in train}
     test = plan_split(random.Random(test_seed), n_test, "test", forbidden=train_sigs)
     jobs = [(p["objs"], p["seed"], os.path.join(img_dir, p["name"])) for p in train + test]
-    # Each image is a function of its layout and seed alone, so workers draw them in any order.
-    with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+    # Each image is a function of its layout and seed alone, so workers draw them in any order. They are
+    # fresh processes (spawn), not forks: a fork of a process that has threads running (torch's, a test
+    # runner's) can inherit a lock held by one of them and wait on it forever.
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
         for k, _ in enumerate(pool.imap_unordered(render_to, jobs, chunksize=50) if pool else map(render_to, jobs)):
             if verbose and (k + 1) % 500 == 0:
                 print(f"  rendered {k + 1}/{len(jobs)} images", flush=True)
