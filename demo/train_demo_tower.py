@@ -47,7 +47,8 @@ def build_parser():
       help="autocast dtype on the CPU (auto: bf16 where the CPU computes it natively)")
     a("--cache_features", default=None, metavar="DIR",
       help="then write the trained tower's features of every captioned image into the trainers' feature cache "
-           "DIR (their --cache_features DIR), from the pixels this stage already holds (default: none)")
+           "DIR (their --cache_features DIR), from the pixels this stage already holds (in fp32 it holds none and "
+           "computes them again; default: none)")
     return p
 
 
@@ -137,7 +138,7 @@ def train_tower(items, steps, batch_size=32, lr=3e-4, seed=0, dtype=torch.float3
     """-> (tower, processor, held-out accuracy per head on occupied cells). items: [(image, objects)].
     frozen: train the heads only, over the random tower (the control: what a tower reads before it is taught).
     kept: where each image's pixels are kept across batches (path -> [3, H, W] in dtype), for the caller
-    to reuse; by default the stage's own dict in 16-bit, and none in fp32 (see below)."""
+    to reuse; by default pixel_store(dtype)."""
     tower, processor = make_vision_tower(seed=seed, **tower_kw)
     # At the demo's 17 tokens an image, the plain attention's backward is cheaper than the fused
     # kernel's (docs/demo-experiments.md); the tower is handed back with the attention it came with.
@@ -154,12 +155,8 @@ def train_tower(items, steps, batch_size=32, lr=3e-4, seed=0, dtype=torch.float3
     gen = torch.Generator().manual_seed(seed)
     autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
 
-    # 800 steps of 32 draw each image about three times: each image's pixels are computed once and kept,
-    # in the autocast dtype, which the tower's first layer casts them to anyway (the same numbers; 0.9 GB
-    # for the demo's 9000 images at 128 px, 2.6 GB at 224). In fp32 they would take twice that, so there
-    # they are computed each time.
     if kept is None:
-        kept = {} if dtype != torch.float32 else None
+        kept = pixel_store(dtype)
 
     def batch(rows):
         pixels = pixels_of(processor, [path for path, _ in rows], dtype, kept)  # as training will see them
@@ -199,6 +196,15 @@ def train_tower(items, steps, batch_size=32, lr=3e-4, seed=0, dtype=torch.float3
     return tower.eval().requires_grad_(False), processor, accuracy
 
 
+def pixel_store(dtype):
+    """Where the stage keeps each image's pixels across batches: a dict, or None where it does not keep them.
+    800 steps of 32 draw each image about three times, so each image's pixels are computed once and kept, in
+    the autocast dtype, which the tower's first layer casts them to anyway (the same numbers; 0.9 GB for the
+    demo's 9000 images at 128 px, 2.6 GB at 224). In fp32 they would take twice that: there they are computed
+    each time."""
+    return {} if dtype != torch.float32 else None
+
+
 def pixels_of(processor, paths, dtype, kept=None):
     """[B, 3, H, W] in dtype for these image paths, through the processor once per image: from `kept`
     where it holds them, and kept there (None: this call's own)."""
@@ -221,10 +227,11 @@ def cache_features(tower_dir, paths, cache_dir, dtype, kept=None):
     processor = load_processor(tower_dir)
     cache = open_cache_for(tower, processor, cache_dir)
     encoder = ImageEncoder(tower, torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32), cache)
-    todo = [path for path in dict.fromkeys(paths) if cache.lookup(image_key(path)) is None]
+    keys = {path: image_key(path) for path in paths}
+    todo = [path for path, key in keys.items() if cache.lookup(key) is None]
     for b in range(0, len(todo), 64):
         chunk = todo[b:b + 64]
-        encoder({"pixel_values": pixels_of(processor, chunk, dtype, kept), "image_keys": list(map(image_key, chunk)),
+        encoder({"pixel_values": pixels_of(processor, chunk, dtype, kept), "image_keys": [keys[p] for p in chunk],
                  "cached": [None] * len(chunk)}, "cpu")
     return len(todo)
 
@@ -251,7 +258,7 @@ def main():
     except ValueError as e:
         sys.exit(f"error: {e}: {fix}")
     t0 = time.time()
-    kept = {} if dtype != torch.float32 else None  # the pixels, also for the feature cache
+    kept = pixel_store(dtype)  # the pixels, also for the feature cache
     tower, processor, accuracy = train_tower(
         items, args.steps, args.batch_size, args.learning_rate, args.seed, dtype,
         log=lambda s: print(s, flush=True), kept=kept, hidden_size=args.hidden_size, num_layers=args.num_layers,
