@@ -69,7 +69,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from make_demo_vision_tower import make_vision_tower, write_tower  # noqa: E402
 from make_shapes_data import CELLS, COLORS, IMG, SHAPES, parse_caption  # noqa: E402
-from model.images import open_image, to_pixels  # noqa: E402
+from model.images import ImageError, open_image, to_pixels  # noqa: E402
 from model.model_vlm import tower_features  # noqa: E402
 
 # Each head also has "nothing here" (index 0), for an empty cell. (Size is in the captions too, but
@@ -210,7 +210,7 @@ def pixels_of(processor, paths, dtype, kept=None):
     where it holds them, and kept there (None: this call's own)."""
     store = {} if kept is None else kept
     if new := [path for path in dict.fromkeys(paths) if path not in store]:
-        store.update(zip(new, to_pixels(processor, [open_image(path) for path in new]).to(dtype)))
+        store.update(zip(new, to_pixels(processor, [open_image(path, name=path) for path in new]).to(dtype)))
     return torch.stack([store[path] for path in paths])
 
 
@@ -259,17 +259,23 @@ def main():
         sys.exit(f"error: {e}: {fix}")
     t0 = time.time()
     kept = pixel_store(dtype)  # the pixels, also for the feature cache
-    tower, processor, accuracy = train_tower(
-        items, args.steps, args.batch_size, args.learning_rate, args.seed, dtype,
-        log=lambda s: print(s, flush=True), kept=kept, hidden_size=args.hidden_size, num_layers=args.num_layers,
-        num_heads=args.num_heads, patch_size=args.patch_size, image_size=args.image_size)
+    try:
+        tower, processor, accuracy = train_tower(
+            items, args.steps, args.batch_size, args.learning_rate, args.seed, dtype,
+            log=lambda s: print(s, flush=True), kept=kept, hidden_size=args.hidden_size, num_layers=args.num_layers,
+            num_heads=args.num_heads, patch_size=args.patch_size, image_size=args.image_size)
+    except ImageError as e:  # an image the demo's generator did not write whole
+        sys.exit(f"error: {e}: {fix}")
     save_tower(tower, processor, args.out_dir)
     print(f"trained the tower in {time.time() - t0:.0f}s on {len(items)} captioned images; held-out occupied "
           f"cells read right: " + ", ".join(f"{h} {v:.3f}" for h, v in accuracy.items()) + f" -> {args.out_dir}",
           flush=True)
     if args.cache_features:
         t0 = time.time()
-        n = cache_features(args.out_dir, [path for path, _ in items], args.cache_features, dtype, kept)
+        try:
+            n = cache_features(args.out_dir, [path for path, _ in items], args.cache_features, dtype, kept)
+        except ImageError as e:  # the tower is saved; the images encoded before this one stay cached
+            sys.exit(f"error: {e}: {fix}")
         print(f"cached the features of {n} images in {time.time() - t0:.0f}s -> {args.cache_features}")
 
 

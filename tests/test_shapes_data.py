@@ -350,6 +350,22 @@ def test_the_tower_stage_fills_the_trainers_feature_cache_with_the_features_trai
         assert torch.allclose(cache.lookup(image_key(path)), fresh, atol=0.05, rtol=0.02)
 
 
+def test_an_unreadable_image_ends_the_tower_stage_with_one_line_naming_it_and_the_fix(data_dir, tmp_path, monkeypatch):
+    import shutil
+    import train_demo_tower
+    broken = tmp_path / "data"
+    shutil.copytree(data_dir, broken)
+    (broken / "images" / "train_000007.png").write_bytes(b"not a png")
+    monkeypatch.setattr(sys, "argv", ["train_demo_tower.py", "--data_dir", str(broken), "--out_dir", str(tmp_path / "t"),
+                                      "--steps", "1", "--batch_size", str(N_TRAIN), "--hidden_size", "32",
+                                      "--num_layers", "1", "--num_heads", "2"])
+    with pytest.raises(SystemExit) as stop:
+        train_demo_tower.main()
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and str(broken / "images" / "train_000007.png") in message
+    assert "is not an image" in message and "make_shapes_data.py" in message
+
+
 def test_demo_tower_patch_tokens_say_where_they_are(tmp_path):
     """With the library's 0.02 init the position signal drowns in the patch content; the demo
     tower's position embeddings are as strong as the content, so a flat image's patch tokens
